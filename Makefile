@@ -1,0 +1,35 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint run bench clean format
+
+install: $(BIN)/pulse-batch
+
+$(BIN)/pulse-batch: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[recognizer,dev]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check batch tests
+	$(BIN)/ruff format --check batch tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format batch tests
+	$(BIN)/ruff check --fix batch tests
+
+run: install
+	$(BIN)/pulse-batch run jobs/demo.yaml
+
+bench: install
+	$(BIN)/pytest -q -m bench -p no:cacheprovider tests/bench -s
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info jobs/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
