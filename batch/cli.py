@@ -1,0 +1,292 @@
+"""The `pulse-batch` command line: parse, call the library, map errors to exit codes.
+
+Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
+stopped by a fatal service answer; 4 another run of the job holds the lock; 130/143 after
+SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+from batch import job as jobs
+from batch import sink as sinks
+from batch.decode import WireFormat, probe
+from batch.errors import InputError, LockedError, ManifestError
+from batch.manifest import LoadedManifest, load_manifest
+from batch.plan import Item
+from batch.report import latest_report, render_markdown, summary_line
+from batch.server.cli import serve
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
+)
+app.command("serve", help="Run the local Pulse-compatible server.")(serve)
+err = Console(stderr=True)
+logger = logging.getLogger("batch")
+
+
+class _RedactSecrets(logging.Filter):
+    """Belt and braces: no log record, ours or a library's, may carry an API key."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            text = record.getMessage()
+            if any(s in text for s in self.secrets):
+                for secret in self.secrets:
+                    text = text.replace(secret, "***")
+                record.msg, record.args = text, None
+        return True
+
+
+def _setup_logging(verbose: bool, secret_env: str | None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    secret = os.environ.get(secret_env) if secret_env else None
+    handler.addFilter(_RedactSecrets([secret] if secret else []))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _load(manifest: Path) -> LoadedManifest:
+    try:
+        return load_manifest(manifest)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+
+
+class _ConsoleObserver(jobs.Observer):
+    """A live progress bar on a terminal; plain log lines for cron and CI."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.done = 0
+        self.total = 0
+        self.failed = 0
+        self.audio_s = 0.0
+        self.open = 0
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def planned(self, items: int, audio_s: float, skipped: int) -> None:
+        self.total = items
+        logger.info(
+            "planned %d item(s), %.1f s of audio; %d already ok, skipped", items, audio_s, skipped
+        )
+        if self.live and items:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} items"),
+                TextColumn("{task.fields[audio]}"),
+                TextColumn("{task.fields[sessions]} open"),
+                TextColumn("[red]{task.fields[failed]} failed"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self.task = self.progress.add_task(
+                "transcribing", total=items, audio="0 s audio", sessions=0, failed=0
+            )
+            self.progress.start()
+
+    def sessions_open(self, count: int) -> None:
+        self.open = count
+        self._refresh()
+
+    def item_done(self, item: Item, ok: bool, audio_s: float) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        self.audio_s += audio_s
+        if self.progress is None:
+            status = "ok" if ok else "failed"
+            logger.info(
+                "[%d/%d] %s %s (%.1f s audio)", self.done, self.total, status, item.source, audio_s
+            )
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(
+                self.task,
+                completed=self.done,
+                audio=f"{self.audio_s:.0f} s audio",
+                sessions=self.open,
+                failed=self.failed,
+            )
+
+    def signalled(self, name: str) -> None:
+        logger.warning("%s received: starting no new items, finishing those in flight", name)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+def run(
+    manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).")],
+    force: Annotated[bool, typer.Option(help="Redo items already ok.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Retry items whose last result failed.")
+    ] = True,
+    dry_run: Annotated[
+        bool, typer.Option(help="List what would be done and the audio it would bill.")
+    ] = False,
+    max_failures: Annotated[
+        int, typer.Option(help="Failed items allowed before the exit code is 1.")
+    ] = 0,
+    max_failure_ratio: Annotated[
+        float | None, typer.Option(help="Failed share (0-1) allowed; overrides --max-failures.")
+    ] = None,
+    grace_s: Annotated[
+        float, typer.Option(help="After SIGINT/SIGTERM, seconds in-flight items may finish.")
+    ] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
+    loaded = _load(manifest)
+    _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
+    observer = _ConsoleObserver(live=err.is_terminal and not verbose)
+    opts = jobs.RunOptions(
+        force=force,
+        retry_failed=retry_failed,
+        dry_run=dry_run,
+        handle_signals=True,
+        grace_s=grace_s,
+    )
+    try:
+        result = anyio.run(jobs.run_job, loaded, opts, observer)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except LockedError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_LOCKED) from None
+    finally:
+        observer.close()
+    if dry_run:
+        print(json.dumps(result.report, indent=2))
+        return
+    report = result.report
+    if report["status"] == "aborted":
+        err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+    print(f"report: {result.report_path}")
+    print(f"        {result.report_path.with_suffix('.md') if result.report_path else ''}")
+    print(summary_line(report))
+    raise typer.Exit(
+        jobs.exit_code(
+            report,
+            max_failures=max_failures,
+            max_failure_ratio=max_failure_ratio,
+            signal_name=result.signal_name,
+        )
+    )
+
+
+@app.command()
+def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).")]) -> None:
+    """Check a manifest and show what it resolves to, without running anything."""
+    loaded = _load(manifest)
+    try:
+        items = jobs.plan_items(loaded)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    bad = [i for i in items if i.error is not None]
+    audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
+    print(f"{manifest}: valid (job {loaded.manifest.job!r})")
+    print(f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad")
+    for item in bad:
+        print(f"  bad: {item.error}")
+    print(f"  output: {loaded.output_dir}")
+
+
+@app.command("probe")
+def probe_command(
+    files: Annotated[list[Path], typer.Argument(help="Media files to inspect.")],
+    sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
+    encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what the runner would do with each file: streams, channels, rate, duration."""
+    wire = WireFormat(encoding, sample_rate)
+    rows: list[dict[str, Any]] = []
+    for path in files:
+        try:
+            info = probe(path)
+        except InputError as exc:
+            rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
+            continue
+        rows.append(
+            {
+                **info.__dict__,
+                "will_send": f"mono {wire.encoding} at {wire.sample_rate} Hz "
+                f"({wire.bytes_per_second} bytes/s, {wire.chunk_bytes}-byte chunks)",
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['path']}:")
+            for key, value in row.items():
+                if key != "path":
+                    print(f"  {key}: {value}")
+    if any("error_kind" in row for row in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the tables' schema (version, columns, types, meaning)."""
+    tables = {
+        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in sinks.COLUMNS[table]]
+        for table in sinks.TABLES
+    }
+    if as_json:
+        print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
+        return
+    print(f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}")
+    for table, columns in tables.items():
+        print(f"\n{table}/")
+        for col in columns:
+            print(f"  {col['column']:<20} {col['type']:<28} {col['meaning']}")
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
+    job: Annotated[str | None, typer.Option(help="Job name, when the output holds several.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+) -> None:
+    """Print the latest run report of a job."""
+    try:
+        data = latest_report(output, job)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    print(json.dumps(data, indent=2) if as_json else render_markdown(data))
+
+
+def main() -> None:
+    app()

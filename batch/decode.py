@@ -1,0 +1,280 @@
+"""Decode any media file with PyAV into the exact bytes a Pulse session expects.
+
+Streaming throughout: frames are decoded, resampled and cut into wire chunks as they go, so
+memory does not grow with the file's length. PyAV and OS errors are translated into
+`InputError` with a kind a person can act on.
+
+Timing: the first decoded frame's timestamp is honoured against the container's start, so
+a sound at 3.10 s in playback is at 3.10 s of the audio we send (encoder delay and edit
+lists are applied by FFmpeg; a stream that starts late is padded with silence).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import av
+import numpy as np
+
+from batch.errors import InputError
+from batch.pulse.protocol import PCM_SAMPLE_BYTES
+
+logger = logging.getLogger(__name__)
+
+# Planar formats let us pick a channel out of the resampler's output without a copy.
+_PLANAR_FORMAT: Final = {"linear16": "s16p", "linear32": "s32p", "mulaw": "s16p", "alaw": "s16p"}
+_G711_CODEC: Final = {"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
+_RESAMPLE_BLOCK_S: Final = 0.5
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """What a cheap look at the container says about one file."""
+
+    path: str
+    format_name: str
+    duration_s: float | None
+    stream_index: int
+    codec: str
+    sample_rate: int
+    channels: int
+    layout: str
+    audio_streams: int
+    video_streams: int
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """What goes on the wire: mono ``encoding`` at ``sample_rate``, in chunks."""
+
+    encoding: str
+    sample_rate: int
+    chunk_bytes: int = 4096
+
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * PCM_SAMPLE_BYTES[self.encoding]
+
+    @classmethod
+    def with_chunk_ms(cls, encoding: str, sample_rate: int, chunk_ms: int) -> WireFormat:
+        per_ms = sample_rate * PCM_SAMPLE_BYTES[encoding] / 1000
+        sample_bytes = PCM_SAMPLE_BYTES[encoding]
+        chunk = max(sample_bytes, int(per_ms * chunk_ms) // sample_bytes * sample_bytes)
+        return cls(encoding, sample_rate, chunk)
+
+
+def _check_file(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError("not_found", path, "file not found; check the path") from None
+    except PermissionError:
+        raise InputError("permission", path, "permission denied; check file access") from None
+    if path.is_dir():
+        raise InputError("not_media", path, "is a directory, not a media file")
+    if not os.access(path, os.R_OK):
+        raise InputError("permission", path, "permission denied; check file access")
+    if size == 0:
+        raise InputError("empty", path, "file is empty (0 bytes)")
+
+
+def _open(path: Path) -> Any:
+    _check_file(path)
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except PermissionError:
+        raise InputError("permission", path, "permission denied; check file access") from None
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise InputError(
+            "not_media", path, f"not a readable audio or video file ({exc.__class__.__name__})"
+        ) from exc
+
+
+def _audio_stream(container: Any, path: Path, stream_index: int | None) -> Any:
+    streams = list(container.streams.audio)
+    if not streams:
+        raise InputError("no_audio", path, "has no audio stream")
+    if stream_index is None:
+        # FFmpeg's notion of the default stream (disposition), else the first.
+        default = [s for s in streams if s.disposition & av.stream.Disposition.default]
+        return (default or streams)[0]
+    if stream_index >= len(streams):
+        raise InputError(
+            "no_audio", path, f"has {len(streams)} audio stream(s); stream_index {stream_index}"
+        )
+    return streams[stream_index]
+
+
+def _duration_s(container: Any, stream: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def probe(path: Path | str, stream_index: int | None = None) -> ProbeInfo:
+    """Read container metadata only; raises `InputError` for files we cannot use."""
+    source = Path(path)
+    with _open(source) as container:
+        stream = _audio_stream(container, source, stream_index)
+        ctx = stream.codec_context
+        return ProbeInfo(
+            path=str(source),
+            format_name=str(container.format.name),
+            duration_s=_duration_s(container, stream),
+            stream_index=list(container.streams.audio).index(stream),
+            codec=str(ctx.name),
+            sample_rate=int(ctx.sample_rate or 0),
+            channels=int(ctx.channels or 0),
+            layout=str(ctx.layout.name) if ctx.layout else "unknown",
+            audio_streams=len(container.streams.audio),
+            video_streams=len(container.streams.video),
+        )
+
+
+class _Chunker:
+    """Cuts a byte stream into fixed-size chunks without re-copying the tail each time."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._size = chunk_bytes
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._buffer += data
+        size = self._size
+        if len(self._buffer) < size:
+            return
+        whole = len(self._buffer) - len(self._buffer) % size
+        view = bytes(self._buffer[:whole])
+        del self._buffer[:whole]
+        for start in range(0, whole, size):
+            yield view[start : start + size]
+
+    def rest(self) -> Iterator[bytes]:
+        if self._buffer:
+            yield bytes(self._buffer)
+            self._buffer.clear()
+
+
+class _G711:
+    """mulaw/alaw via FFmpeg's own encoders, fed s16 mono."""
+
+    def __init__(self, encoding: str, sample_rate: int) -> None:
+        self._ctx = av.CodecContext.create(_G711_CODEC[encoding], "w")
+        self._ctx.sample_rate = sample_rate
+        self._ctx.layout = "mono"
+        self._ctx.format = "s16"
+        self._rate = sample_rate
+
+    def encode(self, pcm16: np.ndarray) -> bytes:
+        frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        return b"".join(bytes(p) for p in self._ctx.encode(frame))
+
+
+class DecodedAudio:
+    """Iterates wire chunks of one channel selection of one file; counts what it produced.
+
+    ``channel`` None mixes all channels down to mono; an int picks that channel.
+    ``samples`` after iteration is the exact number of samples sent (the stored duration).
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        wire: WireFormat,
+        *,
+        channel: int | None = None,
+        stream_index: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.wire = wire
+        self.channel = channel
+        self.stream_index = stream_index
+        self.samples = 0
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / self.wire.sample_rate
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.samples = 0
+        chunker = _Chunker(self.wire.chunk_bytes)
+        for pcm in self._pcm_blocks():
+            yield from chunker.feed(pcm)
+        yield from chunker.rest()
+
+    def _pcm_blocks(self) -> Iterator[bytes]:
+        wire = self.wire
+        g711 = _G711(wire.encoding, wire.sample_rate) if wire.encoding in _G711_CODEC else None
+        for block in self._sample_blocks():
+            self.samples += block.shape[-1]
+            yield g711.encode(block) if g711 else block.tobytes()
+
+    def _sample_blocks(self) -> Iterator[np.ndarray]:
+        """Mono sample arrays at the wire rate in the wire's integer format."""
+        path = self.path
+        with _open(path) as container:
+            stream = _audio_stream(container, path, self.stream_index)
+            channels = stream.codec_context.channels or 1
+            if self.channel is not None and self.channel >= channels:
+                raise InputError(
+                    "no_audio", path, f"has {channels} channel(s); channel {self.channel} asked"
+                )
+            pick = self.channel
+            layout = "mono" if pick is None else None
+            fmt = _PLANAR_FORMAT[self.wire.encoding]
+            if pick is None:
+                fmt = fmt.rstrip("p")
+            resampler = av.AudioResampler(
+                format=fmt,
+                layout=layout,
+                rate=self.wire.sample_rate,
+                frame_size=max(1, int(self.wire.sample_rate * _RESAMPLE_BLOCK_S)),
+            )
+            playback_zero = (container.start_time or 0) / av.time_base
+            first = True
+            drop = 0  # priming samples before playback zero, at the wire rate
+            decoded_s = 0.0
+            try:
+                for frame in container.decode(stream):
+                    if first:
+                        first = False
+                        offset = round(
+                            ((frame.time or 0.0) - playback_zero) * self.wire.sample_rate
+                        )
+                        if offset > 0:  # the stream starts late: pad so times match playback
+                            yield np.zeros(
+                                offset, dtype=np.int32 if fmt.startswith("s32") else np.int16
+                            )
+                        drop = max(0, -offset)
+                    decoded_s += frame.samples / (frame.sample_rate or 1)
+                    for out in resampler.resample(frame):
+                        samples = _channel(out, pick)
+                        if drop:
+                            cut = min(drop, samples.size)
+                            samples, drop = samples[cut:], drop - cut
+                        if samples.size:
+                            yield samples
+                for out in resampler.resample(None):
+                    yield _channel(out, pick)
+            except av.error.FFmpegError as exc:
+                raise InputError(
+                    "decode_error",
+                    path,
+                    f"corrupt audio after {decoded_s:.2f} s; the item fails rather than store a"
+                    f" partial transcript ({exc.__class__.__name__})",
+                ) from exc
+            if first:
+                raise InputError("no_audio", path, "audio stream holds no decodable samples")
+
+
+def _channel(frame: Any, pick: int | None) -> np.ndarray:
+    data = frame.to_ndarray()
+    return data[0] if pick is None else data[pick]

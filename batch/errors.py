@@ -1,0 +1,158 @@
+"""One error tree for pulse-batch, and the one function that decides what a failure means.
+
+::
+
+    PulseBatchError
+    ├── ManifestError            bad manifest or usage                  (exit 2)
+    ├── LockedError              another run of the job holds the lock  (exit 4)
+    ├── InputError               one input cannot be decoded            (item fails, no retry)
+    └── SessionError             one Pulse session went wrong
+        ├── HandshakeRejected    HTTP status before the upgrade         (by status)
+        ├── ConnectionLost       socket ended before ``is_last``        (retry)
+        ├── ServerReported       an error message from the service      (retry)
+        ├── ProtocolViolation    a frame we cannot parse                (retry)
+        └── SessionTimeout       a named wait ran out                   (retry)
+
+Third-party exceptions (websockets, PyAV, OS) are translated into these at the boundary
+(`batch.session`, `batch.decode`) with ``raise ... from exc``. `classify` is pure: it looks only
+at our own error types, so the retry policy is testable without sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+class PulseBatchError(Exception):
+    """Root of every error pulse-batch raises on purpose."""
+
+
+class ManifestError(PulseBatchError):
+    """The manifest (or a list file it names) is invalid. Names the file and the key path."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+
+
+class LockedError(PulseBatchError):
+    """Another live process is running the same job into the same output."""
+
+
+class InputError(PulseBatchError):
+    """An input file cannot be turned into audio. Retrying cannot help.
+
+    ``kind`` is one of: not_found, permission, empty, not_media, no_audio, decode_error,
+    too_short.
+    """
+
+    def __init__(self, kind: str, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.kind = kind
+        self.path = str(path)
+
+
+class SessionError(PulseBatchError):
+    """A Pulse session failed. ``kind`` is a short stable name for reports."""
+
+    kind = "session"
+
+
+class HandshakeRejected(SessionError):
+    """The service answered the upgrade request with an HTTP error status."""
+
+    kind = "handshake"
+
+    def __init__(self, status: int, reason: str = "", retry_after_s: float | None = None) -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"service refused the session with HTTP {status}{detail}")
+        self.status = status
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class ConnectionLost(SessionError):
+    """The socket closed or broke before the terminal ``is_last`` message."""
+
+    kind = "connection_lost"
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class ServerReported(SessionError):
+    """The service sent an error message during the session."""
+
+    kind = "server_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(f"service error{f' {code}' if code else ''}: {message}")
+        self.code = code
+
+
+class ProtocolViolation(SessionError):
+    """The service sent a frame that does not follow the protocol."""
+
+    kind = "protocol"
+
+
+class SessionTimeout(SessionError):
+    """A named wait ran out (``timeout`` holds its name, e.g. ``connect_timeout_s``)."""
+
+    kind = "timeout"
+
+    def __init__(self, timeout: str, seconds: float) -> None:
+        super().__init__(f"{timeout} ({seconds:g} s) ran out")
+        self.timeout = timeout
+        self.seconds = seconds
+
+
+class Scope(Enum):
+    ITEM = "item"  # only this item is affected
+    JOB = "job"  # no item can succeed: stop the job
+
+
+@dataclass(frozen=True)
+class Verdict:
+    retry: bool
+    scope: Scope
+    # Refused for concurrency: the pool should shrink rather than burn attempts.
+    overloaded: bool = False
+    retry_after_s: float | None = None
+
+
+# Statuses that mean the request itself, or the account, is wrong: no item can succeed.
+_JOB_FATAL_STATUSES = frozenset({400, 401, 403, 404})
+_CONCURRENCY_CLOSE_CODE = 1008
+
+
+def classify(error: BaseException) -> Verdict:
+    """Decide whether a failure is worth retrying and how far it reaches. Pure."""
+    if isinstance(error, HandshakeRejected):
+        if error.status in _JOB_FATAL_STATUSES:
+            return Verdict(retry=False, scope=Scope.JOB)
+        if error.status == 429:
+            return Verdict(True, Scope.ITEM, overloaded=True, retry_after_s=error.retry_after_s)
+        if error.status >= 500 or error.status == 408:
+            return Verdict(True, Scope.ITEM, retry_after_s=error.retry_after_s)
+        return Verdict(retry=False, scope=Scope.ITEM)
+    if isinstance(error, ConnectionLost):
+        overloaded = error.close_code == _CONCURRENCY_CLOSE_CODE
+        return Verdict(retry=True, scope=Scope.ITEM, overloaded=overloaded)
+    if isinstance(error, SessionError):
+        return Verdict(retry=True, scope=Scope.ITEM)
+    return Verdict(retry=False, scope=Scope.ITEM)
+
+
+def error_kind(error: BaseException) -> str:
+    """The short name stored in the tables' ``error_kind`` column."""
+    if isinstance(error, InputError):
+        return error.kind
+    if isinstance(error, HandshakeRejected):
+        return f"http_{error.status}"
+    if isinstance(error, SessionError):
+        return error.kind
+    return "internal"

@@ -1,0 +1,445 @@
+"""Run a whole job: plan, stream through a bounded pool, collect, commit, report.
+
+`run_job` is the library entry point the CLI calls; it never prints. Exit codes are decided
+by `exit_code`, a pure function of the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from batch import sink as sinks
+from batch.collect import collect_finals
+from batch.decode import DecodedAudio, WireFormat
+from batch.errors import InputError, ManifestError, PulseBatchError, Scope, classify, error_kind
+from batch.manifest import LoadedManifest
+from batch.plan import Item, expand_sources, longest_first, make_items
+from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
+from batch.report import Failure, RunStats, build_report, write_report
+from batch.session import Endpoint, SessionResult, Timeouts, run_session
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_FATAL_SERVICE = 3
+EXIT_LOCKED = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    force: bool = False  # redo items already ok
+    retry_failed: bool = True  # redo items whose latest result failed
+    dry_run: bool = False
+    handle_signals: bool = False  # SIGINT/SIGTERM: stop starting, finish, commit
+    grace_s: float = 30.0  # in-flight items get this long after the first signal
+
+
+class Observer:
+    """Progress callbacks; the CLI draws them. The default does nothing."""
+
+    def planned(self, items: int, audio_s: float, skipped: int) -> None: ...
+
+    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+
+    def sessions_open(self, count: int) -> None: ...
+
+    def signalled(self, name: str) -> None: ...
+
+
+class JobAborted(PulseBatchError):
+    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
+
+
+@dataclass
+class JobResult:
+    report: dict[str, Any]
+    report_path: Path | None
+    items: list[Item] = field(default_factory=list)
+    signal_name: str | None = None
+
+
+def new_run_id(started: datetime) -> str:
+    return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def api_key_from_env(name: str, *, required: bool) -> str | None:
+    key = os.environ.get(name) or None
+    if key is None and required:
+        raise ManifestError(
+            f"pulse.api_key_env={name}",
+            f"environment variable {name} is not set; export your Pulse API key in it",
+        )
+    return key
+
+
+def _session_deadline_s(item: Item, loaded: LoadedManifest) -> float:
+    run = loaded.manifest.run
+    audio_s = item.duration_s if item.duration_s is not None else 6 * 3600.0
+    return audio_s / (run.pace or 1.0) * run.session_deadline_factor + run.session_deadline_slack_s
+
+
+def _wire(loaded: LoadedManifest) -> WireFormat:
+    pulse, run = loaded.manifest.pulse, loaded.manifest.run
+    if run.chunk_ms is not None:
+        return WireFormat.with_chunk_ms(pulse.encoding, pulse.sample_rate, run.chunk_ms)
+    return WireFormat(pulse.encoding, pulse.sample_rate, run.chunk_bytes)
+
+
+class _Runner:
+    """State of one run; each method is one step of an item's life."""
+
+    def __init__(
+        self,
+        loaded: LoadedManifest,
+        stats: RunStats,
+        sink: sinks.Sink,
+        endpoint: Endpoint,
+        api_key: str | None,
+        observer: Observer,
+    ) -> None:
+        self.loaded = loaded
+        self.stats = stats
+        self.sink = sink
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.observer = observer
+        self.wire = _wire(loaded)
+        run = loaded.manifest.run
+        self.limit = AdaptiveLimit(run.concurrency)
+        self.backoff = Backoff(run.backoff_initial_s, run.backoff_max_s)
+        self.rng = random.Random()
+        self.run_date = stats.started_at.strftime("%Y-%m-%d")
+        self.fatal: BaseException | None = None
+
+    async def process(self, item: Item) -> None:
+        started = datetime.now(UTC)
+        if item.error is not None:
+            self._finish(item, started, error=item.error, attempts=0)
+            return
+        record = Attempts()
+        holder: dict[str, DecodedAudio] = {}
+        try:
+            result = await with_retries(
+                lambda: self._attempt(item, holder),
+                limit=self.limit,
+                max_attempts=self.loaded.manifest.run.max_attempts,
+                backoff=self.backoff,
+                rng=self.rng,
+                record=record,
+            )
+        except Exception as error:
+            if classify(error).scope is Scope.JOB:
+                self.fatal = error
+                raise JobAborted(str(error)) from error
+            self._finish(item, started, error=error, attempts=record.count)
+        else:
+            audio = holder["audio"]
+            self._finish(item, started, result=result, audio=audio, attempts=record.count)
+        finally:
+            self.stats.attempts += record.count
+            self.stats.retries += max(0, record.count - 1)
+
+    async def _attempt(self, item: Item, holder: dict[str, DecodedAudio]) -> SessionResult:
+        run = self.loaded.manifest.run
+        audio = DecodedAudio(
+            item.source, self.wire, channel=item.channel, stream_index=run.stream_index
+        )
+        holder["audio"] = audio
+        timeouts = Timeouts(run.connect_timeout_s, run.final_timeout_s, _session_deadline_s(item, self.loaded))
+        self.observer.sessions_open(self.limit.open_now)
+        try:
+            result = await run_session(
+                self.endpoint,
+                item.options,
+                audio,
+                bytes_per_second=self.wire.bytes_per_second,
+                api_key=self.api_key,
+                pace=run.pace,
+                timeouts=timeouts,
+            )
+        finally:
+            self.stats.billed_audio_s += audio.duration_s
+        self.stats.busy_session_s += result.busy_s
+        self.stats.connect_s.append(result.connect_s)
+        if result.first_final_s is not None:
+            self.stats.first_final_s.append(result.first_final_s)
+        self.stats.end_to_last_s.append(result.end_to_last_s)
+        return result
+
+    def _finish(
+        self,
+        item: Item,
+        started: datetime,
+        *,
+        attempts: int,
+        result: SessionResult | None = None,
+        audio: DecodedAudio | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        common = {
+            "job": self.stats.job,
+            "date": self.run_date,
+            "language": item.options.language,
+            "run_id": self.stats.run_id,
+            "item_id": item.item_id,
+            "channel": item.channel,
+        }
+        transcript: dict[str, Any] = {
+            **common,
+            "channel_name": item.channel_name,
+            "source": item.source,
+            "attempts": attempts,
+            "started_at": started,
+            "finished_at": datetime.now(UTC),
+            "options": json.dumps(asdict(item.options), sort_keys=True, default=list),
+            "metadata": item.metadata or None,
+        }
+        rows = sinks.ItemRows(transcript)
+        if result is not None and audio is not None:
+            collected = collect_finals(result.finals)
+            rows.words = [{**common, **w} for w in collected.words]
+            rows.utterances = [{**common, **u} for u in collected.utterances]
+            transcript.update(
+                status="ok",
+                duration_s=audio.duration_s,
+                transcript=collected.transcript,
+                detected_language=collected.language,
+                session_id=result.session_id,
+                word_count=len(rows.words),
+            )
+            self.stats.ok += 1
+            self.stats.audio_s += audio.duration_s
+        else:
+            kind = error_kind(error) if error is not None else "internal"
+            message = str(error) if error is not None else "unknown failure"
+            if not isinstance(error, InputError):
+                message = f"{item.source}: {message}"
+            transcript.update(status="failed", error_kind=kind, error=message, word_count=0)
+            self.stats.failed += 1
+            self.stats.failures.append(Failure(item.item_id, item.source, kind, message))
+        self.sink.add(rows)
+        if self.sink.due:
+            self.sink.commit()
+        self.observer.item_done(item, result is not None, audio.duration_s if audio else 0.0)
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
+    pulse = loaded.manifest.pulse
+    if pulse.endpoint != "local":
+        yield Endpoint(pulse.endpoint), api_key_from_env(pulse.api_key_env, required=True)
+        return
+    from batch.server import local_server  # the embedded server: only when asked for
+
+    async with local_server(engine=pulse.local_engine) as server:
+        yield Endpoint(server.url), None
+
+
+def plan_items(loaded: LoadedManifest) -> list[Item]:
+    return longest_first(make_items(expand_sources(loaded), loaded))
+
+
+def _todo(items: list[Item], done: set[str], opts: RunOptions, failed: set[str]) -> list[Item]:
+    if opts.force:
+        return items
+    todo = [i for i in items if i.item_id not in done]
+    if not opts.retry_failed:
+        todo = [i for i in todo if i.item_id not in failed]
+    return todo
+
+
+async def run_job(
+    loaded: LoadedManifest,
+    opts: RunOptions = RunOptions(),
+    observer: Observer | None = None,
+) -> JobResult:
+    """Run the manifest's job to the end (or to a fatal answer, or a signal).
+
+    Raises `ManifestError` (bad input lists, missing key env) and `LockedError`.
+    """
+    observer = observer or Observer()
+    manifest = loaded.manifest
+    out_dir = loaded.output_dir
+    started = datetime.now(UTC)
+    stats = RunStats(
+        job=manifest.job,
+        run_id=new_run_id(started),
+        started_at=started,
+        concurrency=manifest.run.concurrency,
+        pace=manifest.run.pace,
+        endpoint=manifest.pulse.endpoint,
+        price_per_minute=manifest.output.price_per_minute,
+    )
+    items = plan_items(loaded)
+    stats.items_total = len(items)
+    if opts.dry_run:
+        return _dry_run(loaded, items, stats)
+    sinks.check_layout(out_dir, manifest.output.partition_by)
+    with sinks.job_lock(out_dir, manifest.job):
+        sinks.recover(out_dir, manifest.job)
+        done = sinks.ok_item_ids(out_dir, manifest.job)
+        failed_before = _failed_ids(out_dir, manifest.job) if not opts.retry_failed else set()
+        todo = _todo(items, done, opts, failed_before)
+        stats.skipped_done = len(items) - len(todo)
+        observer.planned(len(todo), sum(i.duration_s or 0 for i in todo), stats.skipped_done)
+        sink = sinks.Sink(
+            out_dir,
+            job=manifest.job,
+            run_id=stats.run_id,
+            partition_by=manifest.output.partition_by,
+            commit_every_items=manifest.output.commit_every_items,
+            commit_every_s=manifest.output.commit_every_s,
+            supersede=done if opts.force else None,
+        )
+        signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
+        sink.commit()
+        stats.finished_at = datetime.now(UTC)
+        report = build_report(stats)
+        path = write_report(out_dir, report)
+    return JobResult(report, path, items, signal_name)
+
+
+async def _stream_all(
+    loaded: LoadedManifest,
+    todo: list[Item],
+    stats: RunStats,
+    sink: sinks.Sink,
+    opts: RunOptions,
+    observer: Observer,
+) -> str | None:
+    """Stream every item; returns the name of the signal that interrupted the run, if any."""
+    pool: Pool[Item] = Pool(todo, loaded.manifest.run.concurrency)
+    signal_name: str | None = None
+    if not todo:
+        stats.status = "completed"
+        return None
+    async with _endpoint(loaded) as (endpoint, api_key):
+        runner = _Runner(loaded, stats, sink, endpoint, api_key, observer)
+        deadline = loaded.manifest.run.job_deadline_s
+        try:
+            async with anyio.create_task_group() as tasks:
+                if opts.handle_signals:
+                    tasks.start_soon(_watch_signals, pool, tasks.cancel_scope, opts, observer, stats)
+                with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
+                    await pool.run(runner.process)
+                if scope.cancelled_caught:
+                    stats.status = "interrupted"
+                    stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
+                tasks.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if runner.fatal is None:
+                raise
+            _ = group
+        if runner.fatal is not None:
+            stats.status = "aborted"
+            stats.abort_reason = str(runner.fatal)
+        elif stats.status == "running":
+            stats.status = "completed"
+        signal_name = stats.signal_name
+        stats.max_open_sessions = runner.limit.max_open
+        stats.lowest_pool_size = runner.limit.lowest
+    stats.not_run = len(todo) - stats.ok - stats.failed
+    return signal_name
+
+
+async def _watch_signals(
+    pool: Pool[Item],
+    scope: anyio.CancelScope,
+    opts: RunOptions,
+    observer: Observer,
+    stats: RunStats,
+) -> None:
+    """First SIGINT/SIGTERM: start nothing new, give in-flight items ``grace_s``, then stop.
+    Second: stop at once. Committed rows are never at risk: commits are atomic."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            stats.status = "interrupted"
+            stats.abort_reason = f"received {name}"
+            stats.signal_name = name
+            observer.signalled(name)
+            if pool.stopping:
+                scope.cancel()
+                return
+            pool.stop_starting()
+            scope_deadline = anyio.current_time() + opts.grace_s
+            scope.deadline = min(scope.deadline, scope_deadline)
+
+
+def _failed_ids(out_dir: Path, job: str) -> set[str]:
+    rows = sinks.read_table(out_dir, "transcripts", job)
+    return {str(v) for v, s in zip(rows["item_id"].to_pylist(), rows["status"].to_pylist(), strict=True) if s == "failed"}
+
+
+def _dry_run(loaded: LoadedManifest, items: list[Item], stats: RunStats) -> JobResult:
+    out_dir = loaded.output_dir
+    done = sinks.ok_item_ids(out_dir, loaded.manifest.job) if out_dir.exists() else set()
+    todo = [i for i in items if i.item_id not in done and i.error is None]
+    audio_s = sum(i.duration_s or 0.0 for i in todo)
+    report = {
+        "job": stats.job,
+        "dry_run": True,
+        "items": {
+            "total": len(items),
+            "already_ok": len([i for i in items if i.item_id in done]),
+            "to_stream": len(todo),
+            "known_bad": len([i for i in items if i.error is not None]),
+        },
+        "audio_s": round(audio_s, 3),
+        "billed_audio_minutes": round(audio_s / 60, 4),
+        "estimated_cost": round(audio_s / 60 * loaded.manifest.output.price_per_minute, 4),
+        "plan": [
+            {
+                "item_id": i.item_id,
+                "source": i.source,
+                "channel": i.channel,
+                "duration_s": i.duration_s,
+                "action": "fail: " + str(i.error) if i.error else ("skip" if i.item_id in done else "stream"),
+            }
+            for i in items
+        ],
+    }
+    return JobResult(report, None, items)
+
+
+ExitPolicy = Callable[[dict[str, Any]], int]
+
+
+def exit_code(
+    report: dict[str, Any],
+    *,
+    max_failures: int = 0,
+    max_failure_ratio: float | None = None,
+    signal_name: str | None = None,
+) -> int:
+    """0 when every item is ok (or failures are within the allowance), 1 otherwise;
+    3 for a fatal service answer; 130/143 after SIGINT/SIGTERM."""
+    if signal_name == "SIGINT":
+        return EXIT_SIGINT
+    if signal_name == "SIGTERM":
+        return EXIT_SIGTERM
+    if report.get("status") == "aborted":
+        return EXIT_FATAL_SERVICE
+    items = report["items"]
+    failed = int(items["failed"]) + int(items.get("not_run", 0))
+    attempted = max(1, int(items["ok"]) + failed)
+    if max_failure_ratio is not None:
+        return EXIT_OK if failed / attempted <= max_failure_ratio else EXIT_ITEMS_FAILED
+    return EXIT_OK if failed <= max_failures else EXIT_ITEMS_FAILED

@@ -1,0 +1,251 @@
+"""Job manifests, version 1: strict validation at the edge, typed models inside.
+
+`load_manifest` is the only entry point; every problem becomes a `ManifestError` naming the
+file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from batch.errors import ManifestError
+from batch.pulse import protocol
+
+
+def _one_of(allowed: tuple[Any, ...], what: str) -> Any:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not a supported {what}; use one of {list(allowed)}")
+        return value
+
+    return check
+
+
+# The protocol module holds the allowed values; the manifest only points at them.
+Language = Annotated[str, AfterValidator(_one_of(protocol.LANGUAGES, "language"))]
+Encoding = Annotated[str, AfterValidator(_one_of(protocol.ENCODINGS, "encoding"))]
+SampleRate = Annotated[int, AfterValidator(_one_of(protocol.SAMPLE_RATES, "sample rate"))]
+Channels = Literal["mix", "split"] | Annotated[int, Field(ge=0)]
+PartitionColumn = Literal["job", "date", "language", "channel", "status"]
+# What this build can put on the wire; opus kinds are accepted by the schema but refused
+# with a clear message until the decoder can produce them.
+SUPPORTED_WIRE_ENCODINGS = ("linear16", "linear32", "mulaw", "alaw")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GlobInput(_Strict):
+    glob: str
+    language: Language | None = None
+    channels: Channels | None = None
+
+
+class PathInput(_Strict):
+    path: str
+    language: Language | None = None
+    channels: Channels | None = None
+
+
+class ListInput(_Strict):
+    list: str
+
+
+def _input_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next((kind for kind in ("glob", "path", "list") if kind in value), None)
+    return next((kind for kind in ("glob", "path", "list") if hasattr(value, kind)), None)
+
+
+# Each entry is told apart by its key, so errors speak of the kind of entry it is.
+Input = Annotated[
+    Annotated[GlobInput, Tag("glob")]
+    | Annotated[PathInput, Tag("path")]
+    | Annotated[ListInput, Tag("list")],
+    Discriminator(
+        _input_kind,
+        custom_error_type="input_kind",
+        custom_error_message="each input needs one of the keys glob, path or list",
+    ),
+]
+
+
+class PulseConfig(_Strict):
+    endpoint: str = protocol.DEFAULT_URL
+    api_key_env: str = "SMALLEST_API_KEY"
+    # Which recognizer `endpoint: local` runs: the real offline model or the cheap one.
+    local_engine: Literal["whisper", "synthetic"] = "whisper"
+    language: Language = "en"
+    encoding: Encoding = "linear16"
+    sample_rate: SampleRate = 16000
+    word_timestamps: bool = True
+    full_transcript: bool = False
+    sentence_timestamps: bool = False
+    redact_pii: bool = False
+    redact_pci: bool = False
+    numerals: Literal["true", "false", "auto"] = "auto"
+    keywords: list[str] = []
+    diarize: bool = False
+
+    @field_validator("numerals", mode="before")
+    @classmethod
+    def _numerals_text(cls, value: Any) -> Any:
+        # YAML reads `numerals: true` as a boolean; the protocol wants the word.
+        return str(value).lower() if isinstance(value, bool) else value
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords_shape(cls, value: list[str]) -> list[str]:
+        try:
+            return [protocol.validate_keyword(k) for k in value]
+        except protocol.ParamError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_shape(cls, value: str) -> str:
+        if value != "local" and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must be 'local' or a ws:// or wss:// URL")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding_supported(cls, value: str) -> str:
+        if value not in SUPPORTED_WIRE_ENCODINGS:
+            raise ValueError(
+                f"{value!r} cannot be produced yet; use one of {SUPPORTED_WIRE_ENCODINGS}"
+            )
+        return value
+
+    def options(self, language: str | None = None) -> protocol.PulseOptions:
+        return protocol.PulseOptions(
+            language=language or self.language,
+            encoding=self.encoding,
+            sample_rate=self.sample_rate,
+            word_timestamps=self.word_timestamps,
+            full_transcript=self.full_transcript,
+            sentence_timestamps=self.sentence_timestamps,
+            redact_pii=self.redact_pii,
+            redact_pci=self.redact_pci,
+            numerals=self.numerals,
+            keywords=tuple(self.keywords),
+            diarize=self.diarize,
+        )
+
+
+class RunConfig(_Strict):
+    concurrency: int = Field(4, ge=1, le=1024)
+    pace: float = Field(1.0, ge=0)
+    max_attempts: int = Field(5, ge=1, le=100)
+    channels: Channels = "mix"
+    channel_names: list[str] | None = None
+    stream_index: int | None = Field(None, ge=0)
+    chunk_bytes: int = Field(4096, ge=64, le=1 << 20)
+    chunk_ms: int | None = Field(None, ge=10, le=5000)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # Each message after the end signal must arrive within this.
+    final_timeout_s: float = Field(30.0, gt=0)
+    # Session deadline = audio/pace x factor + slack (audio/1 when unpaced).
+    session_deadline_factor: float = Field(1.5, ge=1)
+    session_deadline_slack_s: float = Field(60.0, ge=0)
+    backoff_initial_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    job_deadline_s: float | None = Field(None, gt=0)
+
+
+class OutputConfig(_Strict):
+    path: str = "out"
+    partition_by: list[PartitionColumn] = ["job", "date"]
+    # Rows are buffered and committed in batches: fewer, larger files.
+    commit_every_items: int = Field(200, ge=1)
+    commit_every_s: float = Field(60.0, gt=0)
+    price_per_minute: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _partitions_unique(self) -> OutputConfig:
+        if len(set(self.partition_by)) != len(self.partition_by):
+            raise ValueError("partition_by lists a column twice")
+        return self
+
+
+class Manifest(_Strict):
+    version: Literal[1]
+    job: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    inputs: list[Input] = Field(min_length=1)
+    pulse: PulseConfig = PulseConfig()
+    run: RunConfig = RunConfig()
+    output: OutputConfig = OutputConfig()
+
+
+class LoadedManifest(BaseModel):
+    """A validated manifest and the folder its relative paths resolve against."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    manifest: Manifest
+    path: Path
+    base_dir: Path
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.base_dir / self.manifest.output.path).resolve()
+
+
+def _describe(error: Any) -> str:
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "inputs" and loc[2] in ("glob", "path", "list"):
+        del loc[2]  # the discriminator's tag, not a key of the file
+    location = ".".join(str(part) for part in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "string_pattern_mismatch" and loc == ["job"]:
+        return f"job: use 1-128 letters, digits, - and _ only (got {error['input']!r})"
+    if kind == "extra_forbidden":
+        return f"{location}: unknown key; check its spelling against the README's manifest table"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{location}: {message}"
+    message = message.replace("Input should be", "must be")
+    return f"{location}: {message} (got {error.get('input')!r})"
+
+
+def parse_manifest(data: Any, source: Path) -> Manifest:
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        lines = "\n  ".join(dict.fromkeys(problems))
+        raise ManifestError(source, f"invalid manifest:\n  {lines}") from None
+
+
+def load_manifest(path: Path | str) -> LoadedManifest:
+    """Read and validate a manifest file; raises `ManifestError` on any problem."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(source, "no such manifest file") from None
+    except OSError as exc:
+        raise ManifestError(source, f"cannot read manifest: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(source, f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(source, "a manifest is a YAML mapping with version, job and inputs")
+    manifest = parse_manifest(data, source)
+    return LoadedManifest(manifest=manifest, path=source, base_dir=source.resolve().parent)

@@ -1,0 +1,185 @@
+"""A bounded pool of sessions: at most N open at once, retries with backoff, adaptive size.
+
+Structured concurrency only: a fixed set of worker tasks in one task group pulls work in
+order; each session holds a slot of an `AdaptiveLimit` while it is open. When the service
+refuses sessions for concurrency, the limit shrinks (multiplicatively) and grows back by one
+after a run of successes, so a job configured above the account's limit still finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity.stop import stop_base
+
+from batch.errors import Scope, classify
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class AdaptiveLimit:
+    """A capacity limiter whose size follows the service's refusals (AIMD)."""
+
+    def __init__(self, ceiling: int, grow_after: int = 4) -> None:
+        self.ceiling = ceiling
+        self._limiter = anyio.CapacityLimiter(ceiling)
+        self._grow_after = grow_after
+        self._successes = 0
+        self.open_now = 0
+        self.max_open = 0
+        self.lowest = ceiling
+
+    @property
+    def size(self) -> int:
+        return int(self._limiter.total_tokens)
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire()
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.open_now -= 1
+        self._limiter.release()
+
+    def refused(self) -> None:
+        """The service said too many sessions: back off to what is open now, less one."""
+        target = max(1, min(self.size, self.open_now) - 1)
+        if target < self.size:
+            logger.info("service refused a session for concurrency; pool %d -> %d", self.size, target)
+            self._limiter.total_tokens = target
+            self.lowest = min(self.lowest, target)
+        self._successes = 0
+
+    def succeeded(self) -> None:
+        self._successes += 1
+        if self._successes >= self._grow_after and self.size < self.ceiling:
+            self._limiter.total_tokens = self.size + 1
+            self._successes = 0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped; Retry-After wins when it is longer."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    seed: int | None = None
+
+    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
+        ceiling = min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
+        delay = rng.uniform(ceiling / 2, ceiling)  # jitter keeps retries from firing together
+        return max(delay, retry_after_s or 0.0)
+
+
+class _AttemptBudget(stop_base):
+    """Stop after ``max_attempts`` real failures; concurrency refusals count separately
+    (up to ``max_overloads``), so a full account does not use up an item's attempts."""
+
+    def __init__(self, max_attempts: int, max_overloads: int) -> None:
+        self.max_attempts = max_attempts
+        self.max_overloads = max_overloads
+        self.failures = 0
+        self.overloads = 0
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if error is not None and classify(error).overloaded:
+            self.overloads += 1
+        else:
+            self.failures += 1
+        return self.failures >= self.max_attempts or self.overloads > self.max_overloads
+
+
+@dataclass
+class Attempts:
+    """How many sessions one item opened, and why earlier ones failed."""
+
+    count: int = 0
+    errors: list[str] | None = None
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[R]],
+    *,
+    limit: AdaptiveLimit,
+    max_attempts: int,
+    backoff: Backoff,
+    rng: random.Random,
+    record: Attempts,
+    max_overloads: int = 50,
+) -> R:
+    """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
+    the budget runs out; re-raises the last error. Each attempt holds a pool slot."""
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        verdict = classify(error) if error is not None else None
+        retry_after = verdict.retry_after_s if verdict else None
+        return backoff.delay_s(state.attempt_number, retry_after, rng)
+
+    def retryable(error: BaseException) -> bool:
+        verdict = classify(error)
+        return verdict.retry and verdict.scope is Scope.ITEM
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.info("attempt %d failed (%s); retrying", state.attempt_number, error)
+
+    retrying = AsyncRetrying(
+        stop=_AttemptBudget(max_attempts, max_overloads),
+        wait=wait,
+        retry=retry_if_exception(retryable),
+        reraise=True,
+        sleep=anyio.sleep,
+        before_sleep=before_sleep,
+    )
+    async for trial in retrying:
+        with trial:
+            record.count += 1
+            async with limit:
+                try:
+                    result = await attempt()
+                except Exception as error:
+                    if classify(error).overloaded:
+                        limit.refused()
+                    record.errors = [*(record.errors or []), str(error)]
+                    raise
+            limit.succeeded()
+            return result
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+class Pool(Generic[T]):
+    """Runs ``worker`` over items in the given order with at most ``workers`` at once."""
+
+    def __init__(self, items: Iterable[T], workers: int) -> None:
+        self._queue = deque(items)
+        self._workers = max(1, workers)
+        self.stopping = False
+
+    def stop_starting(self) -> list[T]:
+        """Start no new items; returns those that will not run."""
+        self.stopping = True
+        left = list(self._queue)
+        self._queue.clear()
+        return left
+
+    async def run(self, worker: Callable[[T], Awaitable[None]]) -> None:
+        async def loop() -> None:
+            while self._queue and not self.stopping:
+                await worker(self._queue.popleft())
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(min(self._workers, len(self._queue))):
+                tasks.start_soon(loop)

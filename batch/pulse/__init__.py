@@ -1,0 +1,1 @@
+"""The Pulse wire protocol, shared by the client and the local server."""

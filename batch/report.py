@@ -1,0 +1,207 @@
+"""Run reports: JSON for machines, Markdown for people, and the one-line summary.
+
+`RunStats` is filled in as the job runs; `build_report` turns it into a plain dict (pure);
+`write_report` is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class Failure:
+    item_id: str
+    source: str
+    kind: str
+    message: str
+
+
+@dataclass
+class RunStats:
+    job: str
+    run_id: str
+    started_at: datetime
+    concurrency: int
+    pace: float
+    endpoint: str
+    price_per_minute: float = 0.0
+    finished_at: datetime | None = None
+    status: str = "running"  # completed | interrupted | aborted
+    abort_reason: str | None = None
+    signal_name: str | None = None
+    items_total: int = 0
+    skipped_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    not_run: int = 0
+    attempts: int = 0
+    retries: int = 0
+    audio_s: float = 0.0  # audio of items that ended ok
+    billed_audio_s: float = 0.0  # every second sent, retries included
+    busy_session_s: float = 0.0
+    max_open_sessions: int = 0
+    lowest_pool_size: int = 0
+    connect_s: list[float] = field(default_factory=list)
+    first_final_s: list[float] = field(default_factory=list)
+    end_to_last_s: list[float] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        end = self.finished_at or datetime.now(UTC)
+        return max(1e-9, (end - self.started_at).total_seconds())
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99 by nearest rank; None when there is nothing to measure."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)], 4)
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99)}
+
+
+def build_report(stats: RunStats) -> dict[str, Any]:
+    wall = stats.wall_s
+    billed_min = stats.billed_audio_s / 60
+    return {
+        "report_version": REPORT_VERSION,
+        "job": stats.job,
+        "run_id": stats.run_id,
+        "status": stats.status,
+        "abort_reason": stats.abort_reason,
+        "endpoint": stats.endpoint,
+        "started_at": stats.started_at.isoformat(),
+        "finished_at": stats.finished_at.isoformat() if stats.finished_at else None,
+        "items": {
+            "total": stats.items_total,
+            "skipped_already_ok": stats.skipped_done,
+            "ok": stats.ok,
+            "failed": stats.failed,
+            "not_run": stats.not_run,
+        },
+        "attempts": stats.attempts,
+        "retries": stats.retries,
+        "audio_s": round(stats.audio_s, 3),
+        "wall_s": round(wall, 3),
+        "throughput_x_realtime": round(stats.audio_s / wall, 3),
+        "pool": {
+            "concurrency": stats.concurrency,
+            "max_open_sessions": stats.max_open_sessions,
+            "lowest_pool_size": stats.lowest_pool_size,
+            "utilisation": round(stats.busy_session_s / (stats.concurrency * wall), 4),
+            "pace": stats.pace,
+        },
+        "latency_s": {
+            "connect": percentiles(stats.connect_s),
+            "first_final": percentiles(stats.first_final_s),
+            "end_to_last": percentiles(stats.end_to_last_s),
+        },
+        "billing": {
+            "billed_audio_minutes": round(billed_min, 4),
+            "price_per_minute": stats.price_per_minute,
+            "estimated_cost": round(billed_min * stats.price_per_minute, 4),
+        },
+        "failures_by_kind": dict(Counter(f.kind for f in stats.failures)),
+        "failures": [f.__dict__ for f in stats.failures],
+    }
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line a log scraper can parse: space-separated key=value pairs."""
+    items = report["items"]
+    fields = {
+        "job": report["job"],
+        "run_id": report["run_id"],
+        "status": report["status"],
+        "ok": items["ok"],
+        "failed": items["failed"],
+        "skipped": items["skipped_already_ok"],
+        "not_run": items["not_run"],
+        "retries": report["retries"],
+        "audio_s": report["audio_s"],
+        "wall_s": report["wall_s"],
+        "x_realtime": report["throughput_x_realtime"],
+    }
+    return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    items = report["items"]
+    pool = report["pool"]
+    lat = report["latency_s"]
+    lines = [
+        f"# pulse-batch report: {report['job']} ({report['run_id']})",
+        "",
+        f"Status: **{report['status']}**"
+        + (f" ({report['abort_reason']})" if report["abort_reason"] else ""),
+        f"Started {report['started_at']}, finished {report['finished_at']}; endpoint "
+        f"`{report['endpoint']}`.",
+        "",
+        "| items | count |",
+        "| --- | ---: |",
+        *(f"| {name.replace('_', ' ')} | {count} |" for name, count in items.items()),
+        "",
+        f"- Audio transcribed: {report['audio_s']} s in {report['wall_s']} s wall "
+        f"= **{report['throughput_x_realtime']}x real time**",
+        f"- Sessions: {report['attempts']} opened, {report['retries']} retries; pool "
+        f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
+        f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
+        f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "
+        f"{report['billing']['estimated_cost']}",
+        "",
+        "| latency (s) | p50 | p90 | p99 |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {name.replace('_', ' ')} | {v['p50']} | {v['p90']} | {v['p99']} |"
+            for name, v in lat.items()
+        ),
+    ]
+    if report["failures"]:
+        lines += ["", "## Failures", "", "| kind | source | message |", "| --- | --- | --- |"]
+        for failure in report["failures"]:
+            message = failure["message"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+def reports_dir(out_dir: Path, job: str) -> Path:
+    return out_dir / "_reports" / job
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
+    """Write ``<run_id>.json`` and ``.md`` plus ``latest.*``; returns the JSON path."""
+    folder = reports_dir(out_dir, report["job"])
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    markdown = render_markdown(report)
+    for stem in (report["run_id"], "latest"):
+        for suffix, content in ((".json", text), (".md", markdown)):
+            tmp = folder / f".{stem}{suffix}.tmp"
+            tmp.write_text(content, encoding="utf-8")
+            tmp.replace(folder / f"{stem}{suffix}")
+    return folder / f"{report['run_id']}.json"
+
+
+def latest_report(out_dir: Path, job: str | None) -> dict[str, Any]:
+    """The newest report in an output folder (of one job, if given)."""
+    root = out_dir / "_reports"
+    candidates = sorted(
+        root.glob(f"{job or '*'}/latest.json"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    if not candidates:
+        raise FileNotFoundError(f"no report under {root}" + (f" for job {job!r}" if job else ""))
+    loaded: dict[str, Any] = json.loads(candidates[0].read_text(encoding="utf-8"))
+    return loaded

@@ -1,0 +1,242 @@
+"""One Pulse streaming session: connect, send paced audio, collect finals until ``is_last``.
+
+This is the I/O edge for the service. websockets errors are translated here into the
+`batch.errors` tree; nothing above this module sees a third-party exception. The API key
+travels in the Authorization header only and never appears in an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import anyio
+import anyio.lowlevel
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from batch.errors import (
+    ConnectionLost,
+    HandshakeRejected,
+    InputError,
+    ProtocolViolation,
+    PulseBatchError,
+    ServerReported,
+    SessionTimeout,
+)
+from batch.pulse import protocol
+
+logger = logging.getLogger(__name__)
+
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A Pulse WebSocket URL; the path tells which protocol generation it speaks."""
+
+    url: str
+
+    @property
+    def unified(self) -> bool:
+        return urlsplit(self.url).path.rstrip("/").endswith(protocol.UNIFIED_PATH)
+
+    def session_url(self, options: protocol.PulseOptions) -> str:
+        return f"{self.url}?{urlencode(protocol.build_query(options, unified=self.unified))}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return urlsplit(self.url).hostname in _LOOPBACK_HOSTS
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every wait of a session, named, in seconds."""
+
+    connect_timeout_s: float = 10.0
+    final_timeout_s: float = 30.0  # for each message once the end signal is sent
+    session_deadline_s: float = 600.0  # the whole session, scaled to the audio by the caller
+
+
+@dataclass
+class SessionResult:
+    """What one complete session (ended by ``is_last``) produced, plus its timings."""
+
+    session_id: str | None = None
+    finals: list[protocol.Transcription] = field(default_factory=list)
+    audio_bytes_sent: int = 0
+    connect_s: float = 0.0
+    first_final_s: float | None = None  # from the first audio byte sent
+    end_to_last_s: float = 0.0  # from the end signal to ``is_last``
+    busy_s: float = 0.0  # socket open time
+
+    @property
+    def language(self) -> str | None:
+        return next((f.language for f in reversed(self.finals) if f.language), None)
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare for this service; fall back to our backoff
+
+
+def _rejected(exc: InvalidStatus) -> HandshakeRejected:
+    response = exc.response
+    body = bytes(response.body or b"")[:200].decode("utf-8", "replace").strip()
+    return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
+
+
+def _lost(exc: ConnectionClosed, phase: str) -> ConnectionLost:
+    code = exc.rcvd.code if exc.rcvd is not None else None
+    reason = exc.rcvd.reason if exc.rcvd is not None else ""
+    described = f"close code {code}" if code is not None else "no close frame"
+    detail = f" ({reason})" if reason else ""
+    return ConnectionLost(f"connection ended {phase} before is_last: {described}{detail}", code)
+
+
+def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error that explains a failed session best: input problems first, then ours."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    for wanted in (InputError, PulseBatchError):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0]
+
+
+class _Stream:
+    """The two halves of a session over one open connection."""
+
+    def __init__(
+        self, ws: ClientConnection, result: SessionResult, timeouts: Timeouts, unified: bool
+    ) -> None:
+        self.ws = ws
+        self.unified = unified
+        self.result = result
+        self.timeouts = timeouts
+        self.end_sent = anyio.Event()
+        self.started_at: float | None = None
+        self.end_sent_at = 0.0
+
+    async def send(self, audio: Iterable[bytes], bytes_per_second: int, pace: float) -> None:
+        sent = 0
+        for chunk in audio:
+            if self.started_at is None:
+                self.started_at = time.monotonic()
+            await self.ws.send(chunk)
+            sent += len(chunk)
+            self.result.audio_bytes_sent = sent
+            if pace > 0:
+                due = self.started_at + sent / bytes_per_second / pace
+                await anyio.sleep(max(0.0, due - time.monotonic()))
+            else:
+                await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
+        await self.ws.send(protocol.end_message(self.unified))
+        self.end_sent_at = time.monotonic()
+        self.end_sent.set()
+
+    async def receive(self) -> None:
+        while True:
+            if self.end_sent.is_set():
+                with anyio.move_on_after(self.timeouts.final_timeout_s) as scope:
+                    raw = await self.ws.recv()
+                if scope.cancelled_caught:
+                    raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
+            else:
+                raw = await self.ws.recv()
+            if isinstance(raw, bytes):
+                raise ProtocolViolation("service sent a binary frame; only JSON text is expected")
+            if self._handle(raw):
+                return
+
+    def _handle(self, raw: str) -> bool:
+        """Record one message; True when it is the terminal one."""
+        try:
+            message = protocol.parse_message(raw)
+        except protocol.MalformedMessage as exc:
+            raise ProtocolViolation(f"unreadable message from the service: {exc}") from None
+        if isinstance(message, protocol.ServerError):
+            raise ServerReported(message.message, message.code)
+        result = self.result
+        result.session_id = message.session_id or result.session_id
+        if message.is_final and (message.transcript or message.words or message.is_last):
+            if result.first_final_s is None and self.started_at is not None:
+                result.first_final_s = time.monotonic() - self.started_at
+            if message.transcript or message.words:
+                result.finals.append(message)
+        if message.is_last:
+            result.end_to_last_s = time.monotonic() - (self.end_sent_at or time.monotonic())
+            return True
+        return False
+
+
+async def run_session(
+    endpoint: Endpoint,
+    options: protocol.PulseOptions,
+    audio: Iterable[bytes],
+    *,
+    bytes_per_second: int,
+    api_key: str | None,
+    pace: float = 1.0,
+    timeouts: Timeouts = Timeouts(),
+) -> SessionResult:
+    """Stream ``audio`` (wire-ready chunks) through one session and return its finals.
+
+    Complete only at ``is_last``. Raises `SessionError` subclasses (see `batch.errors`) and
+    `InputError` if the audio source fails while streaming.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    result = SessionResult()
+    began = time.monotonic()
+    try:
+        with anyio.fail_after(timeouts.session_deadline_s):
+            async with connect(
+                endpoint.session_url(options),
+                additional_headers=headers,
+                compression=None,  # deflate costs 6-35x throughput on PCM
+                open_timeout=timeouts.connect_timeout_s,
+                max_size=_MAX_MESSAGE_BYTES,
+                proxy=None if endpoint.is_loopback else True,
+                close_timeout=5,
+            ) as ws:
+                opened = time.monotonic()
+                result.connect_s = opened - began
+                stream = _Stream(ws, result, timeouts, endpoint.unified)
+                try:
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(stream.send, audio, bytes_per_second, pace)
+                        await stream.receive()
+                        tasks.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _unwrap(group) from None
+                result.busy_s = time.monotonic() - opened
+    except TimeoutError as exc:
+        if result.connect_s == 0.0:
+            raise SessionTimeout("connect_timeout_s", timeouts.connect_timeout_s) from exc
+        raise SessionTimeout("session_deadline_s", timeouts.session_deadline_s) from exc
+    except InvalidStatus as exc:
+        raise _rejected(exc) from exc
+    except ConnectionClosed as exc:
+        raise _lost(exc, "while streaming") from exc
+    except InvalidHandshake as exc:
+        raise ConnectionLost(f"handshake failed: {exc.__class__.__name__}") from exc
+    except OSError as exc:
+        raise ConnectionLost(f"cannot reach the service: {exc.strerror or exc}") from exc
+    return result

@@ -1,0 +1,390 @@
+"""Partitioned Parquet tables, committed atomically and exactly once.
+
+Layout under the output folder::
+
+    transcripts/job=J/date=D/part-<run_id>-<batch>.parquet     (and words/, utterances/)
+    _staging/<job>/<run_id>-<batch>/                           files being committed
+    _locks/<job>.lock                                          one run per job at a time
+    _pulse_batch.json                                          schema version, partitioning
+
+Commit protocol (a redo log): a batch's files are written and fsynced in its staging folder,
+then ``PLAN.json`` (every rename and delete the commit makes) is written atomically: that is
+the commit point. The renames follow. `recover` rolls a planned batch forward and deletes an
+unplanned one, so a kill at any moment leaves each finished item's rows in the tables exactly
+once, or not at all (and the rerun redoes it). Readers never see a half-written file: every
+file appears by an atomic rename. The three tables of one batch share a file name, so the
+words of a transcripts file are found at the same relative path under ``words/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from batch.errors import LockedError, ManifestError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+PARTITION_CHOICES: Final = ("job", "date", "language")
+TABLES: Final = ("transcripts", "words", "utterances")
+_ROW_GROUP_ROWS: Final = 128 * 1024
+_UTC_MS = pa.timestamp("ms", tz="UTC")
+
+# Columns every table has, so any of them can be a partition column.
+_COMMON = [
+    ("job", pa.string(), "job name from the manifest"),
+    ("date", pa.string(), "UTC date the run started, YYYY-MM-DD"),
+    ("language", pa.string(), "language option the item was transcribed with"),
+    ("run_id", pa.string(), "the run that wrote the row"),
+    ("item_id", pa.string(), "stable id: same source, channel and options, same id"),
+    ("channel", pa.int32(), "channel index under channels: split or an index; null when mixed"),
+]
+
+COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
+    "transcripts": [
+        *_COMMON,
+        ("channel_name", pa.string(), "name from run.channel_names, if given"),
+        ("source", pa.string(), "absolute path of the input file"),
+        ("status", pa.string(), "ok or failed"),
+        ("error_kind", pa.string(), "why it failed (see README), null when ok"),
+        ("error", pa.string(), "the failure message, naming the file; null when ok"),
+        ("attempts", pa.int32(), "sessions opened for the item in this run"),
+        ("duration_s", pa.float64(), "exact audio seconds sent (decoded samples / rate)"),
+        ("transcript", pa.string(), "final segments joined by spaces"),
+        ("detected_language", pa.string(), "language the service reported on finals"),
+        ("session_id", pa.string(), "the service's id of the successful session"),
+        ("word_count", pa.int32(), "rows this item has in words"),
+        ("started_at", _UTC_MS, "when the item's first attempt started"),
+        ("finished_at", _UTC_MS, "when the item finished or gave up"),
+        ("options", pa.string(), "the Pulse options sent, as JSON"),
+        ("metadata", pa.map_(pa.string(), pa.string()), "extra columns of a list input"),
+    ],
+    "words": [
+        *_COMMON,
+        ("segment", pa.int32(), "index of the final segment the word came in"),
+        ("idx", pa.int32(), "position of the word in the item, from 0"),
+        ("word", pa.string(), "the word as recognised"),
+        ("start_s", pa.float64(), "start, seconds from the start of the file"),
+        ("end_s", pa.float64(), "end, seconds from the start of the file"),
+        ("confidence", pa.float64(), "0-1, when the service gives it"),
+        ("speaker", pa.string(), "speaker label when diarize is on"),
+        ("speaker_confidence", pa.float64(), "0-1 when diarize is on"),
+    ],
+    "utterances": [
+        *_COMMON,
+        ("idx", pa.int32(), "position of the utterance in the item, from 0"),
+        ("text", pa.string(), "the sentence"),
+        ("start_s", pa.float64(), "start, seconds from the start of the file"),
+        ("end_s", pa.float64(), "end, seconds from the start of the file"),
+        ("speaker", pa.string(), "speaker label when diarize is on"),
+    ],
+}
+
+
+def logical_schema(table: str) -> pa.Schema:
+    """All columns as readers see them (partition columns included)."""
+    return pa.schema([pa.field(name, kind) for name, kind, _ in COLUMNS[table]])
+
+
+def file_schema(table: str, partition_by: Sequence[str]) -> pa.Schema:
+    """Columns stored inside the files: partition columns live in the folder names."""
+    fields = [pa.field(n, k) for n, k, _ in COLUMNS[table] if n not in partition_by]
+    metadata = {"pulse_batch.schema_version": str(SCHEMA_VERSION), "pulse_batch.table": table}
+    return pa.schema(fields, metadata=metadata)
+
+
+@dataclass
+class ItemRows:
+    """One finished item's rows for each table (partition and bookkeeping columns included)."""
+
+    transcript: dict[str, Any]
+    words: list[dict[str, Any]] = field(default_factory=list)
+    utterances: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- output folder, lock, recovery -----------------------------------------------
+
+
+def check_layout(out_dir: Path, partition_by: Sequence[str]) -> None:
+    """Record the partitioning on first use; refuse a different one later (mixed layouts
+    would make the dataset unreadable)."""
+    marker = out_dir / "_pulse_batch.json"
+    wanted = {"schema_version": SCHEMA_VERSION, "partition_by": list(partition_by)}
+    if marker.exists():
+        found = json.loads(marker.read_text())
+        if found.get("partition_by") != wanted["partition_by"]:
+            raise ManifestError(
+                out_dir,
+                f"output was written with partition_by {found.get('partition_by')}; "
+                f"this manifest asks {list(partition_by)}. Use a new output.path.",
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(marker, json.dumps(wanted, indent=2).encode())
+
+
+@contextlib.contextmanager
+def job_lock(out_dir: Path, job: str) -> Iterator[None]:
+    """Exclusive lock for one job in one output. The kernel drops it when the holder dies,
+    so a lock left by a killed process is never mistaken for a live one."""
+    lock_dir = out_dir / "_locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{job}.lock"
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockedError(
+                f"job {job!r} is already running into {out_dir} ({holder}); "
+                "wait for it to finish, or use another output.path"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _apply_plan(out_dir: Path, batch_dir: Path) -> None:
+    """Carry out a committed batch's renames and deletes. Idempotent: safe to redo."""
+    plan = json.loads((batch_dir / "PLAN.json").read_text())
+    touched: set[Path] = set()
+    for op in plan["ops"]:
+        target = out_dir / op["dst"]
+        if op["op"] == "move":
+            staged = batch_dir / op["src"]
+            if staged.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, target)
+                touched.add(target.parent)
+        elif target.exists():
+            target.unlink()
+            touched.add(target.parent)
+    for folder in touched:
+        _fsync_dir(folder)
+    shutil.rmtree(batch_dir)
+
+
+def recover(out_dir: Path, job: str) -> int:
+    """Finish or undo batches a killed run left behind. Call with the job lock held.
+    Returns how many batches were rolled forward."""
+    staging = out_dir / "_staging" / job
+    rolled = 0
+    for batch_dir in sorted(staging.glob("*")) if staging.exists() else ():
+        if (batch_dir / "PLAN.json").exists():
+            _apply_plan(out_dir, batch_dir)
+            rolled += 1
+            logger.info("recovered committed batch %s", batch_dir.name)
+        else:
+            shutil.rmtree(batch_dir)
+            logger.info("discarded uncommitted batch %s", batch_dir.name)
+    return rolled
+
+
+# --- reading back ----------------------------------------------------------------
+
+
+def _dataset(out_dir: Path, table: str) -> ds.Dataset | None:
+    root = out_dir / table
+    if not root.exists() or not any(root.rglob("*.parquet")):
+        return None
+    return ds.dataset(root, format="parquet", partitioning="hive", exclude_invalid_files=True)
+
+
+def read_table(out_dir: Path, table: str, job: str | None = None) -> pa.Table:
+    """A whole table (optionally one job's rows) as pyarrow; empty if nothing written."""
+    dataset = _dataset(out_dir, table)
+    if dataset is None:
+        return logical_schema(table).empty_table()
+    expression = (ds.field("job") == job) if job is not None else None
+    return dataset.to_table(filter=expression)
+
+
+def ok_item_ids(out_dir: Path, job: str) -> set[str]:
+    """Items of the job whose latest committed result is ``ok``."""
+    rows = read_table(out_dir, "transcripts", job)
+    if rows.num_rows == 0:
+        return set()
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    return {str(v) for v in ok["item_id"].to_pylist()}
+
+
+def _files_with_items(out_dir: Path, job: str, item_ids: set[str]) -> list[Path]:
+    """Relative paths (shared by the three tables) of transcripts files holding these ok rows."""
+    dataset = _dataset(out_dir, "transcripts")
+    if dataset is None:
+        return []
+    wanted = pa.array(sorted(item_ids))
+    found = []
+    for fragment in dataset.get_fragments(filter=ds.field("job") == job):
+        ids = fragment.to_table(columns=["item_id", "status"])
+        hit = pc.and_(pc.is_in(ids["item_id"], value_set=wanted), pc.equal(ids["status"], "ok"))
+        if pc.any(hit).as_py():
+            found.append(Path(fragment.path).relative_to(out_dir / "transcripts"))
+    return found
+
+
+# --- writing ---------------------------------------------------------------------
+
+
+class Sink:
+    """Buffers finished items and commits them in batches (few, large files)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        job: str,
+        run_id: str,
+        partition_by: Sequence[str],
+        commit_every_items: int = 200,
+        commit_every_s: float = 60.0,
+        supersede: set[str] | None = None,
+    ) -> None:
+        self.out_dir = out_dir
+        self.job = job
+        self.run_id = run_id
+        self.partition_by = list(partition_by)
+        self.commit_every_items = commit_every_items
+        self.commit_every_s = commit_every_s
+        # Items whose earlier ok rows a new ok result replaces (--force).
+        self.supersede = set(supersede or ())
+        self._buffer: list[ItemRows] = []
+        self._batches = 0
+        self._last_commit = time.monotonic()
+        self.committed_items = 0
+
+    def add(self, rows: ItemRows) -> None:
+        self._buffer.append(rows)
+
+    @property
+    def due(self) -> bool:
+        if not self._buffer:
+            return False
+        waited = time.monotonic() - self._last_commit
+        return len(self._buffer) >= self.commit_every_items or waited >= self.commit_every_s
+
+    def commit(self) -> None:
+        """Write everything buffered as one atomic batch. A no-op when empty."""
+        if not self._buffer:
+            return
+        rows, self._buffer = self._buffer, []
+        self._batches += 1
+        name = f"{self.run_id}-{self._batches:05d}"
+        batch_dir = self.out_dir / "_staging" / self.job / name
+        batch_dir.mkdir(parents=True)
+        ops = self._stage_tables(rows, batch_dir, f"part-{name}.parquet")
+        ops += self._stage_supersede(rows, batch_dir)
+        _fsync_dir(batch_dir)
+        _write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
+        _apply_plan(self.out_dir, batch_dir)
+        self.committed_items += len(rows)
+        self._last_commit = time.monotonic()
+
+    def _stage_tables(
+        self, rows: list[ItemRows], batch_dir: Path, file_name: str
+    ) -> list[dict[str, str]]:
+        per_table = {
+            "transcripts": [r.transcript for r in rows],
+            "words": [w for r in rows for w in r.words],
+            "utterances": [u for r in rows for u in r.utterances],
+        }
+        ops = []
+        for table, table_rows in per_table.items():
+            for folder, group in _by_partition(table_rows, self.partition_by).items():
+                relative = Path(table) / folder / file_name
+                self._write_parquet(batch_dir / relative, table, group)
+                ops.append({"op": "move", "src": str(relative), "dst": str(relative)})
+        return ops
+
+    def _stage_supersede(self, rows: list[ItemRows], batch_dir: Path) -> list[dict[str, str]]:
+        replaced = {
+            r.transcript["item_id"] for r in rows if r.transcript["status"] == "ok"
+        } & self.supersede
+        if not replaced:
+            return []
+        ops = []
+        for relative in _files_with_items(self.out_dir, self.job, replaced):
+            for table in TABLES:
+                ops.extend(self._rewrite_without(table, relative, replaced, batch_dir))
+        self.supersede -= replaced
+        return ops
+
+    def _rewrite_without(
+        self, table: str, relative: Path, item_ids: set[str], batch_dir: Path
+    ) -> list[dict[str, str]]:
+        existing = self.out_dir / table / relative
+        if not existing.exists():
+            return []
+        data = pq.read_table(existing)
+        drop = pc.is_in(data["item_id"], value_set=pa.array(sorted(item_ids)))
+        if table == "transcripts":
+            drop = pc.and_(drop, pc.equal(data["status"], "ok"))
+        kept = data.filter(pc.invert(drop))
+        target = str(Path(table) / relative)
+        if kept.num_rows == 0:
+            return [{"op": "delete", "dst": target}]
+        staged = Path("rewrite") / target
+        _write_file(batch_dir / staged, kept)
+        return [{"op": "move", "src": str(staged), "dst": target}]
+
+    def _write_parquet(self, path: Path, table: str, rows: list[dict[str, Any]]) -> None:
+        schema = file_schema(table, self.partition_by)
+        stored = [{k: v for k, v in row.items() if k not in self.partition_by} for row in rows]
+        _write_file(path, pa.Table.from_pylist(stored, schema=schema))
+
+
+def _write_file(path: Path, data: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        pq.write_table(data, handle, compression="zstd", row_group_size=_ROW_GROUP_ROWS)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _by_partition(
+    rows: list[dict[str, Any]], partition_by: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        folder = "/".join(f"{col}={row[col]}" for col in partition_by)
+        groups.setdefault(folder, []).append(row)
+    return groups
