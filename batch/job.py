@@ -244,7 +244,10 @@ class _Runner:
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
     pulse = loaded.manifest.pulse
     if pulse.endpoint != "local":
-        yield Endpoint(pulse.endpoint), api_key_from_env(pulse.api_key_env, required=True)
+        endpoint = Endpoint(pulse.endpoint)
+        # A loopback server (`pulse-batch serve`) may run without a key; the service never.
+        required = not endpoint.is_loopback
+        yield endpoint, api_key_from_env(pulse.api_key_env, required=required)
         return
     from batch.server import local_server  # the embedded server: only when asked for
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: a real local Pulse server on loopback, manifests, and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio.from_thread
+import pytest
+import yaml
+
+from batch.server import FaultConfig, LocalServer, local_server
+
+# One unit for every wait in the tests; raise it on a slow machine.
+TIME_UNIT_S = float(os.environ.get("PULSE_BATCH_TEST_TIME_UNIT", "1.0"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.contextmanager
+def server_in_thread(
+    engine: str = "synthetic", faults: FaultConfig | None = None, api_key: str | None = None
+) -> Iterator[LocalServer]:
+    """A local server on its own event loop thread, so a CLI subprocess can talk to it
+    while the test reads its counters."""
+    with anyio.from_thread.start_blocking_portal() as portal:
+        manager = local_server(engine=engine, faults=faults, api_key=api_key)
+        with portal.wrap_async_context_manager(manager) as server:
+            yield server
+
+
+@pytest.fixture
+def synthetic_server() -> Iterator[LocalServer]:
+    with server_in_thread("synthetic") as server:
+        yield server
+
+
+def write_manifest(folder: Path, **sections: Any) -> Path:
+    """A manifest file in ``folder``; sections override the defaults below."""
+    data: dict[str, Any] = {
+        "version": 1,
+        "job": "test-job",
+        "inputs": [{"glob": "media/*"}],
+        "pulse": {"endpoint": "local", "local_engine": "synthetic"},
+        "run": {"concurrency": 2, "pace": 0, "max_attempts": 3, "backoff_initial_s": 0.05},
+        "output": {"path": "out"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s * TIME_UNIT_S,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )

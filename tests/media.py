@@ -1,0 +1,144 @@
+"""Make real media files for tests with PyAV: tone bursts at known times, in any container.
+
+Every test fixture is generated here (or is one of the project's own demo clips), so the
+suite needs nothing outside the repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+DEMO_CLIPS = Path(__file__).resolve().parent.parent / "jobs" / "demo" / "clips"
+SPEECH = {
+    "callback.flac": "please call me back tomorrow morning about the invoice",
+    "support.mp3": "thank you for calling customer support",
+    "cancel.wav": "i would like to cancel my subscription",
+}
+
+
+@dataclass(frozen=True)
+class Burst:
+    start_s: float
+    length_s: float
+    hz: float
+
+
+def tone_track(bursts: Sequence[Burst], duration_s: float, rate: int) -> np.ndarray:
+    """float32 mono: silence with sine bursts (10 ms fades so edges are clean)."""
+    track = np.zeros(int(round(duration_s * rate)), dtype=np.float32)
+    fade = int(0.01 * rate)
+    for burst in bursts:
+        start = int(round(burst.start_s * rate))
+        n = int(round(burst.length_s * rate))
+        t = np.arange(n) / rate
+        tone = 0.5 * np.sin(2 * np.pi * burst.hz * t)
+        envelope = np.ones(n)
+        envelope[:fade] = np.linspace(0, 1, fade)
+        envelope[-fade:] = np.linspace(1, 0, fade)
+        track[start : start + n] += (tone * envelope).astype(np.float32)
+    return track
+
+
+# (container format, codec, sample format, extension)
+FORMATS = {
+    "wav_s16": ("wav", "pcm_s16le", "s16", "wav"),
+    "wav_u8": ("wav", "pcm_u8", "u8", "wav"),
+    "wav_s24": ("wav", "pcm_s24le", "s32", "wav"),
+    "wav_s32": ("wav", "pcm_s32le", "s32", "wav"),
+    "wav_f32": ("wav", "pcm_f32le", "flt", "wav"),
+    "wav_mulaw": ("wav", "pcm_mulaw", "s16", "wav"),
+    "wav_alaw": ("wav", "pcm_alaw", "s16", "wav"),
+    "aiff": ("aiff", "pcm_s16be", "s16", "aiff"),
+    "flac_24": ("flac", "flac", "s32", "flac"),
+    "mp3": ("mp3", "libmp3lame", "fltp", "mp3"),
+    "m4a_aac": ("ipod", "aac", "fltp", "m4a"),
+    "ogg_opus": ("ogg", "libopus", "s16", "ogg"),
+    "webm_opus": ("webm", "libopus", "s16", "webm"),
+}
+LOSSY = {"mp3", "m4a_aac", "ogg_opus", "webm_opus", "mp4_video", "mkv_video", "mov_video"}
+
+
+def write_audio(
+    path: Path,
+    channels: Sequence[np.ndarray],
+    rate: int,
+    *,
+    container: str = "wav",
+    codec: str = "pcm_s16le",
+    sample_format: str = "s16",
+) -> Path:
+    """Encode float32 channel arrays (equal length) into ``path`` with PyAV."""
+    layout = {1: "mono", 2: "stereo"}[len(channels)]
+    planar = np.stack(channels).astype(np.float32)
+    codec_rate = 48000 if codec == "libopus" else rate
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=codec_rate, layout=layout)
+        stream.codec_context.format = sample_format
+        resampler = av.AudioResampler(format=sample_format, layout=layout, rate=codec_rate)
+        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+        frame.sample_rate = rate
+        frame.pts = 0
+        frame.time_base = Fraction(1, rate)
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def write_format(path: Path, kind: str, channels: Sequence[np.ndarray], rate: int) -> Path:
+    container, codec, sample_format, _ = FORMATS[kind]
+    return write_audio(
+        path, channels, rate, container=container, codec=codec, sample_format=sample_format
+    )
+
+
+def write_video(path: Path, audio: np.ndarray, rate: int, container: str) -> Path:
+    """A small video (a few grey frames) with an AAC audio track."""
+    duration_s = audio.size / rate
+    with av.open(str(path), "w", format=container) as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("aac", rate=rate, layout="mono")
+        for i in range(int(duration_s * 10)):
+            image = av.VideoFrame.from_ndarray(
+                np.full((48, 64, 3), 128, dtype=np.uint8), format="rgb24"
+            )
+            image.pts = i
+            for packet in video.encode(image):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
+        frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = 0
+        frame.time_base = Fraction(1, rate)
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in sound.encode(chunk):
+                out.mux(packet)
+        for packet in sound.encode(None):
+            out.mux(packet)
+    return path
+
+
+def onsets_s(pcm16: bytes, rate: int, threshold: float = 0.05) -> list[float]:
+    """Starts of bursts in mono s16 audio: the first 5 ms window over the threshold after
+    at least 100 ms of quiet."""
+    samples = np.frombuffer(pcm16, dtype=np.int16).astype(np.float32) / 32768
+    window = int(0.005 * rate)
+    usable = samples[: samples.size - samples.size % window].reshape(-1, window)
+    loud = np.sqrt((usable**2).mean(axis=1)) > threshold
+    found, quiet = [], 1_000
+    for index, is_loud in enumerate(loud):
+        if is_loud and quiet * window >= 0.1 * rate:
+            found.append(index * window / rate)
+        quiet = 0 if is_loud else quiet + 1
+    return found

@@ -1,0 +1,171 @@
+"""Exactly-once output under kills and reruns, resume without new sessions, --force."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_track, write_audio
+
+BURSTS = [Burst(0.2, 0.15, 440), Burst(0.6, 0.15, 660), Burst(1.0, 0.15, 880)]
+
+
+def _tone_files(
+    folder: Path, count: int, duration_s: float = 1.4, bursts: list[Burst] = BURSTS
+) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    track = tone_track(bursts, duration_s, 16000)
+    return [write_audio(folder / f"call-{i:04d}.wav", [track], 16000) for i in range(count)]
+
+
+def _point_at(manifest: Path, url: str) -> None:
+    manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
+
+
+def _counts(out: Path) -> tuple[int, int, int, int]:
+    """(ok rows, distinct ok items, word rows, distinct (item, idx) words)."""
+    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
+    w = f"read_parquet('{out}/words/**/*.parquet', hive_partitioning=true)"
+    ok_rows, ok_items = duckdb.sql(
+        f"select count(*), count(distinct item_id) from {t} where status = 'ok'"
+    ).fetchall()[0]
+    words, distinct_words = duckdb.sql(
+        f"select count(*), count(distinct (item_id, idx)) from {w}"
+    ).fetchall()[0]
+    return int(ok_rows), int(ok_items), int(words), int(distinct_words)
+
+
+def test_rerun_of_finished_job_opens_no_session(tmp_path: Path) -> None:
+    _tone_files(tmp_path / "media", 5)
+    manifest = write_manifest(tmp_path)
+    with server_in_thread() as server:
+        _point_at(manifest, server.url)
+        first = run_cli("run", str(manifest))
+        assert first.returncode == 0, first.stderr
+        opened = server.stats.sessions_opened
+        assert opened == 5
+        second = run_cli("run", str(manifest))
+        assert second.returncode == 0, second.stderr
+        assert server.stats.sessions_opened == opened  # nothing streamed again
+    assert "skipped=5" in second.stdout
+    assert _counts(tmp_path / "out") == (5, 5, 15, 15)
+
+
+def test_force_redoes_items_and_keeps_one_ok_row_each(tmp_path: Path) -> None:
+    _tone_files(tmp_path / "media", 3)
+    manifest = write_manifest(tmp_path)
+    with server_in_thread() as server:
+        _point_at(manifest, server.url)
+        assert run_cli("run", str(manifest)).returncode == 0
+        forced = run_cli("run", str(manifest), "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert server.stats.sessions_opened == 6
+    assert _counts(tmp_path / "out") == (3, 3, 9, 9)
+    run_ids = duckdb.sql(
+        f"select distinct run_id from read_parquet('{tmp_path}/out/words/**/*.parquet')"
+    ).fetchall()
+    assert len(run_ids) == 1  # the superseded run's words are gone too
+
+
+def test_changing_an_option_makes_new_work(tmp_path: Path) -> None:
+    _tone_files(tmp_path / "media", 2)
+    manifest = write_manifest(tmp_path)
+    with server_in_thread() as server:
+        _point_at(manifest, server.url)
+        assert run_cli("run", str(manifest)).returncode == 0
+        manifest.write_text(manifest.read_text().replace("local_engine", "diarize: true\n  local_engine"))
+        assert run_cli("run", str(manifest)).returncode == 0
+        assert server.stats.sessions_opened == 4
+
+
+def _committed_items(out: Path) -> int:
+    files = list((out / "transcripts").rglob("*.parquet")) if (out / "transcripts").exists() else []
+    return len(files)
+
+
+def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> None:
+    count = 12
+    _tone_files(tmp_path / "media", count)
+    manifest = write_manifest(
+        tmp_path,
+        run={"concurrency": 3, "pace": 1.0},
+        output={"path": "out", "commit_every_items": 1},
+    )
+    out = tmp_path / "out"
+    with server_in_thread() as server:
+        _point_at(manifest, server.url)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batch", "run", str(manifest)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60 * TIME_UNIT_S
+        while _committed_items(out) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        assert 3 <= _committed_items(out) < count, "the kill should land part-way"
+        killed_at = _counts(out)[1]
+
+        rerun = run_cli("run", str(manifest))
+        assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped={killed_at}" in rerun.stdout
+    ok_rows, ok_items, words, distinct_words = _counts(out)
+    assert (ok_rows, ok_items) == (count, count)
+    assert words == distinct_words == count * len(BURSTS)
+    assert not any((out / "_staging").rglob("*.parquet"))
+
+
+def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
+    count = 8
+    _tone_files(tmp_path / "media", count, duration_s=2.0)
+    manifest = write_manifest(
+        tmp_path, run={"concurrency": 2, "pace": 1.0}, output={"path": "out", "commit_every_items": 50}
+    )
+    out = tmp_path / "out"
+    with server_in_thread() as server:
+        _point_at(manifest, server.url)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batch", "run", str(manifest), "--grace-s", "10"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30 * TIME_UNIT_S
+        while server.stats.sessions_completed < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=30 * TIME_UNIT_S)
+        assert process.returncode == 143
+        report = json.loads(Path(stdout.split("report: ")[1].split()[0]).read_text())
+        assert report["status"] == "interrupted"
+        finished = report["items"]["ok"]
+        assert 2 <= finished < count and report["items"]["not_run"] == count - finished
+        assert _counts(out)[1] == finished  # everything completed was committed
+
+        rerun = run_cli("run", str(manifest))
+        assert rerun.returncode == 0, rerun.stderr
+    assert _counts(out)[:2] == (count, count)
+
+
+@pytest.mark.timeout(240)
+def test_thousand_tiny_items_leave_few_files(tmp_path: Path) -> None:
+    _tone_files(tmp_path / "media", 1000, duration_s=0.3, bursts=[Burst(0.05, 0.1, 440)])
+    manifest = write_manifest(tmp_path, run={"concurrency": 16, "pace": 0})
+    done = run_cli("run", str(manifest), timeout_s=200)
+    assert done.returncode == 0, done.stderr
+    for table in ("transcripts", "words"):
+        partitions = {p.parent for p in (tmp_path / "out" / table).rglob("*.parquet")}
+        assert len(partitions) == 1
+        files = list((tmp_path / "out" / table).rglob("*.parquet"))
+        assert len(files) <= 6, f"{table}: {len(files)} files for 1000 items"
+    assert _counts(tmp_path / "out")[:2] == (1000, 1000)
