@@ -134,6 +134,7 @@ class _Stream:
         self.end_sent = anyio.Event()
         self.started_at: float | None = None
         self.end_sent_at = 0.0
+        self._waiting: anyio.CancelScope | None = None
 
     async def send(self, audio: Iterable[bytes], bytes_per_second: int, pace: float) -> None:
         sent = 0
@@ -151,16 +152,19 @@ class _Stream:
         await self.ws.send(protocol.end_message(self.unified))
         self.end_sent_at = time.monotonic()
         self.end_sent.set()
+        if self._waiting is not None:  # a wait begun before the end signal is now bounded too
+            self._waiting.deadline = anyio.current_time() + self.timeouts.final_timeout_s
 
     async def receive(self) -> None:
         while True:
-            if self.end_sent.is_set():
-                with anyio.move_on_after(self.timeouts.final_timeout_s) as scope:
-                    raw = await self.ws.recv()
-                if scope.cancelled_caught:
-                    raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
-            else:
+            with anyio.CancelScope() as scope:
+                self._waiting = scope
+                if self.end_sent.is_set():
+                    scope.deadline = anyio.current_time() + self.timeouts.final_timeout_s
                 raw = await self.ws.recv()
+            self._waiting = None
+            if scope.cancelled_caught:
+                raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
             if isinstance(raw, bytes):
                 raise ProtocolViolation("service sent a binary frame; only JSON text is expected")
             if self._handle(raw):

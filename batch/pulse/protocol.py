@@ -298,7 +298,9 @@ def _error_in(data: Mapping[str, Any]) -> ServerError | None:
         else:
             message = data.get("message") or (nested if isinstance(nested, str) else None)
             code = data.get("code")
-        return ServerError(str(message or "unspecified server error"), None if code is None else str(code))
+        return ServerError(
+            str(message or "unspecified server error"), None if code is None else str(code)
+        )
     return None
 
 
