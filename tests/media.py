@@ -100,13 +100,15 @@ def write_format(path: Path, kind: str, channels: Sequence[np.ndarray], rate: in
     )
 
 
-def write_video(path: Path, audio: np.ndarray, rate: int, container: str) -> Path:
-    """A small video (a few grey frames) with an AAC audio track."""
-    duration_s = audio.size / rate
+def write_video(
+    path: Path, audio: np.ndarray | None, rate: int, container: str, duration_s: float = 2.0
+) -> Path:
+    """A small video (a few grey frames) with an AAC audio track (none if ``audio`` is None)."""
+    duration_s = audio.size / rate if audio is not None else duration_s
     with av.open(str(path), "w", format=container) as out:
         video = out.add_stream("mpeg4", rate=10)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        sound = out.add_stream("aac", rate=rate, layout="mono")
+        sound = out.add_stream("aac", rate=rate, layout="mono") if audio is not None else None
         for i in range(int(duration_s * 10)):
             image = av.VideoFrame.from_ndarray(
                 np.full((48, 64, 3), 128, dtype=np.uint8), format="rgb24"
@@ -116,6 +118,8 @@ def write_video(path: Path, audio: np.ndarray, rate: int, container: str) -> Pat
                 out.mux(packet)
         for packet in video.encode(None):
             out.mux(packet)
+        if audio is None or sound is None:
+            return path
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
         frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="flt", layout="mono")
         frame.sample_rate = rate

@@ -1,0 +1,175 @@
+"""Real media of every common format, decoded by PyAV and run through the runner."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from batch.decode import DecodedAudio, WireFormat, probe
+from batch.errors import InputError
+from tests.conftest import run_cli, write_manifest
+from tests.media import FORMATS, LOSSY, Burst, onsets_s, tone_track, write_format, write_video
+
+BURSTS = [Burst(1.0, 0.4, 440), Burst(3.1, 0.3, 880)]
+VIDEO = {"mp4_video": "mp4", "mkv_video": "matroska", "mov_video": "mov"}
+
+
+def _make(kind: str, folder: Path) -> Path:
+    if kind in VIDEO:
+        path = folder / f"{kind}.{kind.split('_')[0]}"
+        return write_video(path, tone_track(BURSTS, 5.0, 44100), 44100, VIDEO[kind])
+    rate = 8000 if kind in ("wav_mulaw", "wav_alaw") else 44100
+    path = folder / f"{kind}.{FORMATS[kind][3]}"
+    return write_format(path, kind, [tone_track(BURSTS, 5.0, rate)], rate)
+
+
+def _tolerance_s(kind: str) -> float:
+    return 0.07 if kind in LOSSY else 0.02
+
+
+@pytest.mark.parametrize("kind", [*FORMATS, *VIDEO])
+def test_decoded_audio_lines_up_with_playback(kind: str, tmp_path: Path) -> None:
+    path = _make(kind, tmp_path)
+    audio = DecodedAudio(path, WireFormat("linear16", 16000))
+    pcm = b"".join(audio)
+    assert abs(audio.duration_s - 5.0) < 0.05
+    found = onsets_s(pcm, 16000)
+    assert len(found) == 2
+    for burst, onset in zip(BURSTS, found, strict=True):
+        assert abs(onset - burst.start_s) <= _tolerance_s(kind), (kind, found)
+
+
+@pytest.mark.parametrize("encoding", ["linear16", "linear32", "mulaw", "alaw"])
+def test_wire_encodings_have_the_declared_size(encoding: str, tmp_path: Path) -> None:
+    path = _make("flac_24", tmp_path)
+    wire = WireFormat(encoding, 8000, chunk_bytes=4000)
+    chunks = list(DecodedAudio(path, wire))
+    assert all(len(c) == 4000 for c in chunks[:-1])
+    assert sum(map(len, chunks)) == 5 * wire.bytes_per_second
+
+
+def test_chunk_size_by_milliseconds() -> None:
+    wire = WireFormat.with_chunk_ms("linear16", 16000, 100)
+    assert wire.chunk_bytes == 3200
+
+
+def test_runner_word_times_match_bursts_in_every_format(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    kinds = [*FORMATS, *VIDEO]
+    paths = {kind: _make(kind, media) for kind in kinds}
+    manifest = write_manifest(tmp_path, run={"concurrency": 4, "pace": 0})
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    rows = duckdb.sql(
+        f"select t.source, w.word, w.start_s from "
+        f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true) w join "
+        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) t "
+        f"using (item_id) order by t.source, w.idx"
+    ).fetchall()
+    by_kind = {kind: [(w, s) for src, w, s in rows if src == str(p)] for kind, p in paths.items()}
+    for kind, words in by_kind.items():
+        assert [w for w, _ in words] == ["tone440", "tone880"], (kind, words)
+        for (_, start), burst in zip(words, BURSTS, strict=True):
+            # the synthetic engine's own edge detection adds up to ~10 ms
+            assert abs(start - burst.start_s) <= _tolerance_s(kind) + 0.01, (kind, start)
+
+
+def test_split_channels_put_each_voice_on_its_channel(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    agent = tone_track([Burst(0.5, 0.3, 440), Burst(2.0, 0.3, 440)], 3.0, 16000)
+    customer = tone_track([Burst(1.2, 0.3, 880)], 3.0, 16000)
+    write_format(media / "call.wav", "wav_s16", [agent, customer], 16000)
+    write_format(media / "mono.wav", "wav_s16", [customer], 16000)
+    manifest = write_manifest(
+        tmp_path, run={"channels": "split", "channel_names": ["agent", "customer"], "pace": 0}
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    rows = duckdb.sql(
+        f"select source, channel, channel_name, transcript from "
+        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
+        f"order by source, channel"
+    ).fetchall()
+    assert [(Path(s).name, c, n, t) for s, c, n, t in rows] == [
+        ("call.wav", 0, "agent", "tone440 tone440"),
+        ("call.wav", 1, "customer", "tone880"),
+        ("mono.wav", 0, "agent", "tone880"),
+    ]
+    channels = duckdb.sql(
+        f"select distinct channel, word from "
+        f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true) order by 1"
+    ).fetchall()
+    assert (0, "tone440") in channels and (1, "tone880") in channels
+
+
+def _corrupt_middle(path: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    rng = random.Random(1)
+    for i in range(len(data) // 2, len(data) // 2 + len(data) // 8):
+        data[i] = rng.randrange(256)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _bad_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "notes.wav").write_text("meeting notes, not audio\n" * 40)
+    silent_video = folder / "video-only.mp4"
+    write_video(silent_video, None, 44100, "mp4")
+    long_mp3 = write_format(
+        folder / "broken.mp3", "mp3", [tone_track([Burst(1, 0.4, 440)], 20.0, 44100)], 44100
+    )
+    good = write_format(folder / "good.wav", "wav_s16", [tone_track(BURSTS, 5.0, 16000)], 16000)
+    return {
+        "empty": folder / "empty.wav",
+        "not_media": folder / "notes.wav",
+        "no_audio": silent_video,
+        "decode_error": _corrupt_middle(long_mp3),
+        "ok": good,
+    }
+
+
+def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
+    paths = _bad_inputs(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path, inputs=[{"glob": "media/*"}, {"path": "media/absent.wav"}], run={"pace": 0}
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 1
+    rows = duckdb.sql(
+        f"select source, status, error_kind, error from "
+        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    ).fetchall()
+    kinds = {Path(src).name: (status, kind, error) for src, status, kind, error in rows}
+    assert kinds["good.wav"][:2] == ("ok", None)
+    assert kinds["absent.wav"][1] == "not_found"
+    for kind, path in paths.items():
+        if kind != "ok":
+            status, found, message = kinds[path.name]
+            assert (status, found) == ("failed", kind), (path.name, found, message)
+            assert path.name in message
+    assert "decoded" in kinds["broken.mp3"][2] or "after" in kinds["broken.mp3"][2]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_a_permission_error(tmp_path: Path) -> None:
+    path = _make("wav_s16", tmp_path)
+    path.chmod(0)
+    with pytest.raises(InputError) as caught:
+        probe(path)
+    assert caught.value.kind == "permission"
+
+
+def test_probe_describes_streams(tmp_path: Path) -> None:
+    info = probe(_make("mp4_video", tmp_path))
+    assert (info.codec, info.channels, info.video_streams, info.audio_streams) == ("aac", 1, 1, 1)
+    assert info.duration_s is not None and abs(info.duration_s - 5.0) < 0.1
+    done = run_cli("probe", str(tmp_path / "mp4_video.mp4"), "--json")
+    assert done.returncode == 0 and '"codec": "aac"' in done.stdout
