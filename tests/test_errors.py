@@ -1,0 +1,64 @@
+"""The retry policy is one pure function: exercised here without sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batch.errors import (
+    ConnectionLost,
+    HandshakeRejected,
+    InputError,
+    ProtocolViolation,
+    Scope,
+    ServerReported,
+    SessionTimeout,
+    classify,
+    error_kind,
+)
+from batch.pool import Backoff
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+def test_refusals_that_no_retry_can_fix_stop_the_job(status: int) -> None:
+    verdict = classify(HandshakeRejected(status))
+    assert (verdict.retry, verdict.scope) == (False, Scope.JOB)
+
+
+def test_concurrency_refusals_are_overload_and_honour_retry_after() -> None:
+    verdict = classify(HandshakeRejected(429, retry_after_s=7.0))
+    assert verdict.retry and verdict.overloaded and verdict.retry_after_s == 7.0
+    assert classify(ConnectionLost("limit", close_code=1008)).overloaded
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        HandshakeRejected(500),
+        HandshakeRejected(503),
+        ConnectionLost("dropped"),
+        ServerReported("boom", "internal_error"),
+        ProtocolViolation("not json"),
+        SessionTimeout("final_timeout_s", 1.0),
+    ],
+)
+def test_transient_failures_retry_the_item(error: Exception) -> None:
+    verdict = classify(error)
+    assert (verdict.retry, verdict.scope, verdict.overloaded) == (True, Scope.ITEM, False)
+
+
+def test_bad_input_never_retries() -> None:
+    error = InputError("not_media", "/x.wav", "not media")
+    assert classify(error).retry is False
+    assert error_kind(error) == "not_media"
+    assert error_kind(HandshakeRejected(503)) == "http_503"
+
+
+def test_backoff_grows_is_capped_and_respects_retry_after() -> None:
+    backoff = Backoff(initial_s=0.5, max_s=4.0)
+    rng = random.Random(0)
+    delays = [backoff.delay_s(n, None, rng) for n in range(1, 8)]
+    assert all(0.25 <= d <= 4.0 for d in delays)
+    assert max(delays[4:]) > max(delays[:1])
+    assert backoff.delay_s(1, 9.0, rng) == 9.0

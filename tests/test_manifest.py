@@ -1,0 +1,84 @@
+"""Manifest validation: every problem names the file, the key path and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batch.errors import ManifestError
+from batch.manifest import load_manifest
+from tests.conftest import run_cli
+
+GOOD = """
+version: 1
+job: support-calls
+inputs:
+  - glob: "recordings/**/*.wav"
+  - path: "extra/call-17.mp3"
+  - list: "batch.csv"
+pulse:
+  endpoint: local
+  keywords: ["invoice:5.0"]
+  numerals: true
+run:
+  concurrency: 8
+output:
+  path: out
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
+    loaded = load_manifest(_write(tmp_path, GOOD))
+    m = loaded.manifest
+    assert (m.job, m.run.concurrency, m.run.pace, m.run.max_attempts) == ("support-calls", 8, 1.0, 5)
+    assert m.pulse.numerals == "true"  # YAML's boolean read back as the protocol's word
+    assert (m.pulse.sample_rate, m.pulse.encoding, m.pulse.word_timestamps) == (16000, "linear16", True)
+    assert loaded.output_dir == (tmp_path / "out").resolve()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("concurrency: 8", "concurency: 8"), "run.concurency: unknown key"),
+        (("concurrency: 8", "concurrency: many"), "run.concurrency"),
+        (("endpoint: local", "endpoint: local\n  sample_rate: 44000"), "pulse.sample_rate: 44000 is not"),
+        (("endpoint: local", "endpoint: local\n  language: xx"), "pulse.language: 'xx' is not"),
+        (("endpoint: local", "endpoint: local\n  diarize: maybe"), "pulse.diarize"),
+        (("endpoint: local", "endpoint: http://x"), "pulse.endpoint: must be 'local' or a ws://"),
+        (('["invoice:5.0"]', '["invoice"]'), "pulse.keywords"),
+        (("job: support-calls", "job: support calls"), "job: use 1-128 letters"),
+        (('- path: "extra/call-17.mp3"', '- file: "x.mp3"'), "inputs.1: each input needs one of"),
+        (("version: 1", "version: 2"), "version"),
+        (("endpoint: local", "endpoint: local\n  encoding: opus"), "pulse.encoding: 'opus' cannot"),
+    ],
+)
+def test_bad_manifest_names_file_and_key(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    path = _write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(tmp_path / "nope.yaml")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(_write(tmp_path, "version: [1"))
+
+
+def test_cli_validate_exit_codes(tmp_path: Path) -> None:
+    done = run_cli("validate", str(_write(tmp_path, GOOD.replace("concurrency: 8", "concurency: 8"))))
+    assert done.returncode == 2
+    assert "run.concurency: unknown key" in done.stderr
+    (tmp_path / "batch.csv").write_text("path,customer\nextra/call-18.wav,acme\n")
+    ok = run_cli("validate", str(_write(tmp_path, GOOD)))
+    assert ok.returncode == 0, ok.stderr
+    assert "2 item(s)" in ok.stdout and "2 known bad" in ok.stdout
