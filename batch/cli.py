@@ -64,6 +64,8 @@ def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The embedded server's own chatter is noise in a job's log unless debugging.
+    logging.getLogger("batch.server").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _load(manifest: Path) -> LoadedManifest:
@@ -266,7 +268,9 @@ def schema(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
         return
-    print(f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}")
+    print(
+        f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}"
+    )
     for table, columns in tables.items():
         print(f"\n{table}/")
         for col in columns:
@@ -276,7 +280,9 @@ def schema(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @app.command()
 def report(
     output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
-    job: Annotated[str | None, typer.Option(help="Job name, when the output holds several.")] = None,
+    job: Annotated[
+        str | None, typer.Option(help="Job name, when the output holds several.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
 ) -> None:
     """Print the latest run report of a job."""

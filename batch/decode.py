@@ -166,10 +166,11 @@ class _G711:
     """mulaw/alaw via FFmpeg's own encoders, fed s16 mono."""
 
     def __init__(self, encoding: str, sample_rate: int) -> None:
-        self._ctx = av.CodecContext.create(_G711_CODEC[encoding], "w")
-        self._ctx.sample_rate = sample_rate
-        self._ctx.layout = "mono"
-        self._ctx.format = "s16"
+        ctx: Any = av.CodecContext.create(_G711_CODEC[encoding], "w")
+        ctx.sample_rate = sample_rate
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        self._ctx = ctx
         self._rate = sample_rate
 
     def encode(self, pcm16: np.ndarray) -> bytes:
@@ -276,5 +277,6 @@ class DecodedAudio:
 
 
 def _channel(frame: Any, pick: int | None) -> np.ndarray:
-    data = frame.to_ndarray()
-    return data[0] if pick is None else data[pick]
+    data: np.ndarray = frame.to_ndarray()
+    row: np.ndarray = data[0] if pick is None else data[pick]
+    return row

@@ -154,22 +154,26 @@ def make_items(
         spec = source.channels if source.channels is not None else manifest.run.channels
         path = str(source.path)
         try:
-            info: ProbeInfo | None = prober(source.path, manifest.run.stream_index)
-        except InputError as error:
-            info = None
-            failed = error
-        channels = _channel_list(spec, info)
-        if info is None:
-            channel = channels[0] if channels else None
+            info = prober(source.path, manifest.run.stream_index)
+        except InputError as unusable:
+            channel = _channel_list(spec, None)[0]
             items.append(
-                Item(item_id(path, channel, options), path, channel, None, options,
-                     source.metadata, None, failed)  # fmt: skip
+                Item(
+                    item_id(path, channel, options),
+                    path,
+                    channel,
+                    None,
+                    options,
+                    source.metadata,
+                    None,
+                    unusable,
+                )
             )
             continue
-        for channel in channels:
-            error = None
+        for channel in _channel_list(spec, info):
+            problem = None
             if channel is not None and channel >= info.channels:
-                error = InputError(
+                problem = InputError(
                     "no_audio", path, f"has {info.channels} channel(s); channel {channel} asked"
                 )
             items.append(
@@ -181,7 +185,7 @@ def make_items(
                     options=options,
                     metadata=source.metadata,
                     duration_s=info.duration_s,
-                    error=error,
+                    error=problem,
                 )
             )
     return items

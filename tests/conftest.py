@@ -63,7 +63,9 @@ def write_manifest(folder: Path, **sections: Any) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "batch", *args],
         capture_output=True,

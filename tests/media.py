@@ -31,11 +31,11 @@ class Burst:
 
 def tone_track(bursts: Sequence[Burst], duration_s: float, rate: int) -> np.ndarray:
     """float32 mono: silence with sine bursts (10 ms fades so edges are clean)."""
-    track = np.zeros(int(round(duration_s * rate)), dtype=np.float32)
+    track = np.zeros(round(duration_s * rate), dtype=np.float32)
     fade = int(0.01 * rate)
     for burst in bursts:
-        start = int(round(burst.start_s * rate))
-        n = int(round(burst.length_s * rate))
+        start = round(burst.start_s * rate)
+        n = round(burst.length_s * rate)
         t = np.arange(n) / rate
         tone = 0.5 * np.sin(2 * np.pi * burst.hz * t)
         envelope = np.ones(n)

@@ -59,7 +59,9 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
 
     assert done.returncode == 1, done.stderr
     out = tmp_path / "out"
-    rows = _query(out, "select source, status, error_kind, transcript, duration_s from {transcripts}")
+    rows = _query(
+        out, "select source, status, error_kind, transcript, duration_s from {transcripts}"
+    )
     by_name = {Path(str(r[0])).name: r for r in rows}
     assert set(by_name) == {*SPEECH, "corrupt.mp3", "call-17.wav"}
     for name, reference in SPEECH.items():

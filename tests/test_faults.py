@@ -24,7 +24,9 @@ def _media(folder: Path) -> None:
         write_audio(folder / f"item-{i}.wav", [track], 16000)
 
 
-def _run_against(tmp_path: Path, faults: FaultConfig, **sections: Any) -> tuple[int, dict[str, Any], Any]:
+def _run_against(
+    tmp_path: Path, faults: FaultConfig, **sections: Any
+) -> tuple[int, dict[str, Any], Any]:
     _media(tmp_path / "media")
     run = {"concurrency": 4, "pace": 0, "max_attempts": 6, "backoff_initial_s": 0.05,
            "backoff_max_s": 0.5, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
@@ -34,7 +36,9 @@ def _run_against(tmp_path: Path, faults: FaultConfig, **sections: Any) -> tuple[
         manifest.write_text(text)
         done = run_cli("run", str(manifest))
         stats = server.stats
-    report_path = Path(done.stdout.split("report: ")[1].split()[0]) if "report: " in done.stdout else None
+    report_path = (
+        Path(done.stdout.split("report: ")[1].split()[0]) if "report: " in done.stdout else None
+    )
     report = json.loads(report_path.read_text()) if report_path else {}
     assert done.returncode == 0, done.stdout + done.stderr
     return done.returncode, report, stats

@@ -37,9 +37,18 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
     loaded = load_manifest(_write(tmp_path, GOOD))
     m = loaded.manifest
-    assert (m.job, m.run.concurrency, m.run.pace, m.run.max_attempts) == ("support-calls", 8, 1.0, 5)
+    assert (m.job, m.run.concurrency, m.run.pace, m.run.max_attempts) == (
+        "support-calls",
+        8,
+        1.0,
+        5,
+    )
     assert m.pulse.numerals == "true"  # YAML's boolean read back as the protocol's word
-    assert (m.pulse.sample_rate, m.pulse.encoding, m.pulse.word_timestamps) == (16000, "linear16", True)
+    assert (m.pulse.sample_rate, m.pulse.encoding, m.pulse.word_timestamps) == (
+        16000,
+        "linear16",
+        True,
+    )
     assert loaded.output_dir == (tmp_path / "out").resolve()
 
 
@@ -48,7 +57,10 @@ def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
     [
         (("concurrency: 8", "concurency: 8"), "run.concurency: unknown key"),
         (("concurrency: 8", "concurrency: many"), "run.concurrency"),
-        (("endpoint: local", "endpoint: local\n  sample_rate: 44000"), "pulse.sample_rate: 44000 is not"),
+        (
+            ("endpoint: local", "endpoint: local\n  sample_rate: 44000"),
+            "pulse.sample_rate: 44000 is not",
+        ),
         (("endpoint: local", "endpoint: local\n  language: xx"), "pulse.language: 'xx' is not"),
         (("endpoint: local", "endpoint: local\n  diarize: maybe"), "pulse.diarize"),
         (("endpoint: local", "endpoint: http://x"), "pulse.endpoint: must be 'local' or a ws://"),
@@ -59,7 +71,9 @@ def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
         (("endpoint: local", "endpoint: local\n  encoding: opus"), "pulse.encoding: 'opus' cannot"),
     ],
 )
-def test_bad_manifest_names_file_and_key(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+def test_bad_manifest_names_file_and_key(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
     path = _write(tmp_path, GOOD.replace(*change))
     with pytest.raises(ManifestError) as caught:
         load_manifest(path)
@@ -75,7 +89,9 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_cli_validate_exit_codes(tmp_path: Path) -> None:
-    done = run_cli("validate", str(_write(tmp_path, GOOD.replace("concurrency: 8", "concurency: 8"))))
+    done = run_cli(
+        "validate", str(_write(tmp_path, GOOD.replace("concurrency: 8", "concurency: 8")))
+    )
     assert done.returncode == 2
     assert "run.concurency: unknown key" in done.stderr
     (tmp_path / "batch.csv").write_text("path,customer\nextra/call-18.wav,acme\n")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batch.manifest import parse_manifest, LoadedManifest
+from batch.manifest import LoadedManifest, parse_manifest
 from batch.plan import expand_sources, item_id, longest_first, make_items
 from batch.pulse.protocol import PulseOptions
 from tests.media import Burst, tone_track, write_audio
 
 
 def _loaded(tmp_path: Path, inputs: list[dict[str, str]], **pulse: object) -> LoadedManifest:
-    manifest = parse_manifest({"version": 1, "job": "p", "inputs": inputs, "pulse": pulse}, tmp_path / "m.yaml")
+    manifest = parse_manifest(
+        {"version": 1, "job": "p", "inputs": inputs, "pulse": pulse}, tmp_path / "m.yaml"
+    )
     return LoadedManifest(manifest=manifest, path=tmp_path / "m.yaml", base_dir=tmp_path)
 
 
@@ -24,16 +26,27 @@ def _audio(path: Path, seconds: float) -> Path:
 def test_expand_globs_paths_and_lists_without_duplicates(tmp_path: Path) -> None:
     for name in ("b.wav", "a.wav", "sub/c.wav"):
         _audio(tmp_path / "rec" / name, 0.5)
-    (tmp_path / "list.csv").write_text("path,language,customer\nrec/a.wav,de,acme\nrec/z.wav,,zed\n")
+    (tmp_path / "list.csv").write_text(
+        "path,language,customer\nrec/a.wav,de,acme\nrec/z.wav,,zed\n"
+    )
     (tmp_path / "list.jsonl").write_text(json.dumps({"path": "rec/b.wav", "ticket": 7}) + "\n")
-    loaded = _loaded(tmp_path, [{"glob": "rec/**/*.wav"}, {"list": "list.csv"}, {"list": "list.jsonl"},
-                                {"path": "rec/a.wav"}])  # fmt: skip
+    loaded = _loaded(
+        tmp_path,
+        [
+            {"glob": "rec/**/*.wav"},
+            {"list": "list.csv"},
+            {"list": "list.jsonl"},
+            {"path": "rec/a.wav"},
+        ],
+    )
     sources = expand_sources(loaded)
     names = [s.path.relative_to(tmp_path).as_posix() for s in sources]
     assert names == ["rec/a.wav", "rec/b.wav", "rec/sub/c.wav", "rec/z.wav"]
     items = make_items(sources, loaded)
     missing = [i for i in items if i.error is not None]
-    assert [(Path(i.source).name, i.error.kind) for i in missing if i.error] == [("z.wav", "not_found")]
+    assert [(Path(i.source).name, i.error.kind) for i in missing if i.error] == [
+        ("z.wav", "not_found")
+    ]
     assert items[3].metadata == {"customer": "zed"}
 
 

@@ -82,7 +82,9 @@ def test_changing_an_option_makes_new_work(tmp_path: Path) -> None:
     with server_in_thread() as server:
         _point_at(manifest, server.url)
         assert run_cli("run", str(manifest)).returncode == 0
-        manifest.write_text(manifest.read_text().replace("local_engine", "diarize: true\n  local_engine"))
+        manifest.write_text(
+            manifest.read_text().replace("local_engine", "diarize: true\n  local_engine")
+        )
         assert run_cli("run", str(manifest)).returncode == 0
         assert server.stats.sessions_opened == 4
 
@@ -129,7 +131,9 @@ def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
     count = 8
     _tone_files(tmp_path / "media", count, duration_s=2.0)
     manifest = write_manifest(
-        tmp_path, run={"concurrency": 2, "pace": 1.0}, output={"path": "out", "commit_every_items": 50}
+        tmp_path,
+        run={"concurrency": 2, "pace": 1.0},
+        output={"path": "out", "commit_every_items": 50},
     )
     out = tmp_path / "out"
     with server_in_thread() as server:

@@ -14,10 +14,27 @@ from batch.errors import LockedError, ManifestError
 
 
 def _rows(item: str, words: int = 2) -> sinks.ItemRows:
-    common = {"job": "j", "date": "2026-11-24", "language": "en", "run_id": "r1", "item_id": item, "channel": None}
-    transcript = {**common, "source": f"/{item}.wav", "status": "ok", "transcript": "a b",
-                  "started_at": datetime.now(UTC), "finished_at": datetime.now(UTC), "attempts": 1}  # fmt: skip
-    word_rows = [{**common, "segment": 0, "idx": i, "word": "w", "start_s": i, "end_s": i + 0.5} for i in range(words)]
+    common = {
+        "job": "j",
+        "date": "2026-11-24",
+        "language": "en",
+        "run_id": "r1",
+        "item_id": item,
+        "channel": None,
+    }
+    transcript = {
+        **common,
+        "source": f"/{item}.wav",
+        "status": "ok",
+        "transcript": "a b",
+        "started_at": datetime.now(UTC),
+        "finished_at": datetime.now(UTC),
+        "attempts": 1,
+    }
+    word_rows = [
+        {**common, "segment": 0, "idx": i, "word": "w", "start_s": i, "end_s": i + 0.5}
+        for i in range(words)
+    ]
     return sinks.ItemRows(transcript, word_rows)
 
 
@@ -31,7 +48,9 @@ def test_commit_writes_partitioned_files_with_schema_version(tmp_path: Path) -> 
     sink.add(_rows("b"))
     sink.commit()
     files = list((tmp_path / "transcripts").rglob("*.parquet"))
-    assert [f.parent.relative_to(tmp_path / "transcripts").as_posix() for f in files] == ["job=j/date=2026-11-24"]
+    assert [f.parent.relative_to(tmp_path / "transcripts").as_posix() for f in files] == [
+        "job=j/date=2026-11-24"
+    ]
     metadata = pq.read_schema(files[0]).metadata
     assert metadata[b"pulse_batch.schema_version"] == str(sinks.SCHEMA_VERSION).encode()
     assert "job" not in pq.read_schema(files[0]).names  # partition columns live in folders
@@ -56,7 +75,9 @@ def _crash_before_rename(out: Path, with_plan: bool) -> None:
 
 
 @pytest.mark.parametrize("with_plan", [True, False])
-def test_recover_rolls_committed_batches_forward_and_others_back(tmp_path: Path, with_plan: bool) -> None:
+def test_recover_rolls_committed_batches_forward_and_others_back(
+    tmp_path: Path, with_plan: bool
+) -> None:
     _crash_before_rename(tmp_path, with_plan)
     assert sinks.ok_item_ids(tmp_path, "j") == set()  # nothing visible yet
     rolled = sinks.recover(tmp_path, "j")
@@ -80,7 +101,9 @@ def test_supersede_replaces_old_ok_rows_and_their_words(tmp_path: Path) -> None:
     again.commit()
     table = sinks.read_table(tmp_path, "transcripts", "j")
     assert sorted(zip(table["item_id"].to_pylist(), table["run_id"].to_pylist(), strict=True)) == [
-        ("a", "r9"), ("b", "r1")]  # fmt: skip
+        ("a", "r9"),
+        ("b", "r1"),
+    ]
     assert sinks.read_table(tmp_path, "words", "j").num_rows == 3 + 2
 
 
@@ -89,9 +112,11 @@ def test_layout_and_lock_guards(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="partition_by"):
         sinks.check_layout(tmp_path, ["job"])
     assert json.loads((tmp_path / "_pulse_batch.json").read_text())["schema_version"] == 1
-    with sinks.job_lock(tmp_path, "j"):
-        with pytest.raises(LockedError, match="already running"):
-            with sinks.job_lock(tmp_path, "j"):
-                pass
+    with (
+        sinks.job_lock(tmp_path, "j"),
+        pytest.raises(LockedError, match="already running"),
+        sinks.job_lock(tmp_path, "j"),
+    ):
+        pass
     with sinks.job_lock(tmp_path, "j"):  # released: free again
         pass
