@@ -162,7 +162,9 @@ class _Runner:
             item.source, self.wire, channel=item.channel, stream_index=run.stream_index
         )
         holder["audio"] = audio
-        timeouts = Timeouts(run.connect_timeout_s, run.final_timeout_s, _session_deadline_s(item, self.loaded))
+        timeouts = Timeouts(
+            run.connect_timeout_s, run.final_timeout_s, _session_deadline_s(item, self.loaded)
+        )
         self.observer.sessions_open(self.limit.open_now)
         try:
             result = await run_session(
@@ -256,7 +258,8 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
 
 
 def plan_items(loaded: LoadedManifest) -> list[Item]:
-    return longest_first(make_items(expand_sources(loaded), loaded))
+    items = make_items(expand_sources(loaded), loaded)
+    return longest_first(items) if loaded.manifest.run.order == "longest_first" else items
 
 
 def _todo(items: list[Item], done: set[str], opts: RunOptions, failed: set[str]) -> list[Item]:
@@ -339,7 +342,9 @@ async def _stream_all(
         try:
             async with anyio.create_task_group() as tasks:
                 if opts.handle_signals:
-                    tasks.start_soon(_watch_signals, pool, tasks.cancel_scope, opts, observer, stats)
+                    tasks.start_soon(
+                        _watch_signals, pool, tasks.cancel_scope, opts, observer, stats
+                    )
                 with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
                     await pool.run(runner.process)
                 if scope.cancelled_caught:
@@ -388,7 +393,11 @@ async def _watch_signals(
 
 def _failed_ids(out_dir: Path, job: str) -> set[str]:
     rows = sinks.read_table(out_dir, "transcripts", job)
-    return {str(v) for v, s in zip(rows["item_id"].to_pylist(), rows["status"].to_pylist(), strict=True) if s == "failed"}
+    return {
+        str(v)
+        for v, s in zip(rows["item_id"].to_pylist(), rows["status"].to_pylist(), strict=True)
+        if s == "failed"
+    }
 
 
 def _dry_run(loaded: LoadedManifest, items: list[Item], stats: RunStats) -> JobResult:
@@ -414,7 +423,9 @@ def _dry_run(loaded: LoadedManifest, items: list[Item], stats: RunStats) -> JobR
                 "source": i.source,
                 "channel": i.channel,
                 "duration_s": i.duration_s,
-                "action": "fail: " + str(i.error) if i.error else ("skip" if i.item_id in done else "stream"),
+                "action": "fail: " + str(i.error)
+                if i.error
+                else ("skip" if i.item_id in done else "stream"),
             }
             for i in items
         ],

@@ -152,6 +152,8 @@ class RunConfig(_Strict):
     concurrency: int = Field(4, ge=1, le=1024)
     pace: float = Field(1.0, ge=0)
     max_attempts: int = Field(5, ge=1, le=100)
+    # longest_first keeps a long recording from starting last and holding the job up.
+    order: Literal["longest_first", "listing"] = "longest_first"
     channels: Channels = "mix"
     channel_names: list[str] | None = None
     stream_index: int | None = Field(None, ge=0)

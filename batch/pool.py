@@ -56,7 +56,9 @@ class AdaptiveLimit:
         """The service said too many sessions: back off to what is open now, less one."""
         target = max(1, min(self.size, self.open_now) - 1)
         if target < self.size:
-            logger.info("service refused a session for concurrency; pool %d -> %d", self.size, target)
+            logger.info(
+                "service refused a session for concurrency; pool %d -> %d", self.size, target
+            )
             self._limiter.total_tokens = target
             self.lowest = min(self.lowest, target)
         self._successes = 0

@@ -8,6 +8,7 @@ travels in the Authorization header only and never appears in an error message.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,23 @@ from batch.errors import (
 from batch.pulse import protocol
 
 logger = logging.getLogger(__name__)
+
+
+class _ScrubAuthorization(logging.Filter):
+    """websockets logs handshake headers at DEBUG; the key must not reach any log."""
+
+    _header = re.compile(r"(authorization:\s*\w+\s+)\S+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "uthorization" in message:
+            record.msg, record.args = self._header.sub(r"\1[redacted]", message), None
+        return True
+
+
+# The connection's own logger: scrubbed here, whatever logging the caller configures.
+_wire_logger = logging.getLogger("batch.session.wire")
+_wire_logger.addFilter(_ScrubAuthorization())
 
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -219,6 +237,7 @@ async def run_session(
                 max_size=_MAX_MESSAGE_BYTES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
+                logger=_wire_logger,
             ) as ws:
                 opened = time.monotonic()
                 result.connect_s = opened - began

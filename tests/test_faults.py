@@ -108,3 +108,19 @@ def test_wrong_key_stops_the_job_at_once(tmp_path: Path) -> None:
     assert done.returncode == 3
     assert "401" in done.stderr
     assert "wrong-key-123" not in done.stdout + done.stderr
+
+
+def test_key_stays_out_of_debug_logs_and_outputs(tmp_path: Path) -> None:
+    _media(tmp_path / "media")
+    manifest = write_manifest(tmp_path)
+    key = "sk-test-5ecret-value-0042"
+    with server_in_thread(api_key=key) as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest), "--verbose", env={"SMALLEST_API_KEY": key})
+        assert server.stats.sessions_completed == ITEMS
+    assert done.returncode == 0, done.stderr
+    assert "Authorization" in done.stderr  # debug logging really was on
+    assert key not in done.stdout + done.stderr
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written and all(key.encode() not in p.read_bytes() for p in written)
