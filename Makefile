@@ -28,6 +28,8 @@ run: install
 	$(BIN)/pulse-batch run jobs/demo.yaml
 
 bench: install
+	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq ffmpeg) \
+		|| echo "ffmpeg unavailable: the decode benchmark runs without its CLI baseline"
 	$(BIN)/pytest -q -m bench -p no:cacheprovider tests/bench -s
 
 clean:

@@ -147,12 +147,13 @@ class _ConsoleObserver(jobs.Observer):
 @app.command()
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).")],
-    force: Annotated[bool, typer.Option(help="Redo items already ok.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo items already ok.")] = False,
     retry_failed: Annotated[
         bool, typer.Option(help="Retry items whose last result failed.")
     ] = True,
     dry_run: Annotated[
-        bool, typer.Option(help="List what would be done and the audio it would bill.")
+        bool,
+        typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
     max_failures: Annotated[
         int, typer.Option(help="Failed items allowed before the exit code is 1.")
@@ -259,7 +260,10 @@ def probe_command(
 
 
 @app.command()
-def schema(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def schema(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
+) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
     tables = {
         table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in sinks.COLUMNS[table]]
@@ -267,6 +271,12 @@ def schema(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     }
     if as_json:
         print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
+        return
+    if markdown:
+        for table, columns in tables.items():
+            print(f"\n`{table}/`\n\n| column | type | meaning |\n| --- | --- | --- |")
+            for col in columns:
+                print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
         return
     print(
         f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}"

@@ -1,0 +1,265 @@
+"""Benchmarks (`make bench`): each figure is a ratio against a baseline measured in the
+same run. Results are printed as a table and written to ``bench-results/latest.json``.
+
+Kept out of `make test` by the ``bench`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_track, write_format
+
+pytestmark = pytest.mark.bench
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
+    print("\n\n=== pulse-batch bench ===")
+    for name, row in RESULTS.items():
+        print(f"\n{name}")
+        for key, value in row.items():
+            print(f"  {key:<34} {value}")
+    print(f"\nwritten to {out / 'latest.json'}")
+
+
+def _long_audio(path: Path, seconds: float, rate: int = 16000, codec: str = "flac") -> Path:
+    """A long file written a second at a time (never all in memory): a burst every 2 s."""
+    second = tone_track([Burst(0.2, 0.5, 440)], 1.0, rate)
+    quiet = np.zeros(rate, dtype=np.float32)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        fmt = "s16" if codec == "flac" else "fltp"
+        stream.codec_context.format = fmt
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        for i in range(int(seconds)):
+            frame = av.AudioFrame.from_ndarray(
+                (second if i % 2 == 0 else quiet).reshape(1, -1), format="flt", layout="mono"
+            )
+            frame.sample_rate, frame.pts, frame.time_base = rate, i * rate, Fraction(1, rate)
+            for chunk in resampler.resample(frame):
+                for packet in stream.encode(chunk):
+                    out.mux(packet)
+        for chunk in resampler.resample(None):
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+# --- makespan ----------------------------------------------------------------------
+
+DURATIONS_S = [10 + round(230 * i / 23) for i in range(24)]  # 10 s ... 240 s, skewed sum
+PACE = 40.0
+CONCURRENCY = 4
+
+
+def _makespan(tmp: Path, media: Path, name: str, **run: Any) -> float:
+    folder = tmp / name
+    folder.mkdir()
+    (folder / "media").symlink_to(media)
+    manifest = write_manifest(folder, run={"pace": PACE, "max_attempts": 2, **run})
+    with server_in_thread() as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest), timeout_s=900)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
+    return float(report["wall_s"])
+
+
+def test_skewed_workload_makespan(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    # Listing order puts the longest recording last: the worst case for a naive pool.
+    for i, seconds in enumerate(DURATIONS_S):
+        _long_audio(media / f"rec-{i:02d}.flac", seconds)
+    total = sum(DURATIONS_S)
+    bound = max(total / (CONCURRENCY * PACE), max(DURATIONS_S) / PACE)
+    ours = _makespan(tmp_path, media, "longest_first", concurrency=CONCURRENCY)
+    listing = _makespan(tmp_path, media, "listing", concurrency=CONCURRENCY, order="listing")
+    sequential = _makespan(tmp_path, media, "sequential", concurrency=1)
+    RESULTS["makespan: 24 files 10-240 s, C=4, pace 40x"] = {
+        "audio_s": total,
+        "lower_bound_s": round(bound, 2),
+        "pulse-batch (longest first) s": round(ours, 2),
+        "ratio to lower bound": round(ours / bound, 3),
+        "listing-order pool s": round(listing, 2),
+        "listing / pulse-batch": round(listing / ours, 3),
+        "sequential s": round(sequential, 2),
+        "sequential / pulse-batch": round(sequential / ours, 3),
+    }
+    assert ours / bound <= 1.10
+
+
+# --- decode throughput -------------------------------------------------------------
+
+DECODE_FORMATS = ["wav_s16", "flac_24", "mp3", "m4a_aac", "ogg_opus"]
+
+
+def _best_of(runs: int, action: Any) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _pyav_decode(path: Path) -> None:
+    from batch.decode import DecodedAudio, WireFormat
+
+    for _ in DecodedAudio(path, WireFormat("linear16", 16000)):
+        pass
+
+
+def _ffmpeg_decode(path: Path) -> None:
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1",
+         "-ar", "16000", "-"],
+        stdout=subprocess.DEVNULL, check=True,
+    )  # fmt: skip
+
+
+def test_decode_throughput_against_ffmpeg(tmp_path: Path) -> None:
+    seconds = 300.0
+    bursts = [Burst(t, 0.5, 300 + t) for t in np.arange(0.5, seconds, 1.3)]
+    track = tone_track(bursts, seconds, 44100)
+    has_ffmpeg = shutil.which("ffmpeg") is not None
+    row: dict[str, Any] = {}
+    for kind in DECODE_FORMATS:
+        from tests.media import FORMATS
+
+        path = write_format(tmp_path / f"{kind}.{FORMATS[kind][3]}", kind, [track, track], 44100)
+        ours = _best_of(3, lambda p=path: _pyav_decode(p))
+        cell = f"pyav {seconds / ours:.0f}x real time"
+        if has_ffmpeg:
+            theirs = _best_of(3, lambda p=path: _ffmpeg_decode(p))
+            cell += f", ffmpeg {seconds / theirs:.0f}x, ratio {theirs / ours:.2f}"
+            assert theirs / ours >= 0.8, kind
+        row[kind] = cell
+    if not has_ffmpeg:
+        row["note"] = "ffmpeg not installed: no CLI baseline (make bench installs it when it can)"
+    RESULTS["decode: 5-minute stereo 44.1 kHz -> 16 kHz mono s16"] = row
+
+
+# --- memory ------------------------------------------------------------------------
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) test process.
+_PEAK_RSS = (
+    "print(next(int(line.split()[1]) for line in open('/proc/self/status')"
+    " if line.startswith('VmHWM')))"
+)
+
+
+def _peak_rss_mb(code: str) -> float:
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{_PEAK_RSS}"], capture_output=True, text=True, check=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_peak_memory(tmp_path: Path) -> None:
+    ten_min = _long_audio(tmp_path / "10min.flac", 600)
+    two_hours = _long_audio(tmp_path / "2h.flac", 7200)
+    decode = (
+        "from batch.decode import DecodedAudio, WireFormat\n"
+        "for _ in DecodedAudio({!r}, WireFormat('linear16', 16000)): pass"
+    )
+    baseline = _peak_rss_mb("import batch.job")
+    small = _peak_rss_mb(decode.format(str(ten_min)))
+    large = _peak_rss_mb(decode.format(str(two_hours)))
+
+    many = tmp_path / "many"
+    many.mkdir()
+    clip = write_format(many / "0.wav", "wav_s16", [tone_track([], 0.1, 8000)], 8000)
+    for i in range(1, 20_000):
+        (many / f"{i}.wav").hardlink_to(clip)
+    manifest = write_manifest(tmp_path, inputs=[{"glob": "many/*.wav"}])
+    plan = (
+        "from batch.manifest import load_manifest\nfrom batch.job import plan_items\n"
+        f"assert len(plan_items(load_manifest({str(manifest)!r}))) == 20000"
+    )
+    start = time.perf_counter()
+    planned = _peak_rss_mb(plan)
+    plan_s = time.perf_counter() - start
+    RESULTS["peak memory (RSS)"] = {
+        "baseline (imports only) MB": round(baseline, 1),
+        "decode 10-minute file MB": round(small, 1),
+        "decode 2-hour file MB": round(large, 1),
+        "2-hour / 10-minute": round(large / small, 3),
+        "plan 20,000 items MB": round(planned, 1),
+        "plan 20,000 items s": round(plan_s, 1),
+        "plan / baseline": round(planned / baseline, 3),
+    }
+    assert large / small <= 1.25
+
+
+# --- client CPU --------------------------------------------------------------------
+
+
+def test_client_cpu_per_audio_hour_at_64_sessions(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    seconds = 20
+    clip = _long_audio(media / "0.flac", seconds)
+    for i in range(1, 64):
+        (media / f"{i}.flac").hardlink_to(clip)
+    manifest = write_manifest(tmp_path, run={"concurrency": 64, "pace": 1.0})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "batch", "serve", "--engine", "synthetic", "--port", "0",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        url = next(line for line in server.stdout if "ws://" in line).split()[-1].strip()
+        if not url.endswith("get_text"):
+            url = url.rstrip("/") + "/api/v1/pulse/get_text"
+        manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
+        client = subprocess.Popen([sys.executable, "-m", "batch", "run", str(manifest)],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        _, status, usage = __import__("os").wait4(client.pid, 0)
+        stdout = client.stdout.read() if client.stdout else ""
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert status == 0, stdout
+    report = json.loads(Path(stdout.split("report: ")[1].split()[0]).read_text())
+    cpu_s = usage.ru_utime + usage.ru_stime
+    audio_h = report["audio_s"] / 3600
+    decode_only = _best_of(1, lambda: [_pyav_decode(clip) for _ in range(64)])
+    RESULTS["client CPU, 64 concurrent sessions at real time"] = {
+        "audio_s": report["audio_s"],
+        "wall_s": report["wall_s"],
+        "max sessions open": report["pool"]["max_open_sessions"],
+        "client CPU s": round(cpu_s, 2),
+        "CPU s per audio hour": round(cpu_s / audio_h, 1),
+        "share of one core": round(cpu_s / report["wall_s"], 3),
+        "decode-only CPU s per audio hour": round(decode_only / audio_h, 1),
+        "ratio to decode-only": round(cpu_s / max(decode_only, 1e-6), 1),
+    }
+    assert report["pool"]["max_open_sessions"] == 64
+    assert report["wall_s"] <= seconds * 1.5  # all 64 kept pace
