@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -205,17 +205,20 @@ class DecodedAudio:
         return self.samples / self.wire.sample_rate
 
     def __iter__(self) -> Iterator[bytes]:
-        self.samples = 0
         chunker = _Chunker(self.wire.chunk_bytes)
-        for pcm in self._pcm_blocks():
+        for pcm in self.wire_blocks():
             yield from chunker.feed(pcm)
         yield from chunker.rest()
 
-    def _pcm_blocks(self) -> Iterator[bytes]:
+    def wire_blocks(self, observe: Callable[[np.ndarray], None] | None = None) -> Iterator[bytes]:
+        """Encoded blocks of any size; ``observe`` sees each block's integer samples first."""
+        self.samples = 0
         wire = self.wire
         g711 = _G711(wire.encoding, wire.sample_rate) if wire.encoding in _G711_CODEC else None
         for block in self._sample_blocks():
             self.samples += block.shape[-1]
+            if observe is not None:
+                observe(block)
             yield g711.encode(block) if g711 else block.tobytes()
 
     def _sample_blocks(self) -> Iterator[np.ndarray]:

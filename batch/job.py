@@ -7,14 +7,13 @@ by `exit_code`, a pure function of the report.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import random
 import secrets
+import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,13 @@ from typing import Any
 import anyio
 
 from batch import sink as sinks
-from batch.collect import collect_finals
-from batch.decode import DecodedAudio, WireFormat
-from batch.errors import InputError, ManifestError, PulseBatchError, Scope, classify, error_kind
+from batch.errors import ManifestError
 from batch.manifest import LoadedManifest
 from batch.plan import Item, expand_sources, longest_first, make_items
-from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
-from batch.report import Failure, RunStats, build_report, write_report
-from batch.session import Endpoint, SessionResult, Timeouts, run_session
+from batch.pool import Pool
+from batch.report import RunStats, build_report, write_report
+from batch.runner import ItemRunner, Unit, whole_units
+from batch.session import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +61,6 @@ class Observer:
     def signalled(self, name: str) -> None: ...
 
 
-class JobAborted(PulseBatchError):
-    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
-
-
 @dataclass
 class JobResult:
     report: dict[str, Any]
@@ -87,159 +81,6 @@ def api_key_from_env(name: str, *, required: bool) -> str | None:
             f"environment variable {name} is not set; export your Pulse API key in it",
         )
     return key
-
-
-def _session_deadline_s(item: Item, loaded: LoadedManifest) -> float:
-    run = loaded.manifest.run
-    audio_s = item.duration_s if item.duration_s is not None else 6 * 3600.0
-    return audio_s / (run.pace or 1.0) * run.session_deadline_factor + run.session_deadline_slack_s
-
-
-def _wire(loaded: LoadedManifest) -> WireFormat:
-    pulse, run = loaded.manifest.pulse, loaded.manifest.run
-    if run.chunk_ms is not None:
-        return WireFormat.with_chunk_ms(pulse.encoding, pulse.sample_rate, run.chunk_ms)
-    return WireFormat(pulse.encoding, pulse.sample_rate, run.chunk_bytes)
-
-
-class _Runner:
-    """State of one run; each method is one step of an item's life."""
-
-    def __init__(
-        self,
-        loaded: LoadedManifest,
-        stats: RunStats,
-        sink: sinks.Sink,
-        endpoint: Endpoint,
-        api_key: str | None,
-        observer: Observer,
-    ) -> None:
-        self.loaded = loaded
-        self.stats = stats
-        self.sink = sink
-        self.endpoint = endpoint
-        self.api_key = api_key
-        self.observer = observer
-        self.wire = _wire(loaded)
-        run = loaded.manifest.run
-        self.limit = AdaptiveLimit(run.concurrency)
-        self.backoff = Backoff(run.backoff_initial_s, run.backoff_max_s)
-        self.rng = random.Random()
-        self.run_date = stats.started_at.strftime("%Y-%m-%d")
-        self.fatal: BaseException | None = None
-
-    async def process(self, item: Item) -> None:
-        started = datetime.now(UTC)
-        if item.error is not None:
-            self._finish(item, started, error=item.error, attempts=0)
-            return
-        record = Attempts()
-        holder: dict[str, DecodedAudio] = {}
-        try:
-            result = await with_retries(
-                lambda: self._attempt(item, holder),
-                limit=self.limit,
-                max_attempts=self.loaded.manifest.run.max_attempts,
-                backoff=self.backoff,
-                rng=self.rng,
-                record=record,
-            )
-        except Exception as error:
-            if classify(error).scope is Scope.JOB:
-                self.fatal = error
-                raise JobAborted(str(error)) from error
-            self._finish(item, started, error=error, attempts=record.count)
-        else:
-            audio = holder["audio"]
-            self._finish(item, started, result=result, audio=audio, attempts=record.count)
-        finally:
-            self.stats.attempts += record.count
-            self.stats.retries += max(0, record.count - 1)
-
-    async def _attempt(self, item: Item, holder: dict[str, DecodedAudio]) -> SessionResult:
-        run = self.loaded.manifest.run
-        audio = DecodedAudio(
-            item.source, self.wire, channel=item.channel, stream_index=run.stream_index
-        )
-        holder["audio"] = audio
-        timeouts = Timeouts(
-            run.connect_timeout_s, run.final_timeout_s, _session_deadline_s(item, self.loaded)
-        )
-        self.observer.sessions_open(self.limit.open_now)
-        try:
-            result = await run_session(
-                self.endpoint,
-                item.options,
-                audio,
-                bytes_per_second=self.wire.bytes_per_second,
-                api_key=self.api_key,
-                pace=run.pace,
-                timeouts=timeouts,
-            )
-        finally:
-            self.stats.billed_audio_s += audio.duration_s
-        self.stats.busy_session_s += result.busy_s
-        self.stats.connect_s.append(result.connect_s)
-        if result.first_final_s is not None:
-            self.stats.first_final_s.append(result.first_final_s)
-        self.stats.end_to_last_s.append(result.end_to_last_s)
-        return result
-
-    def _finish(
-        self,
-        item: Item,
-        started: datetime,
-        *,
-        attempts: int,
-        result: SessionResult | None = None,
-        audio: DecodedAudio | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        common = {
-            "job": self.stats.job,
-            "date": self.run_date,
-            "language": item.options.language,
-            "run_id": self.stats.run_id,
-            "item_id": item.item_id,
-            "channel": item.channel,
-        }
-        transcript: dict[str, Any] = {
-            **common,
-            "channel_name": item.channel_name,
-            "source": item.source,
-            "attempts": attempts,
-            "started_at": started,
-            "finished_at": datetime.now(UTC),
-            "options": json.dumps(asdict(item.options), sort_keys=True, default=list),
-            "metadata": item.metadata or None,
-        }
-        rows = sinks.ItemRows(transcript)
-        if result is not None and audio is not None:
-            collected = collect_finals(result.finals)
-            rows.words = [{**common, **w} for w in collected.words]
-            rows.utterances = [{**common, **u} for u in collected.utterances]
-            transcript.update(
-                status="ok",
-                duration_s=audio.duration_s,
-                transcript=collected.transcript,
-                detected_language=collected.language,
-                session_id=result.session_id,
-                word_count=len(rows.words),
-            )
-            self.stats.ok += 1
-            self.stats.audio_s += audio.duration_s
-        else:
-            kind = error_kind(error) if error is not None else "internal"
-            message = str(error) if error is not None else "unknown failure"
-            if not isinstance(error, InputError):
-                message = f"{item.source}: {message}"
-            transcript.update(status="failed", error_kind=kind, error=message, word_count=0)
-            self.stats.failed += 1
-            self.stats.failures.append(Failure(item.item_id, item.source, kind, message))
-        self.sink.add(rows)
-        if self.sink.due:
-            self.sink.commit()
-        self.observer.item_done(item, result is not None, audio.duration_s if audio else 0.0)
 
 
 @contextlib.asynccontextmanager
@@ -331,13 +172,14 @@ async def _stream_all(
     observer: Observer,
 ) -> str | None:
     """Stream every item; returns the name of the signal that interrupted the run, if any."""
-    pool: Pool[Item] = Pool(todo, loaded.manifest.run.concurrency)
+    pool: Pool[Unit] = Pool(whole_units(todo), loaded.manifest.run.concurrency)
     signal_name: str | None = None
     if not todo:
         stats.status = "completed"
         return None
+    cache_dir = loaded.output_dir / "_staging" / stats.job / f"cache-{stats.run_id}"
     async with _endpoint(loaded) as (endpoint, api_key):
-        runner = _Runner(loaded, stats, sink, endpoint, api_key, observer)
+        runner = ItemRunner(loaded, stats, sink, endpoint, api_key, observer, pool, cache_dir)
         deadline = loaded.manifest.run.job_deadline_s
         try:
             async with anyio.create_task_group() as tasks:
@@ -363,12 +205,13 @@ async def _stream_all(
         signal_name = stats.signal_name
         stats.max_open_sessions = runner.limit.max_open
         stats.lowest_pool_size = runner.limit.lowest
+    shutil.rmtree(cache_dir, ignore_errors=True)
     stats.not_run = len(todo) - stats.ok - stats.failed
     return signal_name
 
 
 async def _watch_signals(
-    pool: Pool[Item],
+    pool: Pool[Unit],
     scope: anyio.CancelScope,
     opts: RunOptions,
     observer: Observer,

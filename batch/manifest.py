@@ -168,6 +168,11 @@ class RunConfig(_Strict):
     backoff_initial_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     job_deadline_s: float | None = Field(None, gt=0)
+    # Long recordings are cut at quiet points into pieces streamed on parallel sessions.
+    split_long_files: bool = False
+    split_threshold_s: float = Field(600.0, ge=10)
+    piece_target_s: float = Field(300.0, ge=5)
+    split_window_s: float = Field(15.0, gt=0)
 
 
 class OutputConfig(_Strict):

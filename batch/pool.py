@@ -163,25 +163,52 @@ async def with_retries(
 
 
 class Pool(Generic[T]):
-    """Runs ``worker`` over items in the given order with at most ``workers`` at once."""
+    """Runs ``worker`` over items in order with at most ``workers`` at once.
+
+    Work may be added while the pool runs (`push_front`); idle workers wait for it until
+    no worker is busy and the queue is empty.
+    """
 
     def __init__(self, items: Iterable[T], workers: int) -> None:
         self._queue = deque(items)
         self._workers = max(1, workers)
+        self._busy = 0
+        self._changed = anyio.Event()
         self.stopping = False
+
+    def push_front(self, items: Iterable[T]) -> None:
+        """Queue ``items`` ahead of everything else, keeping their order."""
+        if not self.stopping:
+            self._queue.extendleft(reversed(list(items)))
+            self._notify()
 
     def stop_starting(self) -> list[T]:
         """Start no new items; returns those that will not run."""
         self.stopping = True
         left = list(self._queue)
         self._queue.clear()
+        self._notify()
         return left
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     async def run(self, worker: Callable[[T], Awaitable[None]]) -> None:
         async def loop() -> None:
-            while self._queue and not self.stopping:
-                await worker(self._queue.popleft())
+            while not self.stopping:
+                if self._queue:
+                    self._busy += 1
+                    try:
+                        await worker(self._queue.popleft())
+                    finally:
+                        self._busy -= 1
+                        self._notify()
+                elif self._busy == 0:
+                    return
+                else:
+                    await self._changed.wait()
 
         async with anyio.create_task_group() as tasks:
-            for _ in range(min(self._workers, len(self._queue))):
+            for _ in range(self._workers):
                 tasks.start_soon(loop)

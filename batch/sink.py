@@ -64,6 +64,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("error_kind", pa.string(), "why it failed (see README), null when ok"),
         ("error", pa.string(), "the failure message, naming the file; null when ok"),
         ("attempts", pa.int32(), "sessions opened for the item in this run"),
+        ("pieces", pa.int32(), "sessions the recording was split into (1: streamed whole)"),
         ("duration_s", pa.float64(), "exact audio seconds sent (decoded samples / rate)"),
         ("transcript", pa.string(), "final segments joined by spaces"),
         ("detected_language", pa.string(), "language the service reported on finals"),
@@ -84,6 +85,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("confidence", pa.float64(), "0-1, when the service gives it"),
         ("speaker", pa.string(), "speaker label when diarize is on"),
         ("speaker_confidence", pa.float64(), "0-1 when diarize is on"),
+        ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
     ],
     "utterances": [
         *_COMMON,
@@ -92,6 +94,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("start_s", pa.float64(), "start, seconds from the start of the file"),
         ("end_s", pa.float64(), "end, seconds from the start of the file"),
         ("speaker", pa.string(), "speaker label when diarize is on"),
+        ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
     ],
 }
 

@@ -19,6 +19,7 @@ from typing import Final
 import anyio
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from batch.pulse.protocol import LEGACY_PATH, UNIFIED_PATH
 from batch.server.engines import Engine, make_engine
@@ -82,6 +83,7 @@ class LocalServer:
         self._changed = asyncio.Event()  # set (and replaced) whenever a session ends
         # Admitted by process_request, handler not started yet: counts toward the limit.
         self._admitted: dict[ServerConnection, tuple[Admission, int, FaultDraw | None]] = {}
+        self._live: set[ServerConnection] = set()
 
     @property
     def base_url(self) -> str:
@@ -126,7 +128,7 @@ class LocalServer:
         index = self._next_index
         self._next_index += 1
         limit = self.faults.max_sessions
-        if limit is not None and self.stats.open_now + len(self._admitted) >= limit:
+        if limit is not None and self._concurrent() >= limit:
             reason = f"too many concurrent sessions (limit {limit}); retry later"
             return self._refuse(connection, Refusal(429, reason, self.faults.retry_after_s))
         fault = self._assign_fault(index)
@@ -140,6 +142,12 @@ class LocalServer:
         # If the upgrade never completes, the handler never runs: free the slot anyway.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._forget(connection))
         return None
+
+    def _concurrent(self) -> int:
+        """Sessions being admitted or open, less those already closing: a client that
+        got its close has freed its slot, even if our handler has not returned yet."""
+        live = sum(1 for c in self._live if c.state in (State.CONNECTING, State.OPEN))
+        return live + len(self._admitted)
 
     def _forget(self, connection: ServerConnection) -> None:
         if self._admitted.pop(connection, None) is not None:
@@ -189,11 +197,13 @@ class LocalServer:
             partial_interval_s=self._partial_interval_s,
             fault=fault,
         )
-        self.stats.session_opened(record)
+        self._live.add(connection)
+        self.stats.session_opened(record, self._concurrent())
         try:
             outcome = await StreamSession(connection, settings, record).run()
             record.outcome = outcome.value
         finally:
+            self._live.discard(connection)
             self.stats.session_closed()
             self._notify()
 

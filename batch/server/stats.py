@@ -55,11 +55,13 @@ class ServerStats:
     faults: Counter[FaultKind] = field(default_factory=Counter)
     sessions: list[SessionRecord] = field(default_factory=list)
 
-    def session_opened(self, record: SessionRecord) -> None:
+    def session_opened(self, record: SessionRecord, concurrent: int) -> None:
+        """``concurrent``: sessions open now, this one included, not counting any whose
+        close handshake has begun (their clients may already have moved on)."""
         self.sessions.append(record)
         self.sessions_opened += 1
         self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
+        self.max_open = max(self.max_open, concurrent)
 
     def session_closed(self) -> None:
         self.open_now -= 1

@@ -1,0 +1,345 @@
+"""Take each item through sessions to rows: whole, or as pieces of a long recording.
+
+A *unit* is one session's worth of work: a whole item, or one piece of a long one. The pool
+runs units; this module streams each with retries, keeps the pieces of an item together,
+and hands finished items' rows to the sink.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from batch import sink as sinks
+from batch.collect import Collected, collect_finals
+from batch.decode import DecodedAudio, WireFormat
+from batch.errors import InputError, PulseBatchError, Scope, classify, error_kind
+from batch.manifest import LoadedManifest
+from batch.plan import Item
+from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
+from batch.report import Failure, RunStats
+from batch.session import Endpoint, SessionResult, Timeouts, run_session
+from batch.split import CachedAudio, CachedSlice, PieceResult, cache_and_cut, stitch
+
+logger = logging.getLogger(__name__)
+
+
+class JobAborted(PulseBatchError):
+    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
+
+
+class Progress(Protocol):
+    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+
+    def sessions_open(self, count: int) -> None: ...
+
+
+class _Audio(Protocol):
+    """What a session streams: wire chunks, and afterwards how much was sent."""
+
+    def __iter__(self) -> Any: ...
+
+    @property
+    def duration_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One session's worth of work. ``piece`` None: the whole item."""
+
+    item: Item
+    piece: int | None = None
+    start: int = 0  # first sample of the piece
+    end: int = 0  # one past its last sample
+
+
+@dataclass
+class _Pieces:
+    """The pieces of one long item while they stream."""
+
+    started: datetime
+    cached: CachedAudio
+    done: dict[int, PieceResult] = field(default_factory=dict)
+    session_ids: list[str] = field(default_factory=list)
+    attempts: int = 0
+    failed: bool = False
+
+
+def wire_format(loaded: LoadedManifest) -> WireFormat:
+    pulse, run = loaded.manifest.pulse, loaded.manifest.run
+    if run.chunk_ms is not None:
+        return WireFormat.with_chunk_ms(pulse.encoding, pulse.sample_rate, run.chunk_ms)
+    return WireFormat(pulse.encoding, pulse.sample_rate, run.chunk_bytes)
+
+
+class ItemRunner:
+    """State of one run's streaming; `process` is the pool's worker."""
+
+    def __init__(
+        self,
+        loaded: LoadedManifest,
+        stats: RunStats,
+        sink: sinks.Sink,
+        endpoint: Endpoint,
+        api_key: str | None,
+        progress: Progress,
+        pool: Pool[Unit],
+        cache_dir: Path,
+    ) -> None:
+        self.loaded = loaded
+        self.run = loaded.manifest.run
+        self.stats = stats
+        self.sink = sink
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.progress = progress
+        self.pool = pool
+        self.cache_dir = cache_dir
+        self.wire = wire_format(loaded)
+        self.limit = AdaptiveLimit(self.run.concurrency)
+        self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
+        self.rng = random.Random()
+        self.run_date = stats.started_at.strftime("%Y-%m-%d")
+        self.fatal: BaseException | None = None
+        self.finished_items = 0
+        self._pieces: dict[str, _Pieces] = {}
+
+    # --- the worker ----------------------------------------------------------------
+
+    async def process(self, unit: Unit) -> None:
+        if unit.piece is not None:
+            await self._process_piece(unit)
+            return
+        item = unit.item
+        started = datetime.now(UTC)
+        if item.error is not None:
+            self._finish(item, started, attempts=0, error=item.error)
+            return
+        if self._is_long(item) and await self._split(item, started):
+            return
+        record = Attempts()
+        holder: list[DecodedAudio] = []
+
+        def audio() -> DecodedAudio:
+            holder[:] = [self._decoder(item)]
+            return holder[0]
+
+        try:
+            result = await self._stream(item, audio, record, item.duration_s)
+        except JobAborted:
+            raise
+        except Exception as error:
+            self._finish(item, started, attempts=record.count, error=error)
+            return
+        self._finish(
+            item,
+            started,
+            attempts=record.count,
+            collected=collect_finals(result.finals),
+            duration_s=holder[0].duration_s,
+            session_id=result.session_id,
+        )
+
+    def _decoder(self, item: Item) -> DecodedAudio:
+        return DecodedAudio(
+            item.source, self.wire, channel=item.channel, stream_index=self.run.stream_index
+        )
+
+    def _is_long(self, item: Item) -> bool:
+        duration = item.duration_s or 0.0
+        return self.run.split_long_files and duration > self.run.split_threshold_s
+
+    async def _split(self, item: Item, started: datetime) -> bool:
+        """Cache and cut a long item, queue its pieces first; False if it is one piece."""
+        path = self.cache_dir / f"{item.item_id}.pcm"
+        try:
+            cached = await anyio.to_thread.run_sync(
+                lambda: cache_and_cut(
+                    self._decoder(item),
+                    path,
+                    target_s=self.run.piece_target_s,
+                    window_s=self.run.split_window_s,
+                )
+            )
+        except InputError as error:
+            path.unlink(missing_ok=True)
+            self._finish(item, started, attempts=0, error=error)
+            return True
+        pieces = cached.pieces()
+        if len(pieces) < 2:
+            path.unlink(missing_ok=True)
+            return False
+        self._pieces[item.item_id] = _Pieces(started, cached)
+        logger.info(
+            "%s: %d pieces of about %g s", item.source, len(pieces), self.run.piece_target_s
+        )
+        self.pool.push_front(Unit(item, n, start, end) for n, (start, end) in enumerate(pieces))
+        return True
+
+    async def _process_piece(self, unit: Unit) -> None:
+        item, index = unit.item, unit.piece
+        assert index is not None
+        state = self._pieces[item.item_id]
+        if state.failed:
+            return  # another piece already failed the item: do not bill more audio
+        record = Attempts()
+        piece = CachedSlice(state.cached, unit.start, unit.end, self.wire)
+        try:
+            result = await self._stream(item, lambda: piece, record, piece.duration_s)
+        except JobAborted:
+            raise
+        except Exception as error:
+            state.attempts += record.count
+            if not state.failed:
+                state.failed = True
+                message = f"piece {index} ({unit.start / self.wire.sample_rate:.2f} s): {error}"
+                self._finish(item, state.started, attempts=state.attempts, error=error,
+                             message=message)  # fmt: skip
+                state.cached.path.unlink(missing_ok=True)
+            return
+        state.attempts += record.count
+        state.done[index] = PieceResult(index, unit.start, result.finals)
+        state.session_ids.append(result.session_id or "")
+        if len(state.done) == len(state.cached.pieces()):
+            self._finish(
+                item,
+                state.started,
+                attempts=state.attempts,
+                collected=stitch(list(state.done.values()), self.wire.sample_rate),
+                duration_s=state.cached.total_samples / self.wire.sample_rate,
+                session_id=",".join(state.session_ids),
+                pieces=len(state.done),
+            )
+            state.cached.path.unlink(missing_ok=True)
+            del self._pieces[item.item_id]
+
+    # --- one session, retried ------------------------------------------------------
+
+    async def _stream(
+        self,
+        item: Item,
+        make_audio: Callable[[], _Audio],
+        record: Attempts,
+        duration_s: float | None,
+    ) -> SessionResult:
+        try:
+            return await with_retries(
+                lambda: self._attempt(item, make_audio(), duration_s),
+                limit=self.limit,
+                max_attempts=self.run.max_attempts,
+                backoff=self.backoff,
+                rng=self.rng,
+                record=record,
+            )
+        except Exception as error:
+            if classify(error).scope is Scope.JOB:
+                self.fatal = error
+                raise JobAborted(str(error)) from error
+            raise
+        finally:
+            self.stats.attempts += record.count
+            self.stats.retries += max(0, record.count - 1)
+
+    def _timeouts(self, duration_s: float | None) -> Timeouts:
+        audio_s = duration_s if duration_s is not None else 6 * 3600.0
+        deadline = audio_s / (self.run.pace or 1.0) * self.run.session_deadline_factor
+        return Timeouts(
+            self.run.connect_timeout_s,
+            self.run.final_timeout_s,
+            deadline + self.run.session_deadline_slack_s,
+        )
+
+    async def _attempt(self, item: Item, audio: _Audio, duration_s: float | None) -> SessionResult:
+        self.progress.sessions_open(self.limit.open_now)
+        try:
+            result = await run_session(
+                self.endpoint,
+                item.options,
+                audio,
+                bytes_per_second=self.wire.bytes_per_second,
+                api_key=self.api_key,
+                pace=self.run.pace,
+                timeouts=self._timeouts(duration_s),
+            )
+        finally:
+            self.stats.billed_audio_s += audio.duration_s
+        self.stats.busy_session_s += result.busy_s
+        self.stats.connect_s.append(result.connect_s)
+        if result.first_final_s is not None:
+            self.stats.first_final_s.append(result.first_final_s)
+        self.stats.end_to_last_s.append(result.end_to_last_s)
+        return result
+
+    # --- rows ----------------------------------------------------------------------
+
+    def _finish(
+        self,
+        item: Item,
+        started: datetime,
+        *,
+        attempts: int,
+        collected: Collected | None = None,
+        duration_s: float = 0.0,
+        session_id: str | None = None,
+        pieces: int = 1,
+        error: BaseException | None = None,
+        message: str | None = None,
+    ) -> None:
+        common = {
+            "job": self.stats.job,
+            "date": self.run_date,
+            "language": item.options.language,
+            "run_id": self.stats.run_id,
+            "item_id": item.item_id,
+            "channel": item.channel,
+        }
+        transcript: dict[str, Any] = {
+            **common,
+            "channel_name": item.channel_name,
+            "source": item.source,
+            "attempts": attempts,
+            "pieces": pieces,
+            "started_at": started,
+            "finished_at": datetime.now(UTC),
+            "options": json.dumps(asdict(item.options), sort_keys=True, default=list),
+            "metadata": item.metadata or None,
+        }
+        rows = sinks.ItemRows(transcript)
+        if collected is not None:
+            rows.words = [{**common, **w} for w in collected.words]
+            rows.utterances = [{**common, **u} for u in collected.utterances]
+            transcript.update(
+                status="ok",
+                duration_s=duration_s,
+                transcript=collected.transcript,
+                detected_language=collected.language,
+                session_id=session_id,
+                word_count=len(rows.words),
+            )
+            self.stats.ok += 1
+            self.stats.audio_s += duration_s
+        else:
+            kind = error_kind(error) if error is not None else "internal"
+            text = message or (str(error) if error is not None else "unknown failure")
+            if not isinstance(error, InputError):
+                text = f"{item.source}: {text}"
+            transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
+            self.stats.failed += 1
+            self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
+        self.finished_items += 1
+        self.sink.add(rows)
+        if self.sink.due:
+            self.sink.commit()
+        self.progress.item_done(item, collected is not None, duration_s)
+
+
+def whole_units(items: Iterable[Item]) -> list[Unit]:
+    return [Unit(item) for item in items]

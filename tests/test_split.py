@@ -1,0 +1,131 @@
+"""Long recordings cut at quiet points, streamed as pieces, stitched back exactly."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from batch.split import FRAME_S, choose_cuts
+from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_track, write_format
+
+RATE = 16000
+
+
+def _bursts(duration_s: float, seed: int, hz: float = 440) -> list[Burst]:
+    """Bursts of 0.2-0.4 s separated by 0.7-1.5 s of quiet, at irregular times."""
+    rng = random.Random(seed)
+    bursts, t = [], 0.5
+    while t < duration_s - 1.0:
+        length = rng.uniform(0.2, 0.4)
+        bursts.append(Burst(round(t, 3), round(length, 3), hz))
+        t += length + rng.uniform(0.7, 1.5)
+    return bursts
+
+
+def test_cuts_land_in_the_quietest_place_near_the_target() -> None:
+    energy = np.ones(int(60 / FRAME_S))
+    quiet_at_s = [9.0, 21.5, 29.0, 41.0]
+    for second in quiet_at_s:
+        start = int(second / FRAME_S)
+        energy[start : start + 25] = 0.0  # 0.5 s of silence
+    frame = int(RATE * FRAME_S)
+    cuts = choose_cuts(energy, frame, 60 * RATE, target_s=10.0, window_s=3.0)
+    assert cuts[0] == 0 and cuts[-1] == 60 * RATE
+    inner = [c / RATE for c in cuts[1:-1]]
+    assert len(inner) >= 3
+    for cut in inner[:3]:
+        assert any(q <= cut <= q + 0.5 for q in quiet_at_s), inner
+    assert all(b > a for a, b in zip(cuts, cuts[1:], strict=False))
+
+
+def _query(out: Path, sql: str) -> list[tuple[object, ...]]:
+    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
+    w = f"read_parquet('{out}/words/**/*.parquet', hive_partitioning=true)"
+    return duckdb.sql(sql.format(t=t, w=w)).fetchall()
+
+
+def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    duration = 120.0
+    truth = _bursts(duration, seed=5)
+    write_format(
+        media / "board-meeting.flac", "flac_24", [tone_track(truth, duration, 44100)], 44100
+    )
+    short = [Burst(0.5, 0.3, 880)]
+    write_format(media / "short.wav", "wav_s16", [tone_track(short, 3.0, RATE)], RATE)
+    manifest = write_manifest(
+        tmp_path,
+        run={
+            "concurrency": 4,
+            "pace": 8.0,
+            "split_long_files": True,
+            "split_threshold_s": 30,
+            "piece_target_s": 15,
+            "split_window_s": 3,
+        },  # fmt: skip
+    )
+    with server_in_thread() as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest))
+        assert done.returncode == 0, done.stderr
+        assert server.stats.max_open <= 4
+        pieces_seen = server.stats.sessions_opened
+    out = tmp_path / "out"
+    rows = _query(out, "select source, pieces, duration_s, word_count from {t} order by source")
+    (long_src, pieces, long_duration, count), (_, short_pieces, _, _) = rows
+    assert Path(str(long_src)).name == "board-meeting.flac"
+    assert int(str(pieces)) >= 6 and short_pieces == 1
+    assert pieces_seen == int(str(pieces)) + 1
+    assert abs(float(str(long_duration)) - duration) < 0.001
+    assert count == len(truth)
+
+    words = _query(
+        out,
+        "select w.start_s, w.end_s, w.piece, w.idx from {w} w join {t} t using (item_id)"
+        " where t.source like '%board-meeting.flac' order by w.idx",
+    )
+    assert [int(str(w[3])) for w in words] == list(range(len(truth)))
+    for (start, end, _piece, _), burst in zip(words, truth, strict=True):
+        assert abs(float(str(start)) - burst.start_s) <= 0.02, (start, burst)
+        assert abs(float(str(end)) - (burst.start_s + burst.length_s)) <= 0.03, (end, burst)
+    assert len({w[2] for w in words}) >= 6  # words came from many pieces
+
+
+def test_split_channels_and_long_files_together(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    duration = 60.0
+    left, right = _bursts(duration, seed=1, hz=440), _bursts(duration, seed=2, hz=880)
+    tracks = [tone_track(left, duration, RATE), tone_track(right, duration, RATE)]
+    write_format(media / "call.wav", "wav_s16", tracks, RATE)
+    manifest = write_manifest(
+        tmp_path,
+        run={
+            "concurrency": 4,
+            "pace": 0,
+            "channels": "split",
+            "split_long_files": True,
+            "split_threshold_s": 20,
+            "piece_target_s": 12,
+            "split_window_s": 3,
+        },  # fmt: skip
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    per_channel = _query(
+        out,
+        "select channel, count(*), count(distinct word), min(pieces) from {w} w join {t} t "
+        "using (item_id, channel) group by channel order by channel",
+    )
+    assert per_channel == [
+        (0, len(left), 1, per_channel[0][3]),
+        (1, len(right), 1, per_channel[1][3]),
+    ]
+    assert all(int(str(row[3])) >= 4 for row in per_channel)
