@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_cuts_land_in_the_quietest_place_near_the_target() -> None:
     assert len(inner) >= 3
     for cut in inner[:3]:
         assert any(q <= cut <= q + 0.5 for q in quiet_at_s), inner
-    assert all(b > a for a, b in zip(cuts, cuts[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(cuts))
 
 
 def _query(out: Path, sql: str) -> list[tuple[object, ...]]:
@@ -67,7 +68,7 @@ def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
             "split_threshold_s": 30,
             "piece_target_s": 15,
             "split_window_s": 3,
-        },  # fmt: skip
+        },
     )
     with server_in_thread() as server:
         text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
@@ -114,7 +115,7 @@ def test_split_channels_and_long_files_together(tmp_path: Path) -> None:
             "split_threshold_s": 20,
             "piece_target_s": 12,
             "split_window_s": 3,
-        },  # fmt: skip
+        },
     )
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
