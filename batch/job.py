@@ -158,7 +158,7 @@ async def run_job(
         signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
         sink.commit()
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats)
+        report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
         path = write_report(out_dir, report)
     return JobResult(report, path, items, signal_name)
 

@@ -73,7 +73,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99)}
 
 
-def build_report(stats: RunStats) -> dict[str, Any]:
+def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> dict[str, Any]:
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
     return {
@@ -116,6 +116,7 @@ def build_report(stats: RunStats) -> dict[str, Any]:
         },
         "failures_by_kind": dict(Counter(f.kind for f in stats.failures)),
         "failures": [f.__dict__ for f in stats.failures],
+        "job_so_far": job_so_far,
     }
 
 
@@ -169,6 +170,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             for name, v in lat.items()
         ),
     ]
+    so_far = report.get("job_so_far")
+    if so_far:
+        lines += [
+            "",
+            f"Job so far ({so_far['runs']} run(s)): {so_far['items']} items, {so_far['ok']} ok, "
+            f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
+        ]
     if report["failures"]:
         lines += ["", "## Failures", "", "| kind | source | message |", "| --- | --- | --- |"]
         for failure in report["failures"]:

@@ -252,6 +252,30 @@ def ok_item_ids(out_dir: Path, job: str) -> set[str]:
     return {str(v) for v in ok["item_id"].to_pylist()}
 
 
+def job_summary(out_dir: Path, job: str) -> dict[str, Any]:
+    """Every run of the job so far, by each item's latest result."""
+    rows = read_table(out_dir, "transcripts", job)
+    latest: dict[str, tuple[Any, str, float]] = {}
+    for item, status, finished, duration in zip(
+        rows["item_id"].to_pylist(),
+        rows["status"].to_pylist(),
+        rows["finished_at"].to_pylist(),
+        rows["duration_s"].to_pylist(),
+        strict=True,
+    ):
+        if item not in latest or finished >= latest[item][0]:
+            latest[item] = (finished, status, duration or 0.0)
+    ok = [v for v in latest.values() if v[1] == "ok"]
+    runs = set(rows["run_id"].to_pylist())
+    return {
+        "runs": len(runs),
+        "items": len(latest),
+        "ok": len(ok),
+        "failed": len(latest) - len(ok),
+        "audio_s": round(sum(v[2] for v in ok), 3),
+    }
+
+
 def _files_with_items(out_dir: Path, job: str, item_ids: set[str]) -> list[Path]:
     """Relative paths (shared by the three tables) of transcripts files holding these ok rows."""
     dataset = _dataset(out_dir, "transcripts")

@@ -173,3 +173,52 @@ def test_thousand_tiny_items_leave_few_files(tmp_path: Path) -> None:
         files = list((tmp_path / "out" / table).rglob("*.parquet"))
         assert len(files) <= 6, f"{table}: {len(files)} files for 1000 items"
     assert _counts(tmp_path / "out")[:2] == (1000, 1000)
+
+
+def test_report_agrees_with_tables_and_server_counters(tmp_path: Path) -> None:
+    from batch.server import FaultConfig
+
+    _tone_files(tmp_path / "media", 6)
+    (tmp_path / "media" / "broken.wav").write_text("not audio")
+    manifest = write_manifest(tmp_path, run={"concurrency": 3, "pace": 0, "max_attempts": 4})
+    faults = FaultConfig(seed=2, drop_rate=0.5, fault_limit=3, fault_at_max_s=1.0)
+    with server_in_thread(faults=faults) as server:
+        _point_at(manifest, server.url)
+        done = run_cli("run", str(manifest))
+        deadline = time.monotonic() + 5
+        while server.stats.open_now and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = server.stats
+    assert done.returncode == 1
+    report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
+    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    ok, failed, audio, attempts = duckdb.sql(
+        f"select count(*) filter (status = 'ok'), count(*) filter (status = 'failed'),"
+        f" sum(duration_s) filter (status = 'ok'), sum(attempts) from {t}"
+    ).fetchall()[0]
+    assert (report["items"]["ok"], report["items"]["failed"]) == (ok, failed) == (6, 1)
+    assert abs(report["audio_s"] - audio) < 0.01
+    assert report["attempts"] == attempts == stats.sessions_opened == 6 + stats.faults["drop"]
+    assert report["retries"] == stats.faults["drop"] >= 1
+    assert report["pool"]["max_open_sessions"] >= stats.max_open > 0
+    received = sum(s.audio_s for s in stats.sessions)
+    assert report["billing"]["billed_audio_minutes"] * 60 >= received - 0.01
+    assert report["job_so_far"] == {
+        "runs": 1,
+        "items": 7,
+        "ok": 6,
+        "failed": 1,
+        "audio_s": round(audio, 3),
+    }
+
+
+def test_second_run_of_a_running_job_is_refused(tmp_path: Path) -> None:
+    from batch import sink as sinks
+
+    _tone_files(tmp_path / "media", 1)
+    manifest = write_manifest(tmp_path)
+    with sinks.job_lock(tmp_path / "out", "test-job"):
+        done = run_cli("run", str(manifest))
+    assert done.returncode == 4
+    assert "already running" in done.stderr
+    assert run_cli("run", str(manifest)).returncode == 0  # the lock is gone with its holder

@@ -112,6 +112,25 @@ def test_skewed_workload_makespan(tmp_path: Path) -> None:
     assert ours / bound <= 1.10
 
 
+def test_one_long_file_makespan(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    seconds = 1200
+    _long_audio(media / "board-meeting.flac", seconds)
+    bound = seconds / (CONCURRENCY * PACE)
+    split = _makespan(tmp_path, media, "split", concurrency=CONCURRENCY, split_long_files=True,
+                      split_threshold_s=120, piece_target_s=60)  # fmt: skip
+    whole = _makespan(tmp_path, media, "whole", concurrency=CONCURRENCY)
+    RESULTS["makespan: one 20-minute file, C=4, pace 40x"] = {
+        "A/(C x pace) s": round(bound, 2),
+        "split into ~60 s pieces s": round(split, 2),
+        "ratio to A/(C x pace)": round(split / bound, 3),
+        "streamed whole s": round(whole, 2),
+        "whole / split": round(whole / split, 3),
+    }
+    assert split / bound <= 1.3
+
+
 # --- decode throughput -------------------------------------------------------------
 
 DECODE_FORMATS = ["wav_s16", "flac_24", "mp3", "m4a_aac", "ogg_opus"]
