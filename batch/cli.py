@@ -185,6 +185,9 @@ def run(
     except LockedError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
+    except KeyboardInterrupt:  # before streaming began: nothing to commit
+        err.print("interrupted while planning; nothing was streamed")
+        raise typer.Exit(jobs.EXIT_SIGINT) from None
     finally:
         observer.close()
     if dry_run:

@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,7 +172,8 @@ async def _stream_all(
     observer: Observer,
 ) -> str | None:
     """Stream every item; returns the name of the signal that interrupted the run, if any."""
-    pool: Pool[Unit] = Pool(whole_units(todo), loaded.manifest.run.concurrency)
+    # One worker more than sessions: a long file being cut occupies a worker, not a session.
+    pool: Pool[Unit] = Pool(whole_units(todo), loaded.manifest.run.concurrency + 1)
     signal_name: str | None = None
     if not todo:
         stats.status = "completed"
@@ -193,10 +194,9 @@ async def _stream_all(
                     stats.status = "interrupted"
                     stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
                 tasks.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
+        except BaseExceptionGroup:
             if runner.fatal is None:
                 raise
-            _ = group
         if runner.fatal is not None:
             stats.status = "aborted"
             stats.abort_reason = str(runner.fatal)
@@ -274,9 +274,6 @@ def _dry_run(loaded: LoadedManifest, items: list[Item], stats: RunStats) -> JobR
         ],
     }
     return JobResult(report, None, items)
-
-
-ExitPolicy = Callable[[dict[str, Any]], int]
 
 
 def exit_code(

@@ -25,9 +25,10 @@ from batch.errors import InputError, PulseBatchError, Scope, classify, error_kin
 from batch.manifest import LoadedManifest
 from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
+from batch.pulse.protocol import PCM_SAMPLE_BYTES
 from batch.report import Failure, RunStats
 from batch.session import Endpoint, SessionResult, Timeouts, run_session
-from batch.split import CachedAudio, CachedSlice, PieceResult, cache_and_cut, stitch
+from batch.split import CachedSlice, PieceResult, cache_and_cut, stitch
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,19 @@ class _Pieces:
     """The pieces of one long item while they stream."""
 
     started: datetime
-    cached: CachedAudio
+    cache_path: Path
+    bytes_per_sample: int
+    total: int | None = None  # known once the whole file is decoded and cut
+    total_samples: int = 0
     done: dict[int, PieceResult] = field(default_factory=dict)
-    session_ids: list[str] = field(default_factory=list)
+    session_ids: dict[int, str] = field(default_factory=dict)
     attempts: int = 0
+    queued: int = 0
     failed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and len(self.done) == self.total
 
 
 def wire_format(loaded: LoadedManifest) -> WireFormat:
@@ -158,8 +167,17 @@ class ItemRunner:
         return self.run.split_long_files and duration > self.run.split_threshold_s
 
     async def _split(self, item: Item, started: datetime) -> bool:
-        """Cache and cut a long item, queue its pieces first; False if it is one piece."""
+        """Cache and cut a long item; each piece is queued first as soon as it is settled,
+        so streaming starts while the rest of the file is still decoding."""
         path = self.cache_dir / f"{item.item_id}.pcm"
+        state = _Pieces(started, path, PCM_SAMPLE_BYTES[self.wire.encoding])
+        self._pieces[item.item_id] = state
+
+        def queue_piece(start: int, end: int) -> None:
+            index = state.queued
+            state.queued += 1
+            self.pool.push_front([Unit(item, index, start, end)])
+
         try:
             cached = await anyio.to_thread.run_sync(
                 lambda: cache_and_cut(
@@ -167,21 +185,18 @@ class ItemRunner:
                     path,
                     target_s=self.run.piece_target_s,
                     window_s=self.run.split_window_s,
+                    on_piece=lambda start, end: anyio.from_thread.run_sync(queue_piece, start, end),
                 )
             )
         except InputError as error:
-            path.unlink(missing_ok=True)
-            self._finish(item, started, attempts=0, error=error)
+            self._fail_pieces(item, state, error, str(error))
             return True
-        pieces = cached.pieces()
-        if len(pieces) < 2:
-            path.unlink(missing_ok=True)
-            return False
-        self._pieces[item.item_id] = _Pieces(started, cached)
+        state.total = len(cached.pieces())
+        state.total_samples = cached.total_samples
         logger.info(
-            "%s: %d pieces of about %g s", item.source, len(pieces), self.run.piece_target_s
+            "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
         )
-        self.pool.push_front(Unit(item, n, start, end) for n, (start, end) in enumerate(pieces))
+        self._complete_if_done(item, state)
         return True
 
     async def _process_piece(self, unit: Unit) -> None:
@@ -191,35 +206,43 @@ class ItemRunner:
         if state.failed:
             return  # another piece already failed the item: do not bill more audio
         record = Attempts()
-        piece = CachedSlice(state.cached, unit.start, unit.end, self.wire)
+        piece = CachedSlice(
+            state.cache_path, state.bytes_per_sample, unit.start, unit.end, self.wire
+        )
         try:
             result = await self._stream(item, lambda: piece, record, piece.duration_s)
         except JobAborted:
             raise
         except Exception as error:
             state.attempts += record.count
-            if not state.failed:
-                state.failed = True
-                message = f"piece {index} ({unit.start / self.wire.sample_rate:.2f} s): {error}"
-                self._finish(item, state.started, attempts=state.attempts, error=error,
-                             message=message)  # fmt: skip
-                state.cached.path.unlink(missing_ok=True)
+            message = f"piece {index} (from {unit.start / self.wire.sample_rate:.2f} s): {error}"
+            self._fail_pieces(item, state, error, message)
             return
         state.attempts += record.count
         state.done[index] = PieceResult(index, unit.start, result.finals)
-        state.session_ids.append(result.session_id or "")
-        if len(state.done) == len(state.cached.pieces()):
-            self._finish(
-                item,
-                state.started,
-                attempts=state.attempts,
-                collected=stitch(list(state.done.values()), self.wire.sample_rate),
-                duration_s=state.cached.total_samples / self.wire.sample_rate,
-                session_id=",".join(state.session_ids),
-                pieces=len(state.done),
-            )
-            state.cached.path.unlink(missing_ok=True)
-            del self._pieces[item.item_id]
+        state.session_ids[index] = result.session_id or ""
+        self._complete_if_done(item, state)
+
+    def _fail_pieces(self, item: Item, state: _Pieces, error: BaseException, message: str) -> None:
+        if not state.failed:
+            state.failed = True
+            self._finish(item, state.started, attempts=state.attempts, error=error, message=message)
+            state.cache_path.unlink(missing_ok=True)
+
+    def _complete_if_done(self, item: Item, state: _Pieces) -> None:
+        if state.failed or not state.complete:
+            return
+        self._finish(
+            item,
+            state.started,
+            attempts=state.attempts,
+            collected=stitch(list(state.done.values()), self.wire.sample_rate),
+            duration_s=state.total_samples / self.wire.sample_rate,
+            session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
+            pieces=len(state.done),
+        )
+        state.cache_path.unlink(missing_ok=True)
+        del self._pieces[item.item_id]
 
     # --- one session, retried ------------------------------------------------------
 

@@ -9,7 +9,7 @@ each piece's offset from its first sample, so nothing accumulates rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,29 +40,77 @@ class EnergyMeter:
             self._frames.append((samples[:whole].reshape(-1, self.frame) ** 2).mean(axis=1))
         self._carry = samples[whole:]
 
-    def energies(self) -> np.ndarray:
-        tail = [np.array([(self._carry**2).mean()])] if self._carry.size else []
-        return np.concatenate([*self._frames, *tail]) if self._frames or tail else np.zeros(0)
+    def take(self, *, final: bool = False) -> np.ndarray:
+        """Frames measured since the last call (with the partial last frame if final)."""
+        parts = self._frames
+        if final and self._carry.size:
+            parts = [*parts, np.array([(self._carry**2).mean()])]
+            self._carry = np.zeros(0)
+        self._frames = []
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+class Cutter:
+    """Chooses cut points as energy arrives, so early pieces can stream while the rest of
+    the file is still being decoded. Pure: energies in, sample offsets out.
+
+    Each cut is the middle of the quietest ``QUIET_SPAN_S`` within ``window_s`` of
+    ``target_s`` after the previous cut.
+    """
+
+    def __init__(self, frame_samples: int, target_s: float, window_s: float) -> None:
+        frames_per_s = 1 / FRAME_S
+        self.frame_samples = frame_samples
+        self.target = max(1, int(target_s * frames_per_s))
+        self.window = max(1, min(int(window_s * frames_per_s), self.target // 2))
+        self.span = max(1, int(QUIET_SPAN_S * frames_per_s))
+        self._energy = np.zeros(1024)
+        self._count = 0
+        self._position = 0  # frame of the last cut
+
+    def feed(self, energies: np.ndarray) -> list[int]:
+        """New cuts (sample offsets) that the energy so far settles."""
+        needed = self._count + energies.size
+        if needed > self._energy.size:
+            grown = np.zeros(max(needed, 2 * self._energy.size))
+            grown[: self._count] = self._energy[: self._count]
+            self._energy = grown
+        self._energy[self._count : needed] = energies
+        self._count = needed
+        cuts = []
+        while (cut := self._next_cut(final=False)) is not None:
+            cuts.append(cut)
+        return cuts
+
+    def finish(self) -> list[int]:
+        """The cuts left once all the energy is in (the total is not included)."""
+        cuts = []
+        while (cut := self._next_cut(final=True)) is not None:
+            cuts.append(cut)
+        return cuts
+
+    def _next_cut(self, *, final: bool) -> int | None:
+        if self._count - self._position <= self.target + self.window:
+            return None
+        low = self._position + self.target - self.window
+        high = self._position + self.target + self.window
+        half = self.span // 2
+        if not final and self._count < high + half:
+            return None  # the smoothing around the window needs a little more audio
+        start = max(0, low - half)
+        around = self._energy[start : min(self._count, high + half)]
+        smoothed = np.convolve(around, np.ones(self.span) / self.span, mode="same")
+        quietest = low + int(np.argmin(smoothed[low - start : high - start]))
+        self._position = quietest
+        return quietest * self.frame_samples
 
 
 def choose_cuts(
     energy: np.ndarray, frame_samples: int, total_samples: int, target_s: float, window_s: float
 ) -> list[int]:
-    """Sample offsets ``[0, c1, ..., total]``: each cut at the quietest point within
-    ``window_s`` of ``target_s`` after the previous one. Pure."""
-    frames_per_s = 1 / FRAME_S
-    target = max(1, int(target_s * frames_per_s))
-    window = max(1, min(int(window_s * frames_per_s), target // 2))
-    span = max(1, int(QUIET_SPAN_S * frames_per_s))
-    smoothed = np.convolve(energy, np.ones(span) / span, mode="same") if energy.size else energy
-    cuts, position = [0], 0
-    while energy.size - position > target + window:
-        low, high = position + target - window, position + target + window
-        quietest = low + int(np.argmin(smoothed[low:high]))
-        cuts.append(quietest * frame_samples)
-        position = quietest
-    cuts.append(total_samples)
-    return cuts
+    """Sample offsets ``[0, c1, ..., total]`` for a whole energy curve at once. Pure."""
+    cutter = Cutter(frame_samples, target_s, window_s)
+    return [0, *cutter.feed(energy), *cutter.finish(), total_samples]
 
 
 @dataclass(frozen=True)
@@ -82,25 +130,46 @@ class CachedAudio:
 
 
 def cache_and_cut(
-    audio: DecodedAudio, cache_path: Path, *, target_s: float, window_s: float
+    audio: DecodedAudio,
+    cache_path: Path,
+    *,
+    target_s: float,
+    window_s: float,
+    on_piece: Callable[[int, int], None] = lambda start, end: None,
 ) -> CachedAudio:
-    """Decode once into ``cache_path`` while measuring energy; raises `InputError`."""
+    """Decode once into ``cache_path`` while measuring energy; calls ``on_piece(start, end)``
+    as soon as each piece is settled and on disk. Raises `InputError`."""
     wire = audio.wire
     full_scale = 2**31 if wire.encoding == "linear32" else 2**15
     meter = EnergyMeter(max(1, int(wire.sample_rate * FRAME_S)), full_scale)
+    cutter = Cutter(meter.frame, target_s, window_s)
+    cuts = [0]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with cache_path.open("wb") as cache:
         for block in audio.wire_blocks(observe=meter.feed):
             cache.write(block)
-    cuts = choose_cuts(meter.energies(), meter.frame, audio.samples, target_s, window_s)
+            settled = cutter.feed(meter.take())
+            if settled:
+                cache.flush()  # a piece's bytes are on disk before it may stream
+                for cut in settled:
+                    on_piece(cuts[-1], cut)
+                    cuts.append(cut)
+    cutter.feed(meter.take(final=True))
+    for cut in [*cutter.finish(), audio.samples]:
+        if cut > cuts[-1]:
+            on_piece(cuts[-1], cut)
+            cuts.append(cut)
     return CachedAudio(cache_path, PCM_SAMPLE_BYTES[wire.encoding], cuts)
 
 
 class CachedSlice:
     """Wire chunks of samples ``[start, end)`` of a cache file, read as they are sent."""
 
-    def __init__(self, cached: CachedAudio, start: int, end: int, wire: WireFormat) -> None:
-        self.cached = cached
+    def __init__(
+        self, path: Path, bytes_per_sample: int, start: int, end: int, wire: WireFormat
+    ) -> None:
+        self.path = path
+        self.bytes_per_sample = bytes_per_sample
         self.start = start
         self.end = end
         self.wire = wire
@@ -114,10 +183,10 @@ class CachedSlice:
         return self.samples / self.wire.sample_rate
 
     def __iter__(self) -> Iterator[bytes]:
-        width = self.cached.bytes_per_sample
+        width = self.bytes_per_sample
         left = self.samples * width
         chunk = self.wire.chunk_bytes
-        with self.cached.path.open("rb") as source:
+        with self.path.open("rb") as source:
             source.seek(self.start * width)
             while left > 0:
                 data = source.read(min(chunk, left))
