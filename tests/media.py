@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -80,17 +81,24 @@ def write_audio(
     with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=codec_rate, layout=layout)
         stream.codec_context.format = sample_format
-        resampler = av.AudioResampler(format=sample_format, layout=layout, rate=codec_rate)
-        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
-        frame.sample_rate = rate
-        frame.pts = 0
-        frame.time_base = Fraction(1, rate)
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            for packet in stream.encode(chunk):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+        _encode_whole(out, stream, planar, rate, sample_format, layout)
     return path
+
+
+def _encode_whole(
+    out: Any, stream: Any, planar: np.ndarray, rate: int, sample_format: str, layout: str
+) -> None:
+    """Resample float32 planar audio for ``stream``'s encoder, encode it all and flush."""
+    resampler = av.AudioResampler(format=sample_format, layout=layout, rate=stream.rate)
+    frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+    frame.sample_rate = rate
+    frame.pts = 0
+    frame.time_base = Fraction(1, rate)
+    for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+        for packet in stream.encode(chunk):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
 
 
 def write_format(path: Path, kind: str, channels: Sequence[np.ndarray], rate: int) -> Path:
@@ -118,18 +126,8 @@ def write_video(
                 out.mux(packet)
         for packet in video.encode(None):
             out.mux(packet)
-        if audio is None or sound is None:
-            return path
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
-        frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1), format="flt", layout="mono")
-        frame.sample_rate = rate
-        frame.pts = 0
-        frame.time_base = Fraction(1, rate)
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            for packet in sound.encode(chunk):
-                out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
+        if audio is not None and sound is not None:
+            _encode_whole(out, sound, audio.reshape(1, -1), rate, "fltp", "mono")
     return path
 
 
