@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,12 +23,19 @@ import av
 import numpy as np
 
 from batch.errors import InputError
-from batch.pulse.protocol import PCM_SAMPLE_BYTES
+from batch.pulse.protocol import OPUS_ENCODINGS, OPUS_FRAME_S, PCM_SAMPLE_BYTES
 
 logger = logging.getLogger(__name__)
 
 # Planar formats let us pick a channel out of the resampler's output without a copy.
-_PLANAR_FORMAT: Final = {"linear16": "s16p", "linear32": "s32p", "mulaw": "s16p", "alaw": "s16p"}
+_PLANAR_FORMAT: Final = {
+    "linear16": "s16p",
+    "linear32": "s32p",
+    "mulaw": "s16p",
+    "alaw": "s16p",
+    "opus": "s16p",
+    "ogg_opus": "s16p",
+}
 _G711_CODEC: Final = {"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
 _RESAMPLE_BLOCK_S: Final = 0.5
 
@@ -58,7 +66,12 @@ class WireFormat:
 
     @property
     def bytes_per_second(self) -> int:
+        """For PCM encodings only (Opus is compressed: its rate varies)."""
         return self.sample_rate * PCM_SAMPLE_BYTES[self.encoding]
+
+    @property
+    def is_opus(self) -> bool:
+        return self.encoding in OPUS_ENCODINGS
 
     @classmethod
     def with_chunk_ms(cls, encoding: str, sample_rate: int, chunk_ms: int) -> WireFormat:
@@ -179,6 +192,71 @@ class _G711:
         return b"".join(bytes(p) for p in self._ctx.encode(frame))
 
 
+def _s16_frame(samples: np.ndarray, rate: int) -> Any:
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    return frame
+
+
+class _ByteSink:
+    """A write-only file for PyAV's muxer: hands over what was written since last asked."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+class _OpusEncoder:
+    """libopus through PyAV: raw packets, or muxed into Ogg pages as they fill."""
+
+    def __init__(self, rate: int, *, ogg: bool) -> None:
+        self.frames = 0
+        self._rate = rate
+        self._sink = _ByteSink()
+        self._container: Any = None
+        if ogg:
+            self._container = av.open(
+                self._sink, "w", format="ogg", options={"page_duration": "100000"}
+            )
+            stream = self._container.add_stream("libopus", rate=rate, layout="mono")
+            stream.codec_context.format = "s16"
+            self._codec: Any = stream
+        else:
+            codec: Any = av.CodecContext.create("libopus", "w")
+            codec.sample_rate, codec.layout, codec.format = rate, "mono", "s16"
+            self._codec = codec
+
+    def encode(self, frame: Any) -> Iterator[bytes]:
+        if frame is not None:
+            frame.pts = self.frames * int(self._rate * OPUS_FRAME_S)
+            frame.time_base = Fraction(1, self._rate)
+            self.frames += 1
+        packets = self._codec.encode(frame)
+        if self._container is None:
+            yield from (bytes(p) for p in packets)
+            return
+        for packet in packets:
+            self._container.mux(packet)
+        data = self._sink.take()
+        if data:
+            yield data
+
+    def flush(self) -> Iterator[bytes]:
+        yield from self.encode(None)
+        if self._container is not None:
+            self._container.close()
+            data = self._sink.take()
+            if data:
+                yield data
+
+
 class DecodedAudio:
     """Iterates wire chunks of one channel selection of one file; counts what it produced.
 
@@ -199,16 +277,49 @@ class DecodedAudio:
         self.channel = channel
         self.stream_index = stream_index
         self.samples = 0
+        self.position_s = 0.0  # audio seconds in the chunks yielded so far (for pacing)
 
     @property
     def duration_s(self) -> float:
         return self.samples / self.wire.sample_rate
 
     def __iter__(self) -> Iterator[bytes]:
+        self.position_s = 0.0
+        if self.wire.is_opus:
+            yield from self._opus_chunks()
+            return
         chunker = _Chunker(self.wire.chunk_bytes)
+        per_second = self.wire.bytes_per_second
+        sent = 0
         for pcm in self.wire_blocks():
-            yield from chunker.feed(pcm)
-        yield from chunker.rest()
+            for chunk in chunker.feed(pcm):
+                sent += len(chunk)
+                self.position_s = sent / per_second
+                yield chunk
+        for chunk in chunker.rest():
+            self.position_s = self.duration_s
+            yield chunk
+
+    def _opus_chunks(self) -> Iterator[bytes]:
+        """20 ms Opus frames: one packet per message, or an Ogg stream in ~100 ms pages."""
+        rate = self.wire.sample_rate
+        size = int(rate * OPUS_FRAME_S)
+        encoder = _OpusEncoder(rate, ogg=self.wire.encoding == "ogg_opus")
+        fifo = av.AudioFifo()
+        self.samples = 0
+        for block in self._sample_blocks():
+            self.samples += block.size
+            fifo.write(_s16_frame(block, rate))
+            while fifo.samples >= size:
+                yield from encoder.encode(fifo.read(size))
+                self.position_s = encoder.frames * OPUS_FRAME_S
+        if fifo.samples:
+            rest: Any = fifo.read()
+            tail = rest.to_ndarray()[0]
+            padded = np.concatenate([tail, np.zeros(size - tail.size, dtype=np.int16)])
+            yield from encoder.encode(_s16_frame(padded, rate))
+        yield from encoder.flush()
+        self.position_s = self.duration_s
 
     def wire_blocks(self, observe: Callable[[np.ndarray], None] | None = None) -> Iterator[bytes]:
         """Encoded blocks of any size; ``observe`` sees each block's integer samples first."""

@@ -41,9 +41,6 @@ Encoding = Annotated[str, AfterValidator(_one_of(protocol.ENCODINGS, "encoding")
 SampleRate = Annotated[int, AfterValidator(_one_of(protocol.SAMPLE_RATES, "sample rate"))]
 Channels = Literal["mix", "split"] | Annotated[int, Field(ge=0)]
 PartitionColumn = Literal["job", "date", "language", "channel", "status"]
-# What this build can put on the wire; opus kinds are accepted by the schema but refused
-# with a clear message until the decoder can produce them.
-SUPPORTED_WIRE_ENCODINGS = ("linear16", "linear32", "mulaw", "alaw")
 
 
 class _Strict(BaseModel):
@@ -123,14 +120,14 @@ class PulseConfig(_Strict):
             raise ValueError("must be 'local' or a ws:// or wss:// URL")
         return value
 
-    @field_validator("encoding")
-    @classmethod
-    def _encoding_supported(cls, value: str) -> str:
-        if value not in SUPPORTED_WIRE_ENCODINGS:
-            raise ValueError(
-                f"{value!r} cannot be produced yet; use one of {SUPPORTED_WIRE_ENCODINGS}"
-            )
-        return value
+    @model_validator(mode="after")
+    def _opus_rate(self) -> PulseConfig:
+        if self.encoding in protocol.OPUS_ENCODINGS:
+            rates = [r for r in protocol.SAMPLE_RATES if r in protocol.OPUS_SAMPLE_RATES]
+            if self.sample_rate not in rates:
+                rate = self.sample_rate
+                raise ValueError(f"sample_rate {rate} cannot carry {self.encoding}; use {rates}")
+        return self
 
     def options(self, language: str | None = None) -> protocol.PulseOptions:
         return protocol.PulseOptions(
@@ -197,6 +194,15 @@ class Manifest(_Strict):
     pulse: PulseConfig = PulseConfig()
     run: RunConfig = RunConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _split_needs_pcm(self) -> Manifest:
+        if self.run.split_long_files and self.pulse.encoding in protocol.OPUS_ENCODINGS:
+            raise ValueError(
+                "run.split_long_files works with PCM encodings (linear16, linear32, mulaw, "
+                "alaw); turn it off or change pulse.encoding"
+            )
+        return self
 
 
 class LoadedManifest(BaseModel):

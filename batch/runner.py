@@ -27,7 +27,7 @@ from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
 from batch.pulse.protocol import PCM_SAMPLE_BYTES
 from batch.report import Failure, RunStats
-from batch.session import Endpoint, SessionResult, Timeouts, run_session
+from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
 from batch.split import CachedSlice, PieceResult, cache_and_cut, stitch
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,8 @@ class Progress(Protocol):
     def sessions_open(self, count: int) -> None: ...
 
 
-class _Audio(Protocol):
-    """What a session streams: wire chunks, and afterwards how much was sent."""
-
-    def __iter__(self) -> Any: ...
+class _Audio(AudioSource, Protocol):
+    """What a session streams, and afterwards how much audio it holds."""
 
     @property
     def duration_s(self) -> float: ...
@@ -287,7 +285,6 @@ class ItemRunner:
                 self.endpoint,
                 item.options,
                 audio,
-                bytes_per_second=self.wire.bytes_per_second,
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import anyio
@@ -70,6 +70,15 @@ class Endpoint:
     @property
     def is_loopback(self) -> bool:
         return urlsplit(self.url).hostname in _LOOPBACK_HOSTS
+
+
+class AudioSource(Protocol):
+    """Wire-ready chunks, and how much audio the chunks yielded so far hold (for pacing)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    @property
+    def position_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class _Stream:
         self.end_sent_at = 0.0
         self._waiting: anyio.CancelScope | None = None
 
-    async def send(self, audio: Iterable[bytes], bytes_per_second: int, pace: float) -> None:
+    async def send(self, audio: AudioSource, pace: float) -> None:
         sent = 0
         for chunk in audio:
             if self.started_at is None:
@@ -163,7 +172,7 @@ class _Stream:
             sent += len(chunk)
             self.result.audio_bytes_sent = sent
             if pace > 0:
-                due = self.started_at + sent / bytes_per_second / pace
+                due = self.started_at + audio.position_s / pace
                 await anyio.sleep(max(0.0, due - time.monotonic()))
             else:
                 await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
@@ -212,14 +221,13 @@ class _Stream:
 async def run_session(
     endpoint: Endpoint,
     options: protocol.PulseOptions,
-    audio: Iterable[bytes],
+    audio: AudioSource,
     *,
-    bytes_per_second: int,
     api_key: str | None,
     pace: float = 1.0,
     timeouts: Timeouts = Timeouts(),
 ) -> SessionResult:
-    """Stream ``audio`` (wire-ready chunks) through one session and return its finals.
+    """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
 
     Complete only at ``is_last``. Raises `SessionError` subclasses (see `batch.errors`) and
     `InputError` if the audio source fails while streaming.
@@ -244,7 +252,7 @@ async def run_session(
                 stream = _Stream(ws, result, timeouts, endpoint.unified)
                 try:
                     async with anyio.create_task_group() as tasks:
-                        tasks.start_soon(stream.send, audio, bytes_per_second, pace)
+                        tasks.start_soon(stream.send, audio, pace)
                         await stream.receive()
                         tasks.cancel_scope.cancel()
                 except BaseExceptionGroup as group:

@@ -173,6 +173,7 @@ class CachedSlice:
         self.start = start
         self.end = end
         self.wire = wire
+        self.position_s = 0.0
 
     @property
     def samples(self) -> int:
@@ -186,6 +187,8 @@ class CachedSlice:
         width = self.bytes_per_sample
         left = self.samples * width
         chunk = self.wire.chunk_bytes
+        per_second = width * self.wire.sample_rate
+        sent = 0
         with self.path.open("rb") as source:
             source.seek(self.start * width)
             while left > 0:
@@ -193,6 +196,8 @@ class CachedSlice:
                 if not data:
                     return
                 left -= len(data)
+                sent += len(data)
+                self.position_s = sent / per_second
                 yield data
 
 

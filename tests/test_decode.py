@@ -79,6 +79,31 @@ def test_runner_word_times_match_bursts_in_every_format(tmp_path: Path) -> None:
             assert abs(start - burst.start_s) <= _tolerance_s(kind) + 0.01, (kind, start)
 
 
+@pytest.mark.parametrize(
+    ("encoding", "rate"),
+    [("linear16", 8000), ("linear32", 22050), ("mulaw", 8000), ("alaw", 16000),
+     ("opus", 16000), ("opus", 48000), ("ogg_opus", 16000), ("ogg_opus", 24000)],
+)  # fmt: skip
+def test_every_wire_encoding_reaches_the_server_intact(
+    encoding: str, rate: int, tmp_path: Path
+) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    _make("flac_24", media)
+    manifest = write_manifest(
+        tmp_path, pulse={"encoding": encoding, "sample_rate": rate}, run={"pace": 0}
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    rows = duckdb.sql(
+        f"select word, start_s from read_parquet('{tmp_path}/out/words/**/*.parquet') order by idx"
+    ).fetchall()
+    assert [w for w, _ in rows] == ["tone440", "tone880"]
+    tolerance = 0.03 if encoding in ("opus", "ogg_opus") else 0.015
+    for (_, start), burst in zip(rows, BURSTS, strict=True):
+        assert abs(start - burst.start_s) <= tolerance, (encoding, rate, rows)
+
+
 def test_split_channels_put_each_voice_on_its_channel(tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()

@@ -68,7 +68,10 @@ def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
         (("job: support-calls", "job: support calls"), "job: use 1-128 letters"),
         (('- path: "extra/call-17.mp3"', '- file: "x.mp3"'), "inputs.1: each input needs one of"),
         (("version: 1", "version: 2"), "version"),
-        (("endpoint: local", "endpoint: local\n  encoding: opus"), "pulse.encoding: 'opus' cannot"),
+        (
+            ("endpoint: local", "endpoint: local\n  encoding: opus\n  sample_rate: 44100"),
+            "pulse: sample_rate 44100 cannot carry opus",
+        ),
     ],
 )
 def test_bad_manifest_names_file_and_key(

@@ -446,7 +446,7 @@ async def test_unknown_path_is_404() -> None:
     [
         ({"sample_rate": "12345"}, "sample_rate"),
         ({"encoding": "flac"}, "encoding"),
-        ({"encoding": "opus"}, "encoding"),
+        ({"encoding": "opus", "sample_rate": "44100"}, "sample_rate"),
         ({"language": "xx"}, "language"),
         ({"word_timestamps": "maybe"}, "word_timestamps"),
         ({"keywords": "product"}, "keywords"),

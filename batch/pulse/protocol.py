@@ -47,6 +47,11 @@ UNIFIED_MODELS: Final = ("pulse", "pulse-pro")
 
 # Bytes per sample of each PCM wire encoding (opus kinds are framed, not per-sample).
 PCM_SAMPLE_BYTES: Final = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
+# Opus codes only these rates. ``opus``: one Opus packet per binary message;
+# ``ogg_opus``: an Ogg Opus stream cut into messages anywhere.
+OPUS_ENCODINGS: Final = ("opus", "ogg_opus")
+OPUS_SAMPLE_RATES: Final = (8000, 12000, 16000, 24000, 48000)
+OPUS_FRAME_S: Final = 0.02
 
 
 class ParamError(ValueError):
@@ -188,6 +193,11 @@ def parse_query(params: Mapping[str, Sequence[str]], *, unified: bool = False) -
     rate_text = _single(params, "sample_rate") or str(defaults.sample_rate)
     if not rate_text.isdigit() or int(rate_text) not in SAMPLE_RATES:
         raise ParamError("sample_rate", f"{rate_text!r} is not one of {SAMPLE_RATES}")
+    if encoding in OPUS_ENCODINGS and int(rate_text) not in OPUS_SAMPLE_RATES:
+        raise ParamError(
+            "sample_rate",
+            f"{encoding} needs one of {tuple(r for r in SAMPLE_RATES if r in OPUS_SAMPLE_RATES)}",
+        )
     numerals = (_single(params, "numerals") or defaults.numerals).lower()
     if numerals not in NUMERALS:
         raise ParamError("numerals", f"{numerals!r} is not one of {NUMERALS}")

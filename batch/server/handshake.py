@@ -13,13 +13,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from batch.pulse.protocol import (
     LEGACY_PATH,
-    PCM_SAMPLE_BYTES,
     UNIFIED_PATH,
     ParamError,
     PulseOptions,
     parse_query,
 )
-from batch.server.audio import UNSUPPORTED_ENCODINGS
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,5 @@ def check_request(
         options = parse_query(params, unified=parts.path == UNIFIED_PATH)
     except ParamError as exc:
         return Refusal(400, str(exc))
-    if options.encoding in UNSUPPORTED_ENCODINGS:
-        return Refusal(
-            400,
-            f"invalid query parameter 'encoding': encoding {options.encoding!r} is not "
-            f"supported by the local server; use one of {tuple(PCM_SAMPLE_BYTES)}",
-        )
     query = {name: values[-1] for name, values in params.items()}
     return Admission(parts.path, options, query)

@@ -32,7 +32,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from batch.pulse.protocol import END_MESSAGES, LEGACY_PATH, UNIFIED_PATH, PulseOptions, Word
-from batch.server.audio import WireDecoder
+from batch.server.audio import make_wire_decoder
 from batch.server.engines import Engine
 from batch.server.faults import FaultDraw, FaultKind
 from batch.server.messages import error_message, shift_words, transcript_message
@@ -95,7 +95,7 @@ class StreamSession:
         self._settings = settings
         self._options = settings.options
         self._record = record
-        self._decoder = WireDecoder(settings.options.encoding)
+        self._decoder = make_wire_decoder(settings.options.encoding, settings.options.sample_rate)
         self._segmenter = Segmenter(settings.options.sample_rate)
         self._jobs_in, self._jobs_out = anyio.create_memory_object_stream[Job](math.inf)
         self._end_type = END_MESSAGES[UNIFIED_PATH if settings.unified else LEGACY_PATH]["type"]
