@@ -124,3 +124,19 @@ def test_key_stays_out_of_debug_logs_and_outputs(tmp_path: Path) -> None:
     assert key not in done.stdout + done.stderr
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written and all(key.encode() not in p.read_bytes() for p in written)
+
+
+@pytest.mark.parametrize("encoding", ["linear16", "ogg_opus"])
+def test_audio_is_paced_as_configured(encoding: str, tmp_path: Path) -> None:
+    _media(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path, pulse={"encoding": encoding}, run={"concurrency": 4, "pace": 2.0}
+    )
+    with server_in_thread() as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest))
+        paces = [s.pace for s in server.stats.sessions]
+    assert done.returncode == 0, done.stderr
+    assert len(paces) == ITEMS
+    assert all(p is not None and 1.8 <= p <= 2.25 for p in paces), paces
