@@ -92,14 +92,15 @@ class _ConsoleObserver(jobs.Observer):
     def planned(self, items: int, audio_s: float, skipped: int) -> None:
         self.total = items
         logger.info(
-            "planned %d item(s), %.1f s of audio; %d already ok, skipped", items, audio_s, skipped
+            "planned %d item(s), %.1f s of audio; skipping %d already ok", items, audio_s, skipped
         )
         if self.live and items:
+            # The bar and its ETA follow audio, not item count: one long file is not one tick.
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                TextColumn("{task.completed}/{task.total} items"),
-                TextColumn("{task.fields[audio]}"),
+                TextColumn("{task.fields[items]} items"),
+                TextColumn("{task.completed:.0f}/{task.total:.0f} s audio"),
                 TextColumn("{task.fields[sessions]} open"),
                 TextColumn("[red]{task.fields[failed]} failed"),
                 TimeRemainingColumn(),
@@ -107,7 +108,7 @@ class _ConsoleObserver(jobs.Observer):
                 transient=False,
             )
             self.task = self.progress.add_task(
-                "transcribing", total=items, audio="0 s audio", sessions=0, failed=0
+                "transcribing", total=max(audio_s, 1e-9), items=f"0/{items}", sessions=0, failed=0
             )
             self.progress.start()
 
@@ -130,8 +131,8 @@ class _ConsoleObserver(jobs.Observer):
         if self.progress is not None and self.task is not None:
             self.progress.update(
                 self.task,
-                completed=self.done,
-                audio=f"{self.audio_s:.0f} s audio",
+                completed=self.audio_s,
+                items=f"{self.done}/{self.total}",
                 sessions=self.open,
                 failed=self.failed,
             )

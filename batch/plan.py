@@ -206,5 +206,6 @@ def _channel_name(names: list[str] | None, channel: int | None) -> str | None:
 
 
 def longest_first(items: Iterable[Item]) -> list[Item]:
-    """Longest recordings start first, so no long file starts last and holds the job up."""
-    return sorted(items, key=lambda item: -(item.duration_s or 0.0))
+    """Longest recordings start first, so no long file starts last and holds the job up.
+    Items already known bad come before all (they cost nothing and report at once)."""
+    return sorted(items, key=lambda item: (item.error is None, -(item.duration_s or 0.0)))

@@ -355,6 +355,7 @@ class ItemRunner:
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
         self.finished_items += 1
+        self.progress.sessions_open(self.limit.open_now)
         self.sink.add(rows)
         if self.sink.due:
             self.sink.commit()
