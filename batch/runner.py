@@ -118,14 +118,18 @@ class ItemRunner:
         self.fatal: BaseException | None = None
         self.finished_items = 0
         self._pieces: dict[str, _Pieces] = {}
+        self._commit_lock = anyio.Lock()
 
     # --- the worker ----------------------------------------------------------------
 
     async def process(self, unit: Unit) -> None:
         if unit.piece is not None:
             await self._process_piece(unit)
-            return
-        item = unit.item
+        else:
+            await self._process_item(unit.item)
+        await self.commit_if_due()
+
+    async def _process_item(self, item: Item) -> None:
         started = datetime.now(UTC)
         if item.error is not None:
             self._finish(item, started, attempts=0, error=item.error)
@@ -357,9 +361,16 @@ class ItemRunner:
         self.finished_items += 1
         self.progress.sessions_open(self.limit.open_now)
         self.sink.add(rows)
-        if self.sink.due:
-            self.sink.commit()
         self.progress.item_done(item, collected is not None, duration_s)
+
+    async def commit_if_due(self) -> None:
+        """Commit buffered rows off the event loop, so paced sessions keep their pace."""
+        if not self.sink.due:
+            return
+        # Shielded: rows taken from the buffer are always written, even during a stop.
+        with anyio.CancelScope(shield=True):
+            async with self._commit_lock:
+                await anyio.to_thread.run_sync(self.sink.write, self.sink.take())
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:

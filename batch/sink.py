@@ -333,9 +333,18 @@ class Sink:
 
     def commit(self) -> None:
         """Write everything buffered as one atomic batch. A no-op when empty."""
-        if not self._buffer:
-            return
+        self.write(self.take())
+
+    def take(self) -> list[ItemRows]:
+        """Empty the buffer; `write` the result (in a thread, if the caller likes)."""
         rows, self._buffer = self._buffer, []
+        self._last_commit = time.monotonic()
+        return rows
+
+    def write(self, rows: list[ItemRows]) -> None:
+        """Commit ``rows`` as one atomic batch. Calls must not overlap."""
+        if not rows:
+            return
         self._batches += 1
         name = f"{self.run_id}-{self._batches:05d}"
         batch_dir = self.out_dir / "_staging" / self.job / name
@@ -346,7 +355,6 @@ class Sink:
         _write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
         _apply_plan(self.out_dir, batch_dir)
         self.committed_items += len(rows)
-        self._last_commit = time.monotonic()
 
     def _stage_tables(
         self, rows: list[ItemRows], batch_dir: Path, file_name: str
