@@ -370,7 +370,8 @@ class ItemRunner:
         # Shielded: rows taken from the buffer are always written, even during a stop.
         with anyio.CancelScope(shield=True):
             async with self._commit_lock:
-                await anyio.to_thread.run_sync(self.sink.write, self.sink.take())
+                if self.sink.due:  # another worker may have just committed these rows
+                    await anyio.to_thread.run_sync(self.sink.write, self.sink.take())
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:
