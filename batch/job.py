@@ -293,7 +293,7 @@ def exit_code(
         return EXIT_FATAL_SERVICE
     items = report["items"]
     failed = int(items["failed"]) + int(items.get("not_run", 0))
-    attempted = max(1, int(items["ok"]) + failed)
-    if max_failure_ratio is not None:
-        return EXIT_OK if failed / attempted <= max_failure_ratio else EXIT_ITEMS_FAILED
+    if max_failure_ratio is not None:  # a share of all the job's items, skipped ones included
+        share = failed / max(1, int(items["total"]))
+        return EXIT_OK if share <= max_failure_ratio else EXIT_ITEMS_FAILED
     return EXIT_OK if failed <= max_failures else EXIT_ITEMS_FAILED
