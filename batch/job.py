@@ -92,9 +92,13 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
         required = not endpoint.is_loopback
         yield endpoint, api_key_from_env(pulse.api_key_env, required=required)
         return
-    from batch.server import local_server  # the embedded server: only when asked for
+    from batch.server import EngineUnavailable, local_server, make_engine  # only when asked for
 
-    async with local_server(engine=pulse.local_engine) as server:
+    try:
+        engine = make_engine(pulse.local_engine)
+    except EngineUnavailable as exc:
+        raise ManifestError("pulse.local_engine", str(exc)) from None
+    async with local_server(engine=engine) as server:
         yield Endpoint(server.url), None
 
 

@@ -9,12 +9,19 @@ The CLI command lives in `batch.server.cli.serve`.
 """
 
 from batch.server.app import LocalServer, local_server
-from batch.server.engines import Engine, SyntheticEngine, WhisperEngine, make_engine
+from batch.server.engines import (
+    Engine,
+    EngineUnavailable,
+    SyntheticEngine,
+    WhisperEngine,
+    make_engine,
+)
 from batch.server.faults import FaultConfig, FaultConfigError, FaultDraw, FaultKind, draw_fault
 from batch.server.stats import ServerStats, SessionRecord
 
 __all__ = [
     "Engine",
+    "EngineUnavailable",
     "FaultConfig",
     "FaultConfigError",
     "FaultDraw",

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from batch.server.app import local_server
-from batch.server.engines import make_engine
+from batch.server.engines import EngineUnavailable, make_engine
 from batch.server.faults import FaultConfig, FaultConfigError
 
 FAULTS = "Fault injection"
@@ -121,6 +121,9 @@ def serve(
     except OSError as exc:
         typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
         raise typer.Exit(1) from exc
+    except EngineUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _api_key(env_name: str | None) -> str | None:

