@@ -102,8 +102,10 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
         yield Endpoint(server.url), None
 
 
-def plan_items(loaded: LoadedManifest) -> list[Item]:
-    items = make_items(expand_sources(loaded), loaded)
+def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:
+    """Every item of the manifest, in the order they should start; items in ``done``
+    (already ok) are listed without probing their files."""
+    items = make_items(expand_sources(loaded), loaded, done=done)
     return longest_first(items) if loaded.manifest.run.order == "longest_first" else items
 
 
@@ -138,14 +140,14 @@ async def run_job(
         endpoint=manifest.pulse.endpoint,
         price_per_minute=manifest.output.price_per_minute,
     )
-    items = plan_items(loaded)
-    stats.items_total = len(items)
     if opts.dry_run:
-        return _dry_run(loaded, items, stats)
+        return _dry_run(loaded, stats)
     sinks.check_layout(out_dir, manifest.output.partition_by)
     with sinks.job_lock(out_dir, manifest.job):
         sinks.recover(out_dir, manifest.job)
         done = sinks.ok_item_ids(out_dir, manifest.job)
+        items = plan_items(loaded, frozenset() if opts.force else frozenset(done))
+        stats.items_total = len(items)
         failed_before = _failed_ids(out_dir, manifest.job) if not opts.retry_failed else set()
         todo = _todo(items, done, opts, failed_before)
         stats.skipped_done = len(items) - len(todo)
@@ -239,7 +241,7 @@ async def _watch_signals(
 
 
 def _failed_ids(out_dir: Path, job: str) -> set[str]:
-    rows = sinks.read_table(out_dir, "transcripts", job)
+    rows = sinks.read_table(out_dir, "transcripts", job, columns=["item_id", "status"])
     return {
         str(v)
         for v, s in zip(rows["item_id"].to_pylist(), rows["status"].to_pylist(), strict=True)
@@ -247,9 +249,10 @@ def _failed_ids(out_dir: Path, job: str) -> set[str]:
     }
 
 
-def _dry_run(loaded: LoadedManifest, items: list[Item], stats: RunStats) -> JobResult:
+def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
     out_dir = loaded.output_dir
     done = sinks.ok_item_ids(out_dir, loaded.manifest.job) if out_dir.exists() else set()
+    items = plan_items(loaded, frozenset(done))
     todo = [i for i in items if i.item_id not in done and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     report = {

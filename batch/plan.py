@@ -145,14 +145,25 @@ def make_items(
     sources: Iterable[Source],
     loaded: LoadedManifest,
     prober: Prober = probe,
+    done: frozenset[str] = frozenset(),
 ) -> list[Item]:
-    """Items for every source, probing each once; bad files become failed items."""
+    """Items for every source, probing each once; bad files become failed items.
+
+    Sources whose id is in ``done`` (already ok) are not probed: a nightly rerun over a
+    growing archive costs one probe per new file, not per file.
+    """
     manifest = loaded.manifest
     items: list[Item] = []
     for source in sources:
         options = manifest.pulse.options(source.language)
         spec = source.channels if source.channels is not None else manifest.run.channels
         path = str(source.path)
+        if spec != "split":  # the id does not depend on the file's channel count
+            channel = None if spec == "mix" else int(spec)
+            known = item_id(path, channel, options)
+            if known in done:
+                items.append(Item(known, path, channel, None, options, source.metadata))
+                continue
         try:
             info = prober(source.path, manifest.run.stream_index)
         except InputError as unusable:

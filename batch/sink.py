@@ -234,18 +234,21 @@ def _dataset(out_dir: Path, table: str) -> ds.Dataset | None:
     return ds.dataset(root, format="parquet", partitioning="hive", exclude_invalid_files=True)
 
 
-def read_table(out_dir: Path, table: str, job: str | None = None) -> pa.Table:
-    """A whole table (optionally one job's rows) as pyarrow; empty if nothing written."""
+def read_table(
+    out_dir: Path, table: str, job: str | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """A table (optionally one job's rows, some columns) as pyarrow; empty if none written."""
     dataset = _dataset(out_dir, table)
     if dataset is None:
-        return logical_schema(table).empty_table()
+        empty = logical_schema(table).empty_table()
+        return empty.select(columns) if columns else empty
     expression = (ds.field("job") == job) if job is not None else None
-    return dataset.to_table(filter=expression)
+    return dataset.to_table(columns=columns, filter=expression)
 
 
 def ok_item_ids(out_dir: Path, job: str) -> set[str]:
     """Items of the job whose latest committed result is ``ok``."""
-    rows = read_table(out_dir, "transcripts", job)
+    rows = read_table(out_dir, "transcripts", job, columns=["item_id", "status"])
     if rows.num_rows == 0:
         return set()
     ok = rows.filter(pc.equal(rows["status"], "ok"))
@@ -254,7 +257,8 @@ def ok_item_ids(out_dir: Path, job: str) -> set[str]:
 
 def job_summary(out_dir: Path, job: str) -> dict[str, Any]:
     """Every run of the job so far, by each item's latest result."""
-    rows = read_table(out_dir, "transcripts", job)
+    wanted = ["item_id", "status", "finished_at", "duration_s", "run_id"]
+    rows = read_table(out_dir, "transcripts", job, columns=wanted)
     latest: dict[str, tuple[Any, str, float]] = {}
     for item, status, finished, duration in zip(
         rows["item_id"].to_pylist(),

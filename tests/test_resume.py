@@ -222,3 +222,14 @@ def test_second_run_of_a_running_job_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 4
     assert "already running" in done.stderr
     assert run_cli("run", str(manifest)).returncode == 0  # the lock is gone with its holder
+
+
+def test_rerun_does_not_touch_files_already_transcribed(tmp_path: Path) -> None:
+    files = _tone_files(tmp_path / "media", 2)
+    manifest = write_manifest(tmp_path, inputs=[{"path": f"media/{f.name}"} for f in files])
+    assert run_cli("run", str(manifest)).returncode == 0
+    files[0].write_bytes(b"")  # truncated after it was transcribed: not even opened again
+    files[1].unlink()  # archived away: its result stays, it is not a failure
+    rerun = run_cli("run", str(manifest))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "skipped=2" in rerun.stdout
