@@ -25,6 +25,7 @@ from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
+from batch.pulse import protocol
 from batch.report import latest_report, render_markdown, summary_line
 from batch.server.cli import serve
 
@@ -236,7 +237,18 @@ def probe_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show what the runner would do with each file: streams, channels, rate, duration."""
+    if encoding not in protocol.ENCODINGS:
+        raise typer.BadParameter(f"use one of {protocol.ENCODINGS}", param_hint="--encoding")
+    if sample_rate not in protocol.SAMPLE_RATES:
+        raise typer.BadParameter(f"use one of {protocol.SAMPLE_RATES}", param_hint="--sample-rate")
     wire = WireFormat(encoding, sample_rate)
+    if wire.is_opus:
+        will_send = f"mono {encoding} at {sample_rate} Hz (20 ms Opus frames)"
+    else:
+        will_send = (
+            f"mono {encoding} at {sample_rate} Hz "
+            f"({wire.bytes_per_second} bytes/s, {wire.chunk_bytes}-byte chunks)"
+        )
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
@@ -244,13 +256,7 @@ def probe_command(
         except InputError as exc:
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
-        rows.append(
-            {
-                **info.__dict__,
-                "will_send": f"mono {wire.encoding} at {wire.sample_rate} Hz "
-                f"({wire.bytes_per_second} bytes/s, {wire.chunk_bytes}-byte chunks)",
-            }
-        )
+        rows.append({**info.__dict__, "will_send": will_send})
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
