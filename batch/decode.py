@@ -388,6 +388,27 @@ class DecodedAudio:
                 ) from exc
             if first:
                 raise InputError("no_audio", path, "audio stream holds no decodable samples")
+            _check_complete(path, stream, decoded_s)
+
+
+# A stream that decodes to less than its header declares was cut short (an interrupted copy
+# or upload). Only the stream's own duration is trusted: container estimates from bitrate
+# (mp3 without a header) can be off by more than this.
+_TRUNCATED_SHARE = 0.9
+_TRUNCATED_MIN_S = 0.5
+
+
+def _check_complete(path: Path, stream: Any, decoded_s: float) -> None:
+    if stream.duration is None or stream.time_base is None:
+        return
+    declared_s = float(stream.duration * stream.time_base)
+    if decoded_s < declared_s * _TRUNCATED_SHARE and declared_s - decoded_s > _TRUNCATED_MIN_S:
+        raise InputError(
+            "decode_error",
+            path,
+            f"decoded {decoded_s:.2f} s of the {declared_s:.2f} s its header declares; the file"
+            " looks truncated, so the item fails rather than store a partial transcript",
+        )
 
 
 def _channel(frame: Any, pick: int | None) -> np.ndarray:

@@ -150,8 +150,10 @@ async def run_job(
         stats.items_total = len(items)
         failed_before = _failed_ids(out_dir, manifest.job) if not opts.retry_failed else set()
         todo = _todo(items, done, opts, failed_before)
-        stats.skipped_done = len(items) - len(todo)
-        observer.planned(len(todo), sum(i.duration_s or 0 for i in todo), stats.skipped_done)
+        stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
+        stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
+        planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
+        observer.planned(len(todo), planned_audio_s, stats.skipped_done)
         sink = sinks.Sink(
             out_dir,
             job=manifest.job,
@@ -299,7 +301,8 @@ def exit_code(
     if report.get("status") == "aborted":
         return EXIT_FATAL_SERVICE
     items = report["items"]
-    failed = int(items["failed"]) + int(items.get("not_run", 0))
+    # Failed items a --no-retry-failed rerun left alone are still failures of the job.
+    failed = int(items["failed"]) + int(items["not_run"]) + int(items["skipped_failed_before"])
     if max_failure_ratio is not None:  # a share of all the job's items, skipped ones included
         share = failed / max(1, int(items["total"]))
         return EXIT_OK if share <= max_failure_ratio else EXIT_ITEMS_FAILED

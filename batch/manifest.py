@@ -40,11 +40,12 @@ Language = Annotated[str, AfterValidator(_one_of(protocol.LANGUAGES, "language")
 Encoding = Annotated[str, AfterValidator(_one_of(protocol.ENCODINGS, "encoding"))]
 SampleRate = Annotated[int, AfterValidator(_one_of(protocol.SAMPLE_RATES, "sample rate"))]
 Channels = Literal["mix", "split"] | Annotated[int, Field(ge=0)]
-PartitionColumn = Literal["job", "date", "language", "channel", "status"]
+PartitionColumn = Literal["job", "date", "language"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "4" is not a number and true is not 1; no infinities or NaNs either.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class GlobInput(_Strict):
@@ -171,6 +172,16 @@ class RunConfig(_Strict):
     piece_target_s: float = Field(300.0, ge=5)
     split_window_s: float = Field(15.0, gt=0)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if {"chunk_bytes", "chunk_ms"} <= self.model_fields_set:
+            raise ValueError("give chunk_bytes or chunk_ms, not both")
+        if self.channel_names is not None and self.channels != "split":
+            raise ValueError("channel_names needs channels: split")
+        if self.split_long_files and self.piece_target_s >= self.split_threshold_s:
+            raise ValueError("piece_target_s must be below split_threshold_s")
+        return self
+
 
 class OutputConfig(_Strict):
     path: str = "out"
@@ -194,6 +205,16 @@ class Manifest(_Strict):
     pulse: PulseConfig = PulseConfig()
     run: RunConfig = RunConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _whole_samples_per_chunk(self) -> Manifest:
+        width = protocol.PCM_SAMPLE_BYTES.get(self.pulse.encoding, 1)
+        if self.run.chunk_bytes % width:
+            raise ValueError(
+                f"run.chunk_bytes {self.run.chunk_bytes} splits {self.pulse.encoding} samples "
+                f"({width} bytes each); use a multiple of {width}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _split_needs_pcm(self) -> Manifest:

@@ -128,13 +128,18 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             sources.append(Source(resolved, entry.language, entry.channels, explicit=True))
         elif isinstance(entry, ListInput):
             sources.extend(_sources_from_list(base / entry.list))
-    seen: set[Path] = set()
+    # The same file asked for twice with the same options is one item; with a different
+    # language or channel choice it is different work, and stays.
+    seen: set[tuple[Path, str | None, ChannelSpec | None]] = set()
     unique = []
     for source in sources:
-        key = source.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(replace(source, path=key))
+        path = source.path.resolve()
+        key = (path, source.language, source.channels)
+        if key in seen:
+            logger.info("%s is listed more than once with the same options: kept once", path)
+            continue
+        seen.add(key)
+        unique.append(replace(source, path=path))
     return unique
 
 

@@ -40,11 +40,13 @@ class RunStats:
     signal_name: str | None = None
     items_total: int = 0
     skipped_done: int = 0
+    skipped_failed: int = 0  # failed before, not retried (--no-retry-failed)
     ok: int = 0
     failed: int = 0
     not_run: int = 0
     attempts: int = 0
     retries: int = 0
+    refused_handshakes: int = 0  # attempts the service refused before opening a session
     audio_s: float = 0.0  # audio of items that ended ok
     billed_audio_s: float = 0.0  # every second sent, retries included
     busy_session_s: float = 0.0
@@ -88,12 +90,14 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "items": {
             "total": stats.items_total,
             "skipped_already_ok": stats.skipped_done,
+            "skipped_failed_before": stats.skipped_failed,
             "ok": stats.ok,
             "failed": stats.failed,
             "not_run": stats.not_run,
         },
         "attempts": stats.attempts,
         "retries": stats.retries,
+        "refused_handshakes": stats.refused_handshakes,
         "audio_s": round(stats.audio_s, 3),
         "wall_s": round(wall, 3),
         "throughput_x_realtime": round(stats.audio_s / wall, 3),
@@ -130,6 +134,7 @@ def summary_line(report: dict[str, Any]) -> str:
         "ok": items["ok"],
         "failed": items["failed"],
         "skipped": items["skipped_already_ok"],
+        "skipped_failed": items["skipped_failed_before"],
         "not_run": items["not_run"],
         "retries": report["retries"],
         "audio_s": report["audio_s"],
@@ -157,7 +162,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Audio transcribed: {report['audio_s']} s in {report['wall_s']} s wall "
         f"= **{report['throughput_x_realtime']}x real time**",
-        f"- Sessions: {report['attempts']} opened, {report['retries']} retries; pool "
+        f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
+        f" the handshake), {report['retries']} retries; pool "
         f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
         f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "

@@ -21,7 +21,14 @@ import anyio
 from batch import sink as sinks
 from batch.collect import Collected, collect_finals
 from batch.decode import DecodedAudio, WireFormat
-from batch.errors import InputError, PulseBatchError, Scope, classify, error_kind
+from batch.errors import (
+    HandshakeRejected,
+    InputError,
+    PulseBatchError,
+    Scope,
+    classify,
+    error_kind,
+)
 from batch.manifest import LoadedManifest
 from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
@@ -293,6 +300,9 @@ class ItemRunner:
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),
             )
+        except HandshakeRejected:
+            self.stats.refused_handshakes += 1
+            raise
         finally:
             self.stats.billed_audio_s += audio.duration_s
         self.stats.busy_session_s += result.busy_s

@@ -213,7 +213,10 @@ class _Stream:
             if message.transcript or message.words:
                 result.finals.append(message)
         if message.is_last:
-            result.end_to_last_s = time.monotonic() - (self.end_sent_at or time.monotonic())
+            if not self.end_sent.is_set():
+                # A terminal message before all the audio was sent: the rest would be lost.
+                raise ProtocolViolation("service sent is_last before the end of the audio")
+            result.end_to_last_s = time.monotonic() - self.end_sent_at
             return True
         return False
 

@@ -63,7 +63,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("status", pa.string(), "ok or failed"),
         ("error_kind", pa.string(), "why it failed (see README), null when ok"),
         ("error", pa.string(), "the failure message, naming the file; null when ok"),
-        ("attempts", pa.int32(), "sessions opened for the item in this run"),
+        ("attempts", pa.int32(), "session attempts for the item in this run (refusals too)"),
         ("pieces", pa.int32(), "sessions the recording was split into (1: streamed whole)"),
         ("duration_s", pa.float64(), "exact audio seconds sent (decoded samples / rate)"),
         ("transcript", pa.string(), "final segments joined by spaces"),

@@ -40,7 +40,9 @@ def test_failure_allowances_decide_the_exit_code(tmp_path: Path) -> None:
     assert _summary(allowed.stdout)["skipped"] == "3"  # the failed one was retried
     assert run_cli("run", str(manifest), "--max-failure-ratio", "0.5").returncode == 0
     assert run_cli("run", str(manifest), "--max-failure-ratio", "0.0").returncode == 1
-    assert _summary(run_cli("run", str(manifest), "--no-retry-failed").stdout)["failed"] == "0"
+    kept_failed = run_cli("run", str(manifest), "--no-retry-failed")
+    assert kept_failed.returncode == 1  # the failed item was left failed, not fixed
+    assert _summary(kept_failed.stdout)["skipped_failed"] == "1"
 
 
 def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:

@@ -142,27 +142,35 @@ def _corrupt_middle(path: Path) -> Path:
     return path
 
 
-def _bad_inputs(folder: Path) -> dict[str, Path]:
+def _truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _bad_inputs(folder: Path) -> list[tuple[str, Path]]:
+    """(the error_kind each should fail with, the file)."""
     folder.mkdir()
     (folder / "empty.wav").write_bytes(b"")
     (folder / "notes.wav").write_text("meeting notes, not audio\n" * 40)
-    silent_video = folder / "video-only.mp4"
-    write_video(silent_video, None, 44100, "mp4")
-    long_mp3 = write_format(
-        folder / "broken.mp3", "mp3", [tone_track([Burst(1, 0.4, 440)], 20.0, 44100)], 44100
-    )
-    good = write_format(folder / "good.wav", "wav_s16", [tone_track(BURSTS, 5.0, 16000)], 16000)
-    return {
-        "empty": folder / "empty.wav",
-        "not_media": folder / "notes.wav",
-        "no_audio": silent_video,
-        "decode_error": _corrupt_middle(long_mp3),
-        "ok": good,
-    }
+    silent_video = write_video(folder / "video-only.mp4", None, 44100, "mp4")
+    long_tone = [tone_track([Burst(1, 0.4, 440)], 20.0, 44100)]
+    return [
+        ("empty", folder / "empty.wav"),
+        ("not_media", folder / "notes.wav"),
+        ("no_audio", silent_video),
+        (
+            "decode_error",
+            _corrupt_middle(write_format(folder / "broken.mp3", "mp3", long_tone, 44100)),
+        ),
+        ("decode_error", _truncated(write_format(folder / "half.mp3", "mp3", long_tone, 44100))),
+    ]
 
 
 def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
-    paths = _bad_inputs(tmp_path / "media")
+    bad = _bad_inputs(tmp_path / "media")
+    good = write_format(
+        tmp_path / "media" / "good.wav", "wav_s16", [tone_track(BURSTS, 5.0, 16000)], 16000
+    )
     manifest = write_manifest(
         tmp_path, inputs=[{"glob": "media/*"}, {"path": "media/absent.wav"}], run={"pace": 0}
     )
@@ -173,14 +181,14 @@ def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
         f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
     ).fetchall()
     kinds = {Path(src).name: (status, kind, error) for src, status, kind, error in rows}
-    assert kinds["good.wav"][:2] == ("ok", None)
+    assert kinds[good.name][:2] == ("ok", None)
     assert kinds["absent.wav"][1] == "not_found"
-    for kind, path in paths.items():
-        if kind != "ok":
-            status, found, message = kinds[path.name]
-            assert (status, found) == ("failed", kind), (path.name, found, message)
-            assert path.name in message
-    assert "decoded" in kinds["broken.mp3"][2] or "after" in kinds["broken.mp3"][2]
+    for kind, path in bad:
+        status, found, message = kinds[path.name]
+        assert (status, found) == ("failed", kind), (path.name, found, message)
+        assert path.name in message
+    assert "corrupt audio after" in kinds["broken.mp3"][2]
+    assert "looks truncated" in kinds["half.mp3"][2]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")

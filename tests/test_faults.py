@@ -74,6 +74,15 @@ def test_fault_is_survived(kind: str, tmp_path: Path) -> None:
     _assert_complete_and_unique(tmp_path / "out")
 
 
+def test_is_last_before_all_audio_was_sent_is_not_trusted(tmp_path: Path) -> None:
+    # Paced, so the server's early is_last arrives while audio is still being sent.
+    faults = FaultConfig(seed=9, early_last_rate=0.5, fault_limit=8, fault_at_max_s=1.2)
+    _, report, stats = _run_against(tmp_path, faults, run={"pace": 4.0})
+    assert stats.faults["early_last"] >= 2
+    assert report["retries"] >= stats.faults["early_last"]
+    _assert_complete_and_unique(tmp_path / "out")
+
+
 def test_first_attempts_dropped_at_least_30_percent(tmp_path: Path) -> None:
     _, report, stats = _run_against(
         tmp_path, FaultConfig(seed=11, drop_rate=0.45, fault_limit=ITEMS, fault_at_max_s=1.8)

@@ -40,14 +40,23 @@ def test_expand_globs_paths_and_lists_without_duplicates(tmp_path: Path) -> None
         ],
     )
     sources = expand_sources(loaded)
-    names = [s.path.relative_to(tmp_path).as_posix() for s in sources]
-    assert names == ["rec/a.wav", "rec/b.wav", "rec/sub/c.wav", "rec/z.wav"]
+    named = [(s.path.relative_to(tmp_path).as_posix(), s.language) for s in sources]
+    # a.wav in German is different work from a.wav in the default language; the JSONL's
+    # b.wav and the explicit a.wav repeat what the glob already asked for.
+    assert named == [
+        ("rec/a.wav", None),
+        ("rec/b.wav", None),
+        ("rec/sub/c.wav", None),
+        ("rec/a.wav", "de"),
+        ("rec/z.wav", None),
+    ]
     items = make_items(sources, loaded)
+    assert len({i.item_id for i in items}) == 5
     missing = [i for i in items if i.error is not None]
     assert [(Path(i.source).name, i.error.kind) for i in missing if i.error] == [
         ("z.wav", "not_found")
     ]
-    assert items[3].metadata == {"customer": "zed"}
+    assert items[3].metadata == {"customer": "acme"} and items[4].metadata == {"customer": "zed"}
 
 
 def test_item_ids_are_stable_and_follow_options(tmp_path: Path) -> None:

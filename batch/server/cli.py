@@ -90,6 +90,13 @@ def serve(
             help="Share of sessions that go silent (never send is_last).", rich_help_panel=FAULTS
         ),
     ] = None,
+    early_last_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions ended early (is_last before the client's end).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     max_sessions: Annotated[
         int | None,
         typer.Option(help="Concurrent session limit (429 beyond).", rich_help_panel=FAULTS),
@@ -112,6 +119,7 @@ def serve(
         "error_rate": error_rate,
         "malformed_rate": malformed_rate,
         "stall_rate": stall_rate,
+        "early_last_rate": early_last_rate,
         "max_sessions": max_sessions,
         "fault_limit": fault_limit,
     }

@@ -15,6 +15,8 @@ malformed     one non-JSON text frame; the session then carries on and
               completes normally (``is_last``, close 1000).
 stall         the server stops sending: no more transcripts, no ``is_last``;
               the socket stays open until the client gives up.
+early_last    the server ends the session early: finals for what it has, ``is_last``
+              and close 1000 while the client is still sending (a truncated result).
 ============  ===============================================================
 
 Mid-stream kinds fire once the session has received ``trigger_s`` seconds of audio
@@ -44,6 +46,7 @@ class FaultKind(StrEnum):
     ERROR = "error"
     MALFORMED = "malformed"
     STALL = "stall"
+    EARLY_LAST = "early_last"
 
     @property
     def at_handshake(self) -> bool:
@@ -70,6 +73,7 @@ class FaultConfig:
     error_rate: float = 0.0
     malformed_rate: float = 0.0
     stall_rate: float = 0.0
+    early_last_rate: float = 0.0
     max_sessions: int | None = None
     fault_limit: int | None = None
     fault_at_max_s: float = 2.0
@@ -105,6 +109,7 @@ class FaultConfig:
             FaultKind.ERROR: self.error_rate,
             FaultKind.MALFORMED: self.malformed_rate,
             FaultKind.STALL: self.stall_rate,
+            FaultKind.EARLY_LAST: self.early_last_rate,
         }
 
     @classmethod

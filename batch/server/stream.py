@@ -220,6 +220,9 @@ class StreamSession:
         if fault.kind is FaultKind.MALFORMED:
             await self._ws.send(MALFORMED_FRAME)  # then carry on as if nothing happened
             return None
+        if fault.kind is FaultKind.EARLY_LAST:
+            self._queue_flush(is_last=True)  # as if the end signal had come now
+            return Outcome.END
         return _FAULT_OUTCOMES[fault.kind]
 
     # --- worker ----------------------------------------------------------------
