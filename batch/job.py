@@ -163,8 +163,9 @@ async def run_job(
             commit_every_s=manifest.output.commit_every_s,
             supersede=done if opts.force else None,
         )
-        signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
-        sink.commit()
+        with sinks.run_lock(out_dir, manifest.job, stats.run_id):
+            signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
+            sink.commit()
         stats.finished_at = datetime.now(UTC)
         report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
         path = write_report(out_dir, report)

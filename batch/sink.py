@@ -4,6 +4,7 @@ Layout under the output folder::
 
     transcripts/job=J/date=D/part-<run_id>-<batch>.parquet     (and words/, utterances/)
     _staging/<job>/<run_id>-<batch>/                           files being committed
+    _staging/<job>/<run_id>.lock                               held while that run is alive
     _locks/<job>.lock                                          one run per job at a time
     _pulse_batch.json                                          schema version, partitioning
 
@@ -142,32 +143,61 @@ def check_layout(out_dir: Path, partition_by: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def job_lock(out_dir: Path, job: str) -> Iterator[None]:
-    """Exclusive lock for one job in one output. The kernel drops it when the holder dies,
-    so a lock left by a killed process is never mistaken for a live one."""
-    lock_dir = out_dir / "_locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / f"{job}.lock"
+def _exclusive(path: Path, holder_note: str) -> Iterator[None]:
+    """An OS lock on ``path`` for the block; raises BlockingIOError if another process
+    holds it. The kernel drops it when its process dies: a killed run leaves no live lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise LockedError(
-                f"job {job!r} is already running into {out_dir} ({holder}); "
-                "wait for it to finish, or use another output.path"
-            ) from None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         handle.seek(0)
         handle.truncate()
-        handle.write(
-            f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
-        )
+        handle.write(holder_note)
         handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder_note() -> str:
+    return f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+
+
+@contextlib.contextmanager
+def job_lock(out_dir: Path, job: str) -> Iterator[None]:
+    """Exclusive lock for one job in one output: a second overlapping run is refused."""
+    path = out_dir / "_locks" / f"{job}.lock"
+    try:
+        with _exclusive(path, _holder_note()):
+            yield
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        raise LockedError(
+            f"job {job!r} is already running into {out_dir} ({holder}); "
+            "wait for it to finish, or use another output.path"
+        ) from None
+
+
+def _run_lock_path(out_dir: Path, job: str, run_id: str) -> Path:
+    return out_dir / "_staging" / job / f"{run_id}.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, job: str, run_id: str) -> Iterator[None]:
+    """Held by a run while it stages batches, so that `recover` (run by another process
+    writing another shard of the job) never touches a live run's work."""
+    path = _run_lock_path(out_dir, job, run_id)
+    with _exclusive(path, _holder_note()):
+        yield
+    path.unlink(missing_ok=True)
+
+
+def _run_alive(lock_path: Path) -> bool:
+    try:
+        with _exclusive(lock_path, "recovery check"):
+            return False
+    except BlockingIOError:
+        return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -209,11 +239,21 @@ def _apply_plan(out_dir: Path, batch_dir: Path) -> None:
 
 
 def recover(out_dir: Path, job: str) -> int:
-    """Finish or undo batches a killed run left behind. Call with the job lock held.
-    Returns how many batches were rolled forward."""
+    """Finish or undo batches that runs which are gone left behind (a live run's batches
+    are left alone). Returns how many batches were rolled forward."""
     staging = out_dir / "_staging" / job
     rolled = 0
-    for batch_dir in sorted(staging.glob("*")) if staging.exists() else ():
+    entries = sorted(staging.iterdir()) if staging.exists() else []
+    for lock in [e for e in entries if e.suffix == ".lock"]:
+        if not _run_alive(lock):
+            lock.unlink(missing_ok=True)
+    for batch_dir in [e for e in entries if e.is_dir()]:
+        name = batch_dir.name  # <run_id>-<batch>, or cache-<run_id>
+        run_id = (
+            name.removeprefix("cache-") if name.startswith("cache-") else name.rsplit("-", 1)[0]
+        )
+        if _run_lock_path(out_dir, job, run_id).exists():
+            continue  # its run is alive (a dead run's lock was removed above)
         if (batch_dir / "PLAN.json").exists():
             _apply_plan(out_dir, batch_dir)
             rolled += 1

@@ -120,3 +120,17 @@ def test_layout_and_lock_guards(tmp_path: Path) -> None:
         pass
     with sinks.job_lock(tmp_path, "j"):  # released: free again
         pass
+
+
+def test_recover_leaves_a_live_runs_batches_alone(tmp_path: Path) -> None:
+    """Shards of one job may share an output: recovery must not undo another live run."""
+    live = _sink(tmp_path, run_id="20260101T000000Z-aaaaaa")
+    live.add(_rows("x"))
+    staged = tmp_path / "_staging" / "j" / "20260101T000000Z-aaaaaa-00001"
+    staged.mkdir(parents=True)
+    (staged / "half-written.parquet").write_bytes(b"PAR1")
+    with sinks.run_lock(tmp_path, "j", "20260101T000000Z-aaaaaa"):
+        sinks.recover(tmp_path, "j")
+        assert staged.exists()  # its owner is alive
+    sinks.recover(tmp_path, "j")
+    assert not staged.exists()  # its owner is gone: uncommitted, discarded
