@@ -123,7 +123,6 @@ class ItemRunner:
         self.rng = random.Random()
         self.run_date = stats.started_at.strftime("%Y-%m-%d")
         self.fatal: BaseException | None = None
-        self.finished_items = 0
         self._pieces: dict[str, _Pieces] = {}
         self._commit_lock = anyio.Lock()
 
@@ -141,7 +140,8 @@ class ItemRunner:
         if item.error is not None:
             self._finish(item, started, attempts=0, error=item.error)
             return
-        if self._is_long(item) and await self._split(item, started):
+        if self._is_long(item):
+            await self._split(item, started)
             return
         record = Attempts()
         holder: list[DecodedAudio] = []
@@ -175,7 +175,7 @@ class ItemRunner:
         duration = item.duration_s or 0.0
         return self.run.split_long_files and duration > self.run.split_threshold_s
 
-    async def _split(self, item: Item, started: datetime) -> bool:
+    async def _split(self, item: Item, started: datetime) -> None:
         """Cache and cut a long item; each piece is queued first as soon as it is settled,
         so streaming starts while the rest of the file is still decoding."""
         path = self.cache_dir / f"{item.item_id}.pcm"
@@ -199,14 +199,13 @@ class ItemRunner:
             )
         except InputError as error:
             self._fail_pieces(item, state, error, str(error))
-            return True
+            return
         state.total = len(cached.pieces())
         state.total_samples = cached.total_samples
         logger.info(
             "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
         )
         self._complete_if_done(item, state)
-        return True
 
     async def _process_piece(self, unit: Unit) -> None:
         item, index = unit.item, unit.piece
@@ -368,7 +367,6 @@ class ItemRunner:
             transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
-        self.finished_items += 1
         self.progress.sessions_open(self.limit.open_now)
         self.sink.add(rows)
         self.progress.item_done(item, collected is not None, duration_s)
