@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -388,7 +389,7 @@ class DecodedAudio:
                 ) from exc
             if first:
                 raise InputError("no_audio", path, "audio stream holds no decodable samples")
-            _check_complete(path, stream, decoded_s)
+            _check_complete(path, container, stream, decoded_s)
 
 
 # A stream that decodes to less than its header declares was cut short (an interrupted copy
@@ -398,10 +399,29 @@ _TRUNCATED_SHARE = 0.9
 _TRUNCATED_MIN_S = 0.5
 
 
-def _check_complete(path: Path, stream: Any, decoded_s: float) -> None:
+def _declared_s(path: Path, container: Any, stream: Any) -> float | None:
+    """The length the file's own header states, if it states one we can trust."""
+    if container.format.name == "wav":
+        # FFmpeg sizes a WAV by the file; the RIFF header still says what was meant.
+        try:
+            with wave.open(str(path)) as header:
+                frames, rate = header.getnframes(), header.getframerate()
+                data_bytes = frames * header.getsampwidth() * header.getnchannels()
+        except (wave.Error, EOFError, OSError):
+            return None  # not plain PCM (float, extensible): trust FFmpeg
+        # Recorders that stream to disk write 0 or 0xFFFFFFFF and never come back to fix it.
+        if data_bytes == 0 or data_bytes >= 0xFFFFFFFF - 64 or rate <= 0:
+            return None
+        return float(frames / rate)
     if stream.duration is None or stream.time_base is None:
+        return None
+    return float(stream.duration * stream.time_base)
+
+
+def _check_complete(path: Path, container: Any, stream: Any, decoded_s: float) -> None:
+    declared_s = _declared_s(path, container, stream)
+    if declared_s is None:
         return
-    declared_s = float(stream.duration * stream.time_base)
     if decoded_s < declared_s * _TRUNCATED_SHARE and declared_s - decoded_s > _TRUNCATED_MIN_S:
         raise InputError(
             "decode_error",

@@ -163,6 +163,10 @@ def _bad_inputs(folder: Path) -> list[tuple[str, Path]]:
             _corrupt_middle(write_format(folder / "broken.mp3", "mp3", long_tone, 44100)),
         ),
         ("decode_error", _truncated(write_format(folder / "half.mp3", "mp3", long_tone, 44100))),
+        (
+            "decode_error",
+            _truncated(write_format(folder / "half.wav", "wav_s16", long_tone, 44100)),
+        ),
     ]
 
 
@@ -189,6 +193,17 @@ def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
         assert path.name in message
     assert "corrupt audio after" in kinds["broken.mp3"][2]
     assert "looks truncated" in kinds["half.mp3"][2]
+
+
+def test_wav_recorded_as_a_stream_is_not_called_truncated(tmp_path: Path) -> None:
+    """Recorders that write WAV as a stream leave 0xFFFFFFFF as the data size."""
+    path = _make("wav_s16", tmp_path)
+    data = bytearray(path.read_bytes())
+    data_at = data.index(b"data")
+    data[data_at + 4 : data_at + 8] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    audio = DecodedAudio(path, WireFormat("linear16", 16000))
+    assert sum(map(len, audio)) == 5 * 32000
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")

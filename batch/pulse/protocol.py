@@ -140,7 +140,8 @@ def validate_keyword(keyword: str, name: str = "keywords") -> str:
 def parse_keywords(value: str) -> tuple[str, ...]:
     """Both spellings: a JSON array string (reference page) or comma-joined (the SDK)."""
     text = value.strip()
-    if not text:
+    # The reference page's own example sends keywords=auto (and "None" when unset).
+    if not text or text.lower() in ("auto", "none", "null"):
         return ()
     if text.startswith("["):
         try:
