@@ -198,8 +198,9 @@ def run(
     report = result.report
     if report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
-    print(f"report: {result.report_path}")
-    print(f"        {result.report_path.with_suffix('.md') if result.report_path else ''}")
+    if result.report_path is not None:
+        print(f"report: {result.report_path}")
+        print(f"        {result.report_path.with_suffix('.md')}")
     print(summary_line(report))
     raise typer.Exit(
         jobs.exit_code(
