@@ -158,10 +158,11 @@ def run(
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
     max_failures: Annotated[
-        int, typer.Option(help="Failed items allowed before the exit code is 1.")
-    ] = 0,
+        int | None, typer.Option(help="Failed items allowed before the exit code is 1.")
+    ] = None,
     max_failure_ratio: Annotated[
-        float | None, typer.Option(help="Failed share (0-1) allowed; overrides --max-failures.")
+        float | None,
+        typer.Option(help="Or: the share (0-1) of the job's items allowed to fail."),
     ] = None,
     grace_s: Annotated[
         float, typer.Option(help="After SIGINT/SIGTERM, seconds in-flight items may finish.")
@@ -169,6 +170,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
+    if max_failures is not None and max_failure_ratio is not None:
+        raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
     loaded = _load(manifest)
     _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
     observer = _ConsoleObserver(live=err.is_terminal and not verbose)
@@ -205,7 +208,7 @@ def run(
     raise typer.Exit(
         jobs.exit_code(
             report,
-            max_failures=max_failures,
+            max_failures=max_failures or 0,
             max_failure_ratio=max_failure_ratio,
             signal_name=result.signal_name,
         )

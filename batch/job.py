@@ -148,7 +148,9 @@ async def run_job(
         done = sinks.ok_item_ids(out_dir, manifest.job)
         items = plan_items(loaded, frozenset() if opts.force else frozenset(done))
         stats.items_total = len(items)
-        failed_before = _failed_ids(out_dir, manifest.job) if not opts.retry_failed else set()
+        failed_before = (
+            sinks.failed_item_ids(out_dir, manifest.job) if not opts.retry_failed else set()
+        )
         todo = _todo(items, done, opts, failed_before)
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
@@ -241,15 +243,6 @@ async def _watch_signals(
             pool.stop_starting()
             scope_deadline = anyio.current_time() + opts.grace_s
             scope.deadline = min(scope.deadline, scope_deadline)
-
-
-def _failed_ids(out_dir: Path, job: str) -> set[str]:
-    rows = sinks.read_table(out_dir, "transcripts", job, columns=["item_id", "status"])
-    return {
-        str(v)
-        for v, s in zip(rows["item_id"].to_pylist(), rows["status"].to_pylist(), strict=True)
-        if s == "failed"
-    }
 
 
 def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:

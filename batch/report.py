@@ -180,7 +180,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if so_far:
         lines += [
             "",
-            f"Job so far ({so_far['runs']} run(s)): {so_far['items']} items, {so_far['ok']} ok, "
+            f"Job so far ({so_far['runs_with_rows']} run(s) with rows): {so_far['items']} items,"
+            f" {so_far['ok']} ok, "
             f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
         ]
     if report["failures"]:

@@ -26,10 +26,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from batch.errors import LockedError, ManifestError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
 PARTITION_CHOICES: Final = ("job", "date", "language")
@@ -129,8 +130,17 @@ def check_layout(out_dir: Path, partition_by: Sequence[str]) -> None:
     would make the dataset unreadable)."""
     marker = out_dir / "_pulse_batch.json"
     wanted = {"schema_version": SCHEMA_VERSION, "partition_by": list(partition_by)}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ManifestError(out_dir, "output.path exists and is not a folder") from None
     if marker.exists():
-        found = json.loads(marker.read_text())
+        try:
+            found = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ManifestError(
+                marker, "is not valid JSON; restore it or use a new output.path"
+            ) from None
         if found.get("partition_by") != wanted["partition_by"]:
             raise ManifestError(
                 out_dir,
@@ -138,7 +148,6 @@ def check_layout(out_dir: Path, partition_by: Sequence[str]) -> None:
                 f"this manifest asks {list(partition_by)}. Use a new output.path.",
             )
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(marker, json.dumps(wanted, indent=2).encode())
 
 
@@ -209,7 +218,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     with tmp.open("wb") as handle:
         handle.write(data)
         handle.flush()
@@ -271,48 +280,73 @@ def _dataset(out_dir: Path, table: str) -> ds.Dataset | None:
     root = out_dir / table
     if not root.exists() or not any(root.rglob("*.parquet")):
         return None
-    return ds.dataset(root, format="parquet", partitioning="hive", exclude_invalid_files=True)
+    # Every file arrives by an atomic rename, so none needs validating (which would open
+    # every job's files); a filter on a partition column then prunes without opening.
+    return ds.dataset(root, format="parquet", partitioning="hive")
+
+
+_READ_ATTEMPTS = 5
+
+
+def _reading(action: Callable[[], T]) -> T:
+    """Another job sharing the output may replace a file between listing and reading:
+    list again and retry."""
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return action()
+        except FileNotFoundError:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def read_table(
     out_dir: Path, table: str, job: str | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """A table (optionally one job's rows, some columns) as pyarrow; empty if none written."""
-    dataset = _dataset(out_dir, table)
-    if dataset is None:
-        empty = logical_schema(table).empty_table()
-        return empty.select(columns) if columns else empty
-    expression = (ds.field("job") == job) if job is not None else None
-    return dataset.to_table(columns=columns, filter=expression)
+
+    def read() -> pa.Table:
+        dataset = _dataset(out_dir, table)
+        if dataset is None:
+            empty = logical_schema(table).empty_table()
+            return empty.select(columns) if columns else empty
+        expression = (ds.field("job") == job) if job is not None else None
+        return dataset.to_table(columns=columns, filter=expression)
+
+    return _reading(read)
 
 
-def ok_item_ids(out_dir: Path, job: str) -> set[str]:
-    """Items of the job whose latest committed result is ``ok``."""
-    rows = read_table(out_dir, "transcripts", job, columns=["item_id", "status"])
-    if rows.num_rows == 0:
-        return set()
-    ok = rows.filter(pc.equal(rows["status"], "ok"))
-    return {str(v) for v in ok["item_id"].to_pylist()}
-
-
-def job_summary(out_dir: Path, job: str) -> dict[str, Any]:
-    """Every run of the job so far, by each item's latest result."""
-    wanted = ["item_id", "status", "finished_at", "duration_s", "run_id"]
+def _latest(out_dir: Path, job: str) -> dict[str, tuple[Any, str, float]]:
+    """Each item's latest result: (finished_at, status, duration_s)."""
+    wanted = ["item_id", "status", "finished_at", "duration_s"]
     rows = read_table(out_dir, "transcripts", job, columns=wanted)
     latest: dict[str, tuple[Any, str, float]] = {}
     for item, status, finished, duration in zip(
-        rows["item_id"].to_pylist(),
-        rows["status"].to_pylist(),
-        rows["finished_at"].to_pylist(),
-        rows["duration_s"].to_pylist(),
-        strict=True,
+        *(rows[c].to_pylist() for c in wanted), strict=True
     ):
         if item not in latest or finished >= latest[item][0]:
             latest[item] = (finished, status, duration or 0.0)
+    return latest
+
+
+def ok_item_ids(out_dir: Path, job: str) -> set[str]:
+    """Items of the job whose latest result is ``ok``."""
+    return {item for item, (_, status, _) in _latest(out_dir, job).items() if status == "ok"}
+
+
+def failed_item_ids(out_dir: Path, job: str) -> set[str]:
+    """Items of the job whose latest result is ``failed``."""
+    return {item for item, (_, status, _) in _latest(out_dir, job).items() if status != "ok"}
+
+
+def job_summary(out_dir: Path, job: str) -> dict[str, Any]:
+    """The job so far, by each item's latest result over every run with rows."""
+    latest = _latest(out_dir, job)
     ok = [v for v in latest.values() if v[1] == "ok"]
-    runs = set(rows["run_id"].to_pylist())
+    runs = read_table(out_dir, "transcripts", job, columns=["run_id"])["run_id"].to_pylist()
     return {
-        "runs": len(runs),
+        "runs_with_rows": len(set(runs)),
         "items": len(latest),
         "ok": len(ok),
         "failed": len(latest) - len(ok),
@@ -320,19 +354,36 @@ def job_summary(out_dir: Path, job: str) -> dict[str, Any]:
     }
 
 
+def _of_job(data: pa.Table, job: str) -> pa.ChunkedArray | pa.Array:
+    """Rows of ``job`` in one file: all of them when ``job`` is a partition folder."""
+    if "job" in data.column_names:
+        return pc.equal(data["job"], job)
+    return pa.array([True] * data.num_rows)
+
+
 def _files_with_items(out_dir: Path, job: str, item_ids: set[str]) -> list[Path]:
-    """Relative paths (shared by the three tables) of transcripts files holding these ok rows."""
-    dataset = _dataset(out_dir, "transcripts")
-    if dataset is None:
-        return []
+    """Relative paths (shared by the three tables) of transcripts files holding these ok
+    rows of this job (other jobs' rows are never touched, whatever the partitioning)."""
     wanted = pa.array(sorted(item_ids))
-    found = []
-    for fragment in dataset.get_fragments(filter=ds.field("job") == job):
-        ids = fragment.to_table(columns=["item_id", "status"])
-        hit = pc.and_(pc.is_in(ids["item_id"], value_set=wanted), pc.equal(ids["status"], "ok"))
-        if pc.any(hit).as_py():
-            found.append(Path(fragment.path).relative_to(out_dir / "transcripts"))
-    return found
+
+    def scan() -> list[Path]:
+        dataset = _dataset(out_dir, "transcripts")
+        found = []
+        for fragment in dataset.get_fragments(filter=ds.field("job") == job) if dataset else ():
+            path = Path(fragment.path)
+            data = pq.ParquetFile(path).read(columns=_present(path, ["item_id", "status", "job"]))
+            ok = pc.equal(data["status"], "ok")
+            hit = pc.and_(pc.is_in(data["item_id"], value_set=wanted), ok)
+            if pc.any(pc.and_(hit, _of_job(data, job))).as_py():
+                found.append(path.relative_to(out_dir / "transcripts"))
+        return found
+
+    return _reading(scan)
+
+
+def _present(path: Path, columns: list[str]) -> list[str]:
+    names = set(pq.read_schema(path).names)
+    return [c for c in columns if c in names]
 
 
 # --- writing ---------------------------------------------------------------------
@@ -435,8 +486,11 @@ class Sink:
         existing = self.out_dir / table / relative
         if not existing.exists():
             return []
-        data = pq.read_table(existing)
-        drop = pc.is_in(data["item_id"], value_set=pa.array(sorted(item_ids)))
+        data = pq.ParquetFile(existing).read()
+        drop = pc.and_(
+            pc.is_in(data["item_id"], value_set=pa.array(sorted(item_ids))),
+            _of_job(data, self.job),
+        )
         if table == "transcripts":
             drop = pc.and_(drop, pc.equal(data["status"], "ok"))
         kept = data.filter(pc.invert(drop))

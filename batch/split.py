@@ -100,9 +100,17 @@ class Cutter:
         start = max(0, low - half)
         around = self._energy[start : min(self._count, high + half)]
         smoothed = np.convolve(around, np.ones(self.span) / self.span, mode="same")
-        quietest = low + int(np.argmin(smoothed[low - start : high - start]))
+        frames = np.arange(low, high)
+        # The quietest span; among equally quiet ones the nearest the target length.
+        nearest = np.abs(frames - (self._position + self.target)) * 1e-12
+        middle = low + int(np.argmin(smoothed[low - start : high - start] + nearest))
+        # Then the quietest single frame inside that span, so a short pause between two
+        # sounds is found even when every 300 ms span holds some sound.
+        lo, hi = max(self._position + 1, middle - half), min(self._count, middle + half + 1)
+        inside = np.arange(lo, hi)
+        quietest = lo + int(np.argmin(self._energy[lo:hi] + np.abs(inside - middle) * 1e-12))
         self._position = quietest
-        return quietest * self.frame_samples
+        return quietest * self.frame_samples + self.frame_samples // 2  # mid-frame
 
 
 def choose_cuts(

@@ -204,7 +204,7 @@ def test_report_agrees_with_tables_and_server_counters(tmp_path: Path) -> None:
     received = sum(s.audio_s for s in stats.sessions)
     assert report["billing"]["billed_audio_minutes"] * 60 >= received - 0.01
     assert report["job_so_far"] == {
-        "runs": 1,
+        "runs_with_rows": 1,
         "items": 7,
         "ok": 6,
         "failed": 1,
@@ -233,3 +233,30 @@ def test_rerun_does_not_touch_files_already_transcribed(tmp_path: Path) -> None:
     rerun = run_cli("run", str(manifest))
     assert rerun.returncode == 0, rerun.stderr
     assert "skipped=2" in rerun.stdout
+
+
+def test_force_of_one_job_leaves_another_job_in_the_same_output_alone(tmp_path: Path) -> None:
+    _tone_files(tmp_path / "media", 3)
+    output = {"path": "out", "partition_by": ["date"]}  # job is a column, not a folder
+    alpha = write_manifest(tmp_path, job="alpha", output=output)
+    alpha = alpha.rename(tmp_path / "alpha.yaml")
+    beta = write_manifest(tmp_path, job="beta", output=output)
+    assert run_cli("run", str(alpha)).returncode == 0
+    assert run_cli("run", str(beta)).returncode == 0
+    assert run_cli("run", str(alpha), "--force").returncode == 0
+    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    w = f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true)"
+    per_job = duckdb.sql(f"select job, count(*) from {t} group by job order by job").fetchall()
+    assert per_job == [("alpha", 3), ("beta", 3)]
+    words = duckdb.sql(f"select job, count(*) from {w} group by job order by job").fetchall()
+    assert words == [("alpha", 9), ("beta", 9)]
+
+
+def test_a_failed_retry_after_ok_makes_the_item_work_again(tmp_path: Path) -> None:
+    files = _tone_files(tmp_path / "media", 2)
+    manifest = write_manifest(tmp_path)
+    assert run_cli("run", str(manifest)).returncode == 0
+    files[0].write_text("now corrupt")
+    assert run_cli("run", str(manifest), "--force").returncode == 1
+    rerun = run_cli("run", str(manifest))  # the latest result of that item is a failure
+    assert rerun.returncode == 1 and "skipped=1" in rerun.stdout

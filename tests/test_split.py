@@ -130,3 +130,31 @@ def test_split_channels_and_long_files_together(tmp_path: Path) -> None:
         (1, len(right), 1, per_channel[1][3]),
     ]
     assert all(int(str(row[3])) >= 4 for row in per_channel)
+
+
+def test_cuts_find_short_pauses_between_dense_sounds(tmp_path: Path) -> None:
+    """0.2 s sounds 0.12 s apart: every 300 ms span holds sound, yet no cut may split one."""
+    bursts = [Burst(round(0.5 + i * 0.32, 3), 0.2, 440) for i in range(100)]
+    duration = 33.0
+    media = tmp_path / "media"
+    media.mkdir()
+    write_format(media / "dense.wav", "wav_s16", [tone_track(bursts, duration, RATE)], RATE)
+    manifest = write_manifest(
+        tmp_path,
+        run={
+            "concurrency": 4,
+            "pace": 0,
+            "split_long_files": True,
+            "split_threshold_s": 20,
+            "piece_target_s": 8,
+            "split_window_s": 2,
+        },
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    words = _query(out, "select start_s, piece from {w} order by idx")
+    assert len({w[1] for w in words}) >= 3
+    assert len(words) == len(bursts)
+    for (start, _), burst in zip(words, bursts, strict=True):
+        assert abs(float(str(start)) - burst.start_s) <= 0.02
