@@ -80,11 +80,12 @@ class _Pieces:
     session_ids: dict[int, str] = field(default_factory=dict)
     attempts: int = 0
     queued: int = 0
-    failed: bool = False
+    in_flight: int = 0
+    failure: tuple[BaseException, str] | None = None  # the first piece's failure
 
     @property
-    def complete(self) -> bool:
-        return self.total is not None and len(self.done) == self.total
+    def failed(self) -> bool:
+        return self.failure is not None
 
 
 def wire_format(loaded: LoadedManifest) -> WireFormat:
@@ -198,57 +199,62 @@ class ItemRunner:
                 )
             )
         except InputError as error:
-            self._fail_pieces(item, state, error, str(error))
-            return
-        state.total = len(cached.pieces())
-        state.total_samples = cached.total_samples
-        logger.info(
-            "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
-        )
-        self._complete_if_done(item, state)
+            state.failure = state.failure or (error, str(error))
+            state.total = state.queued
+        else:
+            state.total = len(cached.pieces())
+            state.total_samples = cached.total_samples
+            logger.info(
+                "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
+            )
+        self._settle(item, state)
 
     async def _process_piece(self, unit: Unit) -> None:
         item, index = unit.item, unit.piece
         assert index is not None
-        state = self._pieces[item.item_id]
-        if state.failed:
+        state = self._pieces.get(item.item_id)
+        if state is None or state.failed:
             return  # another piece already failed the item: do not bill more audio
         record = Attempts()
         piece = CachedSlice(
             state.cache_path, state.bytes_per_sample, unit.start, unit.end, self.wire
         )
+        state.in_flight += 1
         try:
             result = await self._stream(item, lambda: piece, record, piece.duration_s)
         except JobAborted:
             raise
         except Exception as error:
-            state.attempts += record.count
             message = f"piece {index} (from {unit.start / self.wire.sample_rate:.2f} s): {error}"
-            self._fail_pieces(item, state, error, message)
-            return
-        state.attempts += record.count
-        state.done[index] = PieceResult(index, unit.start, result.finals)
-        state.session_ids[index] = result.session_id or ""
-        self._complete_if_done(item, state)
+            state.failure = state.failure or (error, message)
+        else:
+            state.done[index] = PieceResult(index, unit.start, result.finals)
+            state.session_ids[index] = result.session_id or ""
+        finally:
+            state.attempts += record.count
+            state.in_flight -= 1
+        self._settle(item, state)
 
-    def _fail_pieces(self, item: Item, state: _Pieces, error: BaseException, message: str) -> None:
-        if not state.failed:
-            state.failed = True
+    def _settle(self, item: Item, state: _Pieces) -> None:
+        """Write the item's row once it is cut and no piece of it is streaming: failed (with
+        every attempt counted) if any piece failed, ok once every piece is done."""
+        if state.total is None or state.in_flight:
+            return
+        if state.failure is not None:
+            error, message = state.failure
             self._finish(item, state.started, attempts=state.attempts, error=error, message=message)
-            state.cache_path.unlink(missing_ok=True)
-
-    def _complete_if_done(self, item: Item, state: _Pieces) -> None:
-        if state.failed or not state.complete:
-            return
-        self._finish(
-            item,
-            state.started,
-            attempts=state.attempts,
-            collected=stitch(list(state.done.values()), self.wire.sample_rate),
-            duration_s=state.total_samples / self.wire.sample_rate,
-            session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
-            pieces=len(state.done),
-        )
+        elif len(state.done) == state.total:
+            self._finish(
+                item,
+                state.started,
+                attempts=state.attempts,
+                collected=stitch(list(state.done.values()), self.wire.sample_rate),
+                duration_s=state.total_samples / self.wire.sample_rate,
+                session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
+                pieces=len(state.done),
+            )
+        else:
+            return  # pieces still queued
         state.cache_path.unlink(missing_ok=True)
         del self._pieces[item.item_id]
 

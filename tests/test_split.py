@@ -158,3 +158,38 @@ def test_cuts_find_short_pauses_between_dense_sounds(tmp_path: Path) -> None:
     assert len(words) == len(bursts)
     for (start, _), burst in zip(words, bursts, strict=True):
         assert abs(float(str(start)) - burst.start_s) <= 0.02
+
+
+def test_a_failed_piece_fails_the_item_and_counts_every_attempt(tmp_path: Path) -> None:
+    from batch.server import FaultConfig
+
+    media = tmp_path / "media"
+    media.mkdir()
+    bursts = _bursts(40.0, seed=3)
+    write_format(media / "long.wav", "wav_s16", [tone_track(bursts, 40.0, RATE)], RATE)
+    manifest = write_manifest(
+        tmp_path,
+        run={
+            "concurrency": 3,
+            "pace": 4.0,
+            "max_attempts": 1,
+            "split_long_files": True,
+            "split_threshold_s": 20,
+            "piece_target_s": 8,
+            "split_window_s": 2,
+        },
+    )
+    faults = FaultConfig(seed=1, drop_rate=1.0, fault_at_max_s=0.5)
+    with server_in_thread(faults=faults) as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest))
+        opened = server.stats.sessions_opened
+    assert done.returncode == 1
+    rows = _query(tmp_path / "out", "select status, error_kind, error, attempts from {t}")
+    assert len(rows) == 1
+    status, kind, error, attempts = rows[0]
+    assert (status, kind) == ("failed", "connection_lost")
+    assert "piece " in str(error)
+    assert attempts == opened >= 1  # pieces already streaming when one failed count too
+    assert not list((tmp_path / "out" / "_staging").rglob("*.pcm"))  # cache cleaned up
