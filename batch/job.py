@@ -13,7 +13,7 @@ import secrets
 import shutil
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,6 @@ class Observer:
 class JobResult:
     report: dict[str, Any]
     report_path: Path | None
-    items: list[Item] = field(default_factory=list)
     signal_name: str | None = None
 
 
@@ -171,7 +170,7 @@ async def run_job(
         stats.finished_at = datetime.now(UTC)
         report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
         path = write_report(out_dir, report)
-    return JobResult(report, path, items, signal_name)
+    return JobResult(report, path, signal_name)
 
 
 async def _stream_all(
@@ -276,7 +275,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
             for i in items
         ],
     }
-    return JobResult(report, None, items)
+    return JobResult(report, None)
 
 
 def exit_code(

@@ -6,6 +6,7 @@ file, the key path and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -131,19 +132,12 @@ class PulseConfig(_Strict):
         return self
 
     def options(self, language: str | None = None) -> protocol.PulseOptions:
-        return protocol.PulseOptions(
-            language=language or self.language,
-            encoding=self.encoding,
-            sample_rate=self.sample_rate,
-            word_timestamps=self.word_timestamps,
-            full_transcript=self.full_transcript,
-            sentence_timestamps=self.sentence_timestamps,
-            redact_pii=self.redact_pii,
-            redact_pci=self.redact_pci,
-            numerals=self.numerals,
-            keywords=tuple(self.keywords),
-            diarize=self.diarize,
-        )
+        """The session options, field for field (an option added to the protocol's
+        PulseOptions and to this model flows through without another copy)."""
+        names = {f.name for f in dataclasses.fields(protocol.PulseOptions)} - {"extra"}
+        values = self.model_dump(include=names)
+        values.update(language=language or self.language, keywords=tuple(self.keywords))
+        return protocol.PulseOptions(**values)
 
 
 class RunConfig(_Strict):

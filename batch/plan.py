@@ -35,7 +35,6 @@ class Source:
     language: str | None = None
     channels: ChannelSpec | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    explicit: bool = False  # named directly (path/list), not found by a glob
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,6 @@ def _sources_from_list(list_path: Path) -> Iterator[Source]:
             language=language,
             channels=channels,
             metadata=metadata,
-            explicit=True,
         )
 
 
@@ -125,7 +123,7 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
         elif isinstance(entry, PathInput):
             path = Path(entry.path)
             resolved = path if path.is_absolute() else base / path
-            sources.append(Source(resolved, entry.language, entry.channels, explicit=True))
+            sources.append(Source(resolved, entry.language, entry.channels))
         elif isinstance(entry, ListInput):
             sources.extend(_sources_from_list(base / entry.list))
     # The same file asked for twice with the same options is one item; with a different

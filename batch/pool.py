@@ -105,10 +105,9 @@ class _AttemptBudget(stop_base):
 
 @dataclass
 class Attempts:
-    """How many sessions one item opened, and why earlier ones failed."""
+    """How many sessions one item attempted."""
 
     count: int = 0
-    errors: list[str] | None = None
 
 
 async def with_retries(
@@ -155,7 +154,6 @@ async def with_retries(
                 except Exception as error:
                     if classify(error).overloaded:
                         limit.refused()
-                    record.errors = [*(record.errors or []), str(error)]
                     raise
             limit.succeeded()
             return result

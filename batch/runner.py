@@ -32,7 +32,6 @@ from batch.errors import (
 from batch.manifest import LoadedManifest
 from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
-from batch.pulse.protocol import PCM_SAMPLE_BYTES
 from batch.report import Failure, RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
 from batch.split import CachedSlice, PieceResult, cache_and_cut, stitch
@@ -73,7 +72,6 @@ class _Pieces:
 
     started: datetime
     cache_path: Path
-    bytes_per_sample: int
     total: int | None = None  # known once the whole file is decoded and cut
     total_samples: int = 0
     done: dict[int, PieceResult] = field(default_factory=dict)
@@ -180,7 +178,7 @@ class ItemRunner:
         """Cache and cut a long item; each piece is queued first as soon as it is settled,
         so streaming starts while the rest of the file is still decoding."""
         path = self.cache_dir / f"{item.item_id}.pcm"
-        state = _Pieces(started, path, PCM_SAMPLE_BYTES[self.wire.encoding])
+        state = _Pieces(started, path)
         self._pieces[item.item_id] = state
 
         def queue_piece(start: int, end: int) -> None:
@@ -216,9 +214,7 @@ class ItemRunner:
         if state is None or state.failed:
             return  # another piece already failed the item: do not bill more audio
         record = Attempts()
-        piece = CachedSlice(
-            state.cache_path, state.bytes_per_sample, unit.start, unit.end, self.wire
-        )
+        piece = CachedSlice(state.cache_path, unit.start, unit.end, self.wire)
         state.in_flight += 1
         try:
             result = await self._stream(item, lambda: piece, record, piece.duration_s)

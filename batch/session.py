@@ -96,7 +96,6 @@ class SessionResult:
 
     session_id: str | None = None
     finals: list[protocol.Transcription] = field(default_factory=list)
-    audio_bytes_sent: int = 0
     connect_s: float = 0.0
     first_final_s: float | None = None  # from the first audio byte sent
     end_to_last_s: float = 0.0  # from the end signal to ``is_last``
@@ -164,13 +163,10 @@ class _Stream:
         self._waiting: anyio.CancelScope | None = None
 
     async def send(self, audio: AudioSource, pace: float) -> None:
-        sent = 0
         for chunk in audio:
             if self.started_at is None:
                 self.started_at = time.monotonic()
             await self.ws.send(chunk)
-            sent += len(chunk)
-            self.result.audio_bytes_sent = sent
             if pace > 0:
                 due = self.started_at + audio.position_s / pace
                 await anyio.sleep(max(0.0, due - time.monotonic()))

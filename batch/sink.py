@@ -414,7 +414,6 @@ class Sink:
         self._buffer: list[ItemRows] = []
         self._batches = 0
         self._last_commit = time.monotonic()
-        self.committed_items = 0
 
     def add(self, rows: ItemRows) -> None:
         self._buffer.append(rows)
@@ -449,7 +448,6 @@ class Sink:
         _fsync_dir(batch_dir)
         _write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
         _apply_plan(self.out_dir, batch_dir)
-        self.committed_items += len(rows)
 
     def _stage_tables(
         self, rows: list[ItemRows], batch_dir: Path, file_name: str

@@ -126,7 +126,6 @@ class CachedAudio:
     """An item's wire bytes on disk and where to cut them."""
 
     path: Path
-    bytes_per_sample: int
     cuts: list[int]  # sample offsets, first 0, last the total
 
     @property
@@ -167,17 +166,14 @@ def cache_and_cut(
         if cut > cuts[-1]:
             on_piece(cuts[-1], cut)
             cuts.append(cut)
-    return CachedAudio(cache_path, PCM_SAMPLE_BYTES[wire.encoding], cuts)
+    return CachedAudio(cache_path, cuts)
 
 
 class CachedSlice:
     """Wire chunks of samples ``[start, end)`` of a cache file, read as they are sent."""
 
-    def __init__(
-        self, path: Path, bytes_per_sample: int, start: int, end: int, wire: WireFormat
-    ) -> None:
+    def __init__(self, path: Path, start: int, end: int, wire: WireFormat) -> None:
         self.path = path
-        self.bytes_per_sample = bytes_per_sample
         self.start = start
         self.end = end
         self.wire = wire
@@ -192,7 +188,7 @@ class CachedSlice:
         return self.samples / self.wire.sample_rate
 
     def __iter__(self) -> Iterator[bytes]:
-        width = self.bytes_per_sample
+        width = PCM_SAMPLE_BYTES[self.wire.encoding]
         left = self.samples * width
         chunk = self.wire.chunk_bytes
         per_second = width * self.wire.sample_rate
