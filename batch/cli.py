@@ -167,6 +167,14 @@ def run(
     grace_s: Annotated[
         float, typer.Option(help="After SIGINT/SIGTERM, seconds in-flight items may finish.")
     ] = 30.0,
+    max_cost: Annotated[
+        float | None,
+        typer.Option(
+            help="Start no session that could take this run's estimated cost past this"
+            " (needs output.price_per_minute); exit 7 when reached.",
+            min=0.0,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
@@ -181,6 +189,7 @@ def run(
         dry_run=dry_run,
         handle_signals=True,
         grace_s=grace_s,
+        max_cost=max_cost,
     )
     try:
         result = anyio.run(jobs.run_job, loaded, opts, observer)
@@ -201,6 +210,13 @@ def run(
     report = result.report
     if report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+    if report["status"] == "capped":
+        left = report["left"]
+        err.print(
+            f"[yellow]spend cap reached:[/yellow] {report['abort_reason']}; left for the next"
+            f" run: {left['items']} item(s), {left['audio_s']} s of audio",
+            highlight=False,
+        )
     if result.report_path is not None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.with_suffix('.md')}")

@@ -152,7 +152,7 @@ def probe(path: Path | str, stream_index: int | None = None) -> ProbeInfo:
         )
 
 
-class _Chunker:
+class Chunker:
     """Cuts a byte stream into fixed-size chunks without re-copying the tail each time."""
 
     def __init__(self, chunk_bytes: int) -> None:
@@ -289,7 +289,7 @@ class DecodedAudio:
         if self.wire.is_opus:
             yield from self._opus_chunks()
             return
-        chunker = _Chunker(self.wire.chunk_bytes)
+        chunker = Chunker(self.wire.chunk_bytes)
         per_second = self.wire.bytes_per_second
         sent = 0
         for pcm in self.wire_blocks():

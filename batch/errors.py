@@ -6,6 +6,7 @@
     ├── ManifestError            bad manifest or usage                  (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
+    ├── SpendCapReached          the next session would pass the cap    (not started; exit 7)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
         ├── ConnectionLost       socket ended before ``is_last``        (retry)
@@ -52,6 +53,11 @@ class InputError(PulseBatchError):
         super().__init__(f"{path}: {message}")
         self.kind = kind
         self.path = str(path)
+
+
+class SpendCapReached(PulseBatchError):
+    """The next session would take the run past its spend cap; it was not started, and a
+    rerun continues from there. Retrying in this run cannot help."""
 
 
 class SessionError(PulseBatchError):

@@ -21,13 +21,16 @@ from typing import Any
 import anyio
 
 from batch import sink as sinks
-from batch.errors import ManifestError
+from batch.budget import SpendCap
+from batch.decode import DecodedAudio
+from batch.errors import InputError, ManifestError
 from batch.manifest import LoadedManifest
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.report import RunStats, build_report, write_report
-from batch.runner import ItemRunner, Unit, whole_units
+from batch.runner import ItemRunner, Unit, whole_units, wire_format
 from batch.session import Endpoint
+from batch.speech import find_speech
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FATAL_SERVICE = 3
 EXIT_LOCKED = 4
+EXIT_SPEND_CAP = 7
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -47,6 +51,7 @@ class RunOptions:
     dry_run: bool = False
     handle_signals: bool = False  # SIGINT/SIGTERM: stop starting, finish, commit
     grace_s: float = 30.0  # in-flight items get this long after the first signal
+    max_cost: float | None = None  # in output.currency; with run.max_billed_minutes
 
 
 class Observer:
@@ -101,6 +106,20 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
         yield Endpoint(server.url), None
 
 
+def spend_cap(loaded: LoadedManifest, opts: RunOptions) -> SpendCap:
+    """The run's cap from run.max_billed_minutes and --max-cost; raises `ManifestError`
+    for a cost cap without a price."""
+    output = loaded.manifest.output
+    try:
+        return SpendCap.from_limits(
+            loaded.manifest.run.max_billed_minutes, opts.max_cost, output.price_per_minute
+        )
+    except ValueError as exc:
+        raise ManifestError(
+            "--max-cost", f"{exc}; set output.price_per_minute in the manifest"
+        ) from None
+
+
 def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:
     """Every item of the manifest, in the order they should start; items in ``done``
     (already ok) are listed without probing their files."""
@@ -138,7 +157,11 @@ async def run_job(
         pace=manifest.run.pace,
         endpoint=manifest.pulse.endpoint,
         price_per_minute=manifest.output.price_per_minute,
+        currency=manifest.output.currency,
+        skip_silence=manifest.run.skip_silence,
     )
+    cap = spend_cap(loaded, opts)
+    stats.cap_minutes = None if cap.limit_s is None else round(cap.limit_s / 60, 4)
     if opts.dry_run:
         return _dry_run(loaded, stats)
     sinks.check_layout(out_dir, manifest.output.partition_by)
@@ -165,7 +188,7 @@ async def run_job(
             supersede=done if opts.force else None,
         )
         with sinks.run_lock(out_dir, manifest.job, stats.run_id):
-            signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
+            signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer, cap)
             sink.commit()
         stats.finished_at = datetime.now(UTC)
         report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
@@ -180,6 +203,7 @@ async def _stream_all(
     sink: sinks.Sink,
     opts: RunOptions,
     observer: Observer,
+    cap: SpendCap,
 ) -> str | None:
     """Stream every item; returns the name of the signal that interrupted the run, if any."""
     # One worker more than sessions: a long file being cut occupies a worker, not a session.
@@ -190,7 +214,7 @@ async def _stream_all(
         return None
     cache_dir = loaded.output_dir / "_staging" / stats.job / f"cache-{stats.run_id}"
     async with _endpoint(loaded) as (endpoint, api_key):
-        runner = ItemRunner(loaded, stats, sink, endpoint, api_key, observer, pool, cache_dir)
+        runner = ItemRunner(loaded, stats, sink, endpoint, api_key, observer, pool, cache_dir, cap)
         deadline = loaded.manifest.run.job_deadline_s
         try:
             async with anyio.create_task_group() as tasks:
@@ -217,6 +241,9 @@ async def _stream_all(
         stats.lowest_pool_size = runner.limit.lowest
     shutil.rmtree(cache_dir, ignore_errors=True)
     stats.not_run = len(todo) - stats.ok - stats.failed
+    left = [i for i in todo if i.item_id not in runner.finished]
+    stats.left_items = len(left)
+    stats.left_audio_s = sum(i.duration_s or 0.0 for i in left)
     return signal_name
 
 
@@ -250,6 +277,9 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
     items = plan_items(loaded, frozenset(done))
     todo = [i for i in items if i.item_id not in done and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
+    price = loaded.manifest.output.price_per_minute
+    streamed = _detect_speech(loaded, todo) if loaded.manifest.run.skip_silence else {}
+    streamed_s = sum(streamed.get(i.item_id, i.duration_s or 0.0) for i in todo)
     report = {
         "job": stats.job,
         "dry_run": True,
@@ -260,14 +290,21 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
             "known_bad": len([i for i in items if i.error is not None]),
         },
         "audio_s": round(audio_s, 3),
-        "billed_audio_minutes": round(audio_s / 60, 4),
-        "estimated_cost": round(audio_s / 60 * loaded.manifest.output.price_per_minute, 4),
+        "streamed_s": round(streamed_s, 3),
+        "skipped_s": round(audio_s - streamed_s, 3),
+        "currency": loaded.manifest.output.currency,
+        "billed_audio_minutes": round(streamed_s / 60, 4),
+        "estimated_cost": round(streamed_s / 60 * price, 4),
+        "billed_audio_minutes_without_skipping": round(audio_s / 60, 4),
+        "estimated_cost_without_skipping": round(audio_s / 60 * price, 4),
+        "cap_billed_minutes": stats.cap_minutes,
         "plan": [
             {
                 "item_id": i.item_id,
                 "source": i.source,
                 "channel": i.channel,
                 "duration_s": i.duration_s,
+                "streamed_s": streamed.get(i.item_id),
                 "action": "fail: " + str(i.error)
                 if i.error
                 else ("skip" if i.item_id in done else "stream"),
@@ -276,6 +313,25 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
         ],
     }
     return JobResult(report, None)
+
+
+def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float]:
+    """Seconds each item would stream with its silence skipped, from the speech detector
+    alone (decoded, never streamed). Items that cannot be decoded are left out."""
+    run = loaded.manifest.run
+    wire = wire_format(loaded)
+    estimates = {}
+    for item in items:
+        audio = DecodedAudio(item.source, wire, channel=item.channel, stream_index=run.stream_index)
+        try:
+            found = find_speech(
+                audio, None, pad_s=run.skip_silence_pad_s, gap_s=run.skip_silence_gap_s
+            )
+        except InputError as exc:
+            logger.warning("%s", exc)
+            continue
+        estimates[item.item_id] = round(found.timemap.streamed_s, 3)
+    return estimates
 
 
 def exit_code(
@@ -293,6 +349,8 @@ def exit_code(
         return EXIT_SIGTERM
     if report.get("status") == "aborted":
         return EXIT_FATAL_SERVICE
+    if report.get("status") == "capped":
+        return EXIT_SPEND_CAP
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job.
     failed = int(items["failed"]) + int(items["not_run"]) + int(items["skipped_failed_before"])

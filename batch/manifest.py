@@ -165,6 +165,12 @@ class RunConfig(_Strict):
     split_threshold_s: float = Field(600.0, ge=10)
     piece_target_s: float = Field(300.0, ge=5)
     split_window_s: float = Field(15.0, gt=0)
+    # Stream only the speech a voice-activity detector finds (padded), pauses shortened.
+    skip_silence: bool = False
+    skip_silence_pad_s: float = Field(0.3, ge=0, le=5)
+    skip_silence_gap_s: float = Field(0.5, gt=0, le=10)
+    # No new session starts once it could take the run's billed audio past this.
+    max_billed_minutes: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -184,6 +190,7 @@ class OutputConfig(_Strict):
     commit_every_items: int = Field(200, ge=1)
     commit_every_s: float = Field(60.0, gt=0)
     price_per_minute: float = Field(0.0, ge=0)
+    currency: str = Field("USD", pattern=r"^[A-Za-z]{3}$")
 
     @model_validator(mode="after")
     def _partitions_unique(self) -> OutputConfig:
@@ -212,11 +219,12 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _split_needs_pcm(self) -> Manifest:
-        if self.run.split_long_files and self.pulse.encoding in protocol.OPUS_ENCODINGS:
-            raise ValueError(
-                "run.split_long_files works with PCM encodings (linear16, linear32, mulaw, "
-                "alaw); turn it off or change pulse.encoding"
-            )
+        for key in ("split_long_files", "skip_silence"):
+            if getattr(self.run, key) and self.pulse.encoding in protocol.OPUS_ENCODINGS:
+                raise ValueError(
+                    f"run.{key} works with PCM encodings (linear16, linear32, mulaw, "
+                    "alaw); turn it off or change pulse.encoding"
+                )
         return self
 
 

@@ -48,7 +48,17 @@ class RunStats:
     retries: int = 0
     refused_handshakes: int = 0  # attempts the service refused before opening a session
     audio_s: float = 0.0  # audio of items that ended ok
+    streamed_s: float = 0.0  # what was streamed for the items that ended ok
     billed_audio_s: float = 0.0  # every second sent, retries included
+    # What the same sessions would have billed streaming the recordings whole.
+    billed_unskipped_s: float = 0.0
+    skip_silence: bool = False
+    detected_s: float = 0.0  # recordings the speech detector went through
+    detected_streamed_s: float = 0.0  # and what it kept of them
+    currency: str = "USD"
+    cap_minutes: float | None = None
+    left_items: int = 0  # not run (a spend cap, a deadline or a signal stopped the run)
+    left_audio_s: float = 0.0
     busy_session_s: float = 0.0
     max_open_sessions: int = 0
     lowest_pool_size: int = 0
@@ -56,6 +66,10 @@ class RunStats:
     first_final_s: list[float] = field(default_factory=list)
     end_to_last_s: list[float] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+
+    def note_skipping(self, recorded_s: float, streamed_s: float) -> None:
+        self.detected_s += recorded_s
+        self.detected_streamed_s += streamed_s
 
     @property
     def wall_s(self) -> float:
@@ -78,6 +92,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> dict[str, Any]:
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
+    unskipped_min = stats.billed_unskipped_s / 60
     return {
         "report_version": REPORT_VERSION,
         "job": stats.job,
@@ -113,11 +128,22 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
             "first_final": percentiles(stats.first_final_s),
             "end_to_last": percentiles(stats.end_to_last_s),
         },
+        "audio": {
+            "recorded_s": round(stats.audio_s, 3),
+            "streamed_s": round(stats.streamed_s, 3),
+            "skipped_s": round(max(0.0, stats.audio_s - stats.streamed_s), 3),
+            "skip_silence": stats.skip_silence,
+        },
         "billing": {
             "billed_audio_minutes": round(billed_min, 4),
             "price_per_minute": stats.price_per_minute,
+            "currency": stats.currency,
             "estimated_cost": round(billed_min * stats.price_per_minute, 4),
+            "billed_audio_minutes_without_skipping": round(unskipped_min, 4),
+            "estimated_cost_without_skipping": round(unskipped_min * stats.price_per_minute, 4),
+            "cap_billed_minutes": stats.cap_minutes,
         },
+        "left": {"items": stats.left_items, "audio_s": round(stats.left_audio_s, 3)},
         "failures_by_kind": dict(Counter(f.kind for f in stats.failures)),
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
@@ -166,8 +192,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f" the handshake), {report['retries']} retries; pool "
         f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
-        f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "
-        f"{report['billing']['estimated_cost']}",
+        *_money_lines(report),
         "",
         "| latency (s) | p50 | p90 | p99 |",
         "| --- | ---: | ---: | ---: |",
@@ -190,6 +215,26 @@ def render_markdown(report: dict[str, Any]) -> str:
             message = failure["message"].replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
     return "\n".join(lines) + "\n"
+
+
+def _money_lines(report: dict[str, Any]) -> list[str]:
+    bill, audio, left = report["billing"], report["audio"], report["left"]
+    currency = bill["currency"]
+    lines = [
+        f"- Recorded audio {audio['recorded_s']} s, streamed {audio['streamed_s']} s, skipped"
+        f" {audio['skipped_s']} s" + (" (skip_silence on)" if audio["skip_silence"] else ""),
+        f"- Billed audio: {bill['billed_audio_minutes']} min, estimated cost "
+        f"{bill['estimated_cost']} {currency}; streamed whole it would have been "
+        f"{bill['billed_audio_minutes_without_skipping']} min, "
+        f"{bill['estimated_cost_without_skipping']} {currency}",
+    ]
+    if bill["cap_billed_minutes"] is not None:
+        lines.append(f"- Spend cap: {bill['cap_billed_minutes']:g} billed minutes")
+    if left["items"]:
+        lines.append(
+            f"- Left for the next run: {left['items']} item(s), {left['audio_s']} s of audio"
+        )
+    return lines
 
 
 def reports_dir(out_dir: Path, job: str) -> Path:

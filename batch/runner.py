@@ -7,6 +7,7 @@ and hands finished items' rows to the sink.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import anyio
 
 from batch import sink as sinks
+from batch.budget import SpendCap
 from batch.collect import Collected, collect_finals
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
@@ -26,6 +28,7 @@ from batch.errors import (
     InputError,
     PulseBatchError,
     Scope,
+    SpendCapReached,
     classify,
     error_kind,
 )
@@ -34,7 +37,18 @@ from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
 from batch.report import Failure, RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
-from batch.split import CachedSlice, PieceResult, cache_and_cut, stitch
+from batch.speech import FoundSpeech, find_speech
+from batch.split import (
+    CachedSlice,
+    PieceResult,
+    cache_and_cut,
+    choose_cuts,
+    frame_samples,
+    piece_count,
+    stitch,
+    stream_energy,
+)
+from batch.timemap import TimeMap
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +72,12 @@ class _Audio(AudioSource, Protocol):
 
 @dataclass(frozen=True)
 class Unit:
-    """One session's worth of work. ``piece`` None: the whole item."""
+    """One session's worth of work. ``piece`` None: the whole item; a piece streams what
+    its ``timemap`` says from the item's cache."""
 
     item: Item
     piece: int | None = None
-    start: int = 0  # first sample of the piece
-    end: int = 0  # one past its last sample
+    timemap: TimeMap | None = None
 
 
 @dataclass
@@ -74,6 +88,8 @@ class _Pieces:
     cache_path: Path
     total: int | None = None  # known once the whole file is decoded and cut
     total_samples: int = 0
+    streamed_samples: int = 0
+    capped: bool = False  # a piece did not start: the spend cap was reached
     done: dict[int, PieceResult] = field(default_factory=dict)
     session_ids: dict[int, str] = field(default_factory=dict)
     attempts: int = 0
@@ -106,6 +122,7 @@ class ItemRunner:
         progress: Progress,
         pool: Pool[Unit],
         cache_dir: Path,
+        cap: SpendCap | None = None,
     ) -> None:
         self.loaded = loaded
         self.run = loaded.manifest.run
@@ -122,6 +139,8 @@ class ItemRunner:
         self.rng = random.Random()
         self.run_date = stats.started_at.strftime("%Y-%m-%d")
         self.fatal: BaseException | None = None
+        self.cap = cap or SpendCap()
+        self.finished: set[str] = set()  # items with a row in this run
         self._pieces: dict[str, _Pieces] = {}
         self._commit_lock = anyio.Lock()
 
@@ -139,6 +158,9 @@ class ItemRunner:
         if item.error is not None:
             self._finish(item, started, attempts=0, error=item.error)
             return
+        if self.run.skip_silence:
+            await self._skip_silence(item, started)
+            return
         if self._is_long(item):
             await self._split(item, started)
             return
@@ -153,6 +175,9 @@ class ItemRunner:
             result = await self._stream(item, audio, record, item.duration_s)
         except JobAborted:
             raise
+        except SpendCapReached as error:
+            self._capped(error)
+            return
         except Exception as error:
             self._finish(item, started, attempts=record.count, error=error)
             return
@@ -162,8 +187,18 @@ class ItemRunner:
             attempts=record.count,
             collected=collect_finals(result.finals),
             duration_s=holder[0].duration_s,
+            streamed_s=holder[0].duration_s,
             session_id=result.session_id,
         )
+
+    def _capped(self, error: SpendCapReached) -> None:
+        """The spend cap stops the run: nothing new starts; the item gets no row, so a
+        rerun does it."""
+        if self.stats.status == "running":
+            logger.warning("%s; starting nothing new", error)
+            self.stats.status = "capped"
+            self.stats.abort_reason = str(error)
+        self.pool.stop_starting()
 
     def _decoder(self, item: Item) -> DecodedAudio:
         return DecodedAudio(
@@ -174,25 +209,34 @@ class ItemRunner:
         duration = item.duration_s or 0.0
         return self.run.split_long_files and duration > self.run.split_threshold_s
 
+    def _piece_plan(self, duration_s: float) -> tuple[float, int]:
+        """Piece length and count for a recording of ``duration_s``: enough pieces to fill
+        the pool's sessions in whole rounds."""
+        count = piece_count(duration_s, self.run.piece_target_s, self.limit.size)
+        return duration_s / count, count
+
     async def _split(self, item: Item, started: datetime) -> None:
         """Cache and cut a long item; each piece is queued first as soon as it is settled,
         so streaming starts while the rest of the file is still decoding."""
         path = self.cache_dir / f"{item.item_id}.pcm"
         state = _Pieces(started, path)
         self._pieces[item.item_id] = state
+        rate = self.wire.sample_rate
+        target_s, count = self._piece_plan(item.duration_s or 0.0)
 
         def queue_piece(start: int, end: int) -> None:
             index = state.queued
             state.queued += 1
-            self.pool.push_front([Unit(item, index, start, end)])
+            self.pool.push_front([Unit(item, index, TimeMap.whole(start, end - start, rate))])
 
         try:
             cached = await anyio.to_thread.run_sync(
                 lambda: cache_and_cut(
                     self._decoder(item),
                     path,
-                    target_s=self.run.piece_target_s,
+                    target_s=target_s,
                     window_s=self.run.split_window_s,
+                    pieces=count,
                     on_piece=lambda start, end: anyio.from_thread.run_sync(queue_piece, start, end),
                 )
             )
@@ -202,30 +246,124 @@ class ItemRunner:
         else:
             state.total = len(cached.pieces())
             state.total_samples = cached.total_samples
-            logger.info(
-                "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
-            )
+            logger.info("%s: %d pieces of about %.0f s", item.source, state.total, target_s)
         self._settle(item, state)
+
+    async def _skip_silence(self, item: Item, started: datetime) -> None:
+        """Find the item's speech, then stream only that (with short pauses) from a cache:
+        whole, or in pieces when what is left is long. No speech: no session at all."""
+        path = self.cache_dir / f"{item.item_id}.pcm"
+        try:
+            found = await anyio.to_thread.run_sync(
+                lambda: find_speech(
+                    self._decoder(item),
+                    path,
+                    pad_s=self.run.skip_silence_pad_s,
+                    gap_s=self.run.skip_silence_gap_s,
+                )
+            )
+        except InputError as error:
+            path.unlink(missing_ok=True)
+            self._finish(item, started, attempts=0, error=error)
+            return
+        timemap = found.timemap
+        rate = self.wire.sample_rate
+        duration_s = found.total / rate
+        self.stats.note_skipping(duration_s, timemap.streamed_s)
+        logger.info(
+            "%s: %.1f s of %.1f s streamed (speech and short pauses)",
+            item.source,
+            timemap.streamed_s,
+            duration_s,
+        )
+        if self.run.split_long_files and timemap.streamed_s > self.run.split_threshold_s:
+            self._queue_skipped_pieces(item, started, path, found)
+            return
+        if not timemap.spans:  # nothing to hear: nothing to bill
+            path.unlink(missing_ok=True)
+            self.stats.billed_unskipped_s += duration_s
+            self._finish(item, started, attempts=0, collected=Collected(), duration_s=duration_s)
+            return
+        record = Attempts()
+        audio = CachedSlice(path, timemap, self.wire)
+        try:
+            result = await self._stream(item, lambda: audio, record, audio.duration_s, duration_s)
+        except JobAborted:
+            raise
+        except SpendCapReached as error:
+            self._capped(error)
+            return
+        except Exception as error:
+            self._finish(item, started, attempts=record.count, error=error)
+            return
+        finally:
+            path.unlink(missing_ok=True)
+        self._finish(
+            item,
+            started,
+            attempts=record.count,
+            collected=collect_finals(result.finals, timemap=timemap),
+            duration_s=duration_s,
+            streamed_s=timemap.streamed_s,
+            session_id=result.session_id,
+        )
+
+    def _queue_skipped_pieces(
+        self, item: Item, started: datetime, path: Path, found: FoundSpeech
+    ) -> None:
+        """Cut what a long recording streams once its silence is skipped (the shortened
+        pauses are the quietest places) into pieces that fill the pool."""
+        state = _Pieces(started, path)
+        self._pieces[item.item_id] = state
+        timemap = found.timemap
+        target_s, count = self._piece_plan(timemap.streamed_s)
+        frame = frame_samples(self.wire)
+        cuts = choose_cuts(
+            stream_energy(found.energy, frame, timemap),
+            frame,
+            timemap.streamed,
+            target_s,
+            self.run.split_window_s,
+            pieces=count,
+        )
+        units = [
+            Unit(item, index, timemap.window(start, end))
+            for index, (start, end) in enumerate(itertools.pairwise(cuts))
+        ]
+        state.queued = state.total = len(units)
+        state.total_samples = found.total
+        self.pool.push_front(units)
+        logger.info("%s: %d pieces of about %.0f s streamed", item.source, len(units), target_s)
 
     async def _process_piece(self, unit: Unit) -> None:
         item, index = unit.item, unit.piece
         assert index is not None
         state = self._pieces.get(item.item_id)
-        if state is None or state.failed:
+        if state is None or state.failed or state.capped:
             return  # another piece already failed the item: do not bill more audio
         record = Attempts()
-        piece = CachedSlice(state.cache_path, unit.start, unit.end, self.wire)
+        assert unit.timemap is not None
+        timemap = unit.timemap
+        piece = CachedSlice(state.cache_path, timemap, self.wire)
+        first, _ = timemap.to_source(0.0)
+        last, _ = timemap.to_source(timemap.streamed_s)
         state.in_flight += 1
         try:
-            result = await self._stream(item, lambda: piece, record, piece.duration_s)
+            result = await self._stream(
+                item, lambda: piece, record, piece.duration_s, max(0.0, last - first)
+            )
         except JobAborted:
             raise
+        except SpendCapReached as error:
+            state.capped = True
+            self._capped(error)
         except Exception as error:
-            message = f"piece {index} (from {unit.start / self.wire.sample_rate:.2f} s): {error}"
+            message = f"piece {index} (from {first:.2f} s): {error}"
             state.failure = state.failure or (error, message)
         else:
-            state.done[index] = PieceResult(index, unit.start, result.finals)
+            state.done[index] = PieceResult(index, timemap, result.finals)
             state.session_ids[index] = result.session_id or ""
+            state.streamed_samples += timemap.streamed
         finally:
             state.attempts += record.count
             state.in_flight -= 1
@@ -236,7 +374,9 @@ class ItemRunner:
         every attempt counted) if any piece failed, ok once every piece is done."""
         if state.total is None or state.in_flight:
             return
-        if state.failure is not None:
+        if state.capped and state.failure is None:
+            pass  # no row: the rerun does the whole item again
+        elif state.failure is not None:
             error, message = state.failure
             self._finish(item, state.started, attempts=state.attempts, error=error, message=message)
         elif len(state.done) == state.total:
@@ -244,8 +384,9 @@ class ItemRunner:
                 item,
                 state.started,
                 attempts=state.attempts,
-                collected=stitch(list(state.done.values()), self.wire.sample_rate),
+                collected=stitch(list(state.done.values())),
                 duration_s=state.total_samples / self.wire.sample_rate,
+                streamed_s=state.streamed_samples / self.wire.sample_rate,
                 session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
                 pieces=len(state.done),
             )
@@ -262,10 +403,14 @@ class ItemRunner:
         make_audio: Callable[[], _Audio],
         record: Attempts,
         duration_s: float | None,
+        recorded_s: float | None = None,
     ) -> SessionResult:
+        """``duration_s``: the audio each attempt streams (None: not known before);
+        ``recorded_s``: the recording's audio it stands for (what streaming it all would
+        bill; by default the same)."""
         try:
             return await with_retries(
-                lambda: self._attempt(item, make_audio(), duration_s),
+                lambda: self._attempt(item, make_audio(), duration_s, recorded_s),
                 limit=self.limit,
                 max_attempts=self.run.max_attempts,
                 backoff=self.backoff,
@@ -290,7 +435,11 @@ class ItemRunner:
             deadline + self.run.session_deadline_slack_s,
         )
 
-    async def _attempt(self, item: Item, audio: _Audio, duration_s: float | None) -> SessionResult:
+    async def _attempt(
+        self, item: Item, audio: _Audio, duration_s: float | None, recorded_s: float | None
+    ) -> SessionResult:
+        reserved_s = duration_s or 0.0
+        self.cap.admit(reserved_s)
         self.progress.sessions_open(self.limit.open_now)
         try:
             result = await run_session(
@@ -305,7 +454,10 @@ class ItemRunner:
             self.stats.refused_handshakes += 1
             raise
         finally:
+            self.cap.settle(reserved_s, audio.duration_s)
             self.stats.billed_audio_s += audio.duration_s
+            unskipped = recorded_s if recorded_s is not None else audio.duration_s
+            self.stats.billed_unskipped_s += unskipped
         self.stats.busy_session_s += result.busy_s
         self.stats.connect_s.append(result.connect_s)
         if result.first_final_s is not None:
@@ -323,6 +475,7 @@ class ItemRunner:
         attempts: int,
         collected: Collected | None = None,
         duration_s: float = 0.0,
+        streamed_s: float = 0.0,
         session_id: str | None = None,
         pieces: int = 1,
         error: BaseException | None = None,
@@ -354,6 +507,7 @@ class ItemRunner:
             transcript.update(
                 status="ok",
                 duration_s=duration_s,
+                streamed_s=streamed_s,
                 transcript=collected.transcript,
                 detected_language=collected.language,
                 session_id=session_id,
@@ -361,6 +515,7 @@ class ItemRunner:
             )
             self.stats.ok += 1
             self.stats.audio_s += duration_s
+            self.stats.streamed_s += streamed_s
         else:
             kind = error_kind(error) if error is not None else "internal"
             text = message or (str(error) if error is not None else "unknown failure")
@@ -370,6 +525,7 @@ class ItemRunner:
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
         self.progress.sessions_open(self.limit.open_now)
+        self.finished.add(item.item_id)
         self.sink.add(rows)
         self.progress.item_done(item, collected is not None, duration_s)
 

@@ -41,7 +41,7 @@ from batch.errors import LockedError, ManifestError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 PARTITION_CHOICES: Final = ("job", "date", "language")
 TABLES: Final = ("transcripts", "words", "utterances")
 _ROW_GROUP_ROWS: Final = 128 * 1024
@@ -67,7 +67,17 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("error", pa.string(), "the failure message, naming the file; null when ok"),
         ("attempts", pa.int32(), "session attempts for the item in this run (refusals too)"),
         ("pieces", pa.int32(), "sessions the recording was split into (1: streamed whole)"),
-        ("duration_s", pa.float64(), "exact audio seconds sent (decoded samples / rate)"),
+        (
+            "duration_s",
+            pa.float64(),
+            "exact audio seconds of the recording (decoded samples / rate)",
+        ),
+        (
+            "streamed_s",
+            pa.float64(),
+            "audio seconds streamed to the service for the item's result (less than"
+            " duration_s with run.skip_silence; 0 for a recording with no speech)",
+        ),
         ("transcript", pa.string(), "final segments joined by spaces"),
         ("detected_language", pa.string(), "language the service reported on finals"),
         ("session_id", pa.string(), "the service's id of the successful session"),
@@ -88,6 +98,12 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("speaker", pa.string(), "speaker label when diarize is on"),
         ("speaker_confidence", pa.float64(), "0-1 when diarize is on"),
         ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
+        (
+            "time_adjusted",
+            pa.bool_(),
+            "true when a time fell in a pause run.skip_silence shortened and was moved to"
+            " the nearest edge of the audio kept",
+        ),
     ],
     "utterances": [
         *_COMMON,

@@ -9,16 +9,18 @@ each piece's offset from its first sample, so nothing accumulates rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 
 from batch.collect import Collected, collect_finals, join_segments
-from batch.decode import DecodedAudio, WireFormat
+from batch.decode import Chunker, DecodedAudio, WireFormat
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, Transcription
+from batch.timemap import TimeMap
 
 FRAME_S = 0.02  # energy is measured on 20 ms frames
 QUIET_SPAN_S = 0.3  # a cut aims at the middle of the quietest 300 ms
@@ -58,14 +60,19 @@ class Cutter:
     ``target_s`` after the previous cut.
     """
 
-    def __init__(self, frame_samples: int, target_s: float, window_s: float) -> None:
+    def __init__(
+        self, frame_samples: int, target_s: float, window_s: float, pieces: int | None = None
+    ) -> None:
         frames_per_s = 1 / FRAME_S
         self.frame_samples = frame_samples
-        self.target = max(1, int(target_s * frames_per_s))
+        self.exact_target = target_s * frames_per_s
+        self.target = max(1, int(self.exact_target))
         self.window = max(1, min(int(window_s * frames_per_s), self.target // 2))
         self.span = max(1, int(QUIET_SPAN_S * frames_per_s))
+        self.pieces = pieces  # a set count: cut k aims at k x target from the start
         self._energy = np.zeros(1024)
         self._count = 0
+        self._cuts = 0
         self._position = 0  # frame of the last cut
 
     def feed(self, energies: np.ndarray) -> list[int]:
@@ -89,11 +96,22 @@ class Cutter:
             cuts.append(cut)
         return cuts
 
-    def _next_cut(self, *, final: bool) -> int | None:
-        if self._count - self._position <= self.target + self.window:
+    def _aim(self) -> int | None:
+        """The frame the next cut aims at; None when no cut is left to make."""
+        if self.pieces is None:
+            return self._position + self.target
+        if self._cuts >= self.pieces - 1:
             return None
-        low = self._position + self.target - self.window
-        high = self._position + self.target + self.window
+        # Aiming at k x target (not target after the last cut) keeps the pieces from
+        # drifting, so the last one is as long as the others, never a lone extra piece.
+        return max(round((self._cuts + 1) * self.exact_target), self._position + self.window + 1)
+
+    def _next_cut(self, *, final: bool) -> int | None:
+        aim = self._aim()
+        if aim is None or self._count <= aim + self.window:
+            return None
+        low = aim - self.window
+        high = aim + self.window
         half = self.span // 2
         if not final and self._count < high + half:
             return None  # the smoothing around the window needs a little more audio
@@ -102,7 +120,7 @@ class Cutter:
         smoothed = np.convolve(around, np.ones(self.span) / self.span, mode="same")
         frames = np.arange(low, high)
         # The quietest span; among equally quiet ones the nearest the target length.
-        nearest = np.abs(frames - (self._position + self.target)) * 1e-12
+        nearest = np.abs(frames - aim) * 1e-12
         middle = low + int(np.argmin(smoothed[low - start : high - start] + nearest))
         # Then the quietest single frame inside that span, so a short pause between two
         # sounds is found even when every 300 ms span holds some sound.
@@ -110,15 +128,49 @@ class Cutter:
         inside = np.arange(lo, hi)
         quietest = lo + int(np.argmin(self._energy[lo:hi] + np.abs(inside - middle) * 1e-12))
         self._position = quietest
+        self._cuts += 1
         return quietest * self.frame_samples + self.frame_samples // 2  # mid-frame
 
 
 def choose_cuts(
-    energy: np.ndarray, frame_samples: int, total_samples: int, target_s: float, window_s: float
+    energy: np.ndarray,
+    frame_samples: int,
+    total_samples: int,
+    target_s: float,
+    window_s: float,
+    pieces: int | None = None,
 ) -> list[int]:
     """Sample offsets ``[0, c1, ..., total]`` for a whole energy curve at once. Pure."""
-    cutter = Cutter(frame_samples, target_s, window_s)
-    return [0, *cutter.feed(energy), *cutter.finish(), total_samples]
+    cutter = Cutter(frame_samples, target_s, window_s, pieces)
+    cuts = [0, *cutter.feed(energy), *cutter.finish()]
+    return [*(c for c in cuts if c < total_samples), total_samples]
+
+
+def piece_count(duration_s: float, target_s: float, sessions: int) -> int:
+    """How many pieces to cut a recording into so they fill ``sessions`` free sessions in
+    whole rounds (5 pieces on 4 sessions run the last one alone; 8 shorter ones do not),
+    as long as pieces stay at least half ``target_s`` long. Pure."""
+    least = max(1, math.ceil(duration_s / target_s))
+    sessions = max(1, sessions)
+    rounded = math.ceil(least / sessions) * sessions
+    if duration_s / rounded >= target_s / 2:
+        return rounded
+    return max(least, min(sessions, int(duration_s // (target_s / 2))))
+
+
+def stream_energy(energy: np.ndarray, frame_samples: int, timemap: TimeMap) -> np.ndarray:
+    """The energy per frame of what ``timemap`` streams (its gaps are silent), from the
+    source's energy per frame: where to cut the stream of a recording with silence
+    skipped. Pure."""
+    parts = []
+    for segment in timemap.segments():
+        if isinstance(segment, int):
+            parts.append(np.zeros(segment // frame_samples))
+        else:
+            start, length = segment
+            first = start // frame_samples
+            parts.append(energy[first : first + length // frame_samples])
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 @dataclass(frozen=True)
@@ -136,20 +188,46 @@ class CachedAudio:
         return list(zip(self.cuts[:-1], self.cuts[1:], strict=True))
 
 
+def full_scale(wire: WireFormat) -> float:
+    """The largest magnitude of the integer samples decoding yields for ``wire``."""
+    return float(2**31 if wire.encoding == "linear32" else 2**15)
+
+
+def frame_samples(wire: WireFormat) -> int:
+    return max(1, int(wire.sample_rate * FRAME_S))
+
+
+def cache_audio(
+    audio: DecodedAudio, cache_path: Path, observers: Sequence[Callable[[np.ndarray], None]]
+) -> int:
+    """Decode the whole item into ``cache_path`` (wire bytes), showing each block of
+    integer samples to every observer; returns the samples written. Raises `InputError`."""
+
+    def observe(block: np.ndarray) -> None:
+        for observer in observers:
+            observer(block)
+
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with cache_path.open("wb") as cache:
+        for block in audio.wire_blocks(observe=observe):
+            cache.write(block)
+    return audio.samples
+
+
 def cache_and_cut(
     audio: DecodedAudio,
     cache_path: Path,
     *,
     target_s: float,
     window_s: float,
+    pieces: int | None = None,
     on_piece: Callable[[int, int], None] = lambda start, end: None,
 ) -> CachedAudio:
     """Decode once into ``cache_path`` while measuring energy; calls ``on_piece(start, end)``
     as soon as each piece is settled and on disk. Raises `InputError`."""
     wire = audio.wire
-    full_scale = 2**31 if wire.encoding == "linear32" else 2**15
-    meter = EnergyMeter(max(1, int(wire.sample_rate * FRAME_S)), full_scale)
-    cutter = Cutter(meter.frame, target_s, window_s)
+    meter = EnergyMeter(frame_samples(wire), full_scale(wire))
+    cutter = Cutter(meter.frame, target_s, window_s, pieces)
     cuts = [0]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with cache_path.open("wb") as cache:
@@ -169,56 +247,75 @@ def cache_and_cut(
     return CachedAudio(cache_path, cuts)
 
 
-class CachedSlice:
-    """Wire chunks of samples ``[start, end)`` of a cache file, read as they are sent."""
+# One sample of silence in each PCM wire encoding (G.711 codes zero as these bytes).
+_SILENCE: Final = {"linear16": b"\0\0", "linear32": b"\0\0\0\0", "mulaw": b"\xff", "alaw": b"\xd5"}
 
-    def __init__(self, path: Path, start: int, end: int, wire: WireFormat) -> None:
+
+class CachedSlice:
+    """Wire chunks of what a `TimeMap` streams from a cache file: its spans read as they
+    are sent, its gaps as silence."""
+
+    def __init__(self, path: Path, timemap: TimeMap, wire: WireFormat) -> None:
         self.path = path
-        self.start = start
-        self.end = end
+        self.timemap = timemap
         self.wire = wire
         self.position_s = 0.0
 
     @property
     def samples(self) -> int:
-        return self.end - self.start
+        return self.timemap.streamed
 
     @property
     def duration_s(self) -> float:
-        return self.samples / self.wire.sample_rate
+        return self.timemap.streamed_s
 
     def __iter__(self) -> Iterator[bytes]:
         width = PCM_SAMPLE_BYTES[self.wire.encoding]
-        left = self.samples * width
-        chunk = self.wire.chunk_bytes
         per_second = width * self.wire.sample_rate
+        chunker = Chunker(self.wire.chunk_bytes)
         sent = 0
         with self.path.open("rb") as source:
-            source.seek(self.start * width)
+            for part in self._parts(source, width):
+                for chunk in chunker.feed(part):
+                    sent += len(chunk)
+                    self.position_s = sent / per_second
+                    yield chunk
+        for chunk in chunker.rest():
+            sent += len(chunk)
+            self.position_s = sent / per_second
+            yield chunk
+
+    def _parts(self, source: BinaryIO, width: int) -> Iterator[bytes]:
+        block = max(width, self.wire.chunk_bytes * 16)
+        for segment in self.timemap.segments():
+            if isinstance(segment, int):
+                yield _SILENCE[self.wire.encoding] * segment
+                continue
+            start, length = segment
+            source.seek(start * width)
+            left = length * width
             while left > 0:
-                data = source.read(min(chunk, left))
+                data = source.read(min(block, left))
                 if not data:
-                    return
+                    return  # the cache is shorter than the map: send what there is
                 left -= len(data)
-                sent += len(data)
-                self.position_s = sent / per_second
                 yield data
 
 
 @dataclass(frozen=True)
 class PieceResult:
     index: int
-    start_sample: int
+    timemap: TimeMap
     finals: Sequence[Transcription]
 
 
-def stitch(pieces: Sequence[PieceResult], sample_rate: int) -> Collected:
+def stitch(pieces: Sequence[PieceResult]) -> Collected:
     """One item's rows from its pieces, in the original file's time base."""
     out = Collected()
     texts: list[str] = []
     segments = 0
     for piece in sorted(pieces, key=lambda p: p.index):
-        part = collect_finals(piece.finals, offset_s=piece.start_sample / sample_rate)
+        part = collect_finals(piece.finals, timemap=piece.timemap)
         texts.append(part.transcript)
         out.language = part.language or out.language
         out.words += [_renumbered(w, len(out.words), piece.index, segments) for w in part.words]
