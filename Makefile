@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 install: $(BIN)/pulse-batch
 
 $(BIN)/pulse-batch: pyproject.toml
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
+		|| echo "espeak-ng unavailable: the skip-silence benchmark will be skipped"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[recognizer,dev]'
