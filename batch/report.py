@@ -53,8 +53,6 @@ class RunStats:
     # What the same sessions would have billed streaming the recordings whole.
     billed_unskipped_s: float = 0.0
     skip_silence: bool = False
-    detected_s: float = 0.0  # recordings the speech detector went through
-    detected_streamed_s: float = 0.0  # and what it kept of them
     currency: str = "USD"
     cap_minutes: float | None = None
     left_items: int = 0  # not run (a spend cap, a deadline or a signal stopped the run)
@@ -66,10 +64,6 @@ class RunStats:
     first_final_s: list[float] = field(default_factory=list)
     end_to_last_s: list[float] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-
-    def note_skipping(self, recorded_s: float, streamed_s: float) -> None:
-        self.detected_s += recorded_s
-        self.detected_streamed_s += streamed_s
 
     @property
     def wall_s(self) -> float:

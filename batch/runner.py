@@ -269,7 +269,6 @@ class ItemRunner:
         timemap = found.timemap
         rate = self.wire.sample_rate
         duration_s = found.total / rate
-        self.stats.note_skipping(duration_s, timemap.streamed_s)
         logger.info(
             "%s: %.1f s of %.1f s streamed (speech and short pauses)",
             item.source,

@@ -274,6 +274,7 @@ class CachedSlice:
         per_second = width * self.wire.sample_rate
         chunker = Chunker(self.wire.chunk_bytes)
         sent = 0
+        self.position_s = 0.0  # a retry streams the slice again from its start
         with self.path.open("rb") as source:
             for part in self._parts(source, width):
                 for chunk in chunker.feed(part):
