@@ -90,7 +90,13 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
         endpoint = Endpoint.resolve(pulse.endpoint, pulse.protocol)  # checked by the manifest
         # A loopback server (`pulse-batch serve`) may run without a key; the service never.
         required = not endpoint.is_loopback
-        yield endpoint, api_key_from_env(pulse.api_key_env, required=required)
+        key = api_key_from_env(pulse.api_key_env, required=required)
+        if key and any(key in value for value in pulse.extra_params.values()):
+            # Query strings end up in proxies' logs: the key goes in the header only.
+            raise ManifestError(
+                "pulse.extra_params", "a value holds the API key; remove it (it is sent anyway)"
+            )
+        yield endpoint, key
         return
     from batch.server import EngineUnavailable, local_server, make_engine  # only when asked for
 
