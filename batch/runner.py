@@ -22,19 +22,22 @@ import anyio
 from batch import sink as sinks
 from batch.budget import SpendCap
 from batch.collect import Collected, collect_finals
+from batch.credentials import Scrubber
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
     HandshakeRejected,
     InputError,
     PulseBatchError,
     Scope,
+    ServiceRefusing,
     SpendCapReached,
     classify,
     error_kind,
+    is_refusal,
 )
 from batch.manifest import LoadedManifest
 from batch.plan import Item
-from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
+from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
 from batch.speech import FoundSpeech, find_speech
@@ -130,11 +133,14 @@ class ItemRunner:
         self.sink = sink
         self.endpoint = endpoint
         self.api_key = api_key
+        # Belt and braces: session errors are scrubbed at the boundary already.
+        self.scrubber = Scrubber(api_key)
         self.progress = progress
         self.pool = pool
         self.cache_dir = cache_dir
         self.wire = wire_format(loaded)
         self.limit = AdaptiveLimit(self.run.concurrency)
+        self.refusals = RefusalStreak(self.run.max_refusals_in_a_row)
         self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
         self.rng = random.Random()
         self.run_date = stats.started_at.strftime("%Y-%m-%d")
@@ -440,6 +446,7 @@ class ItemRunner:
         reserved_s = duration_s or 0.0
         self.cap.admit(reserved_s)
         self.progress.sessions_open(self.limit.open_now)
+        watch = self.refusals.watch()
         try:
             result = await run_session(
                 self.endpoint,
@@ -448,11 +455,16 @@ class ItemRunner:
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),
+                on_open=watch.opened,
             )
-        except HandshakeRejected:
-            self.stats.refused_handshakes += 1
+        except Exception as error:
+            if isinstance(error, HandshakeRejected):
+                self.stats.refused_handshakes += 1
+            if is_refusal(error) and self.refusals.refused():
+                raise ServiceRefusing(self.refusals.count, error) from error
             raise
         finally:
+            watch.ended()
             self.cap.settle(reserved_s, audio.duration_s)
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
@@ -520,6 +532,7 @@ class ItemRunner:
             text = message or (str(error) if error is not None else "unknown failure")
             if not isinstance(error, InputError):
                 text = f"{item.source}: {text}"
+            text = self.scrubber.scrub(text)
             transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
