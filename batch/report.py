@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +36,9 @@ class RunStats:
     pace: float
     endpoint: str
     price_per_minute: float = 0.0
+    job_concurrency: int | None = None  # run.concurrency; `concurrency` is this shard's share
+    shard: str | None = None  # "I/N" when this run is one shard of the job
+    manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted
     abort_reason: str | None = None
@@ -82,6 +87,8 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "report_version": REPORT_VERSION,
         "job": stats.job,
         "run_id": stats.run_id,
+        "shard": stats.shard,
+        "manifest": stats.manifest,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
         "endpoint": stats.endpoint,
@@ -103,6 +110,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "throughput_x_realtime": round(stats.audio_s / wall, 3),
         "pool": {
             "concurrency": stats.concurrency,
+            "job_concurrency": stats.job_concurrency or stats.concurrency,
             "max_open_sessions": stats.max_open_sessions,
             "lowest_pool_size": stats.lowest_pool_size,
             "utilisation": round(stats.busy_session_s / (stats.concurrency * wall), 4),
@@ -127,9 +135,11 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
 def summary_line(report: dict[str, Any]) -> str:
     """One line a log scraper can parse: space-separated key=value pairs."""
     items = report["items"]
+    shard = {"shard": report["shard"]} if report.get("shard") else {}
     fields = {
         "job": report["job"],
         "run_id": report["run_id"],
+        **shard,
         "status": report["status"],
         "ok": items["ok"],
         "failed": items["failed"],
@@ -144,12 +154,18 @@ def summary_line(report: dict[str, Any]) -> str:
     return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+def _share(report: dict[str, Any]) -> str:
+    total = report["pool"].get("job_concurrency")
+    return f" (this shard's share of {total})" if report.get("shard") and total else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     items = report["items"]
     pool = report["pool"]
     lat = report["latency_s"]
     lines = [
-        f"# pulse-batch report: {report['job']} ({report['run_id']})",
+        f"# pulse-batch report: {report['job']} ({report['run_id']}"
+        + (f", shard {report['shard']})" if report.get("shard") else ")"),
         "",
         f"Status: **{report['status']}**"
         + (f" ({report['abort_reason']})" if report["abort_reason"] else ""),
@@ -164,7 +180,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"= **{report['throughput_x_realtime']}x real time**",
         f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
         f" the handshake), {report['retries']} retries; pool "
-        f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
+        f"{pool['concurrency']} configured{_share(report)}, "
+        f"{pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
         f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "
         f"{report['billing']['estimated_cost']}",
@@ -204,7 +221,8 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     markdown = render_markdown(report)
     for stem in (report["run_id"], "latest"):
         for suffix, content in ((".json", text), (".md", markdown)):
-            tmp = folder / f".{stem}{suffix}.tmp"
+            # Unique: shards of the job may write latest.* at the same moment.
+            tmp = folder / f".{stem}{suffix}.{os.getpid()}.{time.monotonic_ns()}.tmp"
             tmp.write_text(content, encoding="utf-8")
             tmp.replace(folder / f"{stem}{suffix}")
     return folder / f"{report['run_id']}.json"

@@ -252,6 +252,7 @@ class StreamSession:
     async def _send_final(self, job: Job) -> bool:
         """Send one final; after the last one close 1000. True when the session is done."""
         words = await self._recognize(job.segment) if job.segment is not None else []
+        self._record.final_words.extend(w.word for w in words)
         text = " ".join(w.word for w in words)
         if text:
             self._finals.append(text)
