@@ -26,7 +26,14 @@ from batch.errors import InputError, LockedError, ManifestError, ShardError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
 from batch.pulse import protocol
-from batch.report import latest_report, render_markdown, summary_line
+from batch.report import (
+    job_runs,
+    latest_report,
+    render_job,
+    render_markdown,
+    run_reports,
+    summary_line,
+)
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -332,13 +339,21 @@ def report(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
 ) -> None:
-    """Print the latest run report of a job."""
+    """Print the latest run report of a job, then the job so far: every run and shard, when
+    it ran and what it did, and the items by their latest result."""
     try:
         data = latest_report(output, job)
     except FileNotFoundError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
-    print(json.dumps(data, indent=2) if as_json else render_markdown(data))
+    name = str(data["job"])
+    data["job_so_far"] = sinks.job_summary(output, name)
+    runs = job_runs(run_reports(output, name), lambda run: sinks.run_alive(output, name, run))
+    data["runs"] = runs
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(render_markdown(data) + render_job(data["job_so_far"], runs))
 
 
 @app.command()

@@ -168,6 +168,8 @@ async def run_job(
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
+        # A starting report, replaced at the end: a killed run (or shard) still shows when
+        # it ran in `pulse-batch report`.
         sink = sinks.Sink(
             out_dir,
             job=manifest.job,
@@ -178,6 +180,7 @@ async def run_job(
             supersede=done if opts.force else None,
         )
         with sinks.run_lock(out_dir, manifest.job, stats.run_id):
+            write_report(out_dir, build_report(stats), latest=False)
             signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
             sink.commit()
         stats.finished_at = datetime.now(UTC)

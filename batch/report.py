@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,13 +214,14 @@ def reports_dir(out_dir: Path, job: str) -> Path:
     return out_dir / "_reports" / job
 
 
-def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
-    """Write ``<run_id>.json`` and ``.md`` plus ``latest.*``; returns the JSON path."""
+def write_report(out_dir: Path, report: dict[str, Any], *, latest: bool = True) -> Path:
+    """Write ``<run_id>.json`` and ``.md`` plus (with ``latest``) ``latest.*``; returns the
+    JSON path."""
     folder = reports_dir(out_dir, report["job"])
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
     markdown = render_markdown(report)
-    for stem in (report["run_id"], "latest"):
+    for stem in (report["run_id"], "latest") if latest else (report["run_id"],):
         for suffix, content in ((".json", text), (".md", markdown)):
             # Unique: shards of the job may write latest.* at the same moment.
             tmp = folder / f".{stem}{suffix}.{os.getpid()}.{time.monotonic_ns()}.tmp"
@@ -238,3 +240,67 @@ def latest_report(out_dir: Path, job: str | None) -> dict[str, Any]:
         raise FileNotFoundError(f"no report under {root}" + (f" for job {job!r}" if job else ""))
     loaded: dict[str, Any] = json.loads(candidates[0].read_text(encoding="utf-8"))
     return loaded
+
+
+def run_reports(out_dir: Path, job: str) -> list[dict[str, Any]]:
+    """Every run's report of ``job`` (a run still going, or killed, has the one it wrote
+    when it started, with status ``running``)."""
+    found = []
+    for path in sorted(reports_dir(out_dir, job).glob("*.json")):
+        if path.name != "latest.json":
+            try:
+                found.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                continue  # being replaced right now; the next look sees it
+    return found
+
+
+def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Which runs (and shards) of a job ran when, oldest first. Pure. A run that wrote only
+    its starting report and is not ``alive`` any more was killed: status ``gone``."""
+    runs = []
+    for report in sorted(reports, key=lambda r: str(r.get("started_at"))):
+        status = report.get("status")
+        if status == "running" and not alive(str(report["run_id"])):
+            status = "gone"
+        items = report.get("items", {})
+        runs.append(
+            {
+                "run_id": report["run_id"],
+                "shard": report.get("shard"),
+                "status": status,
+                "started_at": report.get("started_at"),
+                "finished_at": report.get("finished_at"),
+                "ok": items.get("ok"),
+                "failed": items.get("failed"),
+                "audio_s": report.get("audio_s"),
+            }
+        )
+    return runs
+
+
+def render_job(so_far: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The job across its runs and shards, as Markdown."""
+    lines = [
+        "",
+        "## The job so far",
+        "",
+        f"{so_far['items']} items by their latest result: {so_far['ok']} ok, "
+        f"{so_far['failed']} failed; {so_far['audio_s']} s of audio.",
+        "",
+        "| run | shard | status | started | finished | ok | failed | audio s |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        cells = [
+            run["run_id"],
+            run["shard"] or "whole job",
+            run["status"],
+            run["started_at"],
+            run["finished_at"] or "",
+            run["ok"],
+            run["failed"],
+            run["audio_s"],
+        ]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -251,6 +251,12 @@ def run_lock(out_dir: Path, job: str, run_id: str) -> Iterator[None]:
     path.unlink(missing_ok=True)
 
 
+def run_alive(out_dir: Path, job: str, run_id: str) -> bool:
+    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock)."""
+    path = _run_lock_path(out_dir, job, run_id)
+    return path.exists() and _run_alive(path)
+
+
 def _run_alive(lock_path: Path) -> bool:
     try:
         with _exclusive(lock_path, "recovery check"):

@@ -9,6 +9,7 @@ import pytest
 
 from batch.errors import ManifestError, ShardError
 from batch.shard import Shard, from_environment, parse_flag, select, shard_of
+from batch.status import tally
 
 IDS = [f"{random.Random(i).getrandbits(80):020x}" for i in range(2000)]
 
@@ -143,3 +144,11 @@ def test_inconsistent_values_name_the_variable(
 ) -> None:
     with pytest.raises(ShardError, match=message):
         from_environment(env, flag, shards)
+
+
+def test_status_tally_counts_planned_items_by_latest_result() -> None:
+    latest = {"a": "ok", "b": "failed", "z": "ok"}  # z: not in this manifest any more
+    counted = tally(["a", "b", "c"], latest)
+    assert counted.as_dict() == {"planned": 3, "ok": 1, "failed": 1, "not_run": 1}
+    assert not counted.complete
+    assert tally(["a", "z"], latest).complete

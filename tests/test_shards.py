@@ -155,6 +155,16 @@ def test_shards_started_at_once_one_killed_and_rerun(tmp_path: Path) -> None:
     status = json.loads(done.stdout)
     assert status["complete"] and status["planned"] == status["ok"] == count
     assert status["by_shard"][f"{victim}/{shards}"]["ok"] == per_shard[victim]
+    # The job across shards: which ran when, the killed one included.
+    job = json.loads(run_cli("report", str(out), "--job", "test-job", "--json").stdout)
+    assert job["job_so_far"]["ok"] == count
+    runs = [(r["shard"], r["status"]) for r in job["runs"]]
+    assert sorted(runs) == sorted(
+        [(f"{s}/{shards}", "completed") for s in range(shards)] + [(f"{victim}/{shards}", "gone")]
+    )
+    assert runs[-1] == (f"{victim}/{shards}", "completed")  # the rerun came last
+    human = run_cli("report", str(out), "--job", "test-job").stdout
+    assert "## The job so far" in human and f"| {victim}/{shards} | gone |" in human
 
 
 def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(tmp_path: Path) -> None:
