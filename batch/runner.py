@@ -173,7 +173,10 @@ class ItemRunner:
 
     def _decoder(self, item: Item) -> DecodedAudio:
         return DecodedAudio(
-            item.source, self.wire, channel=item.channel, stream_index=self.run.stream_index
+            item.open_path or item.source,
+            self.wire,
+            channel=item.channel,
+            stream_index=self.run.stream_index,
         )
 
     def _is_long(self, item: Item) -> bool:
