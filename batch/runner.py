@@ -297,6 +297,9 @@ class ItemRunner:
             self.run.connect_timeout_s,
             self.run.final_timeout_s,
             deadline + self.run.session_deadline_slack_s,
+            # The probe may understate the audio: the deadline follows what is really sent.
+            deadline_per_audio_s=self.run.session_deadline_factor / (self.run.pace or 1.0),
+            deadline_slack_s=self.run.session_deadline_slack_s,
         )
 
     async def _attempt(self, item: Item, audio: _Audio, duration_s: float | None) -> SessionResult:
