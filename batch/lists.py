@@ -79,30 +79,35 @@ def _as_cp1252(data: bytes) -> str | None:
     return None if odd else text
 
 
-def read_text(path: Path, *, what: str, latin1_ok: bool) -> str:
-    """The file's text (see `decode_text`); raises `ManifestError` if it cannot be read."""
+def read_local(path: Path, *, what: str) -> bytes:
+    """A local file's bytes; raises `ManifestError` naming it if it cannot be read."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(path, f"{what} not found") from None
     except IsADirectoryError:
         raise ManifestError(path, f"{what} is a folder, not a file") from None
     except OSError as exc:
         raise ManifestError(path, f"cannot read {what}: {exc.strerror or exc}") from None
-    return decode_text(data, path, what=what, latin1_ok=latin1_ok)
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each row of a CSV or JSONL list; known column names are
-    lower-cased. Raises `ManifestError` naming the file and line."""
-    text = read_text(path, what="list file", latin1_ok=True)
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        yield from _jsonl_rows(text, path)
+def read_text(path: Path, *, what: str, latin1_ok: bool) -> str:
+    """The file's text (see `decode_text`); raises `ManifestError` if it cannot be read."""
+    return decode_text(read_local(path, what=what), path, what=what, latin1_ok=latin1_ok)
+
+
+def read_rows(location: str, data: bytes, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of the CSV or JSONL list ``data`` read from
+    ``location`` (``name``'s suffix tells the format); known column names are lower-cased.
+    Raises `ManifestError` naming the file and line."""
+    text = decode_text(data, location, what="list file", latin1_ok=True)
+    if Path(name).suffix.lower() in JSONL_SUFFIXES:
+        yield from _jsonl_rows(text, location)
     else:
-        yield from _csv_rows(text, path)
+        yield from _csv_rows(text, location)
 
 
-def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -129,7 +134,7 @@ def _header(line: str, dialect: type[csv.Dialect] | csv.Dialect) -> list[str]:
     return [_column(n) for n in next(csv.reader([line], dialect), [])]
 
 
-def _dialect(text: str, path: Path) -> tuple[type[csv.Dialect] | csv.Dialect, list[str]]:
+def _dialect(text: str, path: str) -> tuple[type[csv.Dialect] | csv.Dialect, list[str]]:
     """The sniffed dialect and the header it gives; the delimiter that yields a ``path``
     column wins when sniffing guessed otherwise."""
     header_line = next((line for line in text.splitlines() if line.strip()), "")
@@ -155,7 +160,7 @@ def _dialect(text: str, path: Path) -> tuple[type[csv.Dialect] | csv.Dialect, li
     )
 
 
-def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if not text.strip():
         return
     dialect, names = _dialect(text, path)

@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from batch import storage
 from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, ManifestError
-from batch.lists import read_rows
+from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
 
@@ -38,21 +40,23 @@ class Source:
     """One input file as the manifest names it, with per-item overrides.
 
     ``path`` is the path as listed (made absolute against the manifest's or list file's
-    folder, symlinks not followed): what the tables' ``source`` column holds. ``resolved``
-    is the real file behind it, what the stable ``item_id`` hashes (None when it cannot be
-    resolved). ``problem`` is set when the path itself is unusable.
+    folder, symlinks not followed), or a URL as listed: what the tables' ``source`` column
+    holds. ``resolved`` is the real file behind a local path, what the stable ``item_id``
+    hashes (None for URLs, or when it cannot be resolved). ``problem`` is set when the path
+    itself is unusable.
     """
 
-    path: Path
+    path: str
     language: str | None = None
     channels: ChannelSpec | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    resolved: Path | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    resolved: str | None = None
     problem: InputError | None = None
 
     @property
     def identity(self) -> str:
-        return str(self.resolved or self.path)
+        return self.resolved or self.path
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class Item:
     # Where to open the file when ``source`` (text fit to store) cannot name it byte for
     # byte: a file name that is not valid UTF-8.
     open_path: str | None = None
+    # Non-secret fsspec settings for a URL source; never part of the id (they say how to
+    # reach the file, not which file it is).
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def item_id(source: str, channel: int | None, options: PulseOptions) -> str:
@@ -85,15 +92,20 @@ def storable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def locate(text: str, folder: Path) -> Source:
-    """A listed path, made absolute against ``folder``, checked without following it into a
-    loop: a NUL byte, a name too long, a symlink loop become the source's ``problem``."""
+def locate(text: str, folder: str) -> Source:
+    """A listed path, made absolute against ``folder`` (a local folder or a URL ending in
+    ``/``), checked without following it into a loop: a NUL byte, a name too long, a
+    symlink loop become the source's ``problem``. URLs are kept as listed."""
+    if storage.is_url(text):
+        return Source(text)
+    if storage.is_url(folder):
+        return Source(storage.join(folder, text))
     shown = storable(text).replace("\x00", "\\x00")
     if "\x00" in text:
         problem = "the path holds a NUL byte; check the list for a stray binary field"
-        return Source(Path(shown), problem=InputError("bad_path", shown, problem))
+        return Source(shown, problem=InputError("bad_path", shown, problem))
     try:
-        listed = Path(os.path.abspath(folder / text))
+        listed = Path(os.path.abspath(Path(folder) / text))
         os.stat(listed)
     except FileNotFoundError:
         pass  # the prober says not_found, as for any missing file
@@ -107,18 +119,18 @@ def locate(text: str, folder: Path) -> Source:
             "symlink_loop": "is a symlink loop (it points back at itself); fix the link",
             "bad_path": "is too long for the file system; check the list for a joined field",
         }.get(kind, f"cannot be read: {exc.strerror}")
-        return Source(Path(shown), problem=InputError(kind, shown, why))
+        return Source(shown, problem=InputError(kind, shown, why))
     except ValueError as exc:  # e.g. a lone surrogate the OS cannot encode
-        return Source(Path(shown), problem=InputError("bad_path", shown, str(exc)))
+        return Source(shown, problem=InputError("bad_path", shown, str(exc)))
     try:
         resolved = listed.resolve()
     except (OSError, RuntimeError) as exc:  # a loop found while resolving (3.11: RuntimeError)
         why = f"is a symlink loop (it points back at itself); fix the link ({exc})"
-        return Source(listed, problem=InputError("symlink_loop", shown, why))
-    return Source(listed, resolved=resolved)
+        return Source(str(listed), problem=InputError("symlink_loop", shown, why))
+    return Source(str(listed), resolved=str(resolved))
 
 
-def _channels_value(raw: Any, where: str, list_path: Path) -> ChannelSpec | None:
+def _channels_value(raw: Any, where: str, list_path: str) -> ChannelSpec | None:
     if raw is None or raw == "":
         return None
     text = str(raw).strip()
@@ -129,45 +141,73 @@ def _channels_value(raw: Any, where: str, list_path: Path) -> ChannelSpec | None
     raise ManifestError(list_path, f"{where}: channels must be mix, split or a channel index")
 
 
-def _sources_from_list(list_path: Path) -> Iterator[Source]:
-    for number, row in read_rows(list_path):
+def _list_bytes(location: str, options: storage.StorageOptions) -> bytes:
+    if storage.is_url(location):
+        return storage.read_bytes(location, options)
+    return read_local(Path(location), what="list file")
+
+
+def _folder_of(location: str) -> str:
+    """The folder a list file's relative paths resolve against: a local path or a URL
+    ending in ``/``."""
+    if storage.is_url(location):
+        return location[: location.rfind("/") + 1]
+    return str(Path(location).parent)
+
+
+def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
+    name = urlsplit(location).path if storage.is_url(location) else location
+    for number, row in read_rows(location, _list_bytes(location, options), name):
         where = f"line {number}"
         raw_path = row.pop("path", None)
         if raw_path is None or str(raw_path).strip() == "":
-            raise ManifestError(list_path, f"{where}: the 'path' column is empty")
+            raise ManifestError(location, f"{where}: the 'path' column is empty")
         language = str(row.pop("language", None) or "").strip() or None
         if language is not None and language not in LANGUAGES:
-            raise ManifestError(list_path, f"{where}: language {language!r} is not supported")
-        channels = _channels_value(row.pop("channels", None), where, list_path)
+            raise ManifestError(location, f"{where}: language {language!r} is not supported")
+        channels = _channels_value(row.pop("channels", None), where, location)
         metadata = {
             storable(str(k)): "" if v is None else storable(v if isinstance(v, str) else str(v))
             for k, v in row.items()
         }
-        found = locate(str(raw_path), list_path.parent)
-        yield replace(found, language=language, channels=channels, metadata=metadata)
+        try:
+            storage.check_url(str(raw_path))
+        except ValueError as exc:
+            raise ManifestError(location, f"{where}: {exc}") from None
+        found = locate(str(raw_path), _folder_of(location))
+        yield replace(
+            found,
+            language=language,
+            channels=channels,
+            metadata=metadata,
+            storage_options=options,
+        )
 
 
 def expand_sources(loaded: LoadedManifest) -> list[Source]:
     """Every input file, globs sorted; the same real file asked for twice with the same
     effective options is kept once. Raises `ManifestError` for a glob or list that matches
     nothing (unless the entry says ``allow_empty: true``) and for unreadable list files."""
-    base = loaded.base_dir
+    base = str(loaded.base_dir)
     sources: list[Source] = []
     for index, entry in enumerate(loaded.manifest.inputs):
         found: list[Source] = []
         if isinstance(entry, GlobInput):
-            matches = walk_glob(base / entry.glob)
             found = [
-                replace(locate(str(m), base), language=entry.language, channels=entry.channels)
-                for m in matches
-            ]
+                replace(locate(m, base), language=entry.language, channels=entry.channels,
+                        storage_options=entry.storage_options)
+                for m in _glob(entry.glob, base, entry.storage_options)
+            ]  # fmt: skip
             what = f"glob {entry.glob!r} matched no files"
         elif isinstance(entry, PathInput):
-            found = [replace(locate(entry.path, base), language=entry.language,
-                             channels=entry.channels)]  # fmt: skip
+            found = [
+                replace(locate(entry.path, base), language=entry.language, channels=entry.channels,
+                        storage_options=entry.storage_options)
+            ]  # fmt: skip
             what = ""
         elif isinstance(entry, ListInput):
-            found = list(_sources_from_list(base / entry.list))
+            location = locate(entry.list, base).path
+            found = list(_sources_from_list(location, entry.storage_options))
             what = f"list {entry.list!r} has no rows"
         if not found and not getattr(entry, "allow_empty", False):
             raise ManifestError(
@@ -178,7 +218,27 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
         if not found:
             logger.info("inputs.%d: %s (allow_empty)", index, what)
         sources.extend(found)
+    _check_storage_clients(sources)
     return _unique(sources, loaded)
+
+
+def _glob(pattern: str, base: str, options: dict[str, Any]) -> list[str]:
+    if storage.is_url(pattern):
+        return storage.glob(pattern, options)
+    return [str(path) for path in walk_glob(Path(base) / pattern)]
+
+
+def _check_storage_clients(sources: Iterable[Source]) -> None:
+    """Set up each URL scheme's client once before probing: a configuration problem (no
+    account name, a bad option) stops planning with one message, not one per item."""
+    checked: set[tuple[str | None, str]] = set()
+    for source in sources:
+        if not storage.is_url(source.path):
+            continue
+        key = (storage.scheme(source.path), json.dumps(source.storage_options, sort_keys=True))
+        if key not in checked:
+            checked.add(key)
+            storage.check_reachable(source.path, source.storage_options)
 
 
 def _unique(sources: list[Source], loaded: LoadedManifest) -> list[Source]:
@@ -202,7 +262,7 @@ def _spec(source: Source, default: ChannelSpec) -> ChannelSpec:
     return source.channels if source.channels is not None else default
 
 
-Prober = Callable[[Path, int | None], ProbeInfo]
+Prober = Callable[[str, int | None, storage.StorageOptions], ProbeInfo]
 
 
 def walk_glob(pattern: Path) -> list[Path]:
@@ -350,7 +410,7 @@ def make_items(
     for source in sources:
         options = manifest.pulse.options(source.language)
         spec = _spec(source, manifest.run.channels)
-        shown = storable(str(source.path))
+        shown = storable(source.path)
         base = Item(
             "",
             shown,
@@ -358,7 +418,8 @@ def make_items(
             None,
             options,
             source.metadata,
-            open_path=str(source.path) if shown != str(source.path) else None,
+            open_path=source.path if shown != source.path else None,
+            storage_options=source.storage_options,
         )
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)
@@ -369,7 +430,7 @@ def make_items(
         try:
             if source.problem is not None:
                 raise source.problem
-            info = prober(source.path, manifest.run.stream_index)
+            info = prober(source.path, manifest.run.stream_index, source.storage_options)
         except InputError as unusable:
             channel = _channel_list(spec, None)[0]
             ident = item_id(source.identity, channel, options)

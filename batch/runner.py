@@ -177,6 +177,7 @@ class ItemRunner:
             self.wire,
             channel=item.channel,
             stream_index=self.run.stream_index,
+            storage_options=item.storage_options,
         )
 
     def _is_long(self, item: Item) -> bool:
