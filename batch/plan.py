@@ -386,13 +386,16 @@ def make_items(
     loaded: LoadedManifest,
     prober: Prober = probe,
     done: frozenset[str] = frozenset(),
+    wanted: Callable[[str], bool] | None = None,
 ) -> list[Item]:
     """Items for every source, probing each once; bad files become failed items. Items
     equal in effect (same real file, channel and resolved options: the same ``item_id``)
     are one item, the first listed.
 
     Sources whose id is in ``done`` (already ok) are not probed: a nightly rerun over a
-    growing archive costs one probe per new file, not per file.
+    growing archive costs one probe per new file, not per file. Only items whose id
+    ``wanted`` accepts are returned (a shard's slice); when the id is known before probing
+    (every ``channels`` choice but split), the others are not probed either.
     """
     manifest = loaded.manifest
     items: dict[str, Item] = {}
@@ -424,6 +427,8 @@ def make_items(
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)
             known = item_id(source.identity, channel, options)
+            if wanted is not None and not wanted(known):
+                continue
             if known in done:
                 add(replace(base, item_id=known, channel=channel))
                 continue
@@ -453,7 +458,8 @@ def make_items(
                     error=problem,
                 )
             )
-    return list(items.values())
+    kept = list(items.values())
+    return kept if wanted is None else [i for i in kept if wanted(i.item_id)]
 
 
 def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]:
