@@ -1,8 +1,8 @@
 """The `pulse-batch` command line: parse, call the library, map errors to exit codes.
 
 Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
-stopped by a fatal service answer; 4 another run of the job holds the lock; 130/143 after
-SIGINT/SIGTERM.
+stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
+could not be written (disk full, read-only, permission denied); 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import job as jobs
-from batch import sink as sinks
+from batch import output as outputs
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError
+from batch.errors import InputError, LockedError, ManifestError, OutputError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
 from batch.pulse import protocol
-from batch.report import latest_report, render_markdown, summary_line
+from batch.report import render_markdown, summary_line
 from batch.server.cli import serve
 
 app = typer.Typer(
@@ -190,6 +190,9 @@ def run(
     except LockedError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(jobs.EXIT_SIGINT) from None
@@ -201,9 +204,11 @@ def run(
     report = result.report
     if report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+    if report["status"] == "failed_output":
+        err.print(f"[red]output error:[/red] {report['abort_reason']}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
-        print(f"        {result.report_path.with_suffix('.md')}")
+        print(f"        {result.report_path.removesuffix('.json')}.md")
     print(summary_line(report))
     raise typer.Exit(
         jobs.exit_code(
@@ -280,11 +285,11 @@ def schema(
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
     tables = {
-        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in sinks.COLUMNS[table]]
-        for table in sinks.TABLES
+        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in outputs.COLUMNS[table]]
+        for table in outputs.TABLES
     }
     if as_json:
-        print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
+        print(json.dumps({"schema_version": outputs.SCHEMA_VERSION, "tables": tables}, indent=2))
         return
     if markdown:
         for table, columns in tables.items():
@@ -293,7 +298,8 @@ def schema(
                 print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
         return
     print(
-        f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}"
+        f"schema version {outputs.SCHEMA_VERSION}; "
+        f"partition columns from {outputs.PARTITION_CHOICES}"
     )
     for table, columns in tables.items():
         print(f"\n{table}/")
@@ -303,7 +309,7 @@ def schema(
 
 @app.command()
 def report(
-    output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
+    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
@@ -311,11 +317,32 @@ def report(
 ) -> None:
     """Print the latest run report of a job."""
     try:
-        data = latest_report(output, job)
-    except FileNotFoundError as exc:
+        data = outputs.latest_report(output, job)
+    except (FileNotFoundError, ManifestError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     print(json.dumps(data, indent=2) if as_json else render_markdown(data))
+
+
+@app.command()
+def compact(
+    output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
+) -> None:
+    """Compact a Delta output: rewrite small files into large ones (optimize), then delete
+    files no table version needs (vacuum, keeping the default 7 days of history)."""
+    try:
+        lines = outputs.compact(output)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    for line in lines:
+        print(line)
 
 
 def main() -> None:

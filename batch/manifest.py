@@ -7,6 +7,7 @@ file, the key path and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -177,9 +178,18 @@ class RunConfig(_Strict):
         return self
 
 
+_SECRET_KEY = re.compile(r"secret|password|token|access_key|account_key|sas|credential", re.I)
+
+
 class OutputConfig(_Strict):
+    # A local folder, or for format delta also a URL (s3://bucket/prefix, gs://, az://).
     path: str = "out"
+    # parquet: hive-partitioned files on a local filesystem; delta: Delta Lake tables.
+    format: Literal["parquet", "delta"] = "parquet"
     partition_by: list[PartitionColumn] = ["job", "date"]
+    # Non-secret options for the Delta object store (region, endpoint...); credentials
+    # come from the cloud SDK's own environment and config, never from the manifest.
+    storage_options: dict[str, str] = {}
     # Rows are buffered and committed in batches: fewer, larger files.
     commit_every_items: int = Field(200, ge=1)
     commit_every_s: float = Field(60.0, gt=0)
@@ -189,6 +199,16 @@ class OutputConfig(_Strict):
     def _partitions_unique(self) -> OutputConfig:
         if len(set(self.partition_by)) != len(self.partition_by):
             raise ValueError("partition_by lists a column twice")
+        return self
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> OutputConfig:
+        secret = [k for k in self.storage_options if _SECRET_KEY.search(k)]
+        if secret:
+            raise ValueError(
+                f"storage_options {sorted(secret)}: credentials do not belong in a manifest; "
+                "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
+            )
         return self
 
 
@@ -232,6 +252,14 @@ class LoadedManifest(BaseModel):
     @property
     def output_dir(self) -> Path:
         return (self.base_dir / self.manifest.output.path).resolve()
+
+    @property
+    def output_location(self) -> str:
+        """output.path as a URL when it is one, else as an absolute local path."""
+        path = self.manifest.output.path
+        if "://" in path and not path.startswith("file://"):
+            return path
+        return str(self.output_dir)
 
 
 def _describe(error: Any) -> str:
