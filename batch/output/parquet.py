@@ -225,13 +225,17 @@ class Committer:
         name = f"{self.run_id}-{self._batches:05d}"
         batch_dir = self.root / "_staging" / self.job / name
         with layout.commit_lock(self.root, self.job):
-            batch_dir.mkdir(parents=True)
-            new_files, ops = self._stage_tables(rows, batch_dir, f"part-{name}.parquet")
-            items = {r.item_id for r in rows}
-            ops += self._stage_supersede(items, batch_dir)
-            layout.fsync_dir(batch_dir)
-            layout.write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
-            apply_plan(self.root, batch_dir)
+            try:
+                batch_dir.mkdir(parents=True)
+                new_files, ops = self._stage_tables(rows, batch_dir, f"part-{name}.parquet")
+                ops += self._stage_supersede({r.item_id for r in rows}, batch_dir)
+                layout.fsync_dir(batch_dir)
+                layout.write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
+            except BaseException:
+                # Not committed: free the space it took (a full disk is the usual cause).
+                shutil.rmtree(batch_dir, ignore_errors=True)
+                raise
+            apply_plan(self.root, batch_dir)  # committed: a failure here is redone by recover
         for row in rows:
             self.index.files[row.item_id] = set(new_files.get(row.item_id, ()))
             self.index.latest.pop(row.item_id, None)
