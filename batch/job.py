@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import signal
 from collections.abc import AsyncIterator
@@ -19,11 +18,13 @@ from typing import Any
 
 import anyio
 
-from batch.errors import ManifestError, OutputError
+from batch.credentials import api_key_from_env
+from batch.errors import ManifestError, OutputError, ServiceRefusing
 from batch.manifest import LoadedManifest
 from batch.output import JobOutput, RunWriter, read_history
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
+from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report
 from batch.runner import ItemRunner, Unit, whole_units
 from batch.session import Endpoint
@@ -36,6 +37,7 @@ EXIT_USAGE = 2
 EXIT_FATAL_SERVICE = 3
 EXIT_LOCKED = 4
 EXIT_OUTPUT = 5
+EXIT_SERVICE_REFUSING = 6
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -72,24 +74,20 @@ def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def api_key_from_env(name: str, *, required: bool) -> str | None:
-    key = os.environ.get(name) or None
-    if key is None and required:
-        raise ManifestError(
-            f"pulse.api_key_env={name}",
-            f"environment variable {name} is not set; export your Pulse API key in it",
-        )
-    return key
-
-
 @contextlib.asynccontextmanager
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
     pulse = loaded.manifest.pulse
     if pulse.endpoint != "local":
-        endpoint = Endpoint(pulse.endpoint)
+        endpoint = Endpoint.resolve(pulse.endpoint, pulse.protocol)  # checked by the manifest
         # A loopback server (`pulse-batch serve`) may run without a key; the service never.
         required = not endpoint.is_loopback
-        yield endpoint, api_key_from_env(pulse.api_key_env, required=required)
+        key = api_key_from_env(pulse.api_key_env, required=required)
+        if key and any(key in value for value in pulse.extra_params.values()):
+            # Query strings end up in proxies' logs: the key goes in the header only.
+            raise ManifestError(
+                "pulse.extra_params", "a value holds the API key; remove it (it is sent anyway)"
+            )
+        yield endpoint, key
         return
     from batch.server import EngineUnavailable, local_server, make_engine  # only when asked for
 
@@ -98,7 +96,8 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
     except EngineUnavailable as exc:
         raise ManifestError("pulse.local_engine", str(exc)) from None
     async with local_server(engine=engine) as server:
-        yield Endpoint(server.url), None
+        generation = Generation.LEGACY if pulse.protocol == "auto" else Generation(pulse.protocol)
+        yield Endpoint(server.url_for(generation), generation), None
 
 
 def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:
@@ -239,7 +238,9 @@ async def _stream_all(
                 raise
         if runner.fatal is not None:
             stats.status = "aborted"
-            stats.abort_reason = str(runner.fatal)
+            stats.abort_reason = runner.scrubber.scrub(str(runner.fatal))
+            refusing = isinstance(runner.fatal, ServiceRefusing)
+            stats.abort_kind = "service_refusing" if refusing else "fatal_answer"
         elif stats.status == "running":
             stats.status = "completed"
         signal_name = stats.signal_name
@@ -315,8 +316,8 @@ def exit_code(
     signal_name: str | None = None,
 ) -> int:
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
-    3 for a fatal service answer; 5 when the output could not be written; 130/143 after
-    SIGINT/SIGTERM."""
+    3 for a fatal service answer; 5 when the output could not be written; 6 when the
+    service refused everything; 130/143 after SIGINT/SIGTERM."""
     if report.get("status") == "failed_output":
         return EXIT_OUTPUT
     if signal_name == "SIGINT":
@@ -324,6 +325,8 @@ def exit_code(
     if signal_name == "SIGTERM":
         return EXIT_SIGTERM
     if report.get("status") == "aborted":
+        if report.get("abort_kind") == "service_refusing":
+            return EXIT_SERVICE_REFUSING
         return EXIT_FATAL_SERVICE
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job.

@@ -97,12 +97,42 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    odd_values_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions sent one final with an odd field value (NaN times, "
+            '"word": null, "is_final": "false", ...).',
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    odd_value_kinds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated odd-value variants to draw from (default: all).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     max_sessions: Annotated[
         int | None,
         typer.Option(help="Concurrent session limit (429 beyond).", rich_help_panel=FAULTS),
     ] = None,
     fault_limit: Annotated[
         int | None, typer.Option(help="Fault at most this many sessions.", rich_help_panel=FAULTS)
+    ] = None,
+    retry_after_header: Annotated[
+        str | None,
+        typer.Option(
+            help="Send this text as the 429s' Retry-After verbatim (e.g. inf, 1e8).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    echo_authorization: Annotated[
+        bool | None,
+        typer.Option(
+            "--echo-authorization",
+            help="Repeat the request's Authorization header in refusal bodies and errors.",
+            rich_help_panel=FAULTS,
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
@@ -120,8 +150,14 @@ def serve(
         "malformed_rate": malformed_rate,
         "stall_rate": stall_rate,
         "early_last_rate": early_last_rate,
+        "odd_values_rate": odd_values_rate,
+        "odd_value_kinds": None
+        if odd_value_kinds is None
+        else tuple(k.strip() for k in odd_value_kinds.split(",") if k.strip()),
         "max_sessions": max_sessions,
         "fault_limit": fault_limit,
+        "retry_after_header": retry_after_header,
+        "echo_authorization": echo_authorization,
     }
     faults = _fault_config(fault_config, flags)
     try:
@@ -178,6 +214,7 @@ async def _serve_until_stopped(
         typer.echo(f"Pulse-compatible server ({engine_name} engine) listening on {server.base_url}")
         typer.echo(f"  url:         {server.url}")
         typer.echo(f"  unified url: {server.unified_url}  (needs model=pulse)")
+        typer.echo(f"  current url: {server.current_url}")
         auth = f"Bearer key from ${api_key_env}" if api_key_env else "none (any key accepted)"
         typer.echo(f"  auth:        {auth}")
         if faults != FaultConfig():
