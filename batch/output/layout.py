@@ -135,7 +135,7 @@ class Busy(Exception):
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, note: str, *, wait: bool = False) -> Iterator[None]:
+def exclusive(path: Path, note: str | None, *, wait: bool = False) -> Iterator[None]:
     """An OS lock on ``path`` for the block. Without ``wait``, raises `Busy` if another
     process holds it. The kernel drops it when its process dies: a killed run leaves no
     live lock."""
@@ -146,10 +146,11 @@ def exclusive(path: Path, note: str, *, wait: bool = False) -> Iterator[None]:
         except BlockingIOError:
             raise Busy(str(path)) from None
         try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(note)
-            handle.flush()
+            if note is not None:  # who holds it, for the message a second run gets
+                handle.seek(0)
+                handle.truncate()
+                handle.write(note)
+                handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -161,7 +162,7 @@ def holder_note() -> str:
 
 def is_locked(path: Path) -> bool:
     try:
-        with exclusive(path, "check"):
+        with exclusive(path, None):
             return False
     except Busy:
         return True
@@ -185,7 +186,7 @@ def job_lock(root: Path, job: str) -> Iterator[None]:
 def commit_lock(root: Path, job: str) -> contextlib.AbstractContextManager[None]:
     """Held (waiting for it) while a batch of ``job`` commits, so that runs of one job's
     shards never rewrite the same file at once."""
-    return exclusive(root / "_locks" / f"{job}.commit.lock", holder_note(), wait=True)
+    return exclusive(root / "_locks" / f"{job}.commit.lock", None, wait=True)
 
 
 def layout_lock(root: Path) -> contextlib.AbstractContextManager[None]:

@@ -208,13 +208,22 @@ class Committer:
     """Commits a run's batches into one job's tables; keeps the scan's item-to-files index
     so that superseding an item rewrites only the files that hold it."""
 
-    def __init__(self, root: Path, job: str, run_id: str, partition_by: Sequence[str], index: Scan):
+    def __init__(
+        self, root: Path, job: str, run_id: str, partition_by: Sequence[str], index: Scan
+    ) -> None:
         self.root = root
         self.job = job
         self.run_id = run_id
         self.partition_by = list(partition_by)
         self.index = index
         self._batches = 0
+        # Which of the job's items each file holds. Other processes only ever remove rows
+        # from a file, so this is a superset of the truth: a file all of whose items a
+        # batch replaces can be deleted unread.
+        self._members: dict[str, set[str]] = {}
+        for item, relatives in index.files.items():
+            for relative in relatives:
+                self._members.setdefault(relative, set()).add(item)
 
     def commit(self, rows: list[ItemRows]) -> None:
         """Write ``rows`` as one atomic batch that also removes every earlier row (in every
@@ -224,11 +233,12 @@ class Committer:
         self._batches += 1
         name = f"{self.run_id}-{self._batches:05d}"
         batch_dir = self.root / "_staging" / self.job / name
+        items = {r.item_id for r in rows}
         with layout.commit_lock(self.root, self.job):
             try:
                 batch_dir.mkdir(parents=True)
                 new_files, ops = self._stage_tables(rows, batch_dir, f"part-{name}.parquet")
-                ops += self._stage_supersede({r.item_id for r in rows}, batch_dir)
+                ops += self._stage_supersede(items, batch_dir)
                 layout.fsync_dir(batch_dir)
                 layout.write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
             except BaseException:
@@ -236,6 +246,11 @@ class Committer:
                 shutil.rmtree(batch_dir, ignore_errors=True)
                 raise
             apply_plan(self.root, batch_dir)  # committed: a failure here is redone by recover
+        for relative in {f for item in items for f in self.index.files.get(item, ())}:
+            self._members.get(relative, set()).difference_update(items)
+        for item, relatives in new_files.items():
+            for relative in relatives:
+                self._members.setdefault(relative, set()).add(item)
         for row in rows:
             self.index.files[row.item_id] = set(new_files.get(row.item_id, ()))
             self.index.latest.pop(row.item_id, None)
@@ -258,26 +273,30 @@ class Committer:
             for folder, group in _by_partition(table_rows, self.partition_by).items():
                 relative = f"{folder}/{file_name}" if folder else file_name
                 data = _stored(to_arrow(table, group), table, self.partition_by)
-                _write_file(batch_dir / table / relative, data)
-                path = f"{table}/{relative}"
-                ops.append({"op": "move", "src": path, "dst": path})
+                staged = f"{len(ops):05d}.parquet"  # flat: staging is quick to clear
+                _write_file(batch_dir / staged, data)
+                ops.append({"op": "move", "src": staged, "dst": f"{table}/{relative}"})
                 for row in group:
                     files.setdefault(str(row["item_id"]), set()).add(relative)
         return files, ops
 
     def _stage_supersede(self, items: set[str], batch_dir: Path) -> list[dict[str, str]]:
         relatives = sorted({f for item in items for f in self.index.files.get(item, ())})
-        ops = []
+        ops: list[dict[str, str]] = []
         for relative in relatives:
+            whole = self._members.get(relative, set()) <= items
             for table in TABLES:
-                ops.extend(self._rewrite_without(table, relative, items, batch_dir))
+                if not (self.root / table / relative).exists():
+                    continue
+                if whole:  # every row of the file is replaced: no need to read it
+                    ops.append({"op": "delete", "dst": f"{table}/{relative}"})
+                    continue
+                ops.extend(self._rewrite_without(table, relative, items, batch_dir, len(ops)))
         return ops
 
     def _rewrite_without(
-        self, table: str, relative: str, items: set[str], batch_dir: Path
+        self, table: str, relative: str, items: set[str], batch_dir: Path, number: int
     ) -> list[dict[str, str]]:
-        if not (self.root / table / relative).exists():
-            return []
         data = _read_file(self.root, table, relative)
         drop = pc.and_(
             pc.is_in(data["item_id"], value_set=pa.array(sorted(items), pa.string())),
@@ -289,7 +308,7 @@ class Committer:
             return []
         if kept.num_rows == 0:
             return [{"op": "delete", "dst": target}]
-        staged = f"rewrite/{target}"
+        staged = f"rewrite-{number:05d}.parquet"
         _write_file(batch_dir / staged, _stored(kept, table, self.partition_by))
         return [{"op": "move", "src": staged, "dst": target}]
 
