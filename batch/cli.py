@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,10 +18,12 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import job as jobs
 from batch import output as outputs
+from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError, OutputError
@@ -60,7 +63,10 @@ class _RedactSecrets(logging.Filter):
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactSecrets(scrubber_for_env(secret_env)))
+    # The API key and the storage SDKs' secrets (a library's debug line must not show them).
+    api_key = scrubber_for_env(secret_env)
+    storage_secrets = storage.credentials_in_env(os.environ)
+    handler.addFilter(_RedactSecrets(Scrubber(*api_key.secrets, *storage_secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -73,7 +79,7 @@ def _load(manifest: Path) -> LoadedManifest:
     try:
         return load_manifest(manifest)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
 
 
@@ -185,13 +191,13 @@ def run(
     try:
         result = anyio.run(jobs.run_job, loaded, opts, observer)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except LockedError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
     except OutputError as exc:
-        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_OUTPUT) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
@@ -203,9 +209,10 @@ def run(
         return
     report = result.report
     if report["status"] == "aborted":
-        err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+        err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
     if report["status"] == "failed_output":
-        err.print(f"[red]output error:[/red] {report['abort_reason']}", highlight=False)
+        reason = escape(str(report["abort_reason"]))
+        err.print(f"[red]output error:[/red] {reason}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.removesuffix('.json')}.md")
@@ -227,7 +234,7 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
     try:
         items = jobs.plan_items(loaded)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     bad = [i for i in items if i.error is not None]
     audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
@@ -240,7 +247,9 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
 
 @app.command("probe")
 def probe_command(
-    files: Annotated[list[Path], typer.Argument(help="Media files to inspect.")],
+    files: Annotated[
+        list[str], typer.Argument(help="Media files or URLs (s3://, gs://, https://, ...).")
+    ],
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -261,7 +270,11 @@ def probe_command(
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
+            storage.check_url(path)
             info = probe(path)
+        except ValueError as exc:  # a URL this installation cannot read
+            rows.append({"path": path, "error_kind": "unsupported", "error": str(exc)})
+            continue
         except InputError as exc:
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
@@ -319,10 +332,10 @@ def report(
     try:
         data = outputs.latest_report(output, job)
     except (FileNotFoundError, ManifestError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except OutputError as exc:
-        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_OUTPUT) from None
     print(json.dumps(data, indent=2) if as_json else render_markdown(data))
 
@@ -339,7 +352,7 @@ def compact(
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except OutputError as exc:
-        err.print(f"[red]output error:[/red] {exc}", highlight=False)
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for line in lines:
         print(line)

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from batch import storage
 from batch.errors import ManifestError
 from batch.pulse import protocol
 from batch.pulse.protocol import PulseOptions
@@ -51,20 +52,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _url_for_listing(value: str) -> str:
+    storage.check_url(value, glob=True)
+    return value
+
+
+def _url_for_reading(value: str) -> str:
+    storage.check_url(value)
+    return value
+
+
+def _no_secrets(value: dict[str, Any]) -> dict[str, Any]:
+    storage.check_storage_options(value)
+    return value
+
+
+# A local path or a URL the installed extras can read (checked here, before any I/O).
+GlobPattern = Annotated[str, AfterValidator(_url_for_listing)]
+Location = Annotated[str, AfterValidator(_url_for_reading)]
+# Non-secret fsspec settings for URL inputs (region, anon, requester_pays, ...).
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
+
+
 class GlobInput(_Strict):
-    glob: str
+    glob: GlobPattern
     language: Language | None = None
     channels: Channels | None = None
+    storage_options: StorageOptions = {}
 
 
 class PathInput(_Strict):
-    path: str
+    path: Location
     language: Language | None = None
     channels: Channels | None = None
+    storage_options: StorageOptions = {}
 
 
 class ListInput(_Strict):
-    list: str
+    list: Location
+    # For the list file, when it is a URL, and for every URL it lists.
+    storage_options: StorageOptions = {}
 
 
 def _input_kind(value: Any) -> str | None:
@@ -220,9 +247,6 @@ class RunConfig(_Strict):
         return self
 
 
-_SECRET_KEY = re.compile(r"secret|password|token|access_key|account_key|sas|credential", re.I)
-
-
 class OutputConfig(_Strict):
     # A local folder, or for format delta also a URL (s3://bucket/prefix, gs://, az://).
     path: str = "out"
@@ -231,7 +255,7 @@ class OutputConfig(_Strict):
     partition_by: list[PartitionColumn] = ["job", "date"]
     # Non-secret options for the Delta object store (region, endpoint...); credentials
     # come from the cloud SDK's own environment and config, never from the manifest.
-    storage_options: dict[str, str] = {}
+    storage_options: Annotated[dict[str, str], AfterValidator(_no_secrets)] = {}
     # Rows are buffered and committed in batches: fewer, larger files.
     commit_every_items: int = Field(200, ge=1)
     commit_every_s: float = Field(60.0, gt=0)
@@ -241,16 +265,6 @@ class OutputConfig(_Strict):
     def _partitions_unique(self) -> OutputConfig:
         if len(set(self.partition_by)) != len(self.partition_by):
             raise ValueError("partition_by lists a column twice")
-        return self
-
-    @model_validator(mode="after")
-    def _no_secrets(self) -> OutputConfig:
-        secret = [k for k in self.storage_options if _SECRET_KEY.search(k)]
-        if secret:
-            raise ValueError(
-                f"storage_options {sorted(secret)}: credentials do not belong in a manifest; "
-                "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
-            )
         return self
 
 

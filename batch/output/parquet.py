@@ -266,7 +266,7 @@ class Committer:
     def _stage_tables(
         self, rows: list[ItemRows], batch_dir: Path, file_name: str
     ) -> tuple[dict[str, set[str]], list[dict[str, str]]]:
-        ops = []
+        ops: list[dict[str, str]] = []
         files: dict[str, set[str]] = {}
         for table in TABLES:
             table_rows = [r for item in rows for r in item.by_table()[table]]
