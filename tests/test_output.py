@@ -114,15 +114,19 @@ def test_a_row_that_does_not_fit_fails_its_item_alone(tmp_path: Path) -> None:
     odd = rows("odd")
     odd.transcript["detected_language"] = 5  # a number where the schema wants text
     odd.words[0]["start_s"] = "soon"
+    odder = rows("odder")
+    odder.transcript["channel"] = "left"  # even a column that says which item it is
 
     async def main() -> list[ItemRows]:
         with open_output(tmp_path) as output:
-            async with output.run("r1", commit_every_items=3) as writer:
-                return [await writer.add(r) for r in (rows("a"), odd, rows("b"))]
+            async with output.run("r1", commit_every_items=4) as writer:
+                return [await writer.add(r) for r in (rows("a"), odd, odder, rows("b"))]
 
     stored = anyio.run(main)
-    assert [r.transcript["status"] for r in stored] == ["ok", "failed", "ok"]
-    assert table(tmp_path) == [("a", "r1", "ok"), ("b", "r1", "ok"), ("odd", "r1", "failed")]
+    assert [r.transcript["status"] for r in stored] == ["ok", "failed", "failed", "ok"]
+    assert table(tmp_path) == [
+        ("a", "r1", "ok"), ("b", "r1", "ok"), ("odd", "r1", "failed"), ("odder", "r1", "failed"),
+    ]  # fmt: skip
     failed = read_table(tmp_path, "transcripts", "j").to_pylist()
     bad = next(r for r in failed if r["item_id"] == "odd")
     assert bad["error_kind"] == "protocol" and "/odd.wav" in bad["error"]
