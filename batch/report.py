@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,9 @@ class RunStats:
     pace: float
     endpoint: str
     price_per_minute: float = 0.0
+    job_concurrency: int | None = None  # run.concurrency; `concurrency` is this shard's share
+    shard: str | None = None  # "I/N" when this run is one shard of the job
+    manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted
     abort_reason: str | None = None
@@ -81,6 +85,8 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "report_version": REPORT_VERSION,
         "job": stats.job,
         "run_id": stats.run_id,
+        "shard": stats.shard,
+        "manifest": stats.manifest,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
         "abort_kind": stats.abort_kind,
@@ -103,6 +109,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "throughput_x_realtime": round(stats.audio_s / wall, 3),
         "pool": {
             "concurrency": stats.concurrency,
+            "job_concurrency": stats.job_concurrency or stats.concurrency,
             "max_open_sessions": stats.max_open_sessions,
             "lowest_pool_size": stats.lowest_pool_size,
             "utilisation": round(stats.busy_session_s / (stats.concurrency * wall), 4),
@@ -127,9 +134,11 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
 def summary_line(report: dict[str, Any]) -> str:
     """One line a log scraper can parse: space-separated key=value pairs."""
     items = report["items"]
+    shard = {"shard": report["shard"]} if report.get("shard") else {}
     fields = {
         "job": report["job"],
         "run_id": report["run_id"],
+        **shard,
         "status": report["status"],
         "ok": items["ok"],
         "failed": items["failed"],
@@ -144,12 +153,18 @@ def summary_line(report: dict[str, Any]) -> str:
     return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+def _share(report: dict[str, Any]) -> str:
+    total = report["pool"].get("job_concurrency")
+    return f" (this shard's share of {total})" if report.get("shard") and total else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     items = report["items"]
     pool = report["pool"]
     lat = report["latency_s"]
     lines = [
-        f"# pulse-batch report: {report['job']} ({report['run_id']})",
+        f"# pulse-batch report: {report['job']} ({report['run_id']}"
+        + (f", shard {report['shard']})" if report.get("shard") else ")"),
         "",
         f"Status: **{report['status']}**"
         + (f" ({report['abort_reason']})" if report["abort_reason"] else ""),
@@ -164,7 +179,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"= **{report['throughput_x_realtime']}x real time**",
         f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
         f" the handshake), {report['retries']} retries; pool "
-        f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
+        f"{pool['concurrency']} configured{_share(report)}, "
+        f"{pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
         f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "
         f"{report['billing']['estimated_cost']}",
@@ -189,4 +205,55 @@ def render_markdown(report: dict[str, Any]) -> str:
         for failure in report["failures"]:
             message = failure["message"].replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Which runs (and shards) of a job ran when, oldest first. Pure. A run that wrote only
+    its starting report and is not ``alive`` any more was killed: status ``gone``."""
+    runs = []
+    for report in sorted(reports, key=lambda r: str(r.get("started_at"))):
+        status = report.get("status")
+        if status == "running" and not alive(str(report["run_id"])):
+            status = "gone"
+        items = report.get("items", {})
+        runs.append(
+            {
+                "run_id": report["run_id"],
+                "shard": report.get("shard"),
+                "status": status,
+                "started_at": report.get("started_at"),
+                "finished_at": report.get("finished_at"),
+                "ok": items.get("ok"),
+                "failed": items.get("failed"),
+                "audio_s": report.get("audio_s"),
+            }
+        )
+    return runs
+
+
+def render_job(so_far: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The job across its runs and shards, as Markdown."""
+    lines = [
+        "",
+        "## The job so far",
+        "",
+        f"{so_far['items']} items by their latest result: {so_far['ok']} ok, "
+        f"{so_far['failed']} failed; {so_far['audio_s']} s of audio.",
+        "",
+        "| run | shard | status | started | finished | ok | failed | audio s |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        cells = [
+            run["run_id"],
+            run["shard"] or "whole job",
+            run["status"],
+            run["started_at"],
+            run["finished_at"] or "",
+            run["ok"],
+            run["failed"],
+            run["audio_s"],
+        ]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

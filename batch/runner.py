@@ -17,6 +17,7 @@ from typing import Protocol
 
 import anyio
 
+from batch import __version__
 from batch.collect import Collected, Outcome, RunInfo, collect_finals, item_rows
 from batch.credentials import Scrubber
 from batch.decode import DecodedAudio, WireFormat
@@ -121,12 +122,15 @@ class ItemRunner:
         self.pool = pool
         self.cache_dir = cache_dir
         self.wire = wire_format(loaded)
-        self.limit = AdaptiveLimit(self.run.concurrency)
+        # A shard opens only its share of run.concurrency (stats.concurrency).
+        self.limit = AdaptiveLimit(stats.concurrency)
         self.refusals = RefusalStreak(self.run.max_refusals_in_a_row)
         self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
         self.rng = random.Random()
         self.run_info = RunInfo(stats.job, stats.run_id, stats.started_at.strftime("%Y-%m-%d"))
         self.fatal: BaseException | None = None
+        shard = f" shard/{stats.shard}" if stats.shard else ""
+        self.user_agent = f"pulse-batch/{__version__}{shard}"
         self._pieces: dict[str, _Pieces] = {}
 
     # --- the worker ----------------------------------------------------------------
@@ -311,6 +315,7 @@ class ItemRunner:
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),
+                user_agent=self.user_agent,
                 on_open=watch.opened,
             )
         except Exception as error:

@@ -38,6 +38,8 @@ __all__ = [
     "logical_schema",
     "read_history",
     "read_table",
+    "run_alive",
+    "run_reports",
 ]
 
 
@@ -101,6 +103,23 @@ def latest_report(location: str | Path, job: str | None = None) -> dict[str, Any
         folder = where.child("_reports")
         raise FileNotFoundError(f"no report under {folder}" + (f" for job {job!r}" if job else ""))
     return found
+
+
+def run_reports(location: str | Path, job: str) -> list[dict[str, Any]]:
+    """Every run's report of ``job``, oldest name first (a run still going, or killed, has
+    the starting one it wrote, with status ``running``)."""
+    where = Location.of(location)
+    with translated("read the reports of", where.url):
+        return reports.every_run(where, job)
+
+
+def run_alive(location: str | Path, job: str, run_id: str) -> bool:
+    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock).
+    Always False for an output on object storage, where runs hold no lock."""
+    where = Location.of(location)
+    if where.local is None:
+        return False
+    return parquet.run_alive(where.local, job, run_id)
 
 
 def compact(location: str | Path, storage_options: dict[str, str] | None = None) -> list[str]:

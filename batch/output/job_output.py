@@ -36,6 +36,7 @@ from batch.output import layout, parquet, reports
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
 from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
+from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,12 @@ class JobOutput:
         partition_by: Sequence[str],
         format: str = "parquet",
         storage_options: dict[str, str] | None = None,
+        *,
+        shard: Shard | None = None,
     ) -> JobOutput:
-        """Check the layout (creating it on first use), take the job's lock, finish or undo
-        what killed runs left behind, and upgrade a version-1 output in place.
+        """Check the layout (creating it on first use), take the job's lock (or, for a
+        shard, the job's lock shared and the shard's own), finish or undo what killed runs
+        left behind, and upgrade a version-1 output in place.
 
         Raises `ManifestError` (layout or format mismatch), `LockedError`, `OutputError`.
         """
@@ -132,7 +136,7 @@ class JobOutput:
                         "delta for object storage",
                     )
                 if where.local is not None:
-                    _prepare_local(where.local, parts, format, job, stack)
+                    _prepare_local(where.local, parts, format, job, shard, stack)
                 backend = _backend(where, parts, format, storage_options or {})
                 backend.recover(job)
         except BaseException:
@@ -204,10 +208,10 @@ class JobOutput:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def write_report(self, report: dict[str, Any]) -> str:
-        """Write the run's report (JSON and Markdown, and ``latest.*``); returns where the
-        JSON went."""
-        return reports.write(self.location, self.job, report)
+    def write_report(self, report: dict[str, Any], *, latest: bool = True) -> str:
+        """Write the run's report (JSON and Markdown, and with ``latest`` also ``latest.*``);
+        returns where the JSON went."""
+        return reports.write(self.location, self.job, report, latest=latest)
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         with translated("read", self.location.child(table)):
@@ -215,11 +219,16 @@ class JobOutput:
 
 
 def _prepare_local(
-    root: Path, partition_by: list[str], fmt: str, job: str, stack: contextlib.ExitStack
+    root: Path,
+    partition_by: list[str],
+    fmt: str,
+    job: str,
+    shard: Shard | None,
+    stack: contextlib.ExitStack,
 ) -> None:
     """Marker, job lock, and the in-place upgrade of a version-1 output."""
     found = layout.check_layout(root, partition_by, fmt)
-    stack.enter_context(layout.job_lock(root, job))
+    stack.enter_context(layout.job_lock(root, job, shard))
     if int(found.get("schema_version", 1)) < SCHEMA_VERSION:
         with layout.layout_lock(root):
             found = layout.read_marker(root) or found

@@ -4,8 +4,9 @@ Layout under ``output.path``::
 
     transcripts/ words/ utterances/    the tables (Parquet files, or Delta tables)
     _pulse_batch.json                  format, schema version and partitioning (local only)
-    _locks/<job>.lock                  one run per job at a time (local only)
-    _locks/<job>.commit.lock           held while a batch commits (local Parquet)
+    _locks/<job>.lock                  one run per job at a time, shared by its shards (local)
+    _locks/<job>.shard-<I>-of-<N>.lock one run per shard at a time (local)
+    _locks/<job>.commit.lock           held while a batch commits or recovery runs (Parquet)
     _staging/<job>/...                 batches being committed (local Parquet)
     _reports/<job>/<run_id>.json|.md   run reports, and latest.json|.md
 
@@ -31,6 +32,7 @@ import pyarrow as pa
 
 from batch.errors import LockedError, ManifestError, OutputError, PulseBatchError
 from batch.output.schema import SCHEMA_VERSION
+from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -169,18 +171,67 @@ def is_locked(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def job_lock(root: Path, job: str) -> Iterator[None]:
-    """Exclusive lock for one job in one output: a second overlapping run is refused."""
-    path = root / "_locks" / f"{job}.lock"
-    try:
-        with translated("lock", path), exclusive(path, holder_note()):
+def shared(path: Path) -> Iterator[None]:
+    """A shared OS lock: any number of holders, but none while `exclusive` holds it.
+    Raises `Busy` if an exclusive holder has it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(str(path)) from None
+        try:
             yield
-    except Busy:
-        holder = path.read_text().strip() or "another process"
-        raise LockedError(
-            f"job {job!r} is already running into {root} ({holder}); "
-            "wait for it to finish, or use another output.path"
-        ) from None
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(path: Path, default: str) -> str:
+    try:
+        return path.read_text().strip() or default
+    except OSError:
+        return default
+
+
+@contextlib.contextmanager
+def job_lock(root: Path, job: str, shard: Shard | None = None) -> Iterator[None]:
+    """One run per job, or per shard of a job, in one output; an overlapping one is refused.
+
+    A whole-job run holds the job's lock exclusively. A shard holds it shared (so shards
+    of the job run side by side, but never beside a whole-job run) and its own shard lock
+    exclusively (so shard I runs once at a time)."""
+    path = root / "_locks" / f"{job}.lock"
+    if shard is None:
+        try:
+            with translated("lock", path), exclusive(path, holder_note()):
+                yield
+        except Busy:
+            raise LockedError(
+                f"job {job!r} is already running into {root} "
+                f"({_holder(path, 'shards of the job')}); "
+                "wait for it to finish, or use another output.path"
+            ) from None
+        return
+    shard_path = root / "_locks" / f"{job}.shard-{shard.index}-of-{shard.count}.lock"
+    with contextlib.ExitStack() as stack:
+        try:
+            with translated("lock", path):
+                stack.enter_context(shared(path))
+        except Busy:
+            raise LockedError(
+                f"job {job!r} is running unsharded into {root} "
+                f"({_holder(path, 'another process')}); a shard cannot run beside it: "
+                "wait for it to finish"
+            ) from None
+        try:
+            with translated("lock", shard_path):
+                stack.enter_context(exclusive(shard_path, holder_note()))
+        except Busy:
+            raise LockedError(
+                f"shard {shard.label} of job {job!r} is already running into {root} "
+                f"({_holder(shard_path, 'another process')}); wait for it to finish"
+            ) from None
+        yield
 
 
 def commit_lock(root: Path, job: str) -> contextlib.AbstractContextManager[None]:

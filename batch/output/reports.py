@@ -27,14 +27,15 @@ def _remote_fs(location: Location) -> Any:
         ) from None
 
 
-def write(location: Location, job: str, report: dict[str, Any]) -> str:
-    """Write ``<run_id>.json``/``.md`` and ``latest.*`` atomically where the store allows;
-    returns the JSON's path (or URL)."""
+def write(location: Location, job: str, report: dict[str, Any], *, latest: bool = True) -> str:
+    """Write ``<run_id>.json``/``.md`` (and, with ``latest``, ``latest.*``) atomically where
+    the store allows; returns the JSON's path (or URL)."""
     text = json.dumps(report, indent=2).encode()
     markdown = render_markdown(report).encode()
+    stems = (report["run_id"], "latest") if latest else (report["run_id"],)
     files = [
         (f"{stem}{suffix}", content)
-        for stem in (report["run_id"], "latest")
+        for stem in stems
         for suffix, content in ((".json", text), (".md", markdown))
     ]
     folder = location.child("_reports", job)
@@ -71,3 +72,27 @@ def latest(location: Location, job: str | None) -> dict[str, Any] | None:
         return None
     loaded: dict[str, Any] = json.loads(candidates[0].read_text(encoding="utf-8"))
     return loaded
+
+
+def every_run(location: Location, job: str) -> list[dict[str, Any]]:
+    """Every run's report of ``job`` (a run still going, or killed, has the one it wrote
+    when it started, with status ``running``)."""
+    found = []
+    fs: Any = _remote_fs(location) if location.local is None else None
+    if fs is not None:
+        paths = sorted(fs.glob(location.child("_reports", job, "*.json")))
+    else:
+        assert location.local is not None
+        paths = sorted(str(p) for p in (location.local / "_reports" / job).glob("*.json"))
+
+    def read(path: str) -> bytes:
+        return bytes(fs.cat_file(path)) if fs is not None else Path(path).read_bytes()
+
+    for path in paths:
+        if path.rsplit("/", 1)[-1] == "latest.json":
+            continue
+        try:
+            found.append(json.loads(read(path)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # being replaced right now; the next look sees it
+    return found
