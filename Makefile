@@ -11,7 +11,7 @@ $(BIN)/pulse-batch: pyproject.toml
 		|| echo "espeak-ng unavailable: the skip-silence benchmark will be skipped"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http]'
+	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
 	touch $@
 
 test: install
