@@ -76,6 +76,7 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         report = json.loads((out / "_reports" / "test-job" / "latest.json").read_text())
         assert report["status"] == "failed_output"
         assert "No space left on device" in report["abort_reason"]
+        assert "were not committed and will be redone" in report["abort_reason"]
         assert len(read_history(out, "test-job").ok) == 3  # nothing committed was lost
 
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
