@@ -265,7 +265,7 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
     print(f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad")
     for item in bad:
         print(f"  bad: {item.error}")
-    print(f"  output: {loaded.output_dir}")
+    print(f"  output: {loaded.output_location}")
 
 
 @app.command("probe")
