@@ -21,12 +21,14 @@ from typing import Any
 import anyio
 
 from batch import sink as sinks
-from batch.errors import ManifestError
+from batch.errors import HandshakeRejected, ManifestError
+from batch.export import latest_ok
 from batch.manifest import LoadedManifest
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
-from batch.report import RunStats, build_report, write_report
+from batch.report import RunStats, build_report, reports_dir, write_report
 from batch.runner import ItemRunner, Unit, whole_units
+from batch.score import summarise
 from batch.session import Endpoint
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,11 @@ class Observer:
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None: ...
 
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
+        """``failure`` is ``"<error_kind>: <message>"`` for a failed item."""
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None:
+        """A long item's progress: pieces finished, of ``total`` (None while still cutting)."""
 
     def sessions_open(self, count: int) -> None: ...
 
@@ -66,6 +72,7 @@ class JobResult:
     report: dict[str, Any]
     report_path: Path | None
     signal_name: str | None = None
+    nothing_to_do: bool = False  # every item was already done: no report written
 
 
 def new_run_id(started: datetime) -> str:
@@ -168,9 +175,26 @@ async def run_job(
             signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
             sink.commit()
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
+        report = build_report(
+            stats,
+            job_so_far=sinks.job_summary(out_dir, manifest.job),
+            accuracy=_accuracy(out_dir, manifest.job),
+        )
+        if not todo:
+            # Nothing was streamed: the last real report stays `latest`.
+            latest = reports_dir(out_dir, manifest.job) / "latest.json"
+            return JobResult(report, latest if latest.exists() else None, nothing_to_do=True)
         path = write_report(out_dir, report)
     return JobResult(report, path, signal_name)
+
+
+def _accuracy(out_dir: Path, job: str) -> dict[str, Any] | None:
+    """WER/CER of the job's items, by each item's latest ok result."""
+    wanted = ["item_id", "run_id", "finished_at", "status", "source", "channel"]
+    wanted += ["channel_name", "language", "transcript", "reference", "wer", "cer"]
+    rows = sinks.read_table(out_dir, "transcripts", job)
+    present = [c for c in wanted if c in rows.column_names]
+    return summarise(latest_ok(rows.select(present).to_pylist()))
 
 
 async def _stream_all(
@@ -209,7 +233,7 @@ async def _stream_all(
                 raise
         if runner.fatal is not None:
             stats.status = "aborted"
-            stats.abort_reason = str(runner.fatal)
+            stats.abort_reason = str(runner.fatal) + _key_hint(runner.fatal, api_key, loaded)
         elif stats.status == "running":
             stats.status = "completed"
         signal_name = stats.signal_name
@@ -218,6 +242,15 @@ async def _stream_all(
     shutil.rmtree(cache_dir, ignore_errors=True)
     stats.not_run = len(todo) - stats.ok - stats.failed
     return signal_name
+
+
+def _key_hint(error: BaseException, api_key: str | None, loaded: LoadedManifest) -> str:
+    """A 401 while no key was sent: say which variable is unset (a loopback server may
+    run without a key, so its absence was not an error before the first session)."""
+    if isinstance(error, HandshakeRejected) and error.status == 401 and api_key is None:
+        name = loaded.manifest.pulse.api_key_env
+        return f" (no key was sent: environment variable {name} is not set; export it)"
+    return ""
 
 
 async def _watch_signals(

@@ -21,6 +21,7 @@ from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, ManifestError
 from batch.manifest import GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
+from batch.score import Reference, reference_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Source:
     language: str | None = None
     channels: ChannelSpec | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    reference: Reference | None = None  # the true transcript, for WER/CER
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Item:
     metadata: dict[str, str] = field(default_factory=dict)
     duration_s: float | None = None  # from the container; exact duration comes from decoding
     error: InputError | None = None  # known bad before any session is opened
+    reference: Reference | None = None  # the true transcript, for WER/CER
 
 
 def item_id(source: str, channel: int | None, options: PulseOptions) -> str:
@@ -78,6 +81,12 @@ def _read_list(list_path: Path) -> Iterator[dict[str, Any]]:
                 yield {"__line__": number, **row}
 
 
+def read_list_rows(list_path: Path) -> Iterator[dict[str, Any]]:
+    """A list file's rows as dicts (``__line__`` holds the line number), for other readers
+    of list files (`pulse-batch score`)."""
+    return _read_list(list_path)
+
+
 def _channels_value(raw: Any, where: str, list_path: Path) -> ChannelSpec | None:
     if raw is None or raw == "":
         return None
@@ -99,6 +108,9 @@ def _sources_from_list(list_path: Path) -> Iterator[Source]:
         if language is not None and language not in LANGUAGES:
             raise ManifestError(list_path, f"{where}: language {language!r} is not supported")
         channels = _channels_value(row.pop("channels", None), where, list_path)
+        reference = reference_of(row, list_path.parent)
+        row.pop("reference", None)
+        row.pop("reference_path", None)
         metadata = {str(k): "" if v is None else str(v) for k, v in row.items()}
         path = Path(str(raw_path))
         yield Source(
@@ -106,6 +118,7 @@ def _sources_from_list(list_path: Path) -> Iterator[Source]:
             language=language,
             channels=channels,
             metadata=metadata,
+            reference=reference,
         )
 
 
@@ -161,11 +174,19 @@ def make_items(
         options = manifest.pulse.options(source.language)
         spec = source.channels if source.channels is not None else manifest.run.channels
         path = str(source.path)
+        ref = source.reference
+        if ref is not None and spec == "split":
+            # One reference holds both sides of a call: scoring each channel against it
+            # would be meaningless. List one row per channel (channels: 0, 1) instead.
+            logger.warning("%s: a reference is not scored under channels: split", path)
+            ref = None
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)
             known = item_id(path, channel, options)
             if known in done:
-                items.append(Item(known, path, channel, None, options, source.metadata))
+                items.append(
+                    Item(known, path, channel, None, options, source.metadata, reference=ref)
+                )
                 continue
         try:
             info = prober(source.path, manifest.run.stream_index)
@@ -181,6 +202,7 @@ def make_items(
                     source.metadata,
                     None,
                     unusable,
+                    ref,
                 )
             )
             continue
@@ -200,6 +222,7 @@ def make_items(
                     metadata=source.metadata,
                     duration_s=info.duration_s,
                     error=problem,
+                    reference=ref,
                 )
             )
     return items

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from batch import score
 from batch import sink as sinks
 from batch.collect import Collected, collect_finals
 from batch.decode import DecodedAudio, WireFormat
@@ -44,7 +45,11 @@ class JobAborted(PulseBatchError):
 
 
 class Progress(Protocol):
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+    def item_done(
+        self, item: Item, ok: bool, audio_s: float, failure: str | None = None
+    ) -> None: ...
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None: ...
 
     def sessions_open(self, count: int) -> None: ...
 
@@ -226,6 +231,7 @@ class ItemRunner:
         else:
             state.done[index] = PieceResult(index, unit.start, result.finals)
             state.session_ids[index] = result.session_id or ""
+            self.progress.pieces_done(item, len(state.done), state.total)
         finally:
             state.attempts += record.count
             state.in_flight -= 1
@@ -348,6 +354,7 @@ class ItemRunner:
             "metadata": item.metadata or None,
         }
         rows = sinks.ItemRows(transcript)
+        failure: str | None = None
         if collected is not None:
             rows.words = [{**common, **w} for w in collected.words]
             rows.utterances = [{**common, **u} for u in collected.utterances]
@@ -358,6 +365,7 @@ class ItemRunner:
                 detected_language=collected.language,
                 session_id=session_id,
                 word_count=len(rows.words),
+                **score.columns(item.reference, collected.transcript, item.options.language),
             )
             self.stats.ok += 1
             self.stats.audio_s += duration_s
@@ -367,11 +375,12 @@ class ItemRunner:
             if not isinstance(error, InputError):
                 text = f"{item.source}: {text}"
             transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
+            failure = f"{kind}: {text}"
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
         self.progress.sessions_open(self.limit.open_now)
         self.sink.add(rows)
-        self.progress.item_done(item, collected is not None, duration_s)
+        self.progress.item_done(item, collected is not None, duration_s, failure)
 
     async def commit_if_due(self) -> None:
         """Commit buffered rows off the event loop, so paced sessions keep their pace."""

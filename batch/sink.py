@@ -41,7 +41,7 @@ from batch.errors import LockedError, ManifestError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 PARTITION_CHOICES: Final = ("job", "date", "language")
 TABLES: Final = ("transcripts", "words", "utterances")
 _ROW_GROUP_ROWS: Final = 128 * 1024
@@ -76,6 +76,9 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("finished_at", _UTC_MS, "when the item finished or gave up"),
         ("options", pa.string(), "the Pulse options sent, as JSON"),
         ("metadata", pa.map_(pa.string(), pa.string()), "extra columns of a list input"),
+        ("reference", pa.string(), "true transcript from the list input (v2)"),
+        ("wer", pa.float64(), "word error rate against reference, normalised (v2)"),
+        ("cer", pa.float64(), "character error rate against reference, normalised (v2)"),
     ],
     "words": [
         *_COMMON,
