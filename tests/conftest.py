@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from batch.server import FaultConfig, LocalServer, local_server
+from tests.s3server import S3Bucket, S3Server
 
 # One unit for every wait in the tests; raise it on a slow machine.
 TIME_UNIT_S = float(os.environ.get("PULSE_BATCH_TEST_TIME_UNIT", "1.0"))
@@ -41,6 +42,24 @@ def server_in_thread(
 def synthetic_server() -> Iterator[LocalServer]:
     with server_in_thread("synthetic") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server on loopback for the whole session; buckets keep tests apart."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A fresh bucket, with its ``AWS_*`` environment set in ``os.environ`` for this test
+    (so in-process code and ``run_cli`` subprocesses both reach it)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return s3_server.bucket()
 
 
 def write_manifest(folder: Path, **sections: Any) -> Path:
