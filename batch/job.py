@@ -26,6 +26,7 @@ from batch.export import latest_ok
 from batch.manifest import LoadedManifest
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
+from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, reports_dir, write_report
 from batch.runner import ItemRunner, Unit, whole_units
 from batch.score import summarise
@@ -93,10 +94,16 @@ def api_key_from_env(name: str, *, required: bool) -> str | None:
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
     pulse = loaded.manifest.pulse
     if pulse.endpoint != "local":
-        endpoint = Endpoint(pulse.endpoint)
+        endpoint = Endpoint.resolve(pulse.endpoint, pulse.protocol)  # checked by the manifest
         # A loopback server (`pulse-batch serve`) may run without a key; the service never.
         required = not endpoint.is_loopback
-        yield endpoint, api_key_from_env(pulse.api_key_env, required=required)
+        key = api_key_from_env(pulse.api_key_env, required=required)
+        if key and any(key in value for value in pulse.extra_params.values()):
+            # Query strings end up in proxies' logs: the key goes in the header only.
+            raise ManifestError(
+                "pulse.extra_params", "a value holds the API key; remove it (it is sent anyway)"
+            )
+        yield endpoint, key
         return
     from batch.server import EngineUnavailable, local_server, make_engine  # only when asked for
 
@@ -105,7 +112,8 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
     except EngineUnavailable as exc:
         raise ManifestError("pulse.local_engine", str(exc)) from None
     async with local_server(engine=engine) as server:
-        yield Endpoint(server.url), None
+        generation = Generation.LEGACY if pulse.protocol == "auto" else Generation(pulse.protocol)
+        yield Endpoint(server.url_for(generation), generation), None
 
 
 def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:

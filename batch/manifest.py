@@ -7,6 +7,7 @@ file, the key path and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
 
 from batch.errors import ManifestError
 from batch.pulse import protocol
+from batch.pulse.protocol import PulseOptions
 
 
 def _one_of(allowed: tuple[Any, ...], what: str) -> Any:
@@ -84,8 +86,15 @@ Input = Annotated[
 ]
 
 
+# Query parameter names as the service spells them; never anything key-like.
+_PARAM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_SECRET_LIKE = re.compile(r"key|token|secret|auth|password|bearer", re.IGNORECASE)
+
+
 class PulseConfig(_Strict):
     endpoint: str = protocol.DEFAULT_URL
+    # Which endpoint generation to speak: auto (by the URL's path) or forced.
+    protocol: Literal["auto", "legacy", "unified", "current"] = "auto"
     api_key_env: str = "SMALLEST_API_KEY"
     # Which recognizer `endpoint: local` runs: the real offline model or the cheap one.
     local_engine: Literal["whisper", "synthetic"] = "whisper"
@@ -100,6 +109,8 @@ class PulseConfig(_Strict):
     numerals: Literal["true", "false", "auto"] = "auto"
     keywords: list[str] = []
     diarize: bool = False
+    # More query parameters, passed through as given (strings): vad_events, punctuate, ...
+    extra_params: dict[str, str] = {}
 
     @field_validator("numerals", mode="before")
     @classmethod
@@ -122,6 +133,34 @@ class PulseConfig(_Strict):
             raise ValueError("must be 'local' or a ws:// or wss:// URL")
         return value
 
+    @field_validator("extra_params")
+    @classmethod
+    def _extra_params_shape(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _PARAM_NAME.match(name):
+                raise ValueError(f"{name!r} is not a query parameter name (a-z, 0-9, _)")
+            if name in protocol.NAMED_OPTIONS:
+                raise ValueError(
+                    f"{name!r} is a named option: set pulse.{name} instead"
+                    if name != "model"
+                    else "'model' is chosen by the endpoint's protocol generation"
+                )
+            if _SECRET_LIKE.search(name):
+                raise ValueError(
+                    f"{name!r} looks like a credential; the API key travels only in the "
+                    "Authorization header (pulse.api_key_env)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _known_path(self) -> PulseConfig:
+        if self.endpoint != "local" and self.protocol == "auto":
+            try:
+                protocol.generation_for(self.endpoint)
+            except protocol.UnknownEndpointPath as exc:
+                raise ValueError(f"endpoint: {exc}") from None
+        return self
+
     @model_validator(mode="after")
     def _opus_rate(self) -> PulseConfig:
         if self.encoding in protocol.OPUS_ENCODINGS:
@@ -131,12 +170,13 @@ class PulseConfig(_Strict):
                 raise ValueError(f"sample_rate {rate} cannot carry {self.encoding}; use {rates}")
         return self
 
-    def options(self, language: str | None = None) -> protocol.PulseOptions:
+    def options(self, language: str | None = None) -> PulseOptions:
         """The session options, field for field (an option added to the protocol's
         PulseOptions and to this model flows through without another copy)."""
         names = {f.name for f in dataclasses.fields(protocol.PulseOptions)} - {"extra"}
         values = self.model_dump(include=names)
         values.update(language=language or self.language, keywords=tuple(self.keywords))
+        values.update(extra=dict(sorted(self.extra_params.items())))
         return protocol.PulseOptions(**values)
 
 

@@ -56,16 +56,18 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A Pulse WebSocket URL; the path tells which protocol generation it speaks."""
+    """A Pulse WebSocket URL and the protocol generation it speaks."""
 
     url: str
+    generation: protocol.Generation
 
-    @property
-    def unified(self) -> bool:
-        return urlsplit(self.url).path.rstrip("/").endswith(protocol.UNIFIED_PATH)
+    @classmethod
+    def resolve(cls, url: str, forced: str = "auto") -> Endpoint:
+        """The generation from the path, or ``forced``; raises `UnknownEndpointPath`."""
+        return cls(url, protocol.generation_for(url, forced))
 
     def session_url(self, options: protocol.PulseOptions) -> str:
-        return f"{self.url}?{urlencode(protocol.build_query(options, unified=self.unified))}"
+        return f"{self.url}?{urlencode(protocol.build_query(options, self.generation))}"
 
     @property
     def is_loopback(self) -> bool:
@@ -101,9 +103,21 @@ class SessionResult:
     end_to_last_s: float = 0.0  # from the end signal to ``is_last``
     busy_s: float = 0.0  # socket open time
 
+    # Every language reported on a final (first-seen order) and the service's own
+    # cumulative transcript, from every final, empty ones (the terminal one) included.
+    languages: list[str] = field(default_factory=list)
+    full_transcript: str | None = None
+
     @property
     def language(self) -> str | None:
         return next((f.language for f in reversed(self.finals) if f.language), None)
+
+    def note_final(self, message: protocol.Transcription) -> None:
+        for language in (message.language, *message.languages):
+            if language and language not in self.languages:
+                self.languages.append(language)
+        if message.full_transcript is not None:
+            self.full_transcript = message.full_transcript
 
 
 def _retry_after_s(headers: Any) -> float | None:
@@ -151,10 +165,17 @@ class _Stream:
     """The two halves of a session over one open connection."""
 
     def __init__(
-        self, ws: ClientConnection, result: SessionResult, timeouts: Timeouts, unified: bool
+        self,
+        ws: ClientConnection,
+        result: SessionResult,
+        timeouts: Timeouts,
+        generation: protocol.Generation,
+        diarize: bool,
     ) -> None:
         self.ws = ws
-        self.unified = unified
+        self.generation = generation
+        self.diarize = diarize
+        self._warned: set[str] = set()
         self.result = result
         self.timeouts = timeouts
         self.end_sent = anyio.Event()
@@ -172,7 +193,7 @@ class _Stream:
                 await anyio.sleep(max(0.0, due - time.monotonic()))
             else:
                 await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
-        await self.ws.send(protocol.end_message(self.unified))
+        await self.ws.send(protocol.end_message(self.generation))
         self.end_sent_at = time.monotonic()
         self.end_sent.set()
         if self._waiting is not None:  # a wait begun before the end signal is now bounded too
@@ -193,6 +214,12 @@ class _Stream:
             if self._handle(raw):
                 return
 
+    def _note_coerced(self, fields: tuple[str, ...]) -> None:
+        for name in fields:
+            if name not in self._warned:  # once per field per session, not per message
+                self._warned.add(name)
+                logger.warning("the service sent an odd %s value; stored as null", name)
+
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
         try:
@@ -201,8 +228,16 @@ class _Stream:
             raise ProtocolViolation(f"unreadable message from the service: {exc}") from None
         if isinstance(message, protocol.ServerError):
             raise ServerReported(message.message, message.code)
+        if isinstance(message, protocol.Ignored):
+            logger.debug("ignored a %r message from the service", message.kind)
+            return False
+        self._note_coerced(message.dropped)
+        if not self.diarize:
+            message = message.without_speakers()
         result = self.result
         result.session_id = message.session_id or result.session_id
+        if message.is_final:
+            result.note_final(message)
         if message.is_final and (message.transcript or message.words or message.is_last):
             if result.first_final_s is None and self.started_at is not None:
                 result.first_final_s = time.monotonic() - self.started_at
@@ -248,7 +283,7 @@ async def run_session(
             ) as ws:
                 opened = time.monotonic()
                 result.connect_s = opened - began
-                stream = _Stream(ws, result, timeouts, endpoint.unified)
+                stream = _Stream(ws, result, timeouts, endpoint.generation, options.diarize)
                 try:
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(stream.send, audio, pace)

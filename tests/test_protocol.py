@@ -37,9 +37,10 @@ def test_query_round_trip_sends_every_option_explicitly() -> None:
                           "redact_pci", "numerals", "keywords", "diarize"}  # fmt: skip
     parsed = protocol.parse_query({k: [v] for k, v in query.items()})
     assert parsed == options
-    unified = protocol.build_query(options, unified=True)
+    unified = protocol.build_query(options, protocol.Generation.UNIFIED)
     assert unified["model"] == "pulse"
-    assert protocol.parse_query({k: [v] for k, v in unified.items()}, unified=True) == options
+    parsed = protocol.parse_query({k: [v] for k, v in unified.items()}, protocol.Generation.UNIFIED)
+    assert parsed == options
 
 
 def test_messages_of_every_shape() -> None:

@@ -11,16 +11,87 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from enum import StrEnum
+from typing import Final
+from urllib.parse import urlsplit
 
 LEGACY_PATH: Final = "/api/v1/pulse/get_text"
 UNIFIED_PATH: Final = "/waves/v1/stt/live"
+CURRENT_PATH: Final = "/waves/v1/pulse/get_text"
 DEFAULT_URL: Final = "wss://waves-api.smallest.ai" + LEGACY_PATH
+
+
+class Generation(StrEnum):
+    """An endpoint generation: its path, how a stream ends, what it needs in the query.
+
+    ``legacy`` is the reference page's ``/api/v1/pulse/get_text`` (ends on ``end``);
+    ``unified`` is the SDK's ``/waves/v1/stt/live`` (needs ``model=pulse``, ends on
+    ``close_stream``); ``current`` is today's API reference, ``/waves/v1/pulse/get_text``
+    (ends on ``close_stream``).
+    """
+
+    LEGACY = "legacy"
+    UNIFIED = "unified"
+    CURRENT = "current"
+
+    @property
+    def path(self) -> str:
+        return _PATHS[self]
+
+    @property
+    def end_type(self) -> str:
+        return "end" if self is Generation.LEGACY else "close_stream"
+
+    @property
+    def needs_model(self) -> bool:
+        return self is Generation.UNIFIED
+
+    @property
+    def takes_newer_options(self) -> bool:
+        """The newer paths document tuning knobs (``punctuate``, ``vad_events``, ...)."""
+        return self is not Generation.LEGACY
+
+    @classmethod
+    def for_path(cls, path: str) -> Generation | None:
+        """The generation whose path ``path`` ends with (a proxy may add a prefix)."""
+        trimmed = path.rstrip("/")
+        return next((g for g in cls if trimmed.endswith(g.path)), None)
+
+
+_PATHS: Final = {
+    Generation.LEGACY: LEGACY_PATH,
+    Generation.UNIFIED: UNIFIED_PATH,
+    Generation.CURRENT: CURRENT_PATH,
+}
+KNOWN_PATHS: Final = tuple(_PATHS.values())
+
+
+class UnknownEndpointPath(ValueError):
+    """An endpoint URL whose path is none of the known generations' (and none was forced)."""
+
+
+def generation_for(url: str, forced: str = "auto") -> Generation:
+    """``forced`` is ``auto`` (the URL's path decides) or a `Generation` value.
+
+    Raises `UnknownEndpointPath` naming the known paths when ``auto`` cannot decide.
+    """
+    if forced != "auto":
+        return Generation(forced)
+    path = urlsplit(url).path
+    generation = Generation.for_path(path)
+    if generation is None:
+        raise UnknownEndpointPath(
+            f"{path or '/'!r} is not a known Pulse endpoint path; use one of "
+            f"{', '.join(KNOWN_PATHS)}, or set pulse.protocol to "
+            f"{' / '.join(g.value for g in Generation)}"
+        )
+    return generation
+
 
 LANGUAGES: Final = (
     "it", "es", "en", "pt", "hi", "de", "fr", "uk", "ru", "kn", "ml", "pl", "mr", "gu", "cs",
     "sk", "te", "or", "nl", "bn", "lv", "et", "ro", "pa", "fi", "sv", "bg", "ta", "hu", "da",
-    "lt", "mt", "multi",
+    "lt", "mt", "multi", "ja", "zh", "ko", "yue", "multi-asian",
 )  # fmt: skip
 ENCODINGS: Final = ("linear16", "linear32", "alaw", "mulaw", "opus", "ogg_opus")
 SAMPLE_RATES: Final = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -33,12 +104,13 @@ BOOLEAN_OPTIONS: Final = (
     "redact_pci",
     "diarize",
 )
-# Extra knobs the unified path documents; validated when present, never required.
-UNIFIED_BOOLEAN_OPTIONS: Final = (
+# Knobs the newer paths document; validated when present, never required.
+NEWER_BOOLEAN_OPTIONS: Final = (
     "punctuate",
     "capitalize",
     "itn_normalize",
     "vad",
+    "vad_events",
     "finalize_on_words",
     "emotion_detection",
     "gender_detection",
@@ -85,14 +157,34 @@ def _bool_text(value: bool) -> str:
     return "true" if value else "false"
 
 
-def build_query(options: PulseOptions, *, unified: bool = False) -> dict[str, str]:
+# Every option the manifest names: `pulse.extra_params` may not set these (nor the key).
+NAMED_OPTIONS: Final = (
+    "model",
+    "language",
+    "encoding",
+    "sample_rate",
+    "word_timestamps",
+    "full_transcript",
+    "sentence_timestamps",
+    "redact_pii",
+    "redact_pci",
+    "numerals",
+    "keywords",
+    "diarize",
+)
+
+
+def build_query(
+    options: PulseOptions, generation: Generation = Generation.LEGACY
+) -> dict[str, str]:
     """Every option explicitly, as the strings the wire carries.
 
     Defaults differ between endpoint generations, so nothing is left implicit.
-    ``keywords`` uses the reference page's spelling (a JSON array string).
+    ``keywords`` uses the reference page's spelling (a JSON array string). Extra
+    parameters come last and never replace a named option.
     """
     query: dict[str, str] = {}
-    if unified:
+    if generation.needs_model:
         query["model"] = "pulse"
     query.update(
         {
@@ -110,7 +202,7 @@ def build_query(options: PulseOptions, *, unified: bool = False) -> dict[str, st
     )
     if options.keywords:
         query["keywords"] = json.dumps(list(options.keywords))
-    query.update(options.extra)
+    query.update({k: v for k, v in options.extra.items() if k not in NAMED_OPTIONS})
     return query
 
 
@@ -164,20 +256,22 @@ def _single(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
-def parse_query(params: Mapping[str, Sequence[str]], *, unified: bool = False) -> PulseOptions:
+def parse_query(
+    params: Mapping[str, Sequence[str]], generation: Generation = Generation.LEGACY
+) -> PulseOptions:
     """Validate a handshake's query parameters; raises `ParamError` naming the first bad one.
 
     Unknown parameters are ignored (the service's SDK sends tuning knobs we do not model).
     """
     defaults = PulseOptions()
     extra: dict[str, str] = {}
-    if unified:
-        model = _single(params, "model")
-        if model is None:
-            raise ParamError("model", f"required on {UNIFIED_PATH}; use one of {UNIFIED_MODELS}")
-        if model not in UNIFIED_MODELS:
-            raise ParamError("model", f"{model!r} is not one of {UNIFIED_MODELS}")
-        for name in UNIFIED_BOOLEAN_OPTIONS:
+    model = _single(params, "model")
+    if generation.needs_model and model is None:
+        raise ParamError("model", f"required on {generation.path}; use one of {UNIFIED_MODELS}")
+    if model is not None and model not in UNIFIED_MODELS:
+        raise ParamError("model", f"{model!r} is not one of {UNIFIED_MODELS}")
+    if generation.takes_newer_options:
+        for name in NEWER_BOOLEAN_OPTIONS:
             raw = _single(params, name)
             if raw is not None:
                 extra[name] = _bool_text(parse_bool(name, raw))
@@ -206,8 +300,8 @@ def parse_query(params: Mapping[str, Sequence[str]], *, unified: bool = False) -
     for name in BOOLEAN_OPTIONS:
         raw = _single(params, name)
         flags[name] = getattr(defaults, name) if raw is None else parse_bool(name, raw)
-    if unified and _single(params, "word_timestamps") is None:
-        flags["word_timestamps"] = False  # the unified path's documented default
+    if generation.takes_newer_options and _single(params, "word_timestamps") is None:
+        flags["word_timestamps"] = False  # the newer paths' documented default
     keywords = parse_keywords(_single(params, "keywords") or "")
     return PulseOptions(
         language=language,
@@ -220,123 +314,43 @@ def parse_query(params: Mapping[str, Sequence[str]], *, unified: bool = False) -
     )
 
 
-END_MESSAGES: Final = {LEGACY_PATH: {"type": "end"}, UNIFIED_PATH: {"type": "close_stream"}}
+def end_message(generation: Generation) -> str:
+    """The control message that ends a stream on this generation's path."""
+    return json.dumps({"type": generation.end_type})
 
 
-def end_message(unified: bool) -> str:
-    return json.dumps(END_MESSAGES[UNIFIED_PATH if unified else LEGACY_PATH])
+# --- responses: checked field by field in `batch.pulse.responses` -----------------
 
+from batch.pulse.responses import (  # noqa: E402  (one import path for both sides)
+    Ignored,
+    InvalidField,
+    MalformedMessage,
+    ServerError,
+    Transcription,
+    Utterance,
+    Word,
+    parse_message,
+)
 
-# --- responses -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Word:
-    word: str
-    start_s: float
-    end_s: float
-    confidence: float | None = None
-    speaker: str | None = None
-    speaker_confidence: float | None = None
-
-
-@dataclass(frozen=True)
-class Utterance:
-    text: str
-    start_s: float
-    end_s: float
-    speaker: str | None = None
-
-
-@dataclass(frozen=True)
-class ServerError:
-    message: str
-    code: str | None = None
-
-
-@dataclass(frozen=True)
-class Transcription:
-    session_id: str | None
-    transcript: str
-    is_final: bool
-    is_last: bool
-    language: str | None = None
-    words: tuple[Word, ...] = ()
-    utterances: tuple[Utterance, ...] = ()
-    full_transcript: str | None = None
-
-
-class MalformedMessage(ValueError):
-    """A text frame that is not a JSON object of a known shape."""
-
-
-def _speaker(value: Any) -> str | None:
-    # An integer on the reference page, a string in the SDK's types: keep text.
-    return None if value is None else str(value)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _parse_word(item: Mapping[str, Any]) -> Word:
-    return Word(
-        word=str(item["word"]),
-        start_s=float(item["start"]),
-        end_s=float(item["end"]),
-        confidence=_float_or_none(item.get("confidence")),
-        speaker=_speaker(item.get("speaker")),
-        speaker_confidence=_float_or_none(item.get("speaker_confidence")),
-    )
-
-
-def _parse_utterance(item: Mapping[str, Any]) -> Utterance:
-    return Utterance(
-        text=str(item.get("text", "")),
-        start_s=float(item["start"]),
-        end_s=float(item["end"]),
-        speaker=_speaker(item.get("speaker")),
-    )
-
-
-def _error_in(data: Mapping[str, Any]) -> ServerError | None:
-    """Every error shape the service has used: unified, older schema, top-level keys."""
-    nested = data.get("error")
-    if data.get("type") == "error" or data.get("status") == "error" or nested is not None:
-        if isinstance(nested, Mapping):
-            message = nested.get("message") or json.dumps(nested)
-            code = nested.get("code")
-        else:
-            message = data.get("message") or (nested if isinstance(nested, str) else None)
-            code = data.get("code")
-        return ServerError(
-            str(message or "unspecified server error"), None if code is None else str(code)
-        )
-    return None
-
-
-def parse_message(text: str | bytes) -> Transcription | ServerError:
-    """Decode one server text frame; raises `MalformedMessage` for anything unparseable."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise MalformedMessage("not a JSON object")
-    error = _error_in(data)
-    if error is not None:
-        return error
-    try:
-        transcript = data.get("transcript", data.get("transcription", "")) or ""
-        return Transcription(
-            session_id=None if data.get("session_id") is None else str(data["session_id"]),
-            transcript=str(transcript),
-            is_final=bool(data.get("is_final", False)),
-            is_last=bool(data.get("is_last", False)),
-            language=data.get("language"),
-            words=tuple(_parse_word(w) for w in data.get("words") or ()),
-            utterances=tuple(_parse_utterance(u) for u in data.get("utterances") or ()),
-            full_transcript=data.get("full_transcript"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MalformedMessage(f"unexpected shape: {exc!r}") from None
+__all__ = [
+    "CURRENT_PATH",
+    "DEFAULT_URL",
+    "KNOWN_PATHS",
+    "LANGUAGES",
+    "LEGACY_PATH",
+    "UNIFIED_PATH",
+    "Generation",
+    "Ignored",
+    "InvalidField",
+    "MalformedMessage",
+    "ParamError",
+    "PulseOptions",
+    "ServerError",
+    "Transcription",
+    "Utterance",
+    "Word",
+    "build_query",
+    "end_message",
+    "parse_message",
+    "parse_query",
+]

@@ -21,7 +21,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from batch.pulse.protocol import LEGACY_PATH, UNIFIED_PATH
+from batch.pulse.protocol import Generation
 from batch.server.engines import Engine, make_engine
 from batch.server.faults import FaultConfig, FaultDraw, FaultKind, draw_fault
 from batch.server.handshake import Admission, Refusal, check_request
@@ -93,12 +93,20 @@ class LocalServer:
     @property
     def url(self) -> str:
         """The reference page's endpoint (ends on ``{"type": "end"}``)."""
-        return self.base_url + LEGACY_PATH
+        return self.url_for(Generation.LEGACY)
 
     @property
     def unified_url(self) -> str:
         """The unified endpoint (needs ``model=pulse``; ends on ``close_stream``)."""
-        return self.base_url + UNIFIED_PATH
+        return self.url_for(Generation.UNIFIED)
+
+    @property
+    def current_url(self) -> str:
+        """Today's API reference endpoint (ends on ``close_stream``)."""
+        return self.url_for(Generation.CURRENT)
+
+    def url_for(self, generation: Generation) -> str:
+        return self.base_url + generation.path
 
     async def wait_idle(self, timeout_s: float = 5.0, *, open_at_most: int = 0) -> None:
         """Wait until at most ``open_at_most`` sessions are open or being admitted.
@@ -191,7 +199,7 @@ class LocalServer:
         settings = SessionSettings(
             session_id=session_id,
             options=admission.options,
-            unified=admission.unified,
+            generation=admission.generation,
             engine=self.engine,
             limiter=self._limiter,
             partial_interval_s=self._partial_interval_s,

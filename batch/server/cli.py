@@ -97,6 +97,21 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    odd_values_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions sent one final with an odd field value (NaN times, "
+            '"word": null, "is_final": "false", ...).',
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    odd_value_kinds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated odd-value variants to draw from (default: all).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     max_sessions: Annotated[
         int | None,
         typer.Option(help="Concurrent session limit (429 beyond).", rich_help_panel=FAULTS),
@@ -120,6 +135,10 @@ def serve(
         "malformed_rate": malformed_rate,
         "stall_rate": stall_rate,
         "early_last_rate": early_last_rate,
+        "odd_values_rate": odd_values_rate,
+        "odd_value_kinds": None
+        if odd_value_kinds is None
+        else tuple(k.strip() for k in odd_value_kinds.split(",") if k.strip()),
         "max_sessions": max_sessions,
         "fault_limit": fault_limit,
     }
@@ -178,6 +197,7 @@ async def _serve_until_stopped(
         typer.echo(f"Pulse-compatible server ({engine_name} engine) listening on {server.base_url}")
         typer.echo(f"  url:         {server.url}")
         typer.echo(f"  unified url: {server.unified_url}  (needs model=pulse)")
+        typer.echo(f"  current url: {server.current_url}")
         auth = f"Bearer key from ${api_key_env}" if api_key_env else "none (any key accepted)"
         typer.echo(f"  auth:        {auth}")
         if faults != FaultConfig():

@@ -17,6 +17,10 @@ stall         the server stops sending: no more transcripts, no ``is_last``;
               the socket stays open until the client gives up.
 early_last    the server ends the session early: finals for what it has, ``is_last``
               and close 1000 while the client is still sending (a truncated result).
+odd_values    the next final (with words, for word-level variants) carries one odd
+              field value (`batch.server.odd`): NaN or reversed times, ``"word":
+              null``, ``"is_final": "false"``, ``"language": 5``, ... The variant is
+              drawn per session from ``odd_value_kinds`` (empty: all of them).
 ============  ===============================================================
 
 Mid-stream kinds fire once the session has received ``trigger_s`` seconds of audio
@@ -38,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from batch.server.odd import ODD_VALUES
+
 
 class FaultKind(StrEnum):
     REFUSE_429 = "refuse_429"
@@ -47,6 +53,7 @@ class FaultKind(StrEnum):
     MALFORMED = "malformed"
     STALL = "stall"
     EARLY_LAST = "early_last"
+    ODD_VALUES = "odd_values"
 
     @property
     def at_handshake(self) -> bool:
@@ -74,6 +81,8 @@ class FaultConfig:
     malformed_rate: float = 0.0
     stall_rate: float = 0.0
     early_last_rate: float = 0.0
+    odd_values_rate: float = 0.0
+    odd_value_kinds: tuple[str, ...] = ()
     max_sessions: int | None = None
     fault_limit: int | None = None
     fault_at_max_s: float = 2.0
@@ -99,6 +108,13 @@ class FaultConfig:
                 raise FaultConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if not isinstance(self.fault_at_max_s, int | float) or self.fault_at_max_s < 0:
             raise FaultConfigError(f"fault_at_max_s must be >= 0, got {self.fault_at_max_s!r}")
+        kinds = self.odd_value_kinds
+        if isinstance(kinds, str) or not isinstance(kinds, list | tuple):
+            raise FaultConfigError(f"odd_value_kinds must be a list, got {kinds!r}")
+        unknown = sorted(set(kinds) - set(ODD_VALUES))
+        if unknown:
+            raise FaultConfigError(f"unknown odd_value_kinds {unknown}; known: {list(ODD_VALUES)}")
+        object.__setattr__(self, "odd_value_kinds", tuple(kinds))  # YAML gives a list
 
     def rates(self) -> dict[FaultKind, float]:
         """Each kind's rate, in the fixed order the draw walks them."""
@@ -110,6 +126,7 @@ class FaultConfig:
             FaultKind.MALFORMED: self.malformed_rate,
             FaultKind.STALL: self.stall_rate,
             FaultKind.EARLY_LAST: self.early_last_rate,
+            FaultKind.ODD_VALUES: self.odd_values_rate,
         }
 
     @classmethod
@@ -142,6 +159,7 @@ class FaultDraw:
 
     kind: FaultKind
     trigger_s: float = 0.0
+    odd_value: str | None = None  # for odd_values: the variant (a key of ODD_VALUES)
 
 
 def draw_fault(config: FaultConfig, session_index: int) -> FaultDraw | None:
@@ -152,9 +170,12 @@ def draw_fault(config: FaultConfig, session_index: int) -> FaultDraw | None:
     rng = random.Random(f"{config.seed}:{session_index}")
     roll = rng.random()
     trigger_s = rng.uniform(0.0, config.fault_at_max_s)
+    odd_value = rng.choice(config.odd_value_kinds or tuple(ODD_VALUES))
     cumulative = 0.0
     for kind, rate in config.rates().items():
         cumulative += rate
         if rate > 0 and roll < cumulative:
+            if kind is FaultKind.ODD_VALUES:
+                return FaultDraw(kind, trigger_s, odd_value)
             return FaultDraw(kind, 0.0 if kind.at_handshake else trigger_s)
     return None

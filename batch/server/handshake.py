@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from batch.pulse.protocol import (
-    LEGACY_PATH,
-    UNIFIED_PATH,
+    KNOWN_PATHS,
+    Generation,
     ParamError,
     PulseOptions,
     parse_query,
@@ -38,8 +38,8 @@ class Admission:
     query: dict[str, str]
 
     @property
-    def unified(self) -> bool:
-        return self.path == UNIFIED_PATH
+    def generation(self) -> Generation:
+        return next(g for g in Generation if g.path == self.path)
 
 
 def bearer_matches(authorization: str | None, api_key: str) -> bool:
@@ -57,13 +57,15 @@ def check_request(
 ) -> Admission | Refusal:
     """Decide 404 (path), 401 (key, only when one is configured) and 400 (parameters)."""
     parts = urlsplit(target)
-    if parts.path not in (LEGACY_PATH, UNIFIED_PATH):
-        return Refusal(404, f"no endpoint at {parts.path!r}; use {LEGACY_PATH} or {UNIFIED_PATH}")
+    # Strict: each generation at exactly its own path.
+    generation = next((g for g in Generation if g.path == parts.path), None)
+    if generation is None:
+        return Refusal(404, f"no endpoint at {parts.path!r}; use one of {', '.join(KNOWN_PATHS)}")
     if api_key is not None and not bearer_matches(authorization, api_key):
         return Refusal(401, "missing or invalid API key; send 'Authorization: Bearer <key>'")
     params = parse_qs(parts.query, keep_blank_values=True)
     try:
-        options = parse_query(params, unified=parts.path == UNIFIED_PATH)
+        options = parse_query(params, generation)
     except ParamError as exc:
         return Refusal(400, str(exc))
     query = {name: values[-1] for name, values in params.items()}

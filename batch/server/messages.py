@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from batch.pulse.protocol import PulseOptions, Word
+from batch.pulse.protocol import Generation, PulseOptions, Word
 
 # The local engines do not diarise: every word is speaker 0, with full confidence.
 SPEAKER = 0
@@ -81,7 +81,7 @@ def transcript_message(
     session_id: str,
     words: Sequence[Word],
     options: PulseOptions,
-    unified: bool,
+    generation: Generation,
     is_final: bool,
     is_last: bool = False,
     full_transcript: str | None = None,
@@ -93,6 +93,7 @@ def transcript_message(
     """
     text = transcript_text(words)
     message: dict[str, Any] = {}
+    unified = generation is not Generation.LEGACY  # both newer paths use this shape
     if unified:
         message["type"] = "transcription"
     message.update(
@@ -113,6 +114,16 @@ def transcript_message(
     if options.sentence_timestamps and is_final:
         message["utterances"] = utterances(words)
     return message
+
+
+def wants_vad_events(options: PulseOptions) -> bool:
+    """``vad_events=true`` (alias ``vad=true``) on a newer path asks for speech events."""
+    return "true" in (options.extra.get("vad_events"), options.extra.get("vad"))
+
+
+def speech_event(session_id: str, kind: str, at_s: float) -> dict[str, Any]:
+    """``speech_started`` / ``speech_ended``: seconds from the session's first audio."""
+    return {"type": kind, "session_id": session_id, "timestamp": round(at_s, 3)}
 
 
 def error_message(session_id: str, message: str, code: str) -> dict[str, Any]:

@@ -31,11 +31,18 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from batch.pulse.protocol import END_MESSAGES, LEGACY_PATH, UNIFIED_PATH, PulseOptions, Word
+from batch.pulse.protocol import Generation, PulseOptions, Word
 from batch.server.audio import make_wire_decoder
 from batch.server.engines import Engine
 from batch.server.faults import FaultDraw, FaultKind
-from batch.server.messages import error_message, shift_words, transcript_message
+from batch.server.messages import (
+    error_message,
+    shift_words,
+    speech_event,
+    transcript_message,
+    wants_vad_events,
+)
+from batch.server.odd import ODD_VALUES, OddValue
 from batch.server.stats import SessionRecord
 from batch.server.vad import Segment, Segmenter
 
@@ -78,7 +85,7 @@ class SessionSettings:
 
     session_id: str
     options: PulseOptions
-    unified: bool
+    generation: Generation
     engine: Engine
     limiter: anyio.CapacityLimiter
     partial_interval_s: float
@@ -98,12 +105,13 @@ class StreamSession:
         self._decoder = make_wire_decoder(settings.options.encoding, settings.options.sample_rate)
         self._segmenter = Segmenter(settings.options.sample_rate)
         self._jobs_in, self._jobs_out = anyio.create_memory_object_stream[Job](math.inf)
-        self._end_type = END_MESSAGES[UNIFIED_PATH if settings.unified else LEGACY_PATH]["type"]
+        self._end_type = settings.generation.end_type
         self._closed_through = -1  # highest segment index already queued as final
         self._partial_queued = False
         self._partial_mark = 0  # open-segment length (samples) at the last partial
         self._finals: list[str] = []
         self._fault_fired = False
+        self._odd_pending: OddValue | None = None  # to put into the next fitting final
         self._problem = ""
 
     async def run(self) -> Outcome:
@@ -166,10 +174,13 @@ class StreamSession:
                 return outcome
             self._queue_flush(is_last=True)
             return Outcome.END
-        if kind == FINALIZE_TYPE and self._settings.unified:
+        newer = self._settings.generation is not Generation.LEGACY
+        if kind == FINALIZE_TYPE and newer:
             self._queue_flush(is_last=False)
             return None
-        expected = [self._end_type, FINALIZE_TYPE] if self._settings.unified else [self._end_type]
+        # Strict: each path takes only its own end signal (``end`` on close_stream paths
+        # would leave a real client waiting for an is_last that never comes).
+        expected = [self._end_type, FINALIZE_TYPE] if newer else [self._end_type]
         return self._protocol_error(f"unknown control message type {kind!r}; expected {expected}")
 
     def _protocol_error(self, problem: str) -> Outcome:
@@ -220,6 +231,9 @@ class StreamSession:
         if fault.kind is FaultKind.MALFORMED:
             await self._ws.send(MALFORMED_FRAME)  # then carry on as if nothing happened
             return None
+        if fault.kind is FaultKind.ODD_VALUES and fault.odd_value is not None:
+            self._odd_pending = ODD_VALUES[fault.odd_value]
+            return None
         if fault.kind is FaultKind.EARLY_LAST:
             self._queue_flush(is_last=True)  # as if the end signal had come now
             return Outcome.END
@@ -252,14 +266,22 @@ class StreamSession:
     async def _send_final(self, job: Job) -> bool:
         """Send one final; after the last one close 1000. True when the session is done."""
         words = await self._recognize(job.segment) if job.segment is not None else []
+        segment = job.segment if wants_vad_events(self._options) and words else None
+        if segment is not None:  # events interleave with transcripts, as the service's do
+            await self._event("speech_started", segment.start_s)
         text = " ".join(w.word for w in words)
         if text:
             self._finals.append(text)
         await self._send(self._message(words, is_final=True, is_last=job.is_last))
+        if segment is not None and not job.is_last:
+            await self._event("speech_ended", segment.start_s + segment.duration_s)
         if job.is_last:
             self._record.completed = True
             await self._close(1000, "", drain=True)  # the receiver has stopped reading
         return job.is_last
+
+    async def _event(self, kind: str, at_s: float) -> None:
+        await self._send(json.dumps(speech_event(self._settings.session_id, kind, at_s)))
 
     async def _recognize(self, segment: Segment) -> list[Word]:
         words = await anyio.to_thread.run_sync(
@@ -271,16 +293,25 @@ class StreamSession:
         return shift_words(words, segment.start_s)
 
     def _message(self, words: list[Word], *, is_final: bool, is_last: bool = False) -> str:
-        message = transcript_message(
+        message = self._message_dict(words, is_final=is_final, is_last=is_last)
+        odd = self._odd_pending
+        if is_final and odd is not None and (message.get("words") or not odd.needs_words):
+            self._odd_pending = None
+            odd.apply(message)
+        return json.dumps(message)
+
+    def _message_dict(
+        self, words: list[Word], *, is_final: bool, is_last: bool = False
+    ) -> dict[str, Any]:
+        return transcript_message(
             session_id=self._settings.session_id,
             words=words,
             options=self._options,
-            unified=self._settings.unified,
+            generation=self._settings.generation,
             is_final=is_final,
             is_last=is_last,
             full_transcript=" ".join(self._finals),
         )
-        return json.dumps(message)
 
     async def _send(self, text: str) -> None:
         await self._ws.send(text)
