@@ -37,6 +37,7 @@ class RunStats:
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted
     abort_reason: str | None = None
+    abort_kind: str | None = None  # fatal_answer | service_refusing, when aborted
     signal_name: str | None = None
     items_total: int = 0
     skipped_done: int = 0
@@ -90,6 +91,7 @@ def build_report(
         "run_id": stats.run_id,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
+        "abort_kind": stats.abort_kind,
         "endpoint": stats.endpoint,
         "started_at": stats.started_at.isoformat(),
         "finished_at": stats.finished_at.isoformat() if stats.finished_at else None,
