@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from typer.core import TyperArgument, TyperCommand
 
@@ -23,6 +25,7 @@ from batch import export as exports
 from batch import job as jobs
 from batch import score as scoring
 from batch import sink as sinks
+from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError
@@ -103,7 +106,10 @@ def _label(item: Item) -> str:
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactSecrets(scrubber_for_env(secret_env)))
+    # The API key and the storage SDKs' secrets (a library's debug line must not show them).
+    api_key = scrubber_for_env(secret_env)
+    storage_secrets = storage.credentials_in_env(os.environ)
+    handler.addFilter(_RedactSecrets(Scrubber(*api_key.secrets, *storage_secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -116,7 +122,7 @@ def _load(manifest: Path) -> LoadedManifest:
     try:
         return load_manifest(manifest)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
 
 
@@ -171,7 +177,7 @@ class _ConsoleObserver(jobs.Observer):
                 logger.warning("[%d/%d] failed %s: %s", self.done, self.total, label, failure)
         elif not ok:  # above the bar, as it happens
             self.progress.console.print(
-                f"[red]failed[/red] {label}: {failure}", highlight=False, markup=True
+                f"[red]failed[/red] {escape(label)}: {escape(str(failure))}", highlight=False
             )
         self._refresh()
 
@@ -251,10 +257,10 @@ def run(
     try:
         result = anyio.run(jobs.run_job, loaded, opts, observer)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except LockedError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
@@ -274,7 +280,7 @@ def run(
         if result.report_path is not None:
             print(f"latest report (unchanged): {result.report_path.with_suffix('.md')}")
     elif report["status"] == "aborted":
-        err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+        err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.with_suffix('.md')}")
@@ -298,7 +304,7 @@ def validate(
     try:
         items = jobs.plan_items(loaded)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     bad = [i for i in items if i.error is not None]
     audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
@@ -332,7 +338,10 @@ def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
 
 @app.command("probe", cls=_PlainCommand)
 def probe_command(
-    files: Annotated[list[Path], typer.Argument(help="Media files to inspect.", metavar="FILE")],
+    files: Annotated[
+        list[str],
+        typer.Argument(help="Media files or URLs (s3://, gs://, https://, ...).", metavar="FILE"),
+    ],
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -353,7 +362,11 @@ def probe_command(
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
+            storage.check_url(path)
             info = probe(path)
+        except ValueError as exc:  # a URL this installation cannot read
+            rows.append({"path": path, "error_kind": "unsupported", "error": str(exc)})
+            continue
         except InputError as exc:
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
@@ -412,18 +425,20 @@ def report(
     jobs_here = reports_in(output)
     if job is None and len(jobs_here) > 1:
         err.print(
-            f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the one "
-            "run most recently (pick one with --job)",
+            escape(
+                f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the one "
+                "run most recently (pick one with --job)"
+            ),
             highlight=False,
         )
     try:
         data = latest_report(output, job)
     except FileNotFoundError as exc:
         hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-        err.print(f"[red]error:[/red] {exc}{hint}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     if not as_json:
-        err.print(f"job {data['job']}, run {data['run_id']}", highlight=False)
+        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
     print(json.dumps(data, indent=2) if as_json else render_markdown(data))
 
 
@@ -463,14 +478,17 @@ def export_command(
             output, job, fmt, folder, where=where, item=item, from_utterances=utterances
         )
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except OSError as exc:
-        err.print(f"[red]error:[/red] cannot write to {folder}: {exc.strerror}", highlight=False)
+        err.print(
+            f"[red]error:[/red] {escape(f'cannot write to {folder}: {exc.strerror}')}",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_OUTPUT) from None
     for source in done.without_timings:
         what = "utterances (turn on pulse.sentence_timestamps)" if utterances else "words"
-        err.print(f"warning: {source} has no {what}: its file has no cues", highlight=False)
+        err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
 
 
@@ -492,13 +510,13 @@ def score_command(
     try:
         scored = scoring.score_job(output, job, references)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     for problem in scored.problems:
-        err.print(f"warning: not scored: {problem}", highlight=False)
+        err.print(escape(f"warning: not scored: {problem}"), highlight=False)
     if scored.unmatched:
         err.print(
-            f"note: {scored.unmatched} ok item(s) have no reference in {references}",
+            escape(f"note: {scored.unmatched} ok item(s) have no reference in {references}"),
             highlight=False,
         )
     body = {"job": job, "accuracy": scored.summary, "items": scored.items}
@@ -506,7 +524,7 @@ def score_command(
         print(json.dumps(body, indent=2))
         return
     if scored.summary is None:
-        err.print(f"[red]error:[/red] no ok item of job {job!r} matched {references}")
+        err.print(f"[red]error:[/red] {escape(f'no ok item of job {job!r} matched {references}')}")
         raise typer.Exit(jobs.EXIT_ITEMS_FAILED)
     print("\n".join(render_accuracy(scored.summary)))
     print("\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")

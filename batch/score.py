@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -34,6 +34,7 @@ from typing import Any
 import jiwer
 from num2words import num2words
 
+from batch import storage
 from batch.errors import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ def read_reference(reference: Reference) -> str:
         return reference.text
     assert reference.path is not None
     try:
+        if storage.is_url(reference.path):
+            return storage.read_bytes(reference.path, {}).decode("utf-8-sig")
         return Path(reference.path).read_text(encoding="utf-8-sig")
+    except ManifestError as exc:  # storage's translation of a URL that cannot be read
+        raise ReferenceError(str(exc)) from None
     except FileNotFoundError:
         raise ReferenceError(f"{reference.path}: reference file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -215,9 +220,14 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
 
     by_path: dict[str, Reference] = {}
     by_id: dict[str, Reference] = {}
-    for row in read_list_rows(list_path):
+    folder = list_path.parent
+
+    def resolve(listed: str) -> str:
+        return str(Path(listed) if Path(listed).is_absolute() else folder / listed)
+
+    for row in read_list_rows(str(list_path)):
         where = f"line {row.get('__line__')}"
-        reference = reference_of(row, list_path.parent)
+        reference = reference_of(row, resolve)
         if reference is None:
             raise ManifestError(list_path, f"{where}: needs a 'reference' or 'reference_path'")
         if row.get("item_id"):
@@ -230,16 +240,15 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
     return by_path, by_id
 
 
-def reference_of(row: Mapping[str, Any], base: Path) -> Reference | None:
+def reference_of(row: Mapping[str, Any], resolve: Callable[[str], str]) -> Reference | None:
     """The reference a list row gives, if any: ``reference`` text, or ``reference_path``
-    (relative to the list file's folder)."""
+    (``resolve`` turns it into a location: relative to the list file's folder)."""
     text = row.get("reference")
     if text is not None and str(text) != "":
         return Reference(text=str(text))
     raw = row.get("reference_path")
     if raw is not None and str(raw) != "":
-        path = Path(str(raw))
-        return Reference(path=str(path if path.is_absolute() else base / path))
+        return Reference(path=resolve(str(raw)))
     return None
 
 
