@@ -267,6 +267,7 @@ class StreamSession:
     async def _send_final(self, job: Job) -> bool:
         """Send one final; after the last one close 1000. True when the session is done."""
         words = await self._recognize(job.segment) if job.segment is not None else []
+        self._record.final_words.extend(w.word for w in words)
         segment = job.segment if wants_vad_events(self._options) and words else None
         if segment is not None:  # events interleave with transcripts, as the service's do
             await self._event("speech_started", segment.start_s)
