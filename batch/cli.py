@@ -541,7 +541,7 @@ def score_command(
     references: Annotated[
         Path,
         typer.Option(
-            help="CSV or JSONL list: path (or item_id) and reference (or reference_path)."
+            help="CSV or JSONL list: path (as the job listed it) and reference or reference_path."
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

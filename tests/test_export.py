@@ -170,7 +170,7 @@ def job_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root,
         inputs=[{"glob": "media/*/*.wav"}],
         pulse={"sentence_timestamps": True},
-        # A mono file under split is channel 0, so the notes are named "agent" too.
+        # A mono file under split is channel 0 (unnamed: the names are for stereo calls).
         run={"channels": "split", "channel_names": ["agent", "customer"]},
     )
     result = anyio.run(run_job, load_manifest(manifest), RunOptions())
@@ -187,7 +187,7 @@ def _words(out: Path) -> dict[str, list[tuple[str, float, float]]]:
     ).fetchall()
     by_file: dict[str, list[tuple[str, float, float]]] = {}
     for source, channel_name, word, start, end in rows:
-        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name}"
+        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
         by_file.setdefault(key, []).append((word, start, end))
     return by_file
 
@@ -199,9 +199,9 @@ def _expected_names(out: Path) -> dict[str, str]:
     ).fetchall()
     names = {}
     for source, channel_name, item_id in ids:
-        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name}"
-        names[key] = f"{Path(source).stem}.{channel_name}"
-        if key.endswith("note.agent"):  # one name twice: both get the item id's start
+        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
+        names[key] = f"{Path(source).stem}.{channel_name or 'ch0'}"
+        if key.endswith("note.ch0"):  # one name twice: both get the item id's start
             names[key] += f"-{item_id[:8]}"
     return names
 
@@ -229,7 +229,7 @@ def test_srt_export_cues_are_the_words_times(job_output: Path, tmp_path: Path) -
         # the first cue starts with the first word and the last ends with the last word
         assert subtitles[0].start.total_seconds() == pytest.approx(words[0][1], abs=5e-4)
         assert subtitles[-1].end.total_seconds() == pytest.approx(words[-1][2], abs=5e-4)
-    note = _words(job_output)["a/note.agent"]
+    note = _words(job_output)["a/note.ch0"]
     assert len(note) == 17  # 14 + 3 tones: more than one cue's worth, and a long pause
     first = next(p for p in tmp_path.iterdir() if p.name.startswith("note"))
     assert len(list(srt.parse(first.read_text()))) >= 3
