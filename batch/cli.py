@@ -1,8 +1,9 @@
 """The `pulse-batch` command line: parse, call the library, map errors to exit codes.
 
 Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
-stopped by a fatal service answer; 4 another run of the job holds the lock; 130/143 after
-SIGINT/SIGTERM.
+stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
+could not be written (disk full, read-only, permission denied); 6 the service refused
+everything; 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,25 +24,16 @@ from typer.core import TyperArgument, TyperCommand
 
 from batch import export as exports
 from batch import job as jobs
+from batch import output as outputs
 from batch import score as scoring
-from batch import sink as sinks
 from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError, ShardError
+from batch.errors import InputError, LockedError, ManifestError, OutputError, ShardError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item, expand_sources
 from batch.pulse import protocol
-from batch.report import (
-    job_runs,
-    latest_report,
-    render_accuracy,
-    render_job,
-    render_markdown,
-    reports_in,
-    run_reports,
-    summary_line,
-)
+from batch.report import job_runs, render_accuracy, render_job, render_markdown, summary_line
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -87,7 +79,6 @@ app = typer.Typer(
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
 err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
-EXIT_OUTPUT = 5  # the output folder cannot be written (full, read-only)
 
 
 class _RedactSecrets(logging.Filter):
@@ -294,6 +285,9 @@ def run(
     except LockedError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(jobs.EXIT_SIGINT) from None
@@ -310,12 +304,15 @@ def run(
             "done (ok, or failed and left alone); --force redoes them"
         )
         if result.report_path is not None:
-            print(f"latest report (unchanged): {result.report_path.with_suffix('.md')}")
+            print(f"latest report (unchanged): {result.report_path.removesuffix('.json')}.md")
     elif report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
+    if report["status"] == "failed_output":
+        reason = escape(str(report["abort_reason"]))
+        err.print(f"[red]output error:[/red] {reason}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
-        print(f"        {result.report_path.with_suffix('.md')}")
+        print(f"        {result.report_path.removesuffix('.json')}.md")
     print(summary_line(report))
     raise typer.Exit(
         jobs.exit_code(
@@ -422,11 +419,11 @@ def schema(
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
     tables = {
-        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in sinks.COLUMNS[table]]
-        for table in sinks.TABLES
+        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in outputs.COLUMNS[table]]
+        for table in outputs.TABLES
     }
     if as_json:
-        print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
+        print(json.dumps({"schema_version": outputs.SCHEMA_VERSION, "tables": tables}, indent=2))
         return
     if markdown:
         for table, columns in tables.items():
@@ -435,7 +432,8 @@ def schema(
                 print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
         return
     print(
-        f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}"
+        f"schema version {outputs.SCHEMA_VERSION}; "
+        f"partition columns from {outputs.PARTITION_CHOICES}"
     )
     for table, columns in tables.items():
         print(f"\n{table}/")
@@ -446,7 +444,8 @@ def schema(
 @app.command(cls=_PlainCommand)
 def report(
     output: Annotated[
-        Path, typer.Argument(help="A job's output folder (output.path).", metavar="OUTPUT")
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
     ],
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
@@ -456,7 +455,7 @@ def report(
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
-    jobs_here = reports_in(output)
+    jobs_here = exports.job_names(output)
     if job is None and len(jobs_here) > 1:
         err.print(
             escape(
@@ -466,14 +465,18 @@ def report(
             highlight=False,
         )
     try:
-        data = latest_report(output, job)
-    except FileNotFoundError as exc:
+        data = outputs.latest_report(output, job)
+        name = str(data["job"])
+        data["job_so_far"] = outputs.read_history(output, name).summary
+        every_run = outputs.run_reports(output, name)
+    except (FileNotFoundError, ManifestError) as exc:
         hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
         err.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
-    name = str(data["job"])
-    data["job_so_far"] = sinks.job_summary(output, name)
-    runs = job_runs(run_reports(output, name), lambda run: sinks.run_alive(output, name, run))
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    runs = job_runs(every_run, lambda run: outputs.run_alive(output, name, run))
     data["runs"] = runs
     if as_json:
         print(json.dumps(data, indent=2))
@@ -485,7 +488,8 @@ def report(
 @app.command("export", cls=_PlainCommand)
 def export_command(
     output: Annotated[
-        Path, typer.Argument(help="A job's output folder (output.path).", metavar="OUTPUT")
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
     ],
     job: Annotated[str, typer.Option(help="The job whose items to export.")],
     fmt: Annotated[
@@ -493,7 +497,10 @@ def export_command(
     ] = "srt",
     to: Annotated[
         Path | None,
-        typer.Option(help="Folder for the files [default: OUTPUT/_exports/JOB/FORMAT]."),
+        typer.Option(
+            help="Folder for the files [default: OUTPUT/_exports/JOB/FORMAT, or "
+            "_exports/JOB/FORMAT here for an output at a URL]."
+        ),
     ] = None,
     where: Annotated[
         str | None,
@@ -512,7 +519,8 @@ def export_command(
     """Write one subtitle, JSON or text file per ok item of a job."""
     if where is not None and item is not None:
         raise typer.BadParameter("give --where or --item, not both")
-    folder = to or output / "_exports" / job / fmt
+    base = Path("." if "://" in output else output)
+    folder = to or base / "_exports" / job / fmt
     try:
         done = exports.export_job(
             output, job, fmt, folder, where=where, item=item, from_utterances=utterances
@@ -525,7 +533,10 @@ def export_command(
             f"[red]error:[/red] {escape(f'cannot write to {folder}: {exc.strerror}')}",
             highlight=False,
         )
-        raise typer.Exit(EXIT_OUTPUT) from None
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for source in done.without_timings:
         what = "utterances (turn on pulse.sentence_timestamps)" if utterances else "words"
         err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
@@ -535,7 +546,8 @@ def export_command(
 @app.command("score", cls=_PlainCommand)
 def score_command(
     output: Annotated[
-        Path, typer.Argument(help="A job's output folder (output.path).", metavar="OUTPUT")
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
     ],
     job: Annotated[str, typer.Option(help="The job to score.")],
     references: Annotated[
@@ -552,6 +564,9 @@ def score_command(
     except ManifestError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for problem in scored.problems:
         err.print(escape(f"warning: not scored: {problem}"), highlight=False)
     if scored.unmatched:
@@ -607,6 +622,24 @@ def status(
                 f"{part.failed} failed, {part.not_run} not run yet"
             )
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
+
+
+@app.command()
+def compact(
+    output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
+) -> None:
+    """Compact a Delta output: rewrite small files into large ones (optimize), then delete
+    files no table version needs (vacuum, keeping the default 7 days of history)."""
+    try:
+        lines = outputs.compact(output)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    for line in lines:
+        print(line)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Per-item documents from a job's tables: SRT, WebVTT, JSON or plain text files.
 
-`load_job` is the one place export and score read an output; choosing items (`parse_where`,
+`load_job` is the one place export and score read an output (local Parquet or Delta, through
+`batch.output.read_table`); choosing items (`parse_where`,
 `select`), naming files (`file_names`) and building documents (`document`) are pure; only
 `export_job` writes.
 """
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from batch import cues as cuelib
-from batch import sink as sinks
+from batch import output as outputs
 from batch.errors import ManifestError
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
@@ -42,17 +43,19 @@ class JobTables:
     segments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def job_names(out_dir: Path) -> list[str]:
-    """The jobs that have rows or reports in an output folder, sorted."""
-    names = set(sinks.read_table(out_dir, "transcripts", columns=["job"])["job"].to_pylist())
-    reports = out_dir / "_reports"
-    if reports.is_dir():
+def job_names(location: str | Path) -> list[str]:
+    """The jobs that have rows (or, in a local output, reports) in an output, sorted."""
+    if outputs.detect_format(location) is None:
+        return []
+    names = set(outputs.read_table(location, "transcripts", columns=["job"])["job"].to_pylist())
+    reports = Path(location) / "_reports"
+    if "://" not in str(location) and reports.is_dir():
         names |= {p.name for p in reports.iterdir() if p.is_dir()}
     return sorted(str(n) for n in names if n)
 
 
-def _rows(out_dir: Path, table: str, job: str) -> list[dict[str, Any]]:
-    data: pa.Table = sinks.read_table(out_dir, table, job)
+def _rows(location: str | Path, table: str, job: str) -> list[dict[str, Any]]:
+    data: pa.Table = outputs.read_table(location, table, job)
     return list(data.to_pylist())
 
 
@@ -68,18 +71,19 @@ def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
 
 
-def load_job(out_dir: Path, job: str, *, with_details: bool = True) -> JobTables:
+def load_job(location: str | Path, job: str, *, with_details: bool = True) -> JobTables:
     """Read one job's ok items (and, with details, their words, utterances and segments).
 
-    Raises `ExportError` naming the jobs present when the output has none of ``job``.
+    Raises `ExportError` naming the jobs present when the output has none of ``job``, and
+    `OutputError` when the output cannot be read.
     """
-    if not out_dir.is_dir():
-        raise ExportError(out_dir, "no such output folder; give the job's output.path")
-    transcripts = _rows(out_dir, "transcripts", job)
+    if outputs.detect_format(location) is None:
+        raise ExportError(location, "no pulse-batch output here; give the job's output.path")
+    transcripts = _rows(location, "transcripts", job)
     if not transcripts:
-        known = job_names(out_dir)
+        known = job_names(location)
         hint = f"jobs here: {', '.join(known)}" if known else "it holds no job's rows yet"
-        raise ExportError(out_dir, f"no rows for job {job!r}; {hint}")
+        raise ExportError(location, f"no rows for job {job!r}; {hint}")
     items = latest_ok(transcripts)
     tables = JobTables(items)
     if not with_details:
@@ -90,9 +94,9 @@ def load_job(out_dir: Path, job: str, *, with_details: bool = True) -> JobTables
         ("utterances", tables.utterances),
         ("segments", tables.segments),
     ):
-        if table not in sinks.TABLES:
-            continue  # an output written before this table existed
-        for row in _rows(out_dir, table, job):
+        if table not in outputs.TABLES:
+            continue  # a table this version does not write
+        for row in _rows(location, table, job):
             if (row["item_id"], row["run_id"]) in wanted:
                 target.setdefault(row["item_id"], []).append(row)
         for rows in target.values():
@@ -237,7 +241,7 @@ class Exported:
 
 
 def export_job(
-    out_dir: Path,
+    location: str | Path,
     job: str,
     fmt: str,
     to_dir: Path,
@@ -249,8 +253,8 @@ def export_job(
     """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``."""
     if fmt not in FORMATS:
         raise ExportError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    tables = load_job(out_dir, job)
-    columns = [name for name, _, _ in sinks.COLUMNS["transcripts"]]
+    tables = load_job(location, job)
+    columns = [name for name, _, _ in outputs.COLUMNS["transcripts"]]
     conditions = parse_where(where, columns) if where else []
     chosen = select(tables.items, conditions, item)
     names = file_names(tables.items)  # over all items: a name never depends on the filter

@@ -260,12 +260,12 @@ class JobScores:
     problems: list[str]  # references that could not be read
 
 
-def score_job(out_dir: Path, job: str, references: Path) -> JobScores:
+def score_job(location: str | Path, job: str, references: Path) -> JobScores:
     """Score every ok item of ``job`` that ``references`` covers. Writes nothing."""
     from batch.export import load_job
 
     by_path, by_id = references_from_list(references)
-    tables = load_job(out_dir, job, with_details=False)
+    tables = load_job(location, job, with_details=False)
     rows, problems, unmatched = [], [], 0
     for item in tables.items:
         reference = by_id.get(item["item_id"]) or by_path.get(str(item["source"]))

@@ -318,3 +318,24 @@ def test_export_usage_errors_say_what_to_do(job_output: Path) -> None:
         bad_format.returncode == 2
         and "'docx' is not one of srt, vtt, json, txt" in bad_format.stderr
     )
+
+
+def test_a_delta_output_exports_and_scores_alike(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    track = tone_track(_bursts(6, 440, 0.2), 4.0, RATE)
+    write_audio(tmp_path / "media" / "talk.wav", [track], RATE)
+    (tmp_path / "list.csv").write_text("path,reference\nmedia/talk.wav,tone440 tone440\n")
+    manifest = write_manifest(
+        tmp_path, inputs=[{"list": "list.csv"}], output={"path": "lake", "format": "delta"}
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1, result.report
+    assert (tmp_path / "lake" / "words" / "_delta_log").is_dir()
+    done = run_cli(
+        "export", str(tmp_path / "lake"), "--job", "test-job", "--to", str(tmp_path / "s")
+    )
+    assert done.returncode == 0, done.stderr
+    subtitles = list(srt.parse((tmp_path / "s" / "talk.srt").read_text()))
+    assert [w for s in subtitles for w in s.content.split()] == ["tone440"] * 6
+    accuracy = result.report["accuracy"]
+    assert accuracy["items"] == 1 and accuracy["wer"] == pytest.approx(2.0)  # 4 insertions / 2
