@@ -18,7 +18,7 @@ from typing import Protocol
 
 import anyio
 
-from batch import __version__
+from batch import __version__, score
 from batch.budget import SpendCap
 from batch.collect import Collected, Outcome, RunInfo, collect_finals, item_rows
 from batch.credentials import Scrubber
@@ -61,7 +61,11 @@ class JobAborted(PulseBatchError):
 
 
 class Progress(Protocol):
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+    def item_done(
+        self, item: Item, ok: bool, audio_s: float, failure: str | None = None
+    ) -> None: ...
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None: ...
 
     def sessions_open(self, count: int) -> None: ...
 
@@ -376,6 +380,7 @@ class ItemRunner:
             state.done[index] = PieceResult(index, timemap, result.finals)
             state.session_ids[index] = result.session_id or ""
             state.streamed_samples += timemap.streamed
+            self.progress.pieces_done(item, len(state.done), state.total)
         finally:
             state.attempts += record.count
             state.in_flight -= 1
@@ -529,7 +534,12 @@ class ItemRunner:
         self.finished.add(item.item_id)
         # The writer may turn rows that do not fit the schema into a failed row: count
         # what is stored.
-        stored = (await self.writer.add(item_rows(item, self.run_info, outcome))).transcript
+        rows = item_rows(item, self.run_info, outcome)
+        if collected is not None:
+            scores = score.columns(item.reference, collected.transcript, item.options.language)
+            rows.transcript.update(scores)
+        stored = (await self.writer.add(rows)).transcript
+        said: str | None = None  # "<error_kind>: <message>" for the progress display
         if stored["status"] == "ok":
             self.stats.ok += 1
             self.stats.audio_s += duration_s
@@ -538,7 +548,8 @@ class ItemRunner:
             self.stats.failed += 1
             failure = Failure(item.item_id, item.source, stored["error_kind"], stored["error"])
             self.stats.failures.append(failure)
-        self.progress.item_done(item, stored["status"] == "ok", duration_s)
+            said = f"{failure.kind}: {failure.message}"
+        self.progress.item_done(item, stored["status"] == "ok", duration_s, said)
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:

@@ -171,6 +171,7 @@ def _wer(corpus: list[Call], words: dict[tuple[str, int], list[tuple[str, float,
     return errors / total
 
 
+@pytest.mark.timeout(1800)
 def test_whisper_wer_and_word_times(tmp_path: Path, corpus: list[Call]) -> None:
     media = corpus[0].path.parent
     # One recognizer serves every session: generous waits, so no session times out.
