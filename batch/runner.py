@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import anyio
 
 from batch import sink as sinks
-from batch.collect import Collected, collect_finals
+from batch.collect import Collected, collect_finals, quality
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
     HandshakeRejected,
@@ -160,7 +160,11 @@ class ItemRunner:
             item,
             started,
             attempts=record.count,
-            collected=collect_finals(result.finals),
+            collected=collect_finals(
+                result.finals,
+                languages=result.languages,
+                full_transcript=result.full_transcript,
+            ),
             duration_s=holder[0].duration_s,
             session_id=result.session_id,
         )
@@ -224,7 +228,9 @@ class ItemRunner:
             message = f"piece {index} (from {unit.start / self.wire.sample_rate:.2f} s): {error}"
             state.failure = state.failure or (error, message)
         else:
-            state.done[index] = PieceResult(index, unit.start, result.finals)
+            state.done[index] = PieceResult(
+                index, unit.start, result.finals, result.languages, result.full_transcript
+            )
             state.session_ids[index] = result.session_id or ""
         finally:
             state.attempts += record.count
@@ -351,11 +357,17 @@ class ItemRunner:
         if collected is not None:
             rows.words = [{**common, **w} for w in collected.words]
             rows.utterances = [{**common, **u} for u in collected.utterances]
+            rows.segments = [{**common, **g} for g in collected.segments]
             transcript.update(
                 status="ok",
                 duration_s=duration_s,
                 transcript=collected.transcript,
                 detected_language=collected.language,
+                languages=collected.languages,
+                redacted_entities=collected.redacted_entities,
+                # Null when off, whatever a service sends unasked.
+                full_transcript=collected.full_transcript if item.options.full_transcript else None,
+                quality=quality(collected.transcript.split(), duration_s),
                 session_id=session_id,
                 word_count=len(rows.words),
             )

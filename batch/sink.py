@@ -41,9 +41,9 @@ from batch.errors import LockedError, ManifestError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 PARTITION_CHOICES: Final = ("job", "date", "language")
-TABLES: Final = ("transcripts", "words", "utterances")
+TABLES: Final = ("transcripts", "segments", "words", "utterances")
 _ROW_GROUP_ROWS: Final = 128 * 1024
 _UTC_MS = pa.timestamp("ms", tz="UTC")
 
@@ -69,13 +69,43 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("pieces", pa.int32(), "sessions the recording was split into (1: streamed whole)"),
         ("duration_s", pa.float64(), "exact audio seconds sent (decoded samples / rate)"),
         ("transcript", pa.string(), "final segments joined by spaces"),
-        ("detected_language", pa.string(), "language the service reported on finals"),
+        ("detected_language", pa.string(), "language the service reported on the last final"),
+        (
+            "languages",
+            pa.list_(pa.string()),
+            "every language the service reported, first-seen order",
+        ),
+        (
+            "redacted_entities",
+            pa.list_(pa.string()),
+            "every redaction placeholder, in order ([CREDITCARDNUMBER_1], ...)",
+        ),
+        (
+            "full_transcript",
+            pa.string(),
+            "the service's own cumulative transcript (pieces joined); null when off",
+        ),
+        ("quality", pa.string(), "why the words look impossible (see README); null when fine"),
         ("session_id", pa.string(), "the service's id of the successful session"),
         ("word_count", pa.int32(), "rows this item has in words"),
         ("started_at", _UTC_MS, "when the item's first attempt started"),
         ("finished_at", _UTC_MS, "when the item finished or gave up"),
         ("options", pa.string(), "the Pulse options sent, as JSON"),
         ("metadata", pa.map_(pa.string(), pa.string()), "extra columns of a list input"),
+    ],
+    "segments": [
+        *_COMMON,
+        ("segment", pa.int32(), "index of the final segment in the item (as words.segment)"),
+        ("text", pa.string(), "the segment's transcript"),
+        (
+            "detected_language",
+            pa.string(),
+            "language the service reported on this final (`language` is the option asked)",
+        ),
+        ("start_s", pa.float64(), "first word's start (else utterance's); null if untimed"),
+        ("end_s", pa.float64(), "last word's end (else utterance's); null if untimed"),
+        ("redacted_entities", pa.list_(pa.string()), "placeholders in this segment"),
+        ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
     ],
     "words": [
         *_COMMON,
@@ -120,6 +150,7 @@ class ItemRows:
     transcript: dict[str, Any]
     words: list[dict[str, Any]] = field(default_factory=list)
     utterances: list[dict[str, Any]] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- output folder, lock, recovery -----------------------------------------------
@@ -454,6 +485,7 @@ class Sink:
     ) -> list[dict[str, str]]:
         per_table = {
             "transcripts": [r.transcript for r in rows],
+            "segments": [g for r in rows for g in r.segments],
             "words": [w for r in rows for w in r.words],
             "utterances": [u for r in rows for u in r.utterances],
         }

@@ -111,7 +111,7 @@ def test_layout_and_lock_guards(tmp_path: Path) -> None:
     sinks.check_layout(tmp_path, ["job", "date"])
     with pytest.raises(ManifestError, match="partition_by"):
         sinks.check_layout(tmp_path, ["job"])
-    assert json.loads((tmp_path / "_pulse_batch.json").read_text())["schema_version"] == 1
+    assert json.loads((tmp_path / "_pulse_batch.json").read_text())["schema_version"] == 2
     with (
         sinks.job_lock(tmp_path, "j"),
         pytest.raises(LockedError, match="already running"),
