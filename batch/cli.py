@@ -230,6 +230,8 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
     print(f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad")
     for item in bad:
         print(f"  bad: {item.error}")
+    for warning in jobs.engine_warnings(loaded, items):
+        print(f"  warning: {warning}")
     print(f"  output: {loaded.output_dir}")
 
 

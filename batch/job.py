@@ -109,6 +109,18 @@ async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str
         yield Endpoint(server.url_for(generation), generation), None
 
 
+def engine_warnings(loaded: LoadedManifest, items: list[Item]) -> list[str]:
+    """What the embedded local engine cannot do of what this job asks (empty for a real
+    endpoint): said once per job, never faked (see `batch.server.limits`)."""
+    pulse = loaded.manifest.pulse
+    if pulse.endpoint != "local":
+        return []
+    from batch.server.limits import engine_limits
+
+    options = [pulse.options(), *(i.options for i in items if i.error is None)]
+    return engine_limits(pulse.local_engine, options)
+
+
 def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:
     """Every item of the manifest, in the order they should start; items in ``done``
     (already ok) are listed without probing their files."""
@@ -155,6 +167,9 @@ async def run_job(
         done = sinks.ok_item_ids(out_dir, manifest.job)
         items = plan_items(loaded, frozenset() if opts.force else frozenset(done))
         stats.items_total = len(items)
+        stats.warnings = engine_warnings(loaded, items)
+        for warning in stats.warnings:
+            logger.warning("%s", warning)
         failed_before = (
             sinks.failed_item_ids(out_dir, manifest.job) if not opts.retry_failed else set()
         )

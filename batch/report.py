@@ -56,6 +56,8 @@ class RunStats:
     first_final_s: list[float] = field(default_factory=list)
     end_to_last_s: list[float] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # What the endpoint was asked for and cannot do (the local engine's limits).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def wall_s(self) -> float:
@@ -84,6 +86,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "run_id": stats.run_id,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
+        "warnings": list(stats.warnings),
         "endpoint": stats.endpoint,
         "started_at": stats.started_at.isoformat(),
         "finished_at": stats.finished_at.isoformat() if stats.finished_at else None,
@@ -184,6 +187,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f" {so_far['ok']} ok, "
             f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
         ]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", "", *(f"- {warning}" for warning in report["warnings"])]
     if report["failures"]:
         lines += ["", "## Failures", "", "| kind | source | message |", "| --- | --- | --- |"]
         for failure in report["failures"]:

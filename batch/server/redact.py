@@ -52,14 +52,18 @@ class _Pattern:
 
 _I = re.IGNORECASE
 _LEAD: Final = r"(?:\s+(?:is|was|number|no\.?|code|date|on|of)|\s*[:#])*\s*"
+# Digits as recognisers write them: grouped ("4111 1111"), dashed, or one by one ("4, 1, 1").
+_SEP: Final = r"(?:,\s?|[ .-])?"
 PCI_PATTERNS: Final = (
-    _Pattern("CREDITCARDNUMBER", re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")),
+    _Pattern("CREDITCARDNUMBER", re.compile(r"(?<![\d])\d(?:" + _SEP + r"\d){12,18}(?![\d])")),
     _Pattern(
         "CVV",
         re.compile(
-            r"\b(?:cvv2?|cvc2?|security code|card verification (?:code|value))"
+            r"\b(?:cv[cv]?2?|security code|card verification (?:code|value))"
             + _LEAD
-            + r"(\d{3,4})(?!\d)",
+            + r"(\d(?:"
+            + _SEP
+            + r"\d){2,3})(?!\d)",
             _I,
         ),
         1,

@@ -128,6 +128,7 @@ def sentences(words: Sequence[Word]) -> list[list[Word]]:
 # --- numerals --------------------------------------------------------------------
 
 _NUMBER: Final = re.compile(r"(?P<pre>[^\d]*?)(?P<num>\d[\d,]*(?:\.\d+)?)(?P<post>.*)$")
+_PLACEHOLDER: Final = re.compile(r"\[[A-Z]+_\d+\]")  # a redaction: its number stays
 _ORDINAL: Final = re.compile(r"^(st|nd|rd|th)\b", re.IGNORECASE)
 _NUMBER_WORDS: Final = frozenset(
     [
@@ -210,7 +211,8 @@ def digits_as_words(words: Sequence[Word]) -> list[Word]:
     """``numerals=false``: every number written out in words (num2words)."""
     out: list[Word] = []
     for word in words:
-        spoken = _spoken(word.word) if any(c.isdigit() for c in word.word) else None
+        numeric = any(c.isdigit() for c in word.word) and not _PLACEHOLDER.search(word.word)
+        spoken = _spoken(word.word) if numeric else None
         out.extend(_split_span(word, spoken.split()) if spoken else [word])
     return out
 
