@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 
 from batch import job as jobs
 from batch import sink as sinks
+from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError
 from batch.manifest import LoadedManifest, load_manifest
@@ -40,27 +40,26 @@ logger = logging.getLogger("batch")
 
 
 class _RedactSecrets(logging.Filter):
-    """Belt and braces: no log record, ours or a library's, may carry an API key."""
+    """Belt and braces: no log record, ours or a library's, may carry an API key (as
+    exported, or as normalised into the header)."""
 
-    def __init__(self, secrets: list[str]) -> None:
+    def __init__(self, scrubber: Scrubber) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        self.scrubber = scrubber
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
+        if self.scrubber:
             text = record.getMessage()
-            if any(s in text for s in self.secrets):
-                for secret in self.secrets:
-                    text = text.replace(secret, "***")
-                record.msg, record.args = text, None
+            cleaned = self.scrubber.scrub(text)
+            if cleaned != text:
+                record.msg, record.args = cleaned, None
         return True
 
 
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    secret = os.environ.get(secret_env) if secret_env else None
-    handler.addFilter(_RedactSecrets([secret] if secret else []))
+    handler.addFilter(_RedactSecrets(scrubber_for_env(secret_env)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

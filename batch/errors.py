@@ -11,7 +11,8 @@
         ├── ConnectionLost       socket ended before ``is_last``        (retry)
         ├── ServerReported       an error message from the service      (retry)
         ├── ProtocolViolation    a frame we cannot parse                (retry)
-        └── SessionTimeout       a named wait ran out                   (retry)
+        ├── SessionTimeout       a named wait ran out                   (retry)
+        └── ServiceRefusing      refused N times in a row, none open    (stop the job, exit 6)
 
 Third-party exceptions (websockets, PyAV, OS) are translated into these at the boundary
 (`batch.session`, `batch.decode`) with ``raise ... from exc``. `classify` is pure: it looks only
@@ -110,6 +111,21 @@ class SessionTimeout(SessionError):
         self.seconds = seconds
 
 
+class ServiceRefusing(SessionError):
+    """The service refused ``refusals`` sessions in a row while none of ours was open: it
+    accepts nothing now, and grinding on would take days. Stops the job."""
+
+    kind = "service_refusing"
+
+    def __init__(self, refusals: int, last: BaseException) -> None:
+        super().__init__(
+            f"the service refused {refusals} sessions in a row and accepted none ({last}); "
+            "stopped rather than retry for hours. Check the account's plan and status, then "
+            "rerun (run.max_refusals_in_a_row sets how many refusals stop a job)"
+        )
+        self.refusals = refusals
+
+
 class Scope(Enum):
     ITEM = "item"  # only this item is affected
     JOB = "job"  # no item can succeed: stop the job
@@ -129,8 +145,18 @@ _JOB_FATAL_STATUSES = frozenset({400, 401, 403, 404})
 _CONCURRENCY_CLOSE_CODE = 1008
 
 
+def is_refusal(error: BaseException) -> bool:
+    """The service declined to run a session at all (at the handshake, or 1008), for a
+    reason a later attempt may not meet: what a `RefusalStreak` counts."""
+    if isinstance(error, HandshakeRejected):
+        return classify(error).retry
+    return isinstance(error, ConnectionLost) and error.close_code == _CONCURRENCY_CLOSE_CODE
+
+
 def classify(error: BaseException) -> Verdict:
     """Decide whether a failure is worth retrying and how far it reaches. Pure."""
+    if isinstance(error, ServiceRefusing):
+        return Verdict(retry=False, scope=Scope.JOB)
     if isinstance(error, HandshakeRejected):
         if error.status in _JOB_FATAL_STATUSES:
             return Verdict(retry=False, scope=Scope.JOB)

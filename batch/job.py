@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -21,7 +20,8 @@ from typing import Any
 import anyio
 
 from batch import sink as sinks
-from batch.errors import ManifestError
+from batch.credentials import api_key_from_env
+from batch.errors import ManifestError, ServiceRefusing
 from batch.manifest import LoadedManifest
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
@@ -37,6 +37,7 @@ EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FATAL_SERVICE = 3
 EXIT_LOCKED = 4
+EXIT_SERVICE_REFUSING = 6
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -71,16 +72,6 @@ class JobResult:
 
 def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def api_key_from_env(name: str, *, required: bool) -> str | None:
-    key = os.environ.get(name) or None
-    if key is None and required:
-        raise ManifestError(
-            f"pulse.api_key_env={name}",
-            f"environment variable {name} is not set; export your Pulse API key in it",
-        )
-    return key
 
 
 @contextlib.asynccontextmanager
@@ -232,7 +223,9 @@ async def _stream_all(
                 raise
         if runner.fatal is not None:
             stats.status = "aborted"
-            stats.abort_reason = str(runner.fatal)
+            stats.abort_reason = runner.scrubber.scrub(str(runner.fatal))
+            refusing = isinstance(runner.fatal, ServiceRefusing)
+            stats.abort_kind = "service_refusing" if refusing else "fatal_answer"
         elif stats.status == "running":
             stats.status = "completed"
         signal_name = stats.signal_name
@@ -309,12 +302,15 @@ def exit_code(
     signal_name: str | None = None,
 ) -> int:
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
-    3 for a fatal service answer; 130/143 after SIGINT/SIGTERM."""
+    3 for a fatal service answer; 6 when the service refused everything; 130/143 after
+    SIGINT/SIGTERM."""
     if signal_name == "SIGINT":
         return EXIT_SIGINT
     if signal_name == "SIGTERM":
         return EXIT_SIGTERM
     if report.get("status") == "aborted":
+        if report.get("abort_kind") == "service_refusing":
+            return EXIT_SERVICE_REFUSING
         return EXIT_FATAL_SERVICE
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job.

@@ -198,7 +198,10 @@ class RunConfig(_Strict):
     session_deadline_factor: float = Field(1.5, ge=1)
     session_deadline_slack_s: float = Field(60.0, ge=0)
     backoff_initial_s: float = Field(0.5, ge=0)
+    # Also caps a Retry-After: a service asking for days waits this long.
     backoff_max_s: float = Field(30.0, ge=0)
+    # The service refused this many sessions in a row with none of ours open: stop (exit 6).
+    max_refusals_in_a_row: int = Field(30, ge=1)
     job_deadline_s: float | None = Field(None, gt=0)
     # Long recordings are cut at quiet points into pieces streamed on parallel sessions.
     split_long_files: bool = False

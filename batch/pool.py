@@ -72,7 +72,8 @@ class AdaptiveLimit:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with full jitter, capped; Retry-After wins when it is longer."""
+    """Exponential backoff with full jitter, capped at ``max_s``; Retry-After wins when it
+    is longer, up to the same cap (a service asking for days gets ``max_s``)."""
 
     initial_s: float = 0.5
     max_s: float = 30.0
@@ -81,7 +82,48 @@ class Backoff:
     def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
         ceiling = min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
         delay = rng.uniform(ceiling / 2, ceiling)  # jitter keeps retries from firing together
-        return max(delay, retry_after_s or 0.0)
+        return max(delay, min(retry_after_s or 0.0, self.max_s))
+
+
+class RefusalStreak:
+    """Refusals in a row while none of our sessions is open: the service accepts nothing.
+
+    A refusal while some of our sessions are open is the service's concurrency limit (the
+    pool shrinks to it); only refusals with nothing open count, and any session that opens
+    resets the count. `refused` says when ``limit`` is reached.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.open_now = 0
+
+    def refused(self) -> bool:
+        if self.open_now == 0:
+            self.count += 1
+        return self.count >= self.limit
+
+    def watch(self) -> SessionWatch:
+        return SessionWatch(self)
+
+
+class SessionWatch:
+    """One attempt's part in a `RefusalStreak`: `opened` once the handshake passed,
+    `ended` when the attempt is over (whatever happened)."""
+
+    def __init__(self, streak: RefusalStreak) -> None:
+        self._streak = streak
+        self._open = False
+
+    def opened(self) -> None:
+        self._open = True
+        self._streak.open_now += 1
+        self._streak.count = 0
+
+    def ended(self) -> None:
+        if self._open:
+            self._open = False
+            self._streak.open_now -= 1
 
 
 class _AttemptBudget(stop_base):

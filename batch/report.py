@@ -37,6 +37,7 @@ class RunStats:
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted
     abort_reason: str | None = None
+    abort_kind: str | None = None  # fatal_answer | service_refusing, when aborted
     signal_name: str | None = None
     items_total: int = 0
     skipped_done: int = 0
@@ -86,6 +87,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "run_id": stats.run_id,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
+        "abort_kind": stats.abort_kind,
         "warnings": list(stats.warnings),
         "endpoint": stats.endpoint,
         "started_at": stats.started_at.isoformat(),

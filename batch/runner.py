@@ -20,18 +20,21 @@ import anyio
 
 from batch import sink as sinks
 from batch.collect import Collected, collect_finals, quality
+from batch.credentials import Scrubber
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
     HandshakeRejected,
     InputError,
     PulseBatchError,
     Scope,
+    ServiceRefusing,
     classify,
     error_kind,
+    is_refusal,
 )
 from batch.manifest import LoadedManifest
 from batch.plan import Item
-from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, with_retries
+from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
 from batch.split import CachedSlice, PieceResult, cache_and_cut, stitch
@@ -113,11 +116,14 @@ class ItemRunner:
         self.sink = sink
         self.endpoint = endpoint
         self.api_key = api_key
+        # Belt and braces: session errors are scrubbed at the boundary already.
+        self.scrubber = Scrubber(api_key)
         self.progress = progress
         self.pool = pool
         self.cache_dir = cache_dir
         self.wire = wire_format(loaded)
         self.limit = AdaptiveLimit(self.run.concurrency)
+        self.refusals = RefusalStreak(self.run.max_refusals_in_a_row)
         self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
         self.rng = random.Random()
         self.run_date = stats.started_at.strftime("%Y-%m-%d")
@@ -298,6 +304,7 @@ class ItemRunner:
 
     async def _attempt(self, item: Item, audio: _Audio, duration_s: float | None) -> SessionResult:
         self.progress.sessions_open(self.limit.open_now)
+        watch = self.refusals.watch()
         try:
             result = await run_session(
                 self.endpoint,
@@ -306,11 +313,16 @@ class ItemRunner:
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),
+                on_open=watch.opened,
             )
-        except HandshakeRejected:
-            self.stats.refused_handshakes += 1
+        except Exception as error:
+            if isinstance(error, HandshakeRejected):
+                self.stats.refused_handshakes += 1
+            if is_refusal(error) and self.refusals.refused():
+                raise ServiceRefusing(self.refusals.count, error) from error
             raise
         finally:
+            watch.ended()
             self.stats.billed_audio_s += audio.duration_s
         self.stats.busy_session_s += result.busy_s
         self.stats.connect_s.append(result.connect_s)
@@ -378,6 +390,7 @@ class ItemRunner:
             text = message or (str(error) if error is not None else "unknown failure")
             if not isinstance(error, InputError):
                 text = f"{item.source}: {text}"
+            text = self.scrubber.scrub(text)
             transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
             self.stats.failed += 1
             self.stats.failures.append(Failure(item.item_id, item.source, kind, text))

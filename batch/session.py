@@ -7,11 +7,14 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
@@ -20,6 +23,7 @@ import anyio.lowlevel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from batch.credentials import Scrubber
 from batch.errors import (
     ConnectionLost,
     HandshakeRejected,
@@ -35,20 +39,32 @@ logger = logging.getLogger(__name__)
 
 
 class _ScrubAuthorization(logging.Filter):
-    """websockets logs handshake headers at DEBUG; the key must not reach any log."""
+    """websockets logs handshake headers and frames at DEBUG; the key must reach no log,
+    neither in our header nor echoed back in a frame or a response from the service."""
 
-    _header = re.compile(r"(authorization:\s*\w+\s+)\S+", re.IGNORECASE)
+    # The whole header value: a scheme and a key with odd spacing are one secret.
+    _header = re.compile(r"(authorization:\s*)[^\r\n]*", re.IGNORECASE)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrubber = Scrubber()
+
+    def remember(self, key: str) -> None:
+        if key not in self.scrubber.secrets:
+            self.scrubber = Scrubber(key, *self.scrubber.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "uthorization" in message:
-            record.msg, record.args = self._header.sub(r"\1[redacted]", message), None
+        cleaned = self.scrubber.scrub(self._header.sub(r"\1[redacted]", message))
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
         return True
 
 
 # The connection's own logger: scrubbed here, whatever logging the caller configures.
 _wire_logger = logging.getLogger("batch.session.wire")
-_wire_logger.addFilter(_ScrubAuthorization())
+_wire_filter = _ScrubAuthorization()
+_wire_logger.addFilter(_wire_filter)
 
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -121,22 +137,38 @@ class SessionResult:
 
 
 def _retry_after_s(headers: Any) -> float | None:
+    """Seconds the service asks us to wait: delta-seconds or an HTTP date. Anything else
+    (``inf``, ``nan``, negative, garbage) is ignored and our own backoff applies; the
+    caller caps what is left (`batch.pool.Backoff`)."""
     value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    text = str(value).strip()
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(text)
     except ValueError:
-        return None  # an HTTP date: rare for this service; fall back to our backoff
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+        return max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _rejected(exc: InvalidStatus) -> HandshakeRejected:
+def _rejected(exc: InvalidStatus, scrubber: Scrubber) -> HandshakeRejected:
     response = exc.response
-    body = bytes(response.body or b"")[:200].decode("utf-8", "replace").strip()
+    # Scrubbed before it is cut short, so no piece of an echoed key survives the cut.
+    body = scrubber.scrub(bytes(response.body or b"").decode("utf-8", "replace"))
+    body = " ".join(body[:200].split())
     return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
 
 
-def _lost(exc: ConnectionClosed, phase: str) -> ConnectionLost:
+def _lost(exc: ConnectionClosed, phase: str, scrubber: Scrubber) -> ConnectionLost:
     code = exc.rcvd.code if exc.rcvd is not None else None
-    reason = exc.rcvd.reason if exc.rcvd is not None else ""
+    reason = scrubber.scrub(exc.rcvd.reason) if exc.rcvd is not None else ""
     described = f"close code {code}" if code is not None else "no close frame"
     detail = f" ({reason})" if reason else ""
     return ConnectionLost(f"connection ended {phase} before is_last: {described}{detail}", code)
@@ -171,10 +203,12 @@ class _Stream:
         timeouts: Timeouts,
         generation: protocol.Generation,
         diarize: bool,
+        scrubber: Scrubber,
     ) -> None:
         self.ws = ws
         self.generation = generation
         self.diarize = diarize
+        self.scrubber = scrubber
         self._warned: set[str] = set()
         self.result = result
         self.timeouts = timeouts
@@ -225,11 +259,13 @@ class _Stream:
         try:
             message = protocol.parse_message(raw)
         except protocol.MalformedMessage as exc:
-            raise ProtocolViolation(f"unreadable message from the service: {exc}") from None
+            detail = self.scrubber.scrub(str(exc))
+            raise ProtocolViolation(f"unreadable message from the service: {detail}") from None
         if isinstance(message, protocol.ServerError):
-            raise ServerReported(message.message, message.code)
+            code = self.scrubber.scrub(message.code) if message.code else None
+            raise ServerReported(self.scrubber.scrub(message.message), code)
         if isinstance(message, protocol.Ignored):
-            logger.debug("ignored a %r message from the service", message.kind)
+            logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
         self._note_coerced(message.dropped)
         if not self.diarize:
@@ -260,13 +296,18 @@ async def run_session(
     api_key: str | None,
     pace: float = 1.0,
     timeouts: Timeouts = Timeouts(),
+    on_open: Callable[[], None] | None = None,
 ) -> SessionResult:
     """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
+    ``on_open`` is called once the service has accepted the session (the upgrade passed).
 
     Complete only at ``is_last``. Raises `SessionError` subclasses (see `batch.errors`) and
     `InputError` if the audio source fails while streaming.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    scrubber = Scrubber(api_key)
+    if api_key:
+        _wire_filter.remember(api_key)
     result = SessionResult()
     began = time.monotonic()
     try:
@@ -283,7 +324,11 @@ async def run_session(
             ) as ws:
                 opened = time.monotonic()
                 result.connect_s = opened - began
-                stream = _Stream(ws, result, timeouts, endpoint.generation, options.diarize)
+                if on_open is not None:
+                    on_open()
+                stream = _Stream(
+                    ws, result, timeouts, endpoint.generation, options.diarize, scrubber
+                )
                 try:
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(stream.send, audio, pace)
@@ -296,12 +341,15 @@ async def run_session(
         if result.connect_s == 0.0:
             raise SessionTimeout("connect_timeout_s", timeouts.connect_timeout_s) from exc
         raise SessionTimeout("session_deadline_s", timeouts.session_deadline_s) from exc
+    # Translated `from None`: the websockets errors carry the service's raw text (a body or
+    # close reason that may echo the key); ours carry the scrubbed text only.
     except InvalidStatus as exc:
-        raise _rejected(exc) from exc
+        raise _rejected(exc, scrubber) from None
     except ConnectionClosed as exc:
-        raise _lost(exc, "while streaming") from exc
+        raise _lost(exc, "while streaming", scrubber) from None
     except InvalidHandshake as exc:
-        raise ConnectionLost(f"handshake failed: {exc.__class__.__name__}") from exc
+        raise ConnectionLost(f"handshake failed: {exc.__class__.__name__}") from None
     except OSError as exc:
-        raise ConnectionLost(f"cannot reach the service: {exc.strerror or exc}") from exc
+        detail = scrubber.scrub(str(exc.strerror or exc))
+        raise ConnectionLost(f"cannot reach the service: {detail}") from None
     return result

@@ -61,4 +61,6 @@ def test_backoff_grows_is_capped_and_respects_retry_after() -> None:
     delays = [backoff.delay_s(n, None, rng) for n in range(1, 8)]
     assert all(0.25 <= d <= 4.0 for d in delays)
     assert max(delays[4:]) > max(delays[:1])
-    assert backoff.delay_s(1, 9.0, rng) == 9.0
+    assert backoff.delay_s(1, 3.5, rng) == 3.5  # Retry-After wins when longer,
+    assert backoff.delay_s(1, 9.0, rng) == 4.0  # up to the cap
+    assert backoff.delay_s(1, 1e8, rng) == 4.0

@@ -84,6 +84,7 @@ class LocalServer:
         # Admitted by process_request, handler not started yet: counts toward the limit.
         self._admitted: dict[ServerConnection, tuple[Admission, int, FaultDraw | None]] = {}
         self._live: set[ServerConnection] = set()
+        self._echoes: dict[ServerConnection, str | None] = {}  # echo_authorization fault
 
     @property
     def base_url(self) -> str:
@@ -130,23 +131,26 @@ class LocalServer:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' hook: an HTTP refusal, or None to go on with the upgrade."""
-        checked = check_request(request.path, request.headers.get("Authorization"), self._api_key)
+        authorization = request.headers.get("Authorization")
+        checked = check_request(request.path, authorization, self._api_key)
+        echo = authorization if self.faults.echo_authorization else None
         if isinstance(checked, Refusal):
-            return self._refuse(connection, checked)
+            return self._refuse(connection, checked, echo)
         index = self._next_index
         self._next_index += 1
         limit = self.faults.max_sessions
         if limit is not None and self._concurrent() >= limit:
             reason = f"too many concurrent sessions (limit {limit}); retry later"
-            return self._refuse(connection, Refusal(429, reason, self.faults.retry_after_s))
+            return self._refuse(connection, Refusal(429, reason, self.faults.retry_after_s), echo)
         fault = self._assign_fault(index)
         if fault is not None and fault.kind is FaultKind.REFUSE_429:
             reason = "injected fault: rate limited; retry later"
-            return self._refuse(connection, Refusal(429, reason, self.faults.retry_after_s))
+            return self._refuse(connection, Refusal(429, reason, self.faults.retry_after_s), echo)
         if fault is not None and fault.kind is FaultKind.REFUSE_5XX:
             reason = "injected fault: service unavailable; retry later"
-            return self._refuse(connection, Refusal(self.faults.refuse_5xx_status, reason))
+            return self._refuse(connection, Refusal(self.faults.refuse_5xx_status, reason), echo)
         self._admitted[connection] = (checked, index, fault)
+        self._echoes[connection] = echo
         # If the upgrade never completes, the handler never runs: free the slot anyway.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._forget(connection))
         return None
@@ -158,6 +162,7 @@ class LocalServer:
         return live + len(self._admitted)
 
     def _forget(self, connection: ServerConnection) -> None:
+        self._echoes.pop(connection, None)
         if self._admitted.pop(connection, None) is not None:
             self._notify()
 
@@ -171,12 +176,17 @@ class LocalServer:
             self.stats.faults[fault.kind] += 1
         return fault
 
-    def _refuse(self, connection: ServerConnection, refusal: Refusal) -> Response:
+    def _refuse(
+        self, connection: ServerConnection, refusal: Refusal, echo: str | None = None
+    ) -> Response:
         self.stats.refused[refusal.status] += 1
         logger.info("refused handshake: %d %s", refusal.status, refusal.reason)
-        response = connection.respond(refusal.status, refusal.reason + "\n")
+        body = refusal.reason + (f" (request had Authorization: {echo})" if echo else "")
+        response = connection.respond(refusal.status, body + "\n")
         if refusal.retry_after_s is not None:
-            response.headers["Retry-After"] = format_retry_after(refusal.retry_after_s)
+            raw = self.faults.retry_after_header
+            value = raw if raw is not None else format_retry_after(refusal.retry_after_s)
+            response.headers["Retry-After"] = value
         return response
 
     # --- sessions ----------------------------------------------------------------
@@ -204,6 +214,7 @@ class LocalServer:
             limiter=self._limiter,
             partial_interval_s=self._partial_interval_s,
             fault=fault,
+            echo=self._echoes.pop(connection, None),
         )
         self._live.add(connection)
         self.stats.session_opened(record, self._concurrent())

@@ -120,6 +120,21 @@ def serve(
     fault_limit: Annotated[
         int | None, typer.Option(help="Fault at most this many sessions.", rich_help_panel=FAULTS)
     ] = None,
+    retry_after_header: Annotated[
+        str | None,
+        typer.Option(
+            help="Send this text as the 429s' Retry-After verbatim (e.g. inf, 1e8).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    echo_authorization: Annotated[
+        bool | None,
+        typer.Option(
+            "--echo-authorization",
+            help="Repeat the request's Authorization header in refusal bodies and errors.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a local Pulse-compatible streaming speech-to-text server."""
@@ -142,6 +157,8 @@ def serve(
         else tuple(k.strip() for k in odd_value_kinds.split(",") if k.strip()),
         "max_sessions": max_sessions,
         "fault_limit": fault_limit,
+        "retry_after_header": retry_after_header,
+        "echo_authorization": echo_authorization,
     }
     faults = _fault_config(fault_config, flags)
     try:

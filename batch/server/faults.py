@@ -28,6 +28,12 @@ Mid-stream kinds fire once the session has received ``trigger_s`` seconds of aud
 shorter, so every faulted session is observably faulted. ``fault_limit`` caps the
 number of faulted sessions in total so that retries eventually succeed.
 ``max_sessions`` is not a fault but a real concurrency limit (429 beyond it).
+
+Two settings change how refusals and errors look rather than how often they happen, to
+test a client's bounds: ``retry_after_header`` sends its text as the 429s' ``Retry-After``
+verbatim (``inf``, ``1e8``, ``soon``, an HTTP date ...), and ``echo_authorization`` makes
+every refusal body (401, 429, 5xx), error message and close reason repeat the request's
+``Authorization`` header, as a careless proxy would.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class FaultConfig:
     max_sessions: int | None = None
     fault_limit: int | None = None
     fault_at_max_s: float = 2.0
+    retry_after_header: str | None = None
+    echo_authorization: bool = False
 
     def __post_init__(self) -> None:
         rates = self.rates()
@@ -108,6 +116,13 @@ class FaultConfig:
                 raise FaultConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if not isinstance(self.fault_at_max_s, int | float) or self.fault_at_max_s < 0:
             raise FaultConfigError(f"fault_at_max_s must be >= 0, got {self.fault_at_max_s!r}")
+        header = self.retry_after_header
+        if header is not None and (not isinstance(header, str) or "\n" in header or "\r" in header):
+            raise FaultConfigError(f"retry_after_header must be one line of text, got {header!r}")
+        if not isinstance(self.echo_authorization, bool):
+            raise FaultConfigError(
+                f"echo_authorization must be true or false, got {self.echo_authorization!r}"
+            )
         kinds = self.odd_value_kinds
         if isinstance(kinds, str) or not isinstance(kinds, list | tuple):
             raise FaultConfigError(f"odd_value_kinds must be a list, got {kinds!r}")

@@ -95,6 +95,7 @@ class SessionSettings:
     limiter: anyio.CapacityLimiter
     partial_interval_s: float
     fault: FaultDraw | None = None
+    echo: str | None = None  # the request's Authorization header, to repeat in errors
 
 
 class StreamSession:
@@ -358,9 +359,15 @@ class StreamSession:
 
     async def _fail(self, message: str, code: str, close_code: int, *, drain: bool = True) -> None:
         """Send an error message, then close with ``close_code``."""
+        reason = code.replace("_", " ")
+        if self._settings.echo is not None:  # the echo_authorization fault
+            message = f"{message} (request had Authorization: {self._settings.echo})"
+            # A close reason holds at most 123 bytes: the echoed key is cut off inside it.
+            echoed = f"{reason}; Authorization: {self._settings.echo}".encode()[:123]
+            reason = echoed.decode("utf-8", "ignore")
         try:
             await self._send(json.dumps(error_message(self._settings.session_id, message, code)))
-            await self._close(close_code, code.replace("_", " "), drain=drain)
+            await self._close(close_code, reason, drain=drain)
         except ConnectionClosed:
             pass
 

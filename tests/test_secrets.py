@@ -1,0 +1,121 @@
+"""Secrets never leave the header: keys echoed by the service are scrubbed from every log,
+report and table; odd keys are normalised or refused before the first session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch.credentials import REDACTED, Scrubber, normalise_api_key
+from batch.errors import ManifestError
+from batch.server import FaultConfig
+from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_track, write_audio
+
+KEY = "sk-live-7f3c9a2b4d6e8f10a1b2"
+ITEMS = 6
+
+
+def _media(folder: Path) -> None:
+    folder.mkdir()
+    track = tone_track([Burst(0.3, 0.2, 440)], 1.0, 16000)
+    for i in range(ITEMS):
+        write_audio(folder / f"item-{i}.wav", [track], 16000)
+
+
+def _run(
+    tmp_path: Path, faults: FaultConfig, env_key: str, server_key: str = KEY, **run: Any
+) -> tuple[Any, Any]:
+    _media(tmp_path / "media")
+    settings = {"concurrency": 3, "pace": 0, "max_attempts": 1, "backoff_initial_s": 0.05,
+                "backoff_max_s": 0.2, **run}  # fmt: skip
+    manifest = write_manifest(tmp_path, run=settings)
+    with server_in_thread(faults=faults, api_key=server_key) as server:
+        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        manifest.write_text(text)
+        done = run_cli("run", str(manifest), "-v", env={"SMALLEST_API_KEY": env_key})
+        stats = server.stats
+    return done, stats
+
+
+def _written(tmp_path: Path) -> bytes:
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert files
+    return b"".join(p.read_bytes() for p in files)
+
+
+def _assert_nowhere(secret: str, done: Any, tmp_path: Path) -> None:
+    assert secret not in done.stdout + done.stderr
+    assert secret.encode() not in _written(tmp_path)
+    for piece in (secret[:8], secret[-8:]):  # nor a cut-off piece of it
+        assert piece not in done.stdout + done.stderr
+
+
+def test_key_echoed_in_a_401_body_stays_out_of_output(tmp_path: Path) -> None:
+    wrong = "sk-wrong-0123456789abcdef0123"
+    faults = FaultConfig(echo_authorization=True)
+    done, stats = _run(tmp_path, faults, env_key=wrong)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert stats.refused[401] >= 1
+    assert "401" in done.stderr and REDACTED in done.stderr  # the echo arrived, scrubbed
+    _assert_nowhere(wrong, done, tmp_path)
+
+
+def test_key_echoed_in_503_bodies_and_error_messages_stays_out(tmp_path: Path) -> None:
+    import duckdb
+
+    faults = FaultConfig(seed=7, refuse_5xx_rate=0.3, error_rate=0.4, echo_authorization=True)
+    done, stats = _run(tmp_path, faults, env_key=KEY)
+    assert stats.faults["refuse_5xx"] >= 1 and stats.faults["error"] >= 1
+    assert done.returncode == 1, done.stdout + done.stderr
+    _assert_nowhere(KEY, done, tmp_path)
+    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    errors = duckdb.sql(f"select error_kind, error from {t} where status='failed'").fetchall()
+    kinds = {kind for kind, _ in errors}
+    assert {"http_503", "server_error"} <= kinds | {"connection_lost"}
+    assert all(REDACTED in message for _, message in errors), errors
+
+
+@pytest.mark.parametrize(
+    "pasted", [f"Bearer {KEY}", f"  {KEY}\n", f"bearer   {KEY} "], ids=["bearer", "spaces", "both"]
+)
+def test_pasted_key_is_normalised_and_never_half_scrubbed(pasted: str, tmp_path: Path) -> None:
+    done, stats = _run(tmp_path, FaultConfig(), env_key=pasted)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert stats.sessions_completed == ITEMS
+    assert "Authorization" in done.stderr  # debug logging really was on
+    _assert_nowhere(KEY, done, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [f"{KEY}\r\nX-Injected: 1", f"{KEY[:10]} {KEY[10:]}", f"{KEY}\x1b[0m"],
+    ids=["crlf", "inner-space", "escape"],
+)
+def test_unusable_key_is_refused_before_any_session(pasted: str, tmp_path: Path) -> None:
+    done, stats = _run(tmp_path, FaultConfig(), env_key=pasted)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "SMALLEST_API_KEY" in done.stderr
+    assert stats.sessions_opened == 0 and sum(stats.refused.values()) == 0
+    assert KEY[:10] not in done.stdout + done.stderr
+    assert KEY[10:] not in done.stdout + done.stderr
+
+
+def test_normalise_api_key() -> None:
+    assert normalise_api_key(f" Bearer {KEY} ", "K") == KEY
+    assert normalise_api_key(KEY, "K") == KEY
+    for bad in ("", "  ", "Bearer ", "a b", "a\tb", "ab\x7f", "ключ"):
+        with pytest.raises(ManifestError) as caught:
+            normalise_api_key(bad, "K")
+        assert bad.strip() == "" or bad.strip() not in str(caught.value)
+
+
+def test_scrubber_removes_whole_keys_and_cut_off_pieces() -> None:
+    scrub = Scrubber(KEY).scrub
+    assert scrub(f"header Bearer {KEY} echoed") == f"header Bearer {REDACTED} echoed"
+    assert scrub(f"cut here: {KEY[:12]}") == f"cut here: {REDACTED}"
+    assert scrub(f"{KEY[-9:]} was the tail") == f"{REDACTED} was the tail"
+    assert scrub("nothing secret") == "nothing secret"
+    assert Scrubber(None).scrub(KEY) == KEY
