@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import duckdb
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from batch.manifest import load_manifest
 from batch.pulse.protocol import PulseOptions
 from batch.server import local_server
 from batch.session import Endpoint, Timeouts, run_session
-from tests.conftest import TIME_UNIT_S, write_manifest
+from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import DEMO_CLIPS, Burst, tone_track, write_audio
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +171,23 @@ async def test_whisper_redacts_pci_and_writes_numerals_both_ways() -> None:
             assert "25,000" in text, text
         else:
             assert "twenty-five thousand" in text and "25" not in text, text
+
+
+async def test_the_local_engines_limits_are_warned_at_validate_and_run(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    write_audio(media / "talk.wav", [tone_track(BURSTS, 4.0, RATE)], RATE)
+    pulse = {"local_engine": "synthetic", "diarize": True, "redact_pii": True,
+             "keywords": ["acme:2"], "extra_params": {"punctuate": "true"}}  # fmt: skip
+    manifest = write_manifest(tmp_path, pulse=pulse)
+    validated = await anyio.to_thread.run_sync(lambda: run_cli("validate", str(manifest)))
+    assert validated.returncode == 0, validated.stderr
+    assert "warning: the local engine does not diarize: speaker is null" in validated.stdout
+    result = await run_job(load_manifest(manifest))
+    warnings = result.report["warnings"]
+    assert len(warnings) == 4 and any("names" in w for w in warnings)
+    assert any("keywords are ignored" in w for w in warnings)
+    assert any("punctuate" in w for w in warnings)
+    assert result.report_path is not None
+    markdown = result.report_path.with_suffix(".md").read_text()
+    assert "## Warnings" in markdown and "does not diarize" in markdown

@@ -558,7 +558,7 @@ async def test_whisper_transcribes_the_demo_clips(unified: bool) -> None:
             audio = np.concatenate([load_clip(name, rate), silence(0.5, rate)])
             url = url_for(server, unified=unified, word_timestamps=True)
             results[name] = await run_session(
-                url, encode(audio, "linear16", rate), unified=unified, timeout_s=30 * UNIT_S
+                url, encode(audio, "linear16", rate), unified=unified, timeout_s=60 * UNIT_S
             )
 
         async with anyio.create_task_group() as tg:

@@ -39,7 +39,7 @@ class Engine(Protocol):
     """
 
     def recognize(
-        self, audio: Samples, sample_rate: int, hotwords: str | None = None
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
     ) -> list[Word]: ...
 
     def language_of(self, words: list[Word], asked: str) -> str: ...
@@ -77,7 +77,7 @@ class SyntheticEngine:
         return _asked_or_english(asked)
 
     def recognize(
-        self, audio: Samples, sample_rate: int, hotwords: str | None = None
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
     ) -> list[Word]:
         hop = max(1, round(sample_rate * self._hop_s))
         words = []
@@ -190,8 +190,8 @@ class WhisperEngine:
     tiny.en is English-only, so every session is transcribed as English whatever
     language it asked for, and reported as ``en`` (the job is warned: see
     `batch.server.limits`). Greedy decoding, no conditioning on previous text, and
-    whisper's own loop guards on: a window whose text compresses too well (a loop) or
-    whose log-probability is too low is decoded again at a higher temperature.
+    whisper's own loop guard on: a window whose text compresses too well (a loop) is
+    decoded again at a higher temperature.
     """
 
     max_concurrency = 1
@@ -213,28 +213,31 @@ class WhisperEngine:
         return "en"  # tiny.en transcribes everything as English: say so
 
     def recognize(
-        self, audio: Samples, sample_rate: int, hotwords: str | None = None
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
     ) -> list[Word]:
         duration_s = len(audio) / sample_rate
         audio16 = resample(audio, sample_rate, WHISPER_RATE)
         model = self._model()
         with _TRANSCRIBE_LOCK:
-            return merge_fragments(self._transcribe(model, audio16, duration_s, hotwords))
+            words = self._transcribe(model, audio16, duration_s, hotwords, final)
+        return merge_fragments(words)
 
     @staticmethod
     def _transcribe(
-        model: Any, audio16: Samples, duration_s: float, hotwords: str | None
+        model: Any, audio16: Samples, duration_s: float, hotwords: str | None, final: bool
     ) -> list[Word]:
         segments, _info = model.transcribe(
             audio16,
             language="en",
             beam_size=1,
-            # The loop guard: a window that loops ("41, 41, 41, ...") compresses well
-            # beyond 2.4 and is decoded again, warmer. Two retries at most bound the cost.
-            temperature=(0.0, 0.4, 0.8),
-            compression_ratio_threshold=2.4,
-            log_prob_threshold=-1.0,
-            no_speech_threshold=0.6,
+            # The loop guard, for finals: a window that loops ("41, 41, 41, ...")
+            # compresses beyond 2.4 and is decoded again, warmer (two retries at most).
+            # Partials (audio cut mid-word, replaced by the final anyway) skip it: cut
+            # audio trips it often and would triple their cost.
+            temperature=(0.0, 0.4, 0.8) if final else 0.0,
+            compression_ratio_threshold=2.4 if final else None,
+            # Not for low confidence: partials cut mid-word would all be decoded thrice.
+            log_prob_threshold=None,
             word_timestamps=True,
             condition_on_previous_text=False,
             vad_filter=False,

@@ -270,7 +270,7 @@ class StreamSession:
         self._partial_queued = False
         if job.segment is None or job.segment.index <= self._closed_through:
             return  # its final is already queued: a partial now would only be noise
-        words = await self._recognize(job.segment)
+        words = await self._recognize(job.segment, final=False)
         # Partials are redacted too (with their own numbering): nothing in clear leaves.
         options = self._options
         words, _ = self._written(words, Redactor(pci=options.redact_pci, pii=options.redact_pii))
@@ -310,9 +310,10 @@ class StreamSession:
         redacted, entities = redactor.redact(words)
         return (digits_as_words(redacted) if numerals == "false" else redacted), entities
 
-    async def _recognize(self, segment: Segment) -> list[Word]:
+    async def _recognize(self, segment: Segment, *, final: bool = True) -> list[Word]:
+        engine = self._settings.engine
         words = await anyio.to_thread.run_sync(
-            functools.partial(self._settings.engine.recognize, hotwords=self._hotwords),
+            functools.partial(engine.recognize, hotwords=self._hotwords, final=final),
             segment.audio,
             segment.sample_rate,
             limiter=self._settings.limiter,
