@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,10 +17,12 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import job as jobs
 from batch import sink as sinks
+from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError
@@ -59,7 +62,10 @@ class _RedactSecrets(logging.Filter):
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactSecrets(scrubber_for_env(secret_env)))
+    # The API key and the storage SDKs' secrets (a library's debug line must not show them).
+    api_key = scrubber_for_env(secret_env)
+    storage_secrets = storage.credentials_in_env(os.environ)
+    handler.addFilter(_RedactSecrets(Scrubber(*api_key.secrets, *storage_secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -72,7 +78,7 @@ def _load(manifest: Path) -> LoadedManifest:
     try:
         return load_manifest(manifest)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
 
 
@@ -184,10 +190,10 @@ def run(
     try:
         result = anyio.run(jobs.run_job, loaded, opts, observer)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except LockedError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
@@ -199,7 +205,7 @@ def run(
         return
     report = result.report
     if report["status"] == "aborted":
-        err.print(f"[red]job stopped:[/red] {report['abort_reason']}", highlight=False)
+        err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.with_suffix('.md')}")
@@ -221,7 +227,7 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
     try:
         items = jobs.plan_items(loaded)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     bad = [i for i in items if i.error is not None]
     audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
@@ -236,7 +242,9 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
 
 @app.command("probe")
 def probe_command(
-    files: Annotated[list[Path], typer.Argument(help="Media files to inspect.")],
+    files: Annotated[
+        list[str], typer.Argument(help="Media files or URLs (s3://, gs://, https://, ...).")
+    ],
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -257,7 +265,11 @@ def probe_command(
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
+            storage.check_url(path)
             info = probe(path)
+        except ValueError as exc:  # a URL this installation cannot read
+            rows.append({"path": path, "error_kind": "unsupported", "error": str(exc)})
+            continue
         except InputError as exc:
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
@@ -314,7 +326,7 @@ def report(
     try:
         data = latest_report(output, job)
     except FileNotFoundError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     print(json.dumps(data, indent=2) if as_json else render_markdown(data))
 

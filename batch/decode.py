@@ -1,8 +1,9 @@
 """Decode any media file with PyAV into the exact bytes a Pulse session expects.
 
 Streaming throughout: frames are decoded, resampled and cut into wire chunks as they go, so
-memory does not grow with the file's length. PyAV and OS errors are translated into
-`InputError` with a kind a person can act on.
+memory does not grow with the file's length. A URL input is decoded straight from the file
+object `batch.storage` opens (range reads, no download first). PyAV, OS and storage errors
+are translated into `InputError` with a kind a person can act on.
 
 Timing: the first decoded frame's timestamp is honoured against the container's start, so
 a sound at 3.10 s in playback is at 3.10 s of the audio we send (encoder delay and edit
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Final
 import av
 import numpy as np
 
+from batch import storage
 from batch.errors import InputError
 from batch.pulse.protocol import OPUS_ENCODINGS, OPUS_FRAME_S, PCM_SAMPLE_BYTES
 
@@ -97,19 +100,41 @@ def _check_file(path: Path) -> None:
         raise InputError("empty", path, "file is empty (0 bytes)")
 
 
-def _open(path: Path) -> Any:
-    _check_file(path)
+# What PyAV reads: a local path, or a seekable file object for a URL.
+Media = str | Any
+
+
+@contextmanager
+def _opened(
+    location: str, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[tuple[Any, Media]]:
+    """The open container and what it reads from; raises `InputError`."""
+    if not storage.is_url(location):
+        _check_file(Path(location))
+        with _container(location, location) as container:
+            yield container, location
+        return
+    with (
+        storage.open_input(location, storage_options or {}) as handle,
+        _container(handle, location) as container,
+    ):
+        yield container, handle
+
+
+def _container(media: Media, location: str) -> Any:
     try:
-        return av.open(str(path), metadata_errors="ignore")
+        return av.open(media, metadata_errors="ignore")
     except PermissionError:
-        raise InputError("permission", path, "permission denied; check file access") from None
+        raise InputError("permission", location, "permission denied; check file access") from None
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise InputError(
-            "not_media", path, f"not a readable audio or video file ({exc.__class__.__name__})"
+            "not_media", location, f"not a readable audio or video file ({exc.__class__.__name__})"
         ) from exc
+    except OSError as exc:  # a storage read failing under PyAV
+        raise storage.read_failure(location, exc) from exc
 
 
-def _audio_stream(container: Any, path: Path, stream_index: int | None) -> Any:
+def _audio_stream(container: Any, path: str, stream_index: int | None) -> Any:
     streams = list(container.streams.audio)
     if not streams:
         raise InputError("no_audio", path, "has no audio stream")
@@ -132,14 +157,19 @@ def _duration_s(container: Any, stream: Any) -> float | None:
     return None
 
 
-def probe(path: Path | str, stream_index: int | None = None) -> ProbeInfo:
-    """Read container metadata only; raises `InputError` for files we cannot use."""
-    source = Path(path)
-    with _open(source) as container:
+def probe(
+    path: Path | str,
+    stream_index: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ProbeInfo:
+    """Read container metadata only (for a URL: a few ranges near the start); raises
+    `InputError` for files we cannot use."""
+    source = str(path)
+    with _opened(source, storage_options) as (container, _):
         stream = _audio_stream(container, source, stream_index)
         ctx = stream.codec_context
         return ProbeInfo(
-            path=str(source),
+            path=source,
             format_name=str(container.format.name),
             duration_s=_duration_s(container, stream),
             stream_index=list(container.streams.audio).index(stream),
@@ -272,8 +302,10 @@ class DecodedAudio:
         *,
         channel: int | None = None,
         stream_index: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = str(path)  # a local path or a URL
+        self.storage_options = storage_options or {}
         self.wire = wire
         self.channel = channel
         self.stream_index = stream_index
@@ -336,7 +368,7 @@ class DecodedAudio:
     def _sample_blocks(self) -> Iterator[np.ndarray]:
         """Mono sample arrays at the wire rate in the wire's integer format."""
         path = self.path
-        with _open(path) as container:
+        with _opened(path, self.storage_options) as (container, media):
             stream = _audio_stream(container, path, self.stream_index)
             channels = stream.codec_context.channels or 1
             if self.channel is not None and self.channel >= channels:
@@ -387,9 +419,11 @@ class DecodedAudio:
                     f"corrupt audio after {decoded_s:.2f} s; the item fails rather than store a"
                     f" partial transcript ({exc.__class__.__name__})",
                 ) from exc
+            except OSError as exc:  # the storage under a URL failed mid-read
+                raise storage.read_failure(path, exc) from exc
             if first:
                 raise InputError("no_audio", path, "audio stream holds no decodable samples")
-            _check_complete(path, container, stream, decoded_s)
+            _check_complete(path, media, container, stream, decoded_s)
 
 
 # A stream that decodes to less than its header declares was cut short (an interrupted copy
@@ -399,12 +433,14 @@ _TRUNCATED_SHARE = 0.9
 _TRUNCATED_MIN_S = 0.5
 
 
-def _declared_s(path: Path, container: Any, stream: Any) -> float | None:
+def _declared_s(media: Media, container: Any, stream: Any) -> float | None:
     """The length the file's own header states, if it states one we can trust."""
     if container.format.name == "wav":
         # FFmpeg sizes a WAV by the file; the RIFF header still says what was meant.
+        if not isinstance(media, str):
+            media.seek(0)  # a URL's file object: the header is one more range read
         try:
-            with wave.open(str(path)) as header:
+            with wave.open(media) as header:
                 frames, rate = header.getnframes(), header.getframerate()
                 data_bytes = frames * header.getsampwidth() * header.getnchannels()
         except (wave.Error, EOFError, OSError):
@@ -418,8 +454,8 @@ def _declared_s(path: Path, container: Any, stream: Any) -> float | None:
     return float(stream.duration * stream.time_base)
 
 
-def _check_complete(path: Path, container: Any, stream: Any, decoded_s: float) -> None:
-    declared_s = _declared_s(path, container, stream)
+def _check_complete(path: str, media: Media, container: Any, stream: Any, decoded_s: float) -> None:
+    declared_s = _declared_s(media, container, stream)
     if declared_s is None:
         return
     if decoded_s < declared_s * _TRUNCATED_SHARE and declared_s - decoded_s > _TRUNCATED_MIN_S:

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from batch import storage
 from batch.errors import ManifestError
 from batch.pulse import protocol
 from batch.pulse.protocol import PulseOptions
@@ -51,20 +52,46 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _url_for_listing(value: str) -> str:
+    storage.check_url(value, glob=True)
+    return value
+
+
+def _url_for_reading(value: str) -> str:
+    storage.check_url(value)
+    return value
+
+
+def _no_secrets(value: dict[str, Any]) -> dict[str, Any]:
+    storage.check_storage_options(value)
+    return value
+
+
+# A local path or a URL the installed extras can read (checked here, before any I/O).
+GlobPattern = Annotated[str, AfterValidator(_url_for_listing)]
+Location = Annotated[str, AfterValidator(_url_for_reading)]
+# Non-secret fsspec settings for URL inputs (region, anon, requester_pays, ...).
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
+
+
 class GlobInput(_Strict):
-    glob: str
+    glob: GlobPattern
     language: Language | None = None
     channels: Channels | None = None
+    storage_options: StorageOptions = {}
 
 
 class PathInput(_Strict):
-    path: str
+    path: Location
     language: Language | None = None
     channels: Channels | None = None
+    storage_options: StorageOptions = {}
 
 
 class ListInput(_Strict):
-    list: str
+    list: Location
+    # For the list file, when it is a URL, and for every URL it lists.
+    storage_options: StorageOptions = {}
 
 
 def _input_kind(value: Any) -> str | None:

@@ -177,7 +177,11 @@ class ItemRunner:
 
     def _decoder(self, item: Item) -> DecodedAudio:
         return DecodedAudio(
-            item.source, self.wire, channel=item.channel, stream_index=self.run.stream_index
+            item.source,
+            self.wire,
+            channel=item.channel,
+            stream_index=self.run.stream_index,
+            storage_options=item.storage_options,
         )
 
     def _is_long(self, item: Item) -> bool:

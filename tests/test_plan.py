@@ -40,7 +40,7 @@ def test_expand_globs_paths_and_lists_without_duplicates(tmp_path: Path) -> None
         ],
     )
     sources = expand_sources(loaded)
-    named = [(s.path.relative_to(tmp_path).as_posix(), s.language) for s in sources]
+    named = [(Path(s.path).relative_to(tmp_path).as_posix(), s.language) for s in sources]
     # a.wav in German is different work from a.wav in the default language; the JSONL's
     # b.wav and the explicit a.wav repeat what the glob already asked for.
     assert named == [
