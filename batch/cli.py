@@ -25,12 +25,21 @@ from batch import sink as sinks
 from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError
+from batch.errors import InputError, LockedError, ManifestError, ShardError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
 from batch.pulse import protocol
-from batch.report import latest_report, render_markdown, summary_line
+from batch.report import (
+    job_runs,
+    latest_report,
+    render_job,
+    render_markdown,
+    run_reports,
+    summary_line,
+)
 from batch.server.cli import serve
+from batch.shard import from_environment as shards_from_environment
+from batch.status import job_status
 
 app = typer.Typer(
     add_completion=False,
@@ -172,11 +181,31 @@ def run(
     grace_s: Annotated[
         float, typer.Option(help="After SIGINT/SIGTERM, seconds in-flight items may finish.")
     ] = 30.0,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="Run only shard I of N (0-based), e.g. 0/4. Default: from the batch engine's "
+            "environment (JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, SLURM_ARRAY_TASK_ID).",
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            "--shards",
+            help="The shard count N, with JOB_COMPLETION_INDEX (or set PULSE_BATCH_SHARDS).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
         raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
+    try:
+        this_shard = shards_from_environment(os.environ, shard, shards)
+    except ShardError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
     loaded = _load(manifest)
     _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
     observer = _ConsoleObserver(live=err.is_terminal and not verbose)
@@ -186,6 +215,7 @@ def run(
         dry_run=dry_run,
         handle_signals=True,
         grace_s=grace_s,
+        shard=this_shard,
     )
     try:
         result = anyio.run(jobs.run_job, loaded, opts, observer)
@@ -322,13 +352,54 @@ def report(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
 ) -> None:
-    """Print the latest run report of a job."""
+    """Print the latest run report of a job, then the job so far: every run and shard, when
+    it ran and what it did, and the items by their latest result."""
     try:
         data = latest_report(output, job)
     except FileNotFoundError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
-    print(json.dumps(data, indent=2) if as_json else render_markdown(data))
+    name = str(data["job"])
+    data["job_so_far"] = sinks.job_summary(output, name)
+    runs = job_runs(run_reports(output, name), lambda run: sinks.run_alive(output, name, run))
+    data["runs"] = runs
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(render_markdown(data) + render_job(data["job_so_far"], runs))
+
+
+@app.command()
+def status(
+    output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
+    job: Annotated[str, typer.Option(help="Job name.")],
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="The job's manifest; default: the one its latest run recorded."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
+    try:
+        result = job_status(output, job, manifest)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        word = "complete" if result.complete else "incomplete"
+        total = result.total
+        print(
+            f"job {job}: {word}: {total.ok}/{total.planned} planned item(s) ok, "
+            f"{total.failed} failed, {total.not_run} not run yet ({result.manifest})"
+        )
+        for index, part in result.by_shard.items():
+            print(
+                f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
+                f"{part.failed} failed, {part.not_run} not run yet"
+            )
+    raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 
     PulseBatchError
     ├── ManifestError            bad manifest or usage                  (exit 2)
+    │   └── ShardError           inconsistent --shard / engine variables (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
     └── SessionError             one Pulse session went wrong
@@ -36,6 +37,11 @@ class ManifestError(PulseBatchError):
     def __init__(self, path: Path | str, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = str(path)
+
+
+class ShardError(ManifestError):
+    """``--shard``/``--shards`` or a batch engine's array variables are inconsistent.
+    ``path`` names the flag or variable at fault. Retrying cannot help."""
 
 
 class LockedError(PulseBatchError):

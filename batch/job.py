@@ -29,6 +29,7 @@ from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, write_report
 from batch.runner import ItemRunner, Unit, whole_units
 from batch.session import Endpoint
+from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class RunOptions:
     dry_run: bool = False
     handle_signals: bool = False  # SIGINT/SIGTERM: stop starting, finish, commit
     grace_s: float = 30.0  # in-flight items get this long after the first signal
+    shard: Shard | None = None  # this process runs only this shard's items
 
 
 class Observer:
@@ -112,10 +114,13 @@ def engine_warnings(loaded: LoadedManifest, items: list[Item]) -> list[str]:
     return engine_limits(pulse.local_engine, options)
 
 
-def plan_items(loaded: LoadedManifest, done: frozenset[str] = frozenset()) -> list[Item]:
-    """Every item of the manifest, in the order they should start; items in ``done``
-    (already ok) are listed without probing their files."""
-    items = make_items(expand_sources(loaded), loaded, done=done)
+def plan_items(
+    loaded: LoadedManifest, done: frozenset[str] = frozenset(), shard: Shard | None = None
+) -> list[Item]:
+    """Every item of the manifest (of ``shard``'s slice, if given), in the order they should
+    start; items in ``done`` (already ok) are listed without probing their files."""
+    wanted = shard.owns if shard is not None else None
+    items = make_items(expand_sources(loaded), loaded, done=done, wanted=wanted)
     return longest_first(items) if loaded.manifest.run.order == "longest_first" else items
 
 
@@ -135,28 +140,36 @@ async def run_job(
 ) -> JobResult:
     """Run the manifest's job to the end (or to a fatal answer, or a signal).
 
-    Raises `ManifestError` (bad input lists, missing key env) and `LockedError`.
+    With ``opts.shard``, only that shard's items are run, with its share of
+    ``run.concurrency``; shards of one job may run at once into one output.
+
+    Raises `ManifestError` (bad input lists, missing key env, `ShardError`) and `LockedError`.
     """
     observer = observer or Observer()
     manifest = loaded.manifest
     out_dir = loaded.output_dir
     started = datetime.now(UTC)
+    shard = opts.shard
+    total = manifest.run.concurrency
     stats = RunStats(
         job=manifest.job,
         run_id=new_run_id(started),
         started_at=started,
-        concurrency=manifest.run.concurrency,
+        concurrency=shard.concurrency(total) if shard is not None else total,
+        job_concurrency=total,
+        shard=shard.label if shard is not None else None,
+        manifest=str(loaded.path.resolve()),
         pace=manifest.run.pace,
         endpoint=manifest.pulse.endpoint,
         price_per_minute=manifest.output.price_per_minute,
     )
     if opts.dry_run:
-        return _dry_run(loaded, stats)
+        return _dry_run(loaded, stats, shard)
     sinks.check_layout(out_dir, manifest.output.partition_by)
-    with sinks.job_lock(out_dir, manifest.job):
+    with sinks.job_lock(out_dir, manifest.job, shard):
         sinks.recover(out_dir, manifest.job)
         done = sinks.ok_item_ids(out_dir, manifest.job)
-        items = plan_items(loaded, frozenset() if opts.force else frozenset(done))
+        items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
         stats.items_total = len(items)
         stats.warnings = engine_warnings(loaded, items)
         for warning in stats.warnings:
@@ -169,6 +182,8 @@ async def run_job(
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
+        # A starting report, replaced at the end: a killed run (or shard) still shows when
+        # it ran in `pulse-batch report`.
         sink = sinks.Sink(
             out_dir,
             job=manifest.job,
@@ -179,6 +194,7 @@ async def run_job(
             supersede=done if opts.force else None,
         )
         with sinks.run_lock(out_dir, manifest.job, stats.run_id):
+            write_report(out_dir, build_report(stats), latest=False)
             signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
             sink.commit()
         stats.finished_at = datetime.now(UTC)
@@ -197,7 +213,7 @@ async def _stream_all(
 ) -> str | None:
     """Stream every item; returns the name of the signal that interrupted the run, if any."""
     # One worker more than sessions: a long file being cut occupies a worker, not a session.
-    pool: Pool[Unit] = Pool(whole_units(todo), loaded.manifest.run.concurrency + 1)
+    pool: Pool[Unit] = Pool(whole_units(todo), stats.concurrency + 1)
     signal_name: str | None = None
     if not todo:
         stats.status = "completed"
@@ -260,14 +276,15 @@ async def _watch_signals(
             scope.deadline = min(scope.deadline, scope_deadline)
 
 
-def _dry_run(loaded: LoadedManifest, stats: RunStats) -> JobResult:
+def _dry_run(loaded: LoadedManifest, stats: RunStats, shard: Shard | None) -> JobResult:
     out_dir = loaded.output_dir
     done = sinks.ok_item_ids(out_dir, loaded.manifest.job) if out_dir.exists() else set()
-    items = plan_items(loaded, frozenset(done))
+    items = plan_items(loaded, frozenset(done), shard)
     todo = [i for i in items if i.item_id not in done and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     report = {
         "job": stats.job,
+        "shard": stats.shard,
         "dry_run": True,
         "items": {
             "total": len(items),

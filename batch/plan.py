@@ -226,11 +226,14 @@ def make_items(
     loaded: LoadedManifest,
     prober: Prober = probe,
     done: frozenset[str] = frozenset(),
+    wanted: Callable[[str], bool] | None = None,
 ) -> list[Item]:
     """Items for every source, probing each once; bad files become failed items.
 
     Sources whose id is in ``done`` (already ok) are not probed: a nightly rerun over a
-    growing archive costs one probe per new file, not per file.
+    growing archive costs one probe per new file, not per file. Only items whose id
+    ``wanted`` accepts are returned (a shard's slice); when the id is known before probing
+    (every ``channels`` choice but split), the others are not probed either.
     """
     manifest = loaded.manifest
     items: list[Item] = []
@@ -241,6 +244,8 @@ def make_items(
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)
             known = item_id(path, channel, options)
+            if wanted is not None and not wanted(known):
+                continue
             if known in done:
                 items.append(
                     Item(
@@ -291,7 +296,7 @@ def make_items(
                     storage_options=source.storage_options,
                 )
             )
-    return items
+    return items if wanted is None else [i for i in items if wanted(i.item_id)]
 
 
 def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]:

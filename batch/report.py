@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,9 @@ class RunStats:
     pace: float
     endpoint: str
     price_per_minute: float = 0.0
+    job_concurrency: int | None = None  # run.concurrency; `concurrency` is this shard's share
+    shard: str | None = None  # "I/N" when this run is one shard of the job
+    manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted
     abort_reason: str | None = None
@@ -85,6 +91,8 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "report_version": REPORT_VERSION,
         "job": stats.job,
         "run_id": stats.run_id,
+        "shard": stats.shard,
+        "manifest": stats.manifest,
         "status": stats.status,
         "abort_reason": stats.abort_reason,
         "abort_kind": stats.abort_kind,
@@ -108,6 +116,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "throughput_x_realtime": round(stats.audio_s / wall, 3),
         "pool": {
             "concurrency": stats.concurrency,
+            "job_concurrency": stats.job_concurrency or stats.concurrency,
             "max_open_sessions": stats.max_open_sessions,
             "lowest_pool_size": stats.lowest_pool_size,
             "utilisation": round(stats.busy_session_s / (stats.concurrency * wall), 4),
@@ -132,9 +141,11 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
 def summary_line(report: dict[str, Any]) -> str:
     """One line a log scraper can parse: space-separated key=value pairs."""
     items = report["items"]
+    shard = {"shard": report["shard"]} if report.get("shard") else {}
     fields = {
         "job": report["job"],
         "run_id": report["run_id"],
+        **shard,
         "status": report["status"],
         "ok": items["ok"],
         "failed": items["failed"],
@@ -149,12 +160,18 @@ def summary_line(report: dict[str, Any]) -> str:
     return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+def _share(report: dict[str, Any]) -> str:
+    total = report["pool"].get("job_concurrency")
+    return f" (this shard's share of {total})" if report.get("shard") and total else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     items = report["items"]
     pool = report["pool"]
     lat = report["latency_s"]
     lines = [
-        f"# pulse-batch report: {report['job']} ({report['run_id']})",
+        f"# pulse-batch report: {report['job']} ({report['run_id']}"
+        + (f", shard {report['shard']})" if report.get("shard") else ")"),
         "",
         f"Status: **{report['status']}**"
         + (f" ({report['abort_reason']})" if report["abort_reason"] else ""),
@@ -169,7 +186,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"= **{report['throughput_x_realtime']}x real time**",
         f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
         f" the handshake), {report['retries']} retries; pool "
-        f"{pool['concurrency']} configured, {pool['max_open_sessions']} reached at most, "
+        f"{pool['concurrency']} configured{_share(report)}, "
+        f"{pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
         f"- Billed audio: {report['billing']['billed_audio_minutes']} min, estimated cost "
         f"{report['billing']['estimated_cost']}",
@@ -203,15 +221,17 @@ def reports_dir(out_dir: Path, job: str) -> Path:
     return out_dir / "_reports" / job
 
 
-def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
-    """Write ``<run_id>.json`` and ``.md`` plus ``latest.*``; returns the JSON path."""
+def write_report(out_dir: Path, report: dict[str, Any], *, latest: bool = True) -> Path:
+    """Write ``<run_id>.json`` and ``.md`` plus (with ``latest``) ``latest.*``; returns the
+    JSON path."""
     folder = reports_dir(out_dir, report["job"])
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
     markdown = render_markdown(report)
-    for stem in (report["run_id"], "latest"):
+    for stem in (report["run_id"], "latest") if latest else (report["run_id"],):
         for suffix, content in ((".json", text), (".md", markdown)):
-            tmp = folder / f".{stem}{suffix}.tmp"
+            # Unique: shards of the job may write latest.* at the same moment.
+            tmp = folder / f".{stem}{suffix}.{os.getpid()}.{time.monotonic_ns()}.tmp"
             tmp.write_text(content, encoding="utf-8")
             tmp.replace(folder / f"{stem}{suffix}")
     return folder / f"{report['run_id']}.json"
@@ -227,3 +247,67 @@ def latest_report(out_dir: Path, job: str | None) -> dict[str, Any]:
         raise FileNotFoundError(f"no report under {root}" + (f" for job {job!r}" if job else ""))
     loaded: dict[str, Any] = json.loads(candidates[0].read_text(encoding="utf-8"))
     return loaded
+
+
+def run_reports(out_dir: Path, job: str) -> list[dict[str, Any]]:
+    """Every run's report of ``job`` (a run still going, or killed, has the one it wrote
+    when it started, with status ``running``)."""
+    found = []
+    for path in sorted(reports_dir(out_dir, job).glob("*.json")):
+        if path.name != "latest.json":
+            try:
+                found.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                continue  # being replaced right now; the next look sees it
+    return found
+
+
+def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Which runs (and shards) of a job ran when, oldest first. Pure. A run that wrote only
+    its starting report and is not ``alive`` any more was killed: status ``gone``."""
+    runs = []
+    for report in sorted(reports, key=lambda r: str(r.get("started_at"))):
+        status = report.get("status")
+        if status == "running" and not alive(str(report["run_id"])):
+            status = "gone"
+        items = report.get("items", {})
+        runs.append(
+            {
+                "run_id": report["run_id"],
+                "shard": report.get("shard"),
+                "status": status,
+                "started_at": report.get("started_at"),
+                "finished_at": report.get("finished_at"),
+                "ok": items.get("ok"),
+                "failed": items.get("failed"),
+                "audio_s": report.get("audio_s"),
+            }
+        )
+    return runs
+
+
+def render_job(so_far: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The job across its runs and shards, as Markdown."""
+    lines = [
+        "",
+        "## The job so far",
+        "",
+        f"{so_far['items']} items by their latest result: {so_far['ok']} ok, "
+        f"{so_far['failed']} failed; {so_far['audio_s']} s of audio.",
+        "",
+        "| run | shard | status | started | finished | ok | failed | audio s |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        cells = [
+            run["run_id"],
+            run["shard"] or "whole job",
+            run["status"],
+            run["started_at"],
+            run["finished_at"] or "",
+            run["ok"],
+            run["failed"],
+            run["audio_s"],
+        ]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from batch import __version__
 from batch import sink as sinks
 from batch.collect import Collected, collect_finals, quality
 from batch.credentials import Scrubber
@@ -122,12 +123,15 @@ class ItemRunner:
         self.pool = pool
         self.cache_dir = cache_dir
         self.wire = wire_format(loaded)
-        self.limit = AdaptiveLimit(self.run.concurrency)
+        # A shard opens only its share of run.concurrency (stats.concurrency).
+        self.limit = AdaptiveLimit(stats.concurrency)
         self.refusals = RefusalStreak(self.run.max_refusals_in_a_row)
         self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
         self.rng = random.Random()
         self.run_date = stats.started_at.strftime("%Y-%m-%d")
         self.fatal: BaseException | None = None
+        shard = f" shard/{stats.shard}" if stats.shard else ""
+        self.user_agent = f"pulse-batch/{__version__}{shard}"
         self._pieces: dict[str, _Pieces] = {}
         self._commit_lock = anyio.Lock()
 
@@ -317,6 +321,7 @@ class ItemRunner:
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=self._timeouts(duration_s),
+                user_agent=self.user_agent,
                 on_open=watch.opened,
             )
         except Exception as error:

@@ -6,6 +6,9 @@ Layout under the output folder::
     _staging/<job>/<run_id>-<batch>/                           files being committed
     _staging/<job>/<run_id>.lock                               held while that run is alive
     _locks/<job>.lock                                          one run per job at a time
+                                                               (shared by its shards)
+    _locks/<job>.shard-<I>-of-<N>.lock                         one run per shard at a time
+    _locks/<job>.commit.lock                                   one commit or recovery at once
     _pulse_batch.json                                          schema version, partitioning
 
 Commit protocol (a redo log): a batch's files are written and fsynced in its staging folder,
@@ -37,6 +40,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batch.errors import LockedError, ManifestError
+from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,16 +187,29 @@ def check_layout(out_dir: Path, partition_by: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path, holder_note: str) -> Iterator[None]:
+def _exclusive(path: Path, holder_note: str, *, wait: bool = False) -> Iterator[None]:
     """An OS lock on ``path`` for the block; raises BlockingIOError if another process
-    holds it. The kernel drops it when its process dies: a killed run leaves no live lock."""
+    holds it (or, with ``wait``, waits for it). The kernel drops it when its process dies:
+    a killed run leaves no live lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         handle.seek(0)
         handle.truncate()
         handle.write(holder_note)
         handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _shared(path: Path) -> Iterator[None]:
+    """A shared OS lock: any number of holders, but none while `_exclusive` holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         try:
             yield
         finally:
@@ -204,18 +221,51 @@ def _holder_note() -> str:
 
 
 @contextlib.contextmanager
-def job_lock(out_dir: Path, job: str) -> Iterator[None]:
-    """Exclusive lock for one job in one output: a second overlapping run is refused."""
+def job_lock(out_dir: Path, job: str, shard: Shard | None = None) -> Iterator[None]:
+    """One run per job, or per shard of a job, in one output; an overlapping one is refused.
+
+    A whole-job run holds the job's lock exclusively. A shard holds it shared (so shards
+    of the job run side by side, but never beside a whole-job run) and its own shard lock
+    exclusively (so shard I runs once at a time)."""
     path = out_dir / "_locks" / f"{job}.lock"
-    try:
-        with _exclusive(path, _holder_note()):
-            yield
-    except BlockingIOError:
-        holder = path.read_text().strip() or "another process"
-        raise LockedError(
-            f"job {job!r} is already running into {out_dir} ({holder}); "
-            "wait for it to finish, or use another output.path"
-        ) from None
+    if shard is None:
+        try:
+            with _exclusive(path, _holder_note()):
+                yield
+        except BlockingIOError:
+            holder = path.read_text().strip() or "shards of the job"
+            raise LockedError(
+                f"job {job!r} is already running into {out_dir} ({holder}); "
+                "wait for it to finish, or use another output.path"
+            ) from None
+        return
+    shard_path = out_dir / "_locks" / f"{job}.shard-{shard.index}-of-{shard.count}.lock"
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_shared(path))
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise LockedError(
+                f"job {job!r} is running unsharded into {out_dir} ({holder}); a shard cannot "
+                "run beside it: wait for it to finish"
+            ) from None
+        try:
+            stack.enter_context(_exclusive(shard_path, _holder_note()))
+        except BlockingIOError:
+            holder = shard_path.read_text().strip() or "another process"
+            raise LockedError(
+                f"shard {shard.label} of job {job!r} is already running into {out_dir} "
+                f"({holder}); wait for it to finish"
+            ) from None
+        yield
+
+
+@contextlib.contextmanager
+def commit_lock(out_dir: Path, job: str) -> Iterator[None]:
+    """Waited for around every commit and recovery: shards of one job commit one at a
+    time, so a commit that rewrites a file (--force) never races another's."""
+    with _exclusive(out_dir / "_locks" / f"{job}.commit.lock", _holder_note(), wait=True):
+        yield
 
 
 def _run_lock_path(out_dir: Path, job: str, run_id: str) -> Path:
@@ -230,6 +280,12 @@ def run_lock(out_dir: Path, job: str, run_id: str) -> Iterator[None]:
     with _exclusive(path, _holder_note()):
         yield
     path.unlink(missing_ok=True)
+
+
+def run_alive(out_dir: Path, job: str, run_id: str) -> bool:
+    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock)."""
+    path = _run_lock_path(out_dir, job, run_id)
+    return path.exists() and _run_alive(path)
 
 
 def _run_alive(lock_path: Path) -> bool:
@@ -281,6 +337,11 @@ def _apply_plan(out_dir: Path, batch_dir: Path) -> None:
 def recover(out_dir: Path, job: str) -> int:
     """Finish or undo batches that runs which are gone left behind (a live run's batches
     are left alone). Returns how many batches were rolled forward."""
+    with commit_lock(out_dir, job):
+        return _recover(out_dir, job)
+
+
+def _recover(out_dir: Path, job: str) -> int:
     staging = out_dir / "_staging" / job
     rolled = 0
     entries = sorted(staging.iterdir()) if staging.exists() else []
@@ -359,6 +420,11 @@ def _latest(out_dir: Path, job: str) -> dict[str, tuple[Any, str, float]]:
         if item not in latest or finished >= latest[item][0]:
             latest[item] = (finished, status, duration or 0.0)
     return latest
+
+
+def latest_status(out_dir: Path, job: str) -> dict[str, str]:
+    """Each item of the job with rows: the status of its latest result."""
+    return {item: status for item, (_, status, _) in _latest(out_dir, job).items()}
 
 
 def ok_item_ids(out_dir: Path, job: str) -> set[str]:
@@ -470,6 +536,10 @@ class Sink:
         """Commit ``rows`` as one atomic batch. Calls must not overlap."""
         if not rows:
             return
+        with commit_lock(self.out_dir, self.job):
+            self._write(rows)
+
+    def _write(self, rows: list[ItemRows]) -> None:
         self._batches += 1
         name = f"{self.run_id}-{self._batches:05d}"
         batch_dir = self.out_dir / "_staging" / self.job / name

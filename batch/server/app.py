@@ -205,6 +205,7 @@ class LocalServer:
             path=admission.path,
             query=admission.query,
             fault=fault.kind if fault is not None else None,
+            user_agent=connection.request.headers.get("User-Agent") if connection.request else None,
         )
         settings = SessionSettings(
             session_id=session_id,

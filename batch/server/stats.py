@@ -31,6 +31,8 @@ class SessionRecord:
     last_audio_at: float | None = None
     completed: bool = False
     outcome: str | None = None
+    user_agent: str | None = None  # the client's User-Agent header
+    final_words: list[str] = field(default_factory=list)  # every word sent in a final
 
     @property
     def pace(self) -> float | None:

@@ -280,6 +280,7 @@ class StreamSession:
         """Send one final; after the last one close 1000. True when the session is done."""
         heard = await self._recognize(job.segment) if job.segment is not None else []
         words, entities = self._written(heard, self._redactor)
+        self._record.final_words.extend(w.word for w in words)  # as sent
         language = self._settings.engine.language_of(heard, self._options.language)
         if words and language not in self._languages:
             self._languages.append(language)

@@ -1,0 +1,127 @@
+"""Is the job done? Every planned item of its manifest against the tables' latest results,
+for a workflow's final step after its shards (`pulse-batch status`).
+
+`tally` is pure; `job_status` plans the manifest (probing only items not yet ok) and reads
+each item's latest result from the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batch import sink as sinks
+from batch.errors import ManifestError
+from batch.manifest import LoadedManifest, load_manifest
+from batch.report import latest_report
+from batch.shard import shard_of
+
+
+@dataclass
+class Tally:
+    """Planned items by their latest result."""
+
+    planned: int = 0
+    ok: int = 0
+    failed: int = 0
+    not_run: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.planned == self.ok
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "planned": self.planned,
+            "ok": self.ok,
+            "failed": self.failed,
+            "not_run": self.not_run,
+        }
+
+
+@dataclass
+class JobStatus:
+    job: str
+    manifest: str
+    total: Tally
+    shards: int | None = None  # the shard count the job last ran with, if sharded
+    by_shard: dict[int, Tally] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.total.complete
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "manifest": self.manifest,
+            "complete": self.complete,
+            **self.total.as_dict(),
+            "shards": self.shards,
+            "by_shard": {f"{i}/{self.shards}": t.as_dict() for i, t in self.by_shard.items()},
+        }
+
+
+def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None = None) -> Tally:
+    """Count ``planned`` item ids by ``latest`` (item id -> status); with ``shards``, the
+    caller passes one shard's ids."""
+    result = Tally()
+    for item_id in planned:
+        result.planned += 1
+        status = latest.get(item_id)
+        if status == "ok":
+            result.ok += 1
+        elif status is None:
+            result.not_run += 1
+        else:
+            result.failed += 1
+    return result
+
+
+def _manifest_of(out_dir: Path, job: str, manifest: Path | None) -> LoadedManifest:
+    if manifest is None:
+        try:
+            recorded = latest_report(out_dir, job).get("manifest")
+        except FileNotFoundError:
+            recorded = None
+        if not recorded:
+            raise ManifestError(
+                out_dir,
+                f"no run of job {job!r} recorded its manifest here; pass --manifest M",
+            )
+        manifest = Path(recorded)
+    loaded = load_manifest(manifest)
+    if loaded.manifest.job != job:
+        raise ManifestError(
+            manifest, f"is the manifest of job {loaded.manifest.job!r}, not {job!r}"
+        )
+    return loaded
+
+
+def _last_shard_count(out_dir: Path, job: str) -> int | None:
+    try:
+        label = latest_report(out_dir, job).get("shard")
+    except FileNotFoundError:
+        return None
+    return int(str(label).split("/")[1]) if label else None
+
+
+def job_status(out_dir: Path, job: str, manifest: Path | None = None) -> JobStatus:
+    """The job's planned items by latest result. Raises `ManifestError` (no manifest given
+    or recorded, wrong job, bad manifest)."""
+    from batch.job import plan_items  # the job module imports much; only needed here
+
+    loaded = _manifest_of(out_dir, job, manifest)
+    latest = sinks.latest_status(out_dir, job)
+    done = frozenset(i for i, status in latest.items() if status == "ok")
+    planned = sorted({item.item_id for item in plan_items(loaded, done)})
+    result = JobStatus(job, str(loaded.path), tally(planned, latest))
+    count = _last_shard_count(out_dir, job)
+    if count is not None:
+        result.shards = count
+        for index in range(count):
+            mine = [i for i in planned if shard_of(i, count) == index]
+            result.by_shard[index] = tally(mine, latest)
+    return result
