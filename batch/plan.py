@@ -100,12 +100,14 @@ def locate(text: str, folder: str) -> Source:
         return Source(text)
     if storage.is_url(folder):
         return Source(storage.join(folder, text))
-    shown = storable(text).replace("\x00", "\\x00")
+    # Absolute by string operations only, so even a path the OS refuses has a full name.
+    absolute = os.path.normpath(os.path.join(folder, text))
+    shown = storable(absolute).replace("\x00", "\\x00")
     if "\x00" in text:
         problem = "the path holds a NUL byte; check the list for a stray binary field"
         return Source(shown, problem=InputError("bad_path", shown, problem))
+    listed = Path(absolute)
     try:
-        listed = Path(os.path.abspath(Path(folder) / text))
         os.stat(listed)
     except FileNotFoundError:
         pass  # the prober says not_found, as for any missing file

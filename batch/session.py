@@ -278,6 +278,8 @@ class _Stream:
 
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
+        # A service that echoes the key into a transcript or message must not get it stored.
+        raw = self.scrubber.scrub_whole(raw)
         try:
             message = protocol.parse_message(raw)
         except protocol.MalformedMessage as exc:

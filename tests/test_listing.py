@@ -80,6 +80,7 @@ def test_bad_listed_paths_become_failed_rows(tmp_path: Path) -> None:
     by_kind = sorted(kind or "ok" for kind, _ in kinds)
     assert by_kind == ["bad_path", "bad_path", "not_found", "ok", "symlink_loop"]
     assert any("\\x00" in source for kind, source in kinds if kind == "bad_path")
+    assert all(source.startswith(str(tmp_path)) for _, source in kinds)  # absolute, as listed
 
 
 def test_source_is_the_path_as_listed_and_ids_follow_the_real_file(tmp_path: Path) -> None:
