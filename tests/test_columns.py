@@ -189,5 +189,5 @@ async def test_the_local_engines_limits_are_warned_at_validate_and_run(tmp_path:
     assert any("keywords are ignored" in w for w in warnings)
     assert any("punctuate" in w for w in warnings)
     assert result.report_path is not None
-    markdown = result.report_path.with_suffix(".md").read_text()
+    markdown = Path(result.report_path).with_suffix(".md").read_text()
     assert "## Warnings" in markdown and "does not diarize" in markdown
