@@ -624,7 +624,7 @@ def status(
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 
-@app.command()
+@app.command(cls=_PlainCommand)
 def compact(
     output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
 ) -> None:
