@@ -12,6 +12,10 @@ $(BIN)/pulse-batch: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
+	@# espeak-ng speaks the demo's payment clip (jobs/demo/make_clips.py); the clip is
+	@# committed, so only remaking it needs espeak.
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
+		|| echo "espeak-ng unavailable: jobs/demo/make_clips.py cannot remake the demo clip"
 	touch $@
 
 test: install

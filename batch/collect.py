@@ -1,4 +1,4 @@
-"""Turn a session's final segments into rows: one transcript, its words, its utterances.
+"""Turn a session's final segments into rows: one transcript, its segments, words, utterances.
 
 Pure functions: data in, data out; `item_rows` builds a finished item's rows for every
 table. Only ``is_final`` segments ever reach here (partials are revised later and may show
@@ -8,14 +8,19 @@ unredacted text).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from batch.plan import Item
 from batch.pulse.protocol import Transcription
 from batch.timemap import TimeMap
+
+# Fast talkers reach about 4-5 words a second; a recogniser stuck in a loop makes 10-20.
+MAX_WORDS_PER_S: Final = 6.0
+MIN_DURATION_FOR_RATE_S: Final = 2.0
+MAX_SAME_WORD_RUN: Final = 10
 
 
 @dataclass
@@ -24,12 +29,21 @@ class Collected:
 
     transcript: str = ""
     language: str | None = None
+    languages: list[str] = field(default_factory=list)
+    redacted_entities: list[str] = field(default_factory=list)
+    full_transcript: str | None = None
+    segments: list[dict[str, Any]] = field(default_factory=list)
     words: list[dict[str, Any]] = field(default_factory=list)
     utterances: list[dict[str, Any]] = field(default_factory=list)
 
 
 def join_segments(texts: Sequence[str]) -> str:
     return " ".join(t.strip() for t in texts if t and t.strip())
+
+
+def first_seen(*groups: Iterable[str | None]) -> list[str]:
+    """Every distinct value, in the order first met."""
+    return list(dict.fromkeys(v for group in groups for v in group if v))
 
 
 def _source_times(
@@ -43,12 +57,47 @@ def _source_times(
     return round(start, 6), round(max(start, end), 6), start_moved or end_moved
 
 
-def collect_finals(finals: Sequence[Transcription], *, timemap: TimeMap | None = None) -> Collected:
+def _span(final: Transcription, timemap: TimeMap | None) -> tuple[float | None, float | None]:
+    """A segment's time: from its words, else its utterances, else unknown."""
+    timed = final.words or final.utterances
+    if not timed:
+        return None, None
+    start, end, _ = _source_times(
+        timemap, min(t.start_s for t in timed), max(t.end_s for t in timed)
+    )
+    return start, end
+
+
+def collect_finals(
+    finals: Sequence[Transcription],
+    *,
+    timemap: TimeMap | None = None,
+    languages: Sequence[str] = (),
+    full_transcript: str | None = None,
+) -> Collected:
     """Rows from final segments, in order; ``timemap`` (None: the stream is the file) puts
-    the times into the file's time base."""
+    the times into the file's time base.
+
+    ``languages`` and ``full_transcript`` are what the session saw on every final (the
+    terminal one included, which may carry no text): see `batch.session.SessionResult`.
+    """
     out = Collected(transcript=join_segments([f.transcript for f in finals]))
     out.language = next((f.language for f in reversed(finals) if f.language), None)
+    out.languages = first_seen(*((f.language, *f.languages) for f in finals), languages)
+    out.full_transcript = full_transcript
     for segment, final in enumerate(finals):
+        start_s, end_s = _span(final, timemap)
+        out.redacted_entities += final.redacted_entities
+        out.segments.append(
+            {
+                "segment": segment,
+                "text": final.transcript,
+                "detected_language": final.language,
+                "start_s": start_s,
+                "end_s": end_s,
+                "redacted_entities": list(final.redacted_entities),
+            }
+        )
         for word in final.words:
             start, end, adjusted = _source_times(timemap, word.start_s, word.end_s)
             out.words.append(
@@ -78,6 +127,30 @@ def collect_finals(finals: Sequence[Transcription], *, timemap: TimeMap | None =
     return out
 
 
+def quality(words: Sequence[str], duration_s: float) -> str | None:
+    """A warning when the words cannot be what was said, else None.
+
+    Two rules, both signs of a recogniser stuck in a loop: more than `MAX_WORDS_PER_S`
+    words a second over an item of at least `MIN_DURATION_FOR_RATE_S`, or one word
+    repeated more than `MAX_SAME_WORD_RUN` times in a row.
+    """
+    if duration_s >= MIN_DURATION_FOR_RATE_S and len(words) / duration_s > MAX_WORDS_PER_S:
+        rate = len(words) / duration_s
+        return (
+            f"implausible_word_rate: {len(words)} words in {duration_s:.1f} s "
+            f"({rate:.1f}/s; speech rarely exceeds {MAX_WORDS_PER_S:g}/s)"
+        )
+    run, longest, longest_word = 0, 0, ""
+    for index, word in enumerate(words):
+        same = index > 0 and word.strip(",.!?").lower() == words[index - 1].strip(",.!?").lower()
+        run = run + 1 if same else 1
+        if run > longest:
+            longest, longest_word = run, word
+    if longest > MAX_SAME_WORD_RUN:
+        return f"repeated_word: {longest_word!r} {longest} times in a row"
+    return None
+
+
 @dataclass
 class ItemRows:
     """One finished item's rows for each table (partition and bookkeeping columns included)."""
@@ -85,11 +158,13 @@ class ItemRows:
     transcript: dict[str, Any]
     words: list[dict[str, Any]] = field(default_factory=list)
     utterances: list[dict[str, Any]] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def by_table(self) -> dict[str, list[dict[str, Any]]]:
         """Rows keyed by table name (the names of `batch.output.schema.COLUMNS`)."""
         return {
             "transcripts": [self.transcript],
+            "segments": self.segments,
             "words": self.words,
             "utterances": self.utterances,
         }
@@ -161,12 +236,18 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
         return rows
     rows.words = [{**common, **w} for w in collected.words]
     rows.utterances = [{**common, **u} for u in collected.utterances]
+    rows.segments = [{**common, **g} for g in collected.segments]
     transcript.update(
         status="ok",
         duration_s=outcome.duration_s,
         streamed_s=outcome.streamed_s,
         transcript=collected.transcript,
         detected_language=collected.language,
+        languages=collected.languages,
+        redacted_entities=collected.redacted_entities,
+        # Null when off, whatever a service sends unasked.
+        full_transcript=collected.full_transcript if item.options.full_transcript else None,
+        quality=quality(collected.transcript.split(), outcome.duration_s),
         session_id=outcome.session_id,
         word_count=len(rows.words),
     )

@@ -134,6 +134,18 @@ def spend_cap(loaded: LoadedManifest, opts: RunOptions) -> SpendCap:
         ) from None
 
 
+def engine_warnings(loaded: LoadedManifest, items: list[Item]) -> list[str]:
+    """What the embedded local engine cannot do of what this job asks (empty for a real
+    endpoint): said once per job, never faked (see `batch.server.limits`)."""
+    pulse = loaded.manifest.pulse
+    if pulse.endpoint != "local":
+        return []
+    from batch.server.limits import engine_limits
+
+    options = [pulse.options(), *(i.options for i in items if i.error is None)]
+    return engine_limits(pulse.local_engine, options)
+
+
 def plan_items(
     loaded: LoadedManifest, done: frozenset[str] = frozenset(), shard: Shard | None = None
 ) -> list[Item]:
@@ -201,6 +213,9 @@ async def run_job(
         done = set(history.ok)
         items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
         stats.items_total = len(items)
+        stats.warnings = engine_warnings(loaded, items)
+        for warning in stats.warnings:
+            logger.warning("%s", warning)
         failed_before = set(history.failed) if not opts.retry_failed else set()
         todo = _todo(items, done, opts, failed_before)
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])

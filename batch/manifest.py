@@ -134,7 +134,7 @@ class PulseConfig(_Strict):
     protocol: Literal["auto", "legacy", "unified", "current"] = "auto"
     api_key_env: str = "SMALLEST_API_KEY"
     # Which recognizer `endpoint: local` runs: the real offline model or the cheap one.
-    local_engine: Literal["whisper", "synthetic"] = "whisper"
+    local_engine: Literal["whisper", "synthetic", "synthetic-multilingual"] = "whisper"
     language: Language = "en"
     encoding: Encoding = "linear16"
     sample_rate: SampleRate = 16000

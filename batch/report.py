@@ -67,6 +67,8 @@ class RunStats:
     first_final_s: list[float] = field(default_factory=list)
     end_to_last_s: list[float] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # What the endpoint was asked for and cannot do (the local engine's limits).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def wall_s(self) -> float:
@@ -105,6 +107,7 @@ def build_report(
         "status": stats.status,
         "abort_reason": stats.abort_reason,
         "abort_kind": stats.abort_kind,
+        "warnings": list(stats.warnings),
         "endpoint": stats.endpoint,
         "started_at": stats.started_at.isoformat(),
         "finished_at": stats.finished_at.isoformat() if stats.finished_at else None,
@@ -235,6 +238,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f" {so_far['ok']} ok, "
             f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
         ]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", "", *(f"- {warning}" for warning in report["warnings"])]
     if report.get("accuracy"):
         lines += ["", *render_accuracy(report["accuracy"])]
     if report["failures"]:
@@ -273,8 +278,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def render_accuracy(accuracy: dict[str, Any]) -> list[str]:
-    """Markdown lines for an accuracy summary (`batch.score.summarise`)."""
+def render_accuracy(accuracy: dict[str, Any], *, worst: bool = True) -> list[str]:
+    """Markdown lines for an accuracy summary (`batch.score.summarise`); ``worst`` adds
+    the worst items."""
     lines = [
         "## Accuracy against references",
         "",
@@ -290,7 +296,7 @@ def render_accuracy(accuracy: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {name} | {part['items']} | {_pct(part['wer'])} | {_pct(part['cer'])} |"
             )
-    if accuracy["worst"]:
+    if worst and accuracy["worst"]:
         lines += ["", "Worst items:", "", "| source | channel | WER | CER |"]
         lines.append("| --- | --- | ---: | ---: |")
         for row in accuracy["worst"]:

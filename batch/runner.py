@@ -196,7 +196,11 @@ class ItemRunner:
             item,
             started,
             attempts=record.count,
-            collected=collect_finals(result.finals),
+            collected=collect_finals(
+                result.finals,
+                languages=result.languages,
+                full_transcript=result.full_transcript,
+            ),
             duration_s=holder[0].duration_s,
             streamed_s=holder[0].duration_s,
             session_id=result.session_id,
@@ -318,7 +322,12 @@ class ItemRunner:
             item,
             started,
             attempts=record.count,
-            collected=collect_finals(result.finals, timemap=timemap),
+            collected=collect_finals(
+                result.finals,
+                timemap=timemap,
+                languages=result.languages,
+                full_transcript=result.full_transcript,
+            ),
             duration_s=duration_s,
             streamed_s=timemap.streamed_s,
             session_id=result.session_id,
@@ -377,7 +386,9 @@ class ItemRunner:
             message = f"piece {index} (from {first:.2f} s): {error}"
             state.failure = state.failure or (error, message)
         else:
-            state.done[index] = PieceResult(index, timemap, result.finals)
+            state.done[index] = PieceResult(
+                index, timemap, result.finals, result.languages, result.full_transcript
+            )
             state.session_ids[index] = result.session_id or ""
             state.streamed_samples += timemap.streamed
             self.progress.pieces_done(item, len(state.done), state.total)

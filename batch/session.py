@@ -289,7 +289,7 @@ class _Stream:
             code = self.scrubber.scrub(message.code) if message.code else None
             raise ServerReported(self.scrubber.scrub(message.message), code)
         if isinstance(message, protocol.Ignored):
-            logger.debug("ignored a %r message from the service", message.kind)
+            logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
         self._note_coerced(message.dropped)
         if not self.diarize:

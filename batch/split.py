@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Final
 
 import numpy as np
 
-from batch.collect import Collected, collect_finals, join_segments
+from batch.collect import Collected, collect_finals, first_seen, join_segments
 from batch.decode import Chunker, DecodedAudio, WireFormat
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, Transcription
 from batch.timemap import TimeMap
@@ -308,17 +308,32 @@ class PieceResult:
     index: int
     timemap: TimeMap
     finals: Sequence[Transcription]
+    languages: Sequence[str] = ()
+    full_transcript: str | None = None
 
 
 def stitch(pieces: Sequence[PieceResult]) -> Collected:
     """One item's rows from its pieces, in the original file's time base."""
     out = Collected()
     texts: list[str] = []
+    full_texts: list[str] = []
     segments = 0
     for piece in sorted(pieces, key=lambda p: p.index):
-        part = collect_finals(piece.finals, timemap=piece.timemap)
+        part = collect_finals(
+            piece.finals,
+            timemap=piece.timemap,
+            languages=piece.languages,
+            full_transcript=piece.full_transcript,
+        )
         texts.append(part.transcript)
         out.language = part.language or out.language
+        out.languages = first_seen(out.languages, part.languages)
+        out.redacted_entities += part.redacted_entities
+        if part.full_transcript is not None:
+            full_texts.append(part.full_transcript)
+        out.segments += [
+            {**s, "segment": segments + s["segment"], "piece": piece.index} for s in part.segments
+        ]
         out.words += [_renumbered(w, len(out.words), piece.index, segments) for w in part.words]
         out.utterances += [
             {**u, "idx": len(out.utterances) + n, "piece": piece.index}
@@ -326,6 +341,8 @@ def stitch(pieces: Sequence[PieceResult]) -> Collected:
         ]
         segments += len(piece.finals)
     out.transcript = join_segments(texts)
+    # Each piece's session knows only its own text: the whole is the pieces', in order.
+    out.full_transcript = join_segments(full_texts) if full_texts else None
     return out
 
 

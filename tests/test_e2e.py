@@ -110,22 +110,31 @@ def test_demo_manifest_runs_offline(tmp_path: Path) -> None:
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
     rows = _query(
-        tmp_path / "out", "select source, status, transcript, reference, wer from {transcripts}"
+        tmp_path / "out",
+        "select source, status, transcript, reference, wer, redacted_entities from {transcripts}",
     )
-    assert len(rows) == len(SPEECH)
-    for source, status, transcript, reference, wer in rows:
+    assert len(rows) == len(SPEECH) + 1
+    for source, status, transcript, reference, wer, entities in rows:
         assert status == "ok"
-        assert _word_error_rate(SPEECH[Path(str(source)).name], str(transcript)) <= 0.1
+        name = Path(str(source)).name
+        if name == "payment.ogg":  # redaction and numerals at work, as the README shows
+            assert entities == ["[CREDITCARDNUMBER_1]", "[CVV_1]"], transcript
+            assert "4929" not in transcript and "25,000 dollars" in transcript
+            # Its reference is the redacted text: nothing else may be stored.
+            assert wer is not None and float(str(wer)) <= 0.1, (transcript, reference)
+            continue
+        assert entities == []
+        assert _word_error_rate(SPEECH[name], str(transcript)) <= 0.1
         # The hand-written references say what the clips were made to say.
-        assert _words(str(reference)) == _words(SPEECH[Path(str(source)).name])
+        assert _words(str(reference)) == _words(SPEECH[name])
         assert wer is not None and float(str(wer)) <= 0.1
     report = json.loads((tmp_path / "out" / "_reports" / "demo" / "latest.json").read_text())
-    assert report["accuracy"]["items"] == 3 and report["accuracy"]["wer"] <= 0.1
+    assert report["accuracy"]["items"] == 4 and report["accuracy"]["wer"] <= 0.1
     exported = run_cli("export", str(tmp_path / "out"), "--job", "demo", "--format", "srt")
     assert exported.returncode == 0, exported.stderr
     srt_dir = tmp_path / "out" / "_exports" / "demo" / "srt"
     assert sorted(p.name for p in srt_dir.iterdir()) == sorted(
-        f"{Path(name).stem}.srt" for name in SPEECH
+        [f"{Path(name).stem}.srt" for name in SPEECH] + ["payment.srt"]
     )
     scored = run_cli(
         "score", str(tmp_path / "out"), "--job", "demo", "--references", str(clips_list)

@@ -343,11 +343,10 @@ async def test_optional_fields_follow_the_query() -> None:
         "tone440 tone880 tone660",
     ]
     first = rich.finals[0]
-    assert first["utterances"] == [
-        {"text": "tone440 tone880", "start": 0.3, "end": 1.15, "speaker": 0}
-    ]
-    assert all(w["speaker"] == 0 and w["speaker_confidence"] == 1.0 for w in rich.words)
-    assert first["redacted_entities"] == []
+    assert first["utterances"] == [{"text": "tone440 tone880", "start": 0.3, "end": 1.15}]
+    # The local engines do not diarize: no speaker is made up, even when asked.
+    assert all("speaker" not in w and "speaker_confidence" not in w for w in rich.words)
+    assert first["redacted_entities"] == []  # tones hold nothing to redact
     assert all(
         "words" not in m and "full_transcript" not in m and "utterances" not in m
         for m in bare.messages
@@ -559,7 +558,7 @@ async def test_whisper_transcribes_the_demo_clips(unified: bool) -> None:
             audio = np.concatenate([load_clip(name, rate), silence(0.5, rate)])
             url = url_for(server, unified=unified, word_timestamps=True)
             results[name] = await run_session(
-                url, encode(audio, "linear16", rate), unified=unified, timeout_s=30 * UNIT_S
+                url, encode(audio, "linear16", rate), unified=unified, timeout_s=60 * UNIT_S
             )
 
         async with anyio.create_task_group() as tg:

@@ -44,7 +44,23 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
             " duration_s with run.skip_silence; 0 for a recording with no speech)",
         ),
         ("transcript", pa.string(), "final segments joined by spaces"),
-        ("detected_language", pa.string(), "language the service reported on finals"),
+        ("detected_language", pa.string(), "language the service reported on the last final"),
+        (
+            "languages",
+            pa.list_(pa.string()),
+            "every language the service reported, first-seen order",
+        ),
+        (
+            "redacted_entities",
+            pa.list_(pa.string()),
+            "every redaction placeholder, in order ([CREDITCARDNUMBER_1], ...)",
+        ),
+        (
+            "full_transcript",
+            pa.string(),
+            "the service's own cumulative transcript (pieces joined); null when off",
+        ),
+        ("quality", pa.string(), "why the words look impossible (see README); null when fine"),
         ("session_id", pa.string(), "the service's id of the successful session"),
         ("word_count", pa.int32(), "rows this item has in words"),
         ("started_at", UTC_MS, "when the item's first attempt started"),
@@ -55,6 +71,20 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("wer", pa.float64(), "word error rate against reference, normalised (v2)"),
         ("cer", pa.float64(), "character error rate against reference, normalised (v2)"),
     ],
+    "segments": [
+        *_COMMON,
+        ("segment", pa.int32(), "index of the final segment in the item (as words.segment)"),
+        ("text", pa.string(), "the segment's transcript"),
+        (
+            "detected_language",
+            pa.string(),
+            "language the service reported on this final (`language` is the option asked)",
+        ),
+        ("start_s", pa.float64(), "first word's start (else utterance's); null if untimed"),
+        ("end_s", pa.float64(), "last word's end (else utterance's); null if untimed"),
+        ("redacted_entities", pa.list_(pa.string()), "placeholders in this segment"),
+        ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
+    ],
     "words": [
         *_COMMON,
         ("segment", pa.int32(), "index of the final segment the word came in"),
@@ -63,7 +93,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("start_s", pa.float64(), "start, seconds from the start of the file"),
         ("end_s", pa.float64(), "end, seconds from the start of the file"),
         ("confidence", pa.float64(), "0-1, when the service gives it"),
-        ("speaker", pa.string(), "speaker label when diarize is on"),
+        ("speaker", pa.string(), "speaker label (integers as text); null when diarize is off"),
         ("speaker_confidence", pa.float64(), "0-1 when diarize is on"),
         ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
         (
@@ -79,7 +109,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("text", pa.string(), "the sentence"),
         ("start_s", pa.float64(), "start, seconds from the start of the file"),
         ("end_s", pa.float64(), "end, seconds from the start of the file"),
-        ("speaker", pa.string(), "speaker label when diarize is on"),
+        ("speaker", pa.string(), "speaker label (integers as text); null when diarize is off"),
         ("piece", pa.int32(), "piece of a split long recording it came from; null if whole"),
     ],
 }

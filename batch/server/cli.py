@@ -28,6 +28,7 @@ FAULTS = "Fault injection"
 
 class EngineName(StrEnum):
     synthetic = "synthetic"
+    synthetic_multilingual = "synthetic-multilingual"
     whisper = "whisper"
 
 

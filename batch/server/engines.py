@@ -23,6 +23,7 @@ import numpy as np
 
 from batch.pulse.protocol import Word
 from batch.server.audio import Samples
+from batch.server.text import merge_fragments
 from batch.server.vad import dbfs_to_rms
 
 WHISPER_RATE = 16000
@@ -32,10 +33,21 @@ class Engine(Protocol):
     """Recognises one segment: ``recognize(audio, sample_rate)`` -> words in time order.
 
     ``audio`` is float32 mono in [-1, 1]; times in the returned words are seconds from
-    the segment start. Called from a worker thread, never on the event loop.
+    the segment start. ``hotwords`` (from the session's ``keywords``) are words to favour,
+    for engines that can. Called from a worker thread, never on the event loop.
+    ``language_of(words, asked)`` is the language a final of these words is reported in.
     """
 
-    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]: ...
+    def recognize(
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
+    ) -> list[Word]: ...
+
+    def language_of(self, words: list[Word], asked: str) -> str: ...
+
+
+def _asked_or_english(asked: str) -> str:
+    # "multi"/"multi-asian" ask for detection, which these engines cannot do.
+    return "en" if asked.startswith("multi") else asked
 
 
 class SyntheticEngine:
@@ -61,7 +73,12 @@ class SyntheticEngine:
         self._min_gap_s = min_gap_s
         self._min_burst_s = min_burst_s
 
-    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]:
+    def language_of(self, words: list[Word], asked: str) -> str:
+        return _asked_or_english(asked)
+
+    def recognize(
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
+    ) -> list[Word]:
         hop = max(1, round(sample_rate * self._hop_s))
         words = []
         for first, last in self._bursts(audio, hop, sample_rate):
@@ -95,6 +112,23 @@ class SyntheticEngine:
                 merged.append((first, end))
         min_len = self._min_burst_s * sample_rate / hop
         return [(a, b) for a, b in merged if b - a >= min_len]
+
+
+class MultilingualSyntheticEngine(SyntheticEngine):
+    """The synthetic engine, reporting a language per final by the pitch of its first
+    tone, when the session asks for detection (``multi``, ``multi-asian``): below 600 Hz
+    English, below 800 Hz Spanish, above that Japanese (``ja``, or Korean ``ko`` under
+    ``multi-asian``). A test engine for the languages and segments columns."""
+
+    def language_of(self, words: list[Word], asked: str) -> str:
+        if not asked.startswith("multi") or not words:
+            return _asked_or_english(asked)
+        hz = int(words[0].word.removeprefix("tone") or 0)
+        if hz < 600:
+            return "en"
+        if hz < 800:
+            return "es"
+        return "ko" if asked == "multi-asian" else "ja"
 
 
 def dominant_frequency(samples: Samples, sample_rate: int) -> int:
@@ -154,8 +188,10 @@ class WhisperEngine:
     """faster-whisper tiny.en on the CPU (int8), one transcription at a time.
 
     tiny.en is English-only, so every session is transcribed as English whatever
-    language it asked for. Options favour speed and stability on short segments:
-    greedy decoding, no temperature fallback, no conditioning on previous text.
+    language it asked for, and reported as ``en`` (the job is warned: see
+    `batch.server.limits`). Greedy decoding, no conditioning on previous text, and
+    whisper's own loop guard on: a window whose text compresses too well (a loop) is
+    decoded again at a higher temperature.
     """
 
     max_concurrency = 1
@@ -173,25 +209,39 @@ class WhisperEngine:
         path = self._model_path or str(bundled_model_path())
         return _load_model(path, self._cpu_threads)
 
-    def recognize(self, audio: Samples, sample_rate: int) -> list[Word]:
+    def language_of(self, words: list[Word], asked: str) -> str:
+        return "en"  # tiny.en transcribes everything as English: say so
+
+    def recognize(
+        self, audio: Samples, sample_rate: int, hotwords: str | None = None, final: bool = True
+    ) -> list[Word]:
         duration_s = len(audio) / sample_rate
         audio16 = resample(audio, sample_rate, WHISPER_RATE)
         model = self._model()
         with _TRANSCRIBE_LOCK:
-            return self._transcribe(model, audio16, duration_s)
+            words = self._transcribe(model, audio16, duration_s, hotwords, final)
+        return merge_fragments(words)
 
     @staticmethod
-    def _transcribe(model: Any, audio16: Samples, duration_s: float) -> list[Word]:
+    def _transcribe(
+        model: Any, audio16: Samples, duration_s: float, hotwords: str | None, final: bool
+    ) -> list[Word]:
         segments, _info = model.transcribe(
             audio16,
             language="en",
             beam_size=1,
-            temperature=0.0,
+            # The loop guard, for finals: a window that loops ("41, 41, 41, ...")
+            # compresses beyond 2.4 and is decoded again, warmer (two retries at most).
+            # Partials (audio cut mid-word, replaced by the final anyway) skip it: cut
+            # audio trips it often and would triple their cost.
+            temperature=(0.0, 0.4, 0.8) if final else 0.0,
+            compression_ratio_threshold=2.4 if final else None,
+            # Not for low confidence: partials cut mid-word would all be decoded thrice.
+            log_prob_threshold=None,
             word_timestamps=True,
             condition_on_previous_text=False,
-            # Repetitive text would otherwise trigger a much slower fallback decode.
-            compression_ratio_threshold=None,
             vad_filter=False,
+            hotwords=hotwords or None,
         )
         words = []
         for segment in segments:  # a lazy generator: decoding happens while iterating
@@ -226,12 +276,17 @@ def _check_recognizer_installed() -> None:
         )
 
 
+ENGINE_NAMES = ("whisper", "synthetic", "synthetic-multilingual")
+
+
 def make_engine(name: str) -> Engine:
-    """``"synthetic"`` or ``"whisper"``; raises ``ValueError`` for anything else and
+    """One of `ENGINE_NAMES`; raises ``ValueError`` for anything else and
     `EngineUnavailable` when the recogniser is not installed."""
     if name == "synthetic":
         return SyntheticEngine()
+    if name == "synthetic-multilingual":
+        return MultilingualSyntheticEngine()
     if name == "whisper":
         _check_recognizer_installed()
         return WhisperEngine()
-    raise ValueError(f"unknown engine {name!r}; use 'synthetic' or 'whisper'")
+    raise ValueError(f"unknown engine {name!r}; use one of {ENGINE_NAMES}")

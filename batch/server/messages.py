@@ -8,14 +8,11 @@ Times are seconds from the start of the session's audio, rounded to milliseconds
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from batch.pulse.protocol import Generation, PulseOptions, Word
-
-# The local engines do not diarise: every word is speaker 0, with full confidence.
-SPEAKER = 0
-SPEAKER_CONFIDENCE = 1.0
-SENTENCE_ENDS = (".", "?", "!")
+from batch.server.text import join_words, sentences
 
 
 def shift_words(words: Sequence[Word], offset_s: float) -> list[Word]:
@@ -32,48 +29,44 @@ def shift_words(words: Sequence[Word], offset_s: float) -> list[Word]:
 
 
 def transcript_text(words: Sequence[Word]) -> str:
-    return " ".join(w.word for w in words)
+    return join_words([w.word for w in words])
 
 
-def word_entry(word: Word, *, diarize: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {
+def word_entry(word: Word) -> dict[str, Any]:
+    # No speaker: the local engines do not diarize, and a made-up "0" would look real.
+    return {
         "word": word.word,
         "start": round(word.start_s, 3),
         "end": round(word.end_s, 3),
         "confidence": 1.0 if word.confidence is None else word.confidence,
     }
-    if diarize:
-        entry["speaker"] = SPEAKER
-        entry["speaker_confidence"] = SPEAKER_CONFIDENCE
-    return entry
 
 
 def utterances(words: Sequence[Word]) -> list[dict[str, Any]]:
-    """Sentences, split after words ending in . ? or !; a trailing remainder counts too."""
-    result: list[dict[str, Any]] = []
-    sentence: list[Word] = []
-    for word in words:
-        sentence.append(word)
-        if word.word.endswith(SENTENCE_ENDS):
-            result.append(_utterance(sentence))
-            sentence = []
-    if sentence:
-        result.append(_utterance(sentence))
-    return result
-
-
-def _utterance(words: Sequence[Word]) -> dict[str, Any]:
-    return {
-        "text": transcript_text(words),
-        "start": round(words[0].start_s, 3),
-        "end": round(words[-1].end_s, 3),
-        "speaker": SPEAKER,
-    }
+    """Sentences (not cut at ``Dr.`` or initials); a trailing remainder counts too."""
+    return [
+        {
+            "text": transcript_text(sentence),
+            "start": round(sentence[0].start_s, 3),
+            "end": round(sentence[-1].end_s, 3),
+        }
+        for sentence in sentences(words)
+    ]
 
 
 def reported_language(options: PulseOptions) -> str:
-    # "multi" asks for detection; the local engines only know English.
-    return "en" if options.language == "multi" else options.language
+    # "multi"/"multi-asian" ask for detection; the plain local engines only know English.
+    return "en" if options.language.startswith("multi") else options.language
+
+
+@dataclass(frozen=True)
+class FinalFacts:
+    """What a final reports besides its words: set by the session, which keeps the state."""
+
+    language: str
+    languages: Sequence[str] = ()
+    redacted_entities: Sequence[str] = ()
+    full_transcript: str | None = None
 
 
 def transcript_message(
@@ -84,12 +77,13 @@ def transcript_message(
     generation: Generation,
     is_final: bool,
     is_last: bool = False,
-    full_transcript: str | None = None,
+    final: FinalFacts | None = None,
 ) -> dict[str, Any]:
-    """One transcription message; ``words`` already on the session time base.
+    """One transcription message; ``words`` already on the session time base (and, for a
+    final, already redacted and with numerals applied).
 
-    ``full_transcript`` (the cumulative finals) is included only on finals and only
-    when the session asked for it.
+    ``final`` carries a final's language(s), placeholders and the cumulative
+    ``full_transcript`` (sent only when the session asked for it).
     """
     text = transcript_text(words)
     message: dict[str, Any] = {}
@@ -102,15 +96,15 @@ def transcript_message(
     if unified:
         message["transcription"] = text
     if is_final:
-        language = reported_language(options)
-        message["language"] = language
-        message["languages"] = [language]
+        final = final or FinalFacts(reported_language(options))
+        message["language"] = final.language
+        message["languages"] = list(final.languages or [final.language])
         if options.full_transcript:
-            message["full_transcript"] = full_transcript or ""
+            message["full_transcript"] = final.full_transcript or ""
         if options.redact_pii or options.redact_pci:
-            message["redacted_entities"] = []  # accepted, not implemented locally
+            message["redacted_entities"] = list(final.redacted_entities)
     if options.word_timestamps:
-        message["words"] = [word_entry(w, diarize=options.diarize) for w in words]
+        message["words"] = [word_entry(w) for w in words]
     if options.sentence_timestamps and is_final:
         message["utterances"] = utterances(words)
     return message

@@ -18,6 +18,7 @@ avoided on purpose: the vendor uses it for "concurrency limit, retry later".
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,14 +37,18 @@ from batch.server.audio import make_wire_decoder
 from batch.server.engines import Engine
 from batch.server.faults import FaultDraw, FaultKind
 from batch.server.messages import (
+    FinalFacts,
     error_message,
     shift_words,
     speech_event,
     transcript_message,
+    transcript_text,
     wants_vad_events,
 )
 from batch.server.odd import ODD_VALUES, OddValue
+from batch.server.redact import Redactor
 from batch.server.stats import SessionRecord
+from batch.server.text import digits_as_words, words_as_digits
 from batch.server.vad import Segment, Segmenter
 
 logger = logging.getLogger(__name__)
@@ -111,6 +116,10 @@ class StreamSession:
         self._partial_queued = False
         self._partial_mark = 0  # open-segment length (samples) at the last partial
         self._finals: list[str] = []
+        self._languages: list[str] = []  # every language reported so far, first-seen order
+        options = settings.options
+        self._redactor = Redactor(pci=options.redact_pci, pii=options.redact_pii)
+        self._hotwords = " ".join(k.rpartition(":")[0] for k in options.keywords) or None
         self._fault_fired = False
         self._odd_pending: OddValue | None = None  # to put into the next fitting final
         self._problem = ""
@@ -261,20 +270,28 @@ class StreamSession:
         self._partial_queued = False
         if job.segment is None or job.segment.index <= self._closed_through:
             return  # its final is already queued: a partial now would only be noise
-        words = await self._recognize(job.segment)
+        words = await self._recognize(job.segment, final=False)
+        # Partials are redacted too (with their own numbering): nothing in clear leaves.
+        options = self._options
+        words, _ = self._written(words, Redactor(pci=options.redact_pci, pii=options.redact_pii))
         await self._send(self._message(words, is_final=False))
 
     async def _send_final(self, job: Job) -> bool:
         """Send one final; after the last one close 1000. True when the session is done."""
-        words = await self._recognize(job.segment) if job.segment is not None else []
-        self._record.final_words.extend(w.word for w in words)
+        heard = await self._recognize(job.segment) if job.segment is not None else []
+        words, entities = self._written(heard, self._redactor)
+        self._record.final_words.extend(w.word for w in words)  # as sent
+        language = self._settings.engine.language_of(heard, self._options.language)
+        if words and language not in self._languages:
+            self._languages.append(language)
         segment = job.segment if wants_vad_events(self._options) and words else None
         if segment is not None:  # events interleave with transcripts, as the service's do
             await self._event("speech_started", segment.start_s)
-        text = " ".join(w.word for w in words)
+        text = transcript_text(words)
         if text:
             self._finals.append(text)
-        await self._send(self._message(words, is_final=True, is_last=job.is_last))
+        final = FinalFacts(language, self._languages, entities, " ".join(self._finals))
+        await self._send(self._message(words, is_final=True, is_last=job.is_last, final=final))
         if segment is not None and not job.is_last:
             await self._event("speech_ended", segment.start_s + segment.duration_s)
         if job.is_last:
@@ -285,35 +302,47 @@ class StreamSession:
     async def _event(self, kind: str, at_s: float) -> None:
         await self._send(json.dumps(speech_event(self._settings.session_id, kind, at_s)))
 
-    async def _recognize(self, segment: Segment) -> list[Word]:
+    def _written(self, words: list[Word], redactor: Redactor) -> tuple[list[Word], list[str]]:
+        """Words as the session asked them written: numerals, then redaction (digits
+        first, so spoken card numbers are caught); or redaction before spelling out."""
+        numerals = self._options.numerals
+        if numerals == "true":
+            return redactor.redact(words_as_digits(words))
+        redacted, entities = redactor.redact(words)
+        return (digits_as_words(redacted) if numerals == "false" else redacted), entities
+
+    async def _recognize(self, segment: Segment, *, final: bool = True) -> list[Word]:
+        engine = self._settings.engine
         words = await anyio.to_thread.run_sync(
-            self._settings.engine.recognize,
+            functools.partial(engine.recognize, hotwords=self._hotwords, final=final),
             segment.audio,
             segment.sample_rate,
             limiter=self._settings.limiter,
         )
         return shift_words(words, segment.start_s)
 
-    def _message(self, words: list[Word], *, is_final: bool, is_last: bool = False) -> str:
-        message = self._message_dict(words, is_final=is_final, is_last=is_last)
-        odd = self._odd_pending
-        if is_final and odd is not None and (message.get("words") or not odd.needs_words):
-            self._odd_pending = None
-            odd.apply(message)
-        return json.dumps(message)
-
-    def _message_dict(
-        self, words: list[Word], *, is_final: bool, is_last: bool = False
-    ) -> dict[str, Any]:
-        return transcript_message(
+    def _message(
+        self,
+        words: list[Word],
+        *,
+        is_final: bool,
+        is_last: bool = False,
+        final: FinalFacts | None = None,
+    ) -> str:
+        message = transcript_message(
             session_id=self._settings.session_id,
             words=words,
             options=self._options,
             generation=self._settings.generation,
             is_final=is_final,
             is_last=is_last,
-            full_transcript=" ".join(self._finals),
+            final=final,
         )
+        odd = self._odd_pending
+        if is_final and odd is not None and (message.get("words") or not odd.needs_words):
+            self._odd_pending = None
+            odd.apply(message)
+        return json.dumps(message)
 
     async def _send(self, text: str) -> None:
         await self._ws.send(text)
