@@ -30,7 +30,7 @@ from batch.errors import InputError, LockedError, ManifestError, OutputError, Sh
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
 from batch.pulse import protocol
-from batch.report import render_job, render_markdown, summary_line
+from batch.report import job_runs, render_job, render_markdown, summary_line
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -357,7 +357,10 @@ def report(
         data = outputs.latest_report(output, job)
         name = str(data["job"])
         data["job_so_far"] = outputs.read_history(output, name).summary
-        data["runs"] = outputs.job_runs(output, name)
+        data["runs"] = job_runs(
+            outputs.run_reports(output, name),
+            lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
+        )
     except (FileNotFoundError, ManifestError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None

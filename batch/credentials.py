@@ -88,6 +88,14 @@ class Scrubber:
             text = _scrub_pieces(text, secret)
         return text
 
+    def scrub_whole(self, text: str) -> str:
+        """Whole occurrences only: for structured text (a JSON frame), where replacing a
+        short piece could change what it says."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
     def __bool__(self) -> bool:
         return bool(self.secrets)
 

@@ -66,8 +66,8 @@ class OutputError(PulseBatchError):
 class InputError(PulseBatchError):
     """An input file cannot be turned into audio. Retrying cannot help.
 
-    ``kind`` is one of: not_found, permission, empty, not_media, no_audio, decode_error,
-    too_short.
+    ``kind`` is one of: not_found, symlink_loop, bad_path, permission, empty, not_media,
+    no_audio, decode_error, too_short.
     """
 
     def __init__(self, kind: str, path: Path | str, message: str) -> None:

@@ -25,7 +25,7 @@ from batch.output import JobOutput, RunWriter, read_history
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
-from batch.report import RunStats, build_report
+from batch.report import RunStats, build_report, failing_items
 from batch.runner import ItemRunner, Unit, whole_units
 from batch.session import Endpoint
 from batch.shard import Shard
@@ -351,8 +351,9 @@ def exit_code(
             return EXIT_SERVICE_REFUSING
         return EXIT_FATAL_SERVICE
     items = report["items"]
-    # Failed items a --no-retry-failed rerun left alone are still failures of the job.
-    failed = int(items["failed"]) + int(items["not_run"]) + int(items["skipped_failed_before"])
+    # Failed items a --no-retry-failed rerun left alone are still failures of the job; the
+    # summary line's `failing` is this same count.
+    failed = failing_items(report)
     if max_failure_ratio is not None:  # a share of all the job's items, skipped ones included
         share = failed / max(1, int(items["total"]))
         return EXIT_OK if share <= max_failure_ratio else EXIT_ITEMS_FAILED

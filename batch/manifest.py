@@ -26,6 +26,7 @@ from pydantic import (
 
 from batch import storage
 from batch.errors import ManifestError
+from batch.lists import read_text
 from batch.pulse import protocol
 from batch.pulse.protocol import PulseOptions
 
@@ -45,6 +46,9 @@ Encoding = Annotated[str, AfterValidator(_one_of(protocol.ENCODINGS, "encoding")
 SampleRate = Annotated[int, AfterValidator(_one_of(protocol.SAMPLE_RATES, "sample rate"))]
 Channels = Literal["mix", "split"] | Annotated[int, Field(ge=0)]
 PartitionColumn = Literal["job", "date", "language"]
+# [agent, customer] names channels 0, 1, ... of files with two or more channels; a mapping
+# may also say what a mono file's one channel is: {0: agent, 1: customer, mono: caller}.
+ChannelNames = list[str] | dict[int | Literal["mono"], str]
 
 
 class _Strict(BaseModel):
@@ -79,6 +83,8 @@ class GlobInput(_Strict):
     language: Language | None = None
     channels: Channels | None = None
     storage_options: StorageOptions = {}
+    # Matching nothing is an error (a typo in a nightly job must not go green) unless this.
+    allow_empty: bool = False
 
 
 class PathInput(_Strict):
@@ -92,6 +98,7 @@ class ListInput(_Strict):
     list: Location
     # For the list file, when it is a URL, and for every URL it lists.
     storage_options: StorageOptions = {}
+    allow_empty: bool = False
 
 
 def _input_kind(value: Any) -> str | None:
@@ -214,7 +221,7 @@ class RunConfig(_Strict):
     # longest_first keeps a long recording from starting last and holding the job up.
     order: Literal["longest_first", "listing"] = "longest_first"
     channels: Channels = "mix"
-    channel_names: list[str] | None = None
+    channel_names: ChannelNames | None = None
     stream_index: int | None = Field(None, ge=0)
     chunk_bytes: int = Field(4096, ge=64, le=1 << 20)
     chunk_ms: int | None = Field(None, ge=10, le=5000)
@@ -347,12 +354,11 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
 def load_manifest(path: Path | str) -> LoadedManifest:
     """Read and validate a manifest file; raises `ManifestError` on any problem."""
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(source, "no such manifest file") from None
-    except OSError as exc:
-        raise ManifestError(source, f"cannot read manifest: {exc.strerror}") from None
+    if not source.exists():
+        raise ManifestError(source, "no such manifest file")
+    # UTF-8 (or UTF-16 with a byte-order mark), as YAML wants; other encodings are refused
+    # with what the bytes look like, rather than read as something they may not be.
+    text = read_text(source, what="manifest", latin1_ok=False)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,20 +1,24 @@
 """Plan a job: expand inputs into items with stable ids, and order the work.
 
-`expand_sources` is file-system I/O (globs, list files; URLs through `batch.storage`);
-`make_items` and `item_id` are pure. An explicit path that does not exist is not a crash: it
-becomes an item that fails with ``not_found`` without opening a session.
+`expand_sources` is file-system I/O (globs, list files); `make_items` and `item_id` are
+pure. A listed path that does not exist, is a symlink loop, holds a NUL byte or is too long
+is not a crash: it becomes an item that fails (``not_found``, ``symlink_loop``,
+``bad_path``) without opening a session. Globs follow symlinked folders but never walk a
+real folder twice, so a loop cannot hang planning.
 """
 
 from __future__ import annotations
 
-import csv
+import errno
+import fnmatch
 import glob
 import hashlib
-import io
 import json
 import logging
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +26,8 @@ from urllib.parse import urlsplit
 from batch import storage
 from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, ManifestError
-from batch.manifest import GlobInput, ListInput, LoadedManifest, PathInput
+from batch.lists import read_local, read_rows
+from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
 
 logger = logging.getLogger(__name__)
@@ -34,13 +39,24 @@ ChannelSpec = str | int  # "mix", "split" or a channel index
 class Source:
     """One input file as the manifest names it, with per-item overrides.
 
-    ``path`` is an absolute local path or a URL exactly as listed."""
+    ``path`` is the path as listed (made absolute against the manifest's or list file's
+    folder, symlinks not followed), or a URL as listed: what the tables' ``source`` column
+    holds. ``resolved`` is the real file behind a local path, what the stable ``item_id``
+    hashes (None for URLs, or when it cannot be resolved). ``problem`` is set when the path
+    itself is unusable.
+    """
 
     path: str
     language: str | None = None
     channels: ChannelSpec | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict)
+    resolved: str | None = None
+    problem: InputError | None = None
+
+    @property
+    def identity(self) -> str:
+        return self.resolved or self.path
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,9 @@ class Item:
     metadata: dict[str, str] = field(default_factory=dict)
     duration_s: float | None = None  # from the container; exact duration comes from decoding
     error: InputError | None = None  # known bad before any session is opened
+    # Where to open the file when ``source`` (text fit to store) cannot name it byte for
+    # byte: a file name that is not valid UTF-8.
+    open_path: str | None = None
     # Non-secret fsspec settings for a URL source; never part of the id (they say how to
     # reach the file, not which file it is).
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -67,38 +86,50 @@ def item_id(source: str, channel: int | None, options: PulseOptions) -> str:
     return digest.hexdigest()[:20]
 
 
-def _list_lines(location: str, options: storage.StorageOptions) -> io.StringIO:
-    """The list file's lines, local or at a URL. Raises `ManifestError`."""
-    if storage.is_url(location):
-        data = storage.read_bytes(location, options)
-    else:
-        list_path = Path(location)
-        if not list_path.exists():
-            raise ManifestError(list_path, "list file not found")
-        data = list_path.read_bytes()
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for the tables: a non-UTF-8 file name's stray bytes (held as
+    surrogates by Python) become ``\\xNN`` escapes instead of failing a Parquet write."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def locate(text: str, folder: str) -> Source:
+    """A listed path, made absolute against ``folder`` (a local folder or a URL ending in
+    ``/``), checked without following it into a loop: a NUL byte, a name too long, a
+    symlink loop become the source's ``problem``. URLs are kept as listed."""
+    if storage.is_url(text):
+        return Source(text)
+    if storage.is_url(folder):
+        return Source(storage.join(folder, text))
+    # Absolute by string operations only, so even a path the OS refuses has a full name.
+    absolute = os.path.normpath(os.path.join(folder, text))
+    shown = storable(absolute).replace("\x00", "\\x00")
+    if "\x00" in text:
+        problem = "the path holds a NUL byte; check the list for a stray binary field"
+        return Source(shown, problem=InputError("bad_path", shown, problem))
+    listed = Path(absolute)
     try:
-        return io.StringIO(data.decode("utf-8"), newline="")
-    except UnicodeDecodeError:
-        raise ManifestError(location, "list file is not UTF-8 text") from None
-
-
-def _read_list(location: str, options: storage.StorageOptions) -> Iterator[dict[str, Any]]:
-    lines = _list_lines(location, options)
-    name = urlsplit(location).path if storage.is_url(location) else location
-    if Path(name).suffix.lower() in (".jsonl", ".ndjson"):
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(location, f"line {number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(location, f"line {number}: expected a JSON object")
-            yield {"__line__": number, **row}
-    else:
-        for number, row in enumerate(csv.DictReader(lines), start=2):
-            yield {"__line__": number, **row}
+        os.stat(listed)
+    except FileNotFoundError:
+        pass  # the prober says not_found, as for any missing file
+    except PermissionError:
+        pass  # the prober says permission
+    except OSError as exc:
+        kind = {errno.ELOOP: "symlink_loop", errno.ENAMETOOLONG: "bad_path"}.get(
+            exc.errno or 0, "permission"
+        )
+        why = {
+            "symlink_loop": "is a symlink loop (it points back at itself); fix the link",
+            "bad_path": "is too long for the file system; check the list for a joined field",
+        }.get(kind, f"cannot be read: {exc.strerror}")
+        return Source(shown, problem=InputError(kind, shown, why))
+    except ValueError as exc:  # e.g. a lone surrogate the OS cannot encode
+        return Source(shown, problem=InputError("bad_path", shown, str(exc)))
+    try:
+        resolved = listed.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop found while resolving (3.11: RuntimeError)
+        why = f"is a symlink loop (it points back at itself); fix the link ({exc})"
+        return Source(str(listed), problem=InputError("symlink_loop", shown, why))
+    return Source(str(listed), resolved=str(resolved))
 
 
 def _channels_value(raw: Any, where: str, list_path: str) -> ChannelSpec | None:
@@ -112,28 +143,10 @@ def _channels_value(raw: Any, where: str, list_path: str) -> ChannelSpec | None:
     raise ManifestError(list_path, f"{where}: channels must be mix, split or a channel index")
 
 
-def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
-    for row in _read_list(location, options):
-        where = f"line {row.pop('__line__')}"
-        raw_path = row.pop("path", None)
-        if not raw_path:
-            raise ManifestError(location, f"{where}: needs a non-empty 'path' column")
-        language = row.pop("language", None) or None
-        if language is not None and language not in LANGUAGES:
-            raise ManifestError(location, f"{where}: language {language!r} is not supported")
-        channels = _channels_value(row.pop("channels", None), where, location)
-        metadata = {str(k): "" if v is None else str(v) for k, v in row.items()}
-        try:
-            storage.check_url(str(raw_path))
-        except ValueError as exc:
-            raise ManifestError(location, f"{where}: {exc}") from None
-        yield Source(
-            path=_resolve(str(raw_path), _folder_of(location)),
-            language=language,
-            channels=channels,
-            metadata=metadata,
-            storage_options=options,
-        )
+def _list_bytes(location: str, options: storage.StorageOptions) -> bytes:
+    if storage.is_url(location):
+        return storage.read_bytes(location, options)
+    return read_local(Path(location), what="list file")
 
 
 def _folder_of(location: str) -> str:
@@ -144,65 +157,77 @@ def _folder_of(location: str) -> str:
     return str(Path(location).parent)
 
 
-def _resolve(listed: str, folder: str) -> str:
-    """A listed path as its absolute location: URLs as listed, local paths resolved against
-    ``folder`` (the manifest's, or the list file's, local or a URL)."""
-    if storage.is_url(listed):
-        return listed
-    if storage.is_url(folder):
-        return storage.join(folder, listed)
-    path = Path(listed)
-    return str((path if path.is_absolute() else Path(folder) / path).resolve())
+def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
+    name = urlsplit(location).path if storage.is_url(location) else location
+    for number, row in read_rows(location, _list_bytes(location, options), name):
+        where = f"line {number}"
+        raw_path = row.pop("path", None)
+        if raw_path is None or str(raw_path).strip() == "":
+            raise ManifestError(location, f"{where}: the 'path' column is empty")
+        language = str(row.pop("language", None) or "").strip() or None
+        if language is not None and language not in LANGUAGES:
+            raise ManifestError(location, f"{where}: language {language!r} is not supported")
+        channels = _channels_value(row.pop("channels", None), where, location)
+        metadata = {
+            storable(str(k)): "" if v is None else storable(v if isinstance(v, str) else str(v))
+            for k, v in row.items()
+        }
+        try:
+            storage.check_url(str(raw_path))
+        except ValueError as exc:
+            raise ManifestError(location, f"{where}: {exc}") from None
+        found = locate(str(raw_path), _folder_of(location))
+        yield replace(
+            found,
+            language=language,
+            channels=channels,
+            metadata=metadata,
+            storage_options=options,
+        )
 
 
 def expand_sources(loaded: LoadedManifest) -> list[Source]:
-    """Every input file, globs sorted, duplicates (same resolved path or same URL) dropped.
-
-    Raises `ManifestError` for a list file that cannot be read, a URL glob that cannot be
-    listed, or a storage client that cannot be set up.
-    """
+    """Every input file, globs sorted; the same real file asked for twice with the same
+    effective options is kept once. Raises `ManifestError` for a glob or list that matches
+    nothing (unless the entry says ``allow_empty: true``) and for unreadable list files."""
     base = str(loaded.base_dir)
     sources: list[Source] = []
-    for entry in loaded.manifest.inputs:
+    for index, entry in enumerate(loaded.manifest.inputs):
+        found: list[Source] = []
         if isinstance(entry, GlobInput):
-            matches = _glob(entry.glob, base, entry.storage_options)
-            if not matches:
-                logger.warning("glob %r matched no files", entry.glob)
-            sources.extend(
-                Source(m, entry.language, entry.channels, storage_options=entry.storage_options)
-                for m in matches
-            )
+            found = [
+                replace(locate(m, base), language=entry.language, channels=entry.channels,
+                        storage_options=entry.storage_options)
+                for m in _glob(entry.glob, base, entry.storage_options)
+            ]  # fmt: skip
+            what = f"glob {entry.glob!r} matched no files"
         elif isinstance(entry, PathInput):
-            resolved = _resolve(entry.path, base)
-            sources.append(
-                Source(
-                    resolved, entry.language, entry.channels, storage_options=entry.storage_options
-                )
-            )
+            found = [
+                replace(locate(entry.path, base), language=entry.language, channels=entry.channels,
+                        storage_options=entry.storage_options)
+            ]  # fmt: skip
+            what = ""
         elif isinstance(entry, ListInput):
-            location = _resolve(entry.list, base)
-            sources.extend(_sources_from_list(location, entry.storage_options))
+            location = locate(entry.list, base).path
+            found = list(_sources_from_list(location, entry.storage_options))
+            what = f"list {entry.list!r} has no rows"
+        if not found and not getattr(entry, "allow_empty", False):
+            raise ManifestError(
+                loaded.path,
+                f"inputs.{index}: {what}; fix the entry, or add allow_empty: true to it "
+                "if an empty match is expected",
+            )
+        if not found:
+            logger.info("inputs.%d: %s (allow_empty)", index, what)
+        sources.extend(found)
     _check_storage_clients(sources)
-    # The same file asked for twice with the same options is one item; with a different
-    # language or channel choice it is different work, and stays.
-    seen: set[tuple[str, str | None, ChannelSpec | None]] = set()
-    unique = []
-    for source in sources:
-        key = (source.path, source.language, source.channels)
-        if key in seen:
-            logger.info("%s is listed more than once with the same options: kept once", source.path)
-            continue
-        seen.add(key)
-        unique.append(source)
-    return unique
+    return _unique(sources, loaded)
 
 
 def _glob(pattern: str, base: str, options: dict[str, Any]) -> list[str]:
     if storage.is_url(pattern):
         return storage.glob(pattern, options)
-    full = pattern if Path(pattern).is_absolute() else str(Path(base) / pattern)
-    matches = (Path(p) for p in glob.glob(full, recursive=True))
-    return sorted(str(p.resolve()) for p in matches if p.is_file())
+    return [str(path) for path in walk_glob(Path(base) / pattern)]
 
 
 def _check_storage_clients(sources: Iterable[Source]) -> None:
@@ -218,7 +243,144 @@ def _check_storage_clients(sources: Iterable[Source]) -> None:
             storage.check_reachable(source.path, source.storage_options)
 
 
+def _unique(sources: list[Source], loaded: LoadedManifest) -> list[Source]:
+    """Drop exact repeats early (so a file is probed once); `make_items` drops the rest of
+    the items equal in effect by their ids."""
+    pulse, run = loaded.manifest.pulse, loaded.manifest.run
+    seen: set[tuple[str, str, ChannelSpec]] = set()
+    unique = []
+    for source in sources:
+        effective = (source.language or pulse.language, _spec(source, run.channels))
+        key = (source.identity, *effective)
+        if key in seen:
+            logger.info("%s is listed more than once with the same options: kept once", source.path)
+            continue
+        seen.add(key)
+        unique.append(source)
+    return unique
+
+
+def _spec(source: Source, default: ChannelSpec) -> ChannelSpec:
+    return source.channels if source.channels is not None else default
+
+
 Prober = Callable[[str, int | None, storage.StorageOptions], ProbeInfo]
+
+
+def walk_glob(pattern: Path) -> list[Path]:
+    """Files matching ``pattern`` (``**`` spans folders), sorted, as reached through the
+    folders (symlinks not resolved). Symlinked folders are followed, but a folder already
+    walked (a symlink loop, or a second link to it) is not walked again, and each real file
+    is listed once: the walk always ends."""
+    parts = pattern.parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    if fixed == len(parts):
+        return [root] if root.is_file() else []
+    walk = _GlobWalk()
+    walk.expand(root, list(parts[fixed:]))
+    return sorted(walk.files)
+
+
+class _GlobWalk:
+    """One glob's walk: the real folders and files seen so far."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self._real_files: set[tuple[int, int]] = set()
+        self._real_dirs: set[tuple[int, int]] = set()
+
+    def expand(self, folder: Path, parts: list[str]) -> None:
+        head, rest = parts[0], parts[1:]
+        if head == "**":
+            if not self._enter(folder):
+                return
+            if rest:
+                self._match(folder, rest)
+            else:  # a trailing ** matches every file below
+                for child in self._entries(folder):
+                    if not child.name.startswith("."):
+                        self._add_file(child)
+            # Real folders before symlinked ones: a file reachable both ways is listed
+            # under its real folder.
+            for child in sorted(self._entries(folder), key=lambda c: (c.is_symlink(), c.name)):
+                if not child.name.startswith(".") and _is_dir(child):
+                    self.expand(child, parts)
+        else:
+            self._match(folder, parts)
+
+    def _match(self, folder: Path, parts: list[str]) -> None:
+        head, rest = parts[0], parts[1:]
+        if head == "**":
+            self.expand(folder, parts)
+            return
+        if glob.has_magic(head):
+            hidden_ok = head.startswith(".")
+            children = [
+                c for c in self._entries(folder)
+                if fnmatch.fnmatchcase(c.name, head) and (hidden_ok or not c.name.startswith("."))
+            ]  # fmt: skip
+        else:
+            children = [folder / head]
+        for child in children:
+            if rest:
+                if _is_dir(child):
+                    self.expand(child, rest)
+            else:
+                self._add_file(child)
+
+    def _enter(self, folder: Path) -> bool:
+        """True the first time a real folder is reached; a repeat is logged, not walked."""
+        try:
+            info = folder.stat()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            logger.warning("glob: skipped %s: %s", folder, exc.strerror or exc)
+            return False
+        key = (info.st_dev, info.st_ino)
+        if key in self._real_dirs:
+            logger.warning(
+                "glob: not walking %s again: it is a folder already walked (a symlink loop "
+                "or a second link to it)",
+                folder,
+            )
+            return False
+        self._real_dirs.add(key)
+        return True
+
+    def _entries(self, folder: Path) -> list[Path]:
+        try:
+            with os.scandir(folder) as entries:
+                return [folder / entry.name for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            logger.warning("glob: cannot list %s: %s", folder, exc.strerror or exc)
+            return []
+
+    def _add_file(self, path: Path) -> None:
+        try:
+            info = path.stat()
+        except OSError as exc:
+            if path.is_symlink():
+                logger.warning("glob: skipped %s: %s", path, exc.strerror or exc)
+            return
+        if not stat.S_ISREG(info.st_mode):
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in self._real_files:
+            logger.info("glob: %s is a file already matched through another path", path)
+            return
+        self._real_files.add(key)
+        self.files.append(path)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a symlink loop, a name too long
+        return False
 
 
 def make_items(
@@ -228,7 +390,9 @@ def make_items(
     done: frozenset[str] = frozenset(),
     wanted: Callable[[str], bool] | None = None,
 ) -> list[Item]:
-    """Items for every source, probing each once; bad files become failed items.
+    """Items for every source, probing each once; bad files become failed items. Items
+    equal in effect (same real file, channel and resolved options: the same ``item_id``)
+    are one item, the first listed.
 
     Sources whose id is in ``done`` (already ok) are not probed: a nightly rerun over a
     growing archive costs one probe per new file, not per file. Only items whose id
@@ -236,67 +400,68 @@ def make_items(
     (every ``channels`` choice but split), the others are not probed either.
     """
     manifest = loaded.manifest
-    items: list[Item] = []
+    items: dict[str, Item] = {}
+
+    def add(item: Item) -> None:
+        if item.item_id in items:
+            logger.info(
+                "%s%s is listed more than once with options equal in effect: kept once",
+                item.source,
+                "" if item.channel is None else f" channel {item.channel}",
+            )
+            return
+        items[item.item_id] = item
+
     for source in sources:
         options = manifest.pulse.options(source.language)
-        spec = source.channels if source.channels is not None else manifest.run.channels
-        path = source.path
+        spec = _spec(source, manifest.run.channels)
+        shown = storable(source.path)
+        base = Item(
+            "",
+            shown,
+            None,
+            None,
+            options,
+            source.metadata,
+            open_path=source.path if shown != source.path else None,
+            storage_options=source.storage_options,
+        )
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)
-            known = item_id(path, channel, options)
+            known = item_id(source.identity, channel, options)
             if wanted is not None and not wanted(known):
                 continue
             if known in done:
-                items.append(
-                    Item(
-                        known,
-                        path,
-                        channel,
-                        None,
-                        options,
-                        source.metadata,
-                        storage_options=source.storage_options,
-                    )
-                )
+                add(replace(base, item_id=known, channel=channel))
                 continue
         try:
-            info = prober(path, manifest.run.stream_index, source.storage_options)
+            if source.problem is not None:
+                raise source.problem
+            info = prober(source.path, manifest.run.stream_index, source.storage_options)
         except InputError as unusable:
             channel = _channel_list(spec, None)[0]
-            items.append(
-                Item(
-                    item_id(path, channel, options),
-                    path,
-                    channel,
-                    None,
-                    options,
-                    source.metadata,
-                    None,
-                    unusable,
-                    storage_options=source.storage_options,
-                )
-            )
+            ident = item_id(source.identity, channel, options)
+            add(replace(base, item_id=ident, channel=channel, error=unusable))
             continue
         for channel in _channel_list(spec, info):
             problem = None
             if channel is not None and channel >= info.channels:
                 problem = InputError(
-                    "no_audio", path, f"has {info.channels} channel(s); channel {channel} asked"
+                    "no_audio", shown, f"has {info.channels} channel(s); channel {channel} asked"
                 )
-            items.append(
-                Item(
-                    item_id=item_id(path, channel, options),
-                    source=path,
+            name = _channel_name(manifest.run.channel_names, channel, info.channels)
+            add(
+                replace(
+                    base,
+                    item_id=item_id(source.identity, channel, options),
                     channel=channel,
-                    channel_name=_channel_name(manifest.run.channel_names, channel),
-                    options=options,
-                    metadata=source.metadata,
+                    channel_name=name,
                     duration_s=info.duration_s,
                     error=problem,
-                    storage_options=source.storage_options,
                 )
             )
-    return items if wanted is None else [i for i in items if wanted(i.item_id)]
+    kept = list(items.values())
+    return kept if wanted is None else [i for i in kept if wanted(i.item_id)]
 
 
 def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]:
@@ -307,10 +472,16 @@ def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]
     return [int(spec)]
 
 
-def _channel_name(names: list[str] | None, channel: int | None) -> str | None:
-    if names is None or channel is None or channel >= len(names):
+def _channel_name(names: ChannelNames | None, channel: int | None, channels: int) -> str | None:
+    """The name of ``channel`` of a file with ``channels`` channels. A list names the
+    channels of files with two or more; a mono file is named only by a mapping's ``mono``."""
+    if names is None or channel is None:
         return None
-    return names[channel]
+    if channels == 1:
+        return names.get("mono") if isinstance(names, dict) else None
+    if isinstance(names, dict):
+        return names.get(channel)
+    return names[channel] if channel < len(names) else None
 
 
 def longest_first(items: Iterable[Item]) -> list[Item]:

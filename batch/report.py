@@ -131,6 +131,13 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
     }
 
 
+def failing_items(report: dict[str, Any]) -> int:
+    """Items of the job whose latest result is not ok after this run: failed now, not run,
+    or failed before and left alone by ``--no-retry-failed``."""
+    items = report["items"]
+    return int(items["failed"]) + int(items["not_run"]) + int(items["skipped_failed_before"])
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line a log scraper can parse: space-separated key=value pairs."""
     items = report["items"]
@@ -145,6 +152,8 @@ def summary_line(report: dict[str, Any]) -> str:
         "skipped": items["skipped_already_ok"],
         "skipped_failed": items["skipped_failed_before"],
         "not_run": items["not_run"],
+        # What the exit code counts: failed + not_run + skipped_failed.
+        "failing": failing_items(report),
         "retries": report["retries"],
         "audio_s": report["audio_s"],
         "wall_s": report["wall_s"],

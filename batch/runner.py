@@ -174,7 +174,7 @@ class ItemRunner:
 
     def _decoder(self, item: Item) -> DecodedAudio:
         return DecodedAudio(
-            item.source,
+            item.open_path or item.source,
             self.wire,
             channel=item.channel,
             stream_index=self.run.stream_index,
@@ -302,6 +302,9 @@ class ItemRunner:
             self.run.connect_timeout_s,
             self.run.final_timeout_s,
             deadline + self.run.session_deadline_slack_s,
+            # The probe may understate the audio: the deadline follows what is really sent.
+            deadline_per_audio_s=self.run.session_deadline_factor / (self.run.pace or 1.0),
+            deadline_slack_s=self.run.session_deadline_slack_s,
         )
 
     async def _attempt(self, item: Item, audio: _Audio, duration_s: float | None) -> SessionResult:

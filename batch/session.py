@@ -107,6 +107,18 @@ class Timeouts:
     connect_timeout_s: float = 10.0
     final_timeout_s: float = 30.0  # for each message once the end signal is sent
     session_deadline_s: float = 600.0  # the whole session, scaled to the audio by the caller
+    # The deadline grows with the audio actually sent, to at least start + this x the audio
+    # seconds sent + the slack: a file longer than its header said (a VBR MP3 without a
+    # Xing header probes short) is never timed out for that. 0: the deadline is fixed.
+    deadline_per_audio_s: float = 0.0
+    deadline_slack_s: float = 0.0
+
+    def grown_deadline_s(self, audio_sent_s: float) -> float:
+        """The session deadline (seconds from its start) once ``audio_sent_s`` was sent."""
+        if self.deadline_per_audio_s <= 0:
+            return self.session_deadline_s
+        grown = audio_sent_s * self.deadline_per_audio_s + self.deadline_slack_s
+        return max(self.session_deadline_s, grown)
 
 
 @dataclass
@@ -205,11 +217,14 @@ class _Stream:
         generation: protocol.Generation,
         diarize: bool,
         scrubber: Scrubber,
+        deadline: anyio.CancelScope | None = None,
     ) -> None:
         self.ws = ws
         self.generation = generation
         self.diarize = diarize
         self.scrubber = scrubber
+        self.deadline = deadline  # the session's, moved later as audio is sent
+        self.began = anyio.current_time()
         self._warned: set[str] = set()
         self.result = result
         self.timeouts = timeouts
@@ -223,6 +238,7 @@ class _Stream:
             if self.started_at is None:
                 self.started_at = time.monotonic()
             await self.ws.send(chunk)
+            self._grow_deadline(audio.position_s)
             if pace > 0:
                 due = self.started_at + audio.position_s / pace
                 await anyio.sleep(max(0.0, due - time.monotonic()))
@@ -233,6 +249,11 @@ class _Stream:
         self.end_sent.set()
         if self._waiting is not None:  # a wait begun before the end signal is now bounded too
             self._waiting.deadline = anyio.current_time() + self.timeouts.final_timeout_s
+
+    def _grow_deadline(self, audio_sent_s: float) -> None:
+        if self.deadline is not None:
+            grown = self.began + self.timeouts.grown_deadline_s(audio_sent_s)
+            self.deadline.deadline = max(self.deadline.deadline, grown)
 
     async def receive(self) -> None:
         while True:
@@ -257,6 +278,8 @@ class _Stream:
 
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
+        # A service that echoes the key into a transcript or message must not get it stored.
+        raw = self.scrubber.scrub_whole(raw)
         try:
             message = protocol.parse_message(raw)
         except protocol.MalformedMessage as exc:
@@ -314,8 +337,9 @@ async def run_session(
         _wire_filter.remember(api_key)
     result = SessionResult()
     began = time.monotonic()
+    begun = anyio.current_time()
     try:
-        with anyio.fail_after(timeouts.session_deadline_s):
+        with anyio.fail_after(timeouts.session_deadline_s) as deadline:
             async with connect(
                 endpoint.session_url(options),
                 additional_headers=headers,
@@ -332,7 +356,7 @@ async def run_session(
                 if on_open is not None:
                     on_open()
                 stream = _Stream(
-                    ws, result, timeouts, endpoint.generation, options.diarize, scrubber
+                    ws, result, timeouts, endpoint.generation, options.diarize, scrubber, deadline
                 )
                 try:
                     async with anyio.create_task_group() as tasks:
@@ -345,7 +369,8 @@ async def run_session(
     except TimeoutError as exc:
         if result.connect_s == 0.0:
             raise SessionTimeout("connect_timeout_s", timeouts.connect_timeout_s) from exc
-        raise SessionTimeout("session_deadline_s", timeouts.session_deadline_s) from exc
+        ran_s = anyio.current_time() - begun
+        raise SessionTimeout("session_deadline_s", ran_s) from exc
     # Translated `from None`: the websockets errors carry the service's raw text (a body or
     # close reason that may echo the key); ours carry the scrubbed text only.
     except InvalidStatus as exc:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch import output as outputs
 from batch.errors import ManifestError
 from batch.manifest import LoadedManifest, load_manifest
+from batch.output import latest_report, read_history
 from batch.shard import shard_of
 
 
@@ -79,15 +79,15 @@ def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None 
     return result
 
 
-def _manifest_of(out: str, job: str, manifest: Path | None) -> LoadedManifest:
+def _manifest_of(out_dir: str | Path, job: str, manifest: Path | None) -> LoadedManifest:
     if manifest is None:
         try:
-            recorded = outputs.latest_report(out, job).get("manifest")
+            recorded = latest_report(out_dir, job).get("manifest")
         except FileNotFoundError:
             recorded = None
         if not recorded:
             raise ManifestError(
-                out,
+                out_dir,
                 f"no run of job {job!r} recorded its manifest here; pass --manifest M",
             )
         manifest = Path(recorded)
@@ -99,27 +99,26 @@ def _manifest_of(out: str, job: str, manifest: Path | None) -> LoadedManifest:
     return loaded
 
 
-def _last_shard_count(out: str, job: str) -> int | None:
+def _last_shard_count(out_dir: str | Path, job: str) -> int | None:
     try:
-        label = outputs.latest_report(out, job).get("shard")
+        label = latest_report(out_dir, job).get("shard")
     except FileNotFoundError:
         return None
     return int(str(label).split("/")[1]) if label else None
 
 
-def job_status(out: str, job: str, manifest: Path | None = None) -> JobStatus:
-    """The job's planned items (of ``manifest``, default: the one the job's latest run
-    recorded) by their latest result in the output ``out`` (a folder or URL). Raises
-    `ManifestError` (no manifest given or recorded, wrong job, bad manifest) and
-    `OutputError`."""
+def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> JobStatus:
+    """The job's planned items by latest result. Raises `ManifestError` (no manifest given
+    or recorded, wrong job, bad manifest)."""
     from batch.job import plan_items  # the job module imports much; only needed here
 
-    loaded = _manifest_of(out, job, manifest)
-    history = outputs.read_history(out, job, loaded.manifest.output.storage_options)
-    latest = {i: "ok" for i in history.ok} | {i: "failed" for i in history.failed}
-    planned = sorted({item.item_id for item in plan_items(loaded, history.ok)})
+    loaded = _manifest_of(out_dir, job, manifest)
+    history = read_history(out_dir, job, loaded.manifest.output.storage_options)
+    latest = {item: "ok" for item in history.ok} | {item: "failed" for item in history.failed}
+    done = frozenset(i for i, status in latest.items() if status == "ok")
+    planned = sorted({item.item_id for item in plan_items(loaded, done)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest))
-    count = _last_shard_count(out, job)
+    count = _last_shard_count(out_dir, job)
     if count is not None:
         result.shards = count
         for index in range(count):

@@ -275,8 +275,31 @@ def read_bytes(url: str, options: StorageOptions) -> bytes:
         raise ManifestError(url, f"cannot read: {_reason(exc)}") from None
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an error (or what caused it) carries, as aiohttp's errors do."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # a short chain: the SDK's error and what it wrapped
+        if seen is None:
+            return None
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def read_failure(url: str, exc: BaseException) -> InputError:
     """Translate a storage SDK's error into the item error kinds local files use."""
+    status, cause = _http_status(exc), exc.__cause__
+    if status in (401, 403):
+        return InputError(
+            "permission", url, f"access denied (HTTP {status}); check the credentials"
+        )
+    if status == 404:
+        return InputError("not_found", url, "object not found; check the URL")
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        # fsspec's HTTP reader reports an unreachable server as "not found".
+        return InputError("read_error", url, f"could not read from storage ({_reason(cause)})")
     if isinstance(exc, FileNotFoundError):
         return InputError("not_found", url, "object not found; check the URL")
     if isinstance(exc, PermissionError):

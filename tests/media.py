@@ -6,6 +6,7 @@ suite needs nothing outside the repository.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -144,3 +145,27 @@ def onsets_s(pcm16: bytes, rate: int, threshold: float = 0.05) -> list[float]:
             found.append(index * window / rate)
         quiet = 0 if is_loud else quiet + 1
     return found
+
+
+def write_mp3_probed_short(path: Path, head_s: float, body: np.ndarray, rate: int) -> Path:
+    """An MP3 whose header understates its length, as a VBR file without a Xing header
+    does: ``head_s`` of silence at 320 kb/s, then ``body`` (mono float32) at 32 kb/s, no
+    Xing/Info frame and no ID3 tag. FFmpeg estimates the length from the first frame's
+    bitrate and the file size, so it probes at a fraction of the real duration."""
+
+    def segment(samples: np.ndarray, bit_rate: int) -> bytes:
+        buffer = io.BytesIO()
+        options = {"write_xing": "0", "id3v2_version": "0", "write_id3v1": "0"}
+        with av.open(buffer, "w", format="mp3", options=options) as out:
+            stream = out.add_stream("libmp3lame", rate=rate, layout="mono")
+            stream.bit_rate = bit_rate
+            pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                out.mux(packet)
+        return buffer.getvalue()
+
+    silence = np.zeros(int(head_s * rate), dtype=np.float32)
+    path.write_bytes(segment(silence, 320_000) + segment(body, 32_000))
+    return path

@@ -42,7 +42,11 @@ def test_failure_allowances_decide_the_exit_code(tmp_path: Path) -> None:
     assert run_cli("run", str(manifest), "--max-failure-ratio", "0.0").returncode == 1
     kept_failed = run_cli("run", str(manifest), "--no-retry-failed")
     assert kept_failed.returncode == 1  # the failed item was left failed, not fixed
-    assert _summary(kept_failed.stdout)["skipped_failed"] == "1"
+    summary = _summary(kept_failed.stdout)
+    # The line says why the exit code is 1 although nothing failed in this run.
+    assert (summary["failed"], summary["skipped_failed"], summary["failing"]) == ("0", "1", "1")
+    allowed = run_cli("run", str(manifest), "--no-retry-failed", "--max-failures", "1")
+    assert allowed.returncode == 0 and _summary(allowed.stdout)["failing"] == "1"
 
 
 def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_split_channels_put_each_voice_on_its_channel(tmp_path: Path) -> None:
     assert [(Path(s).name, c, n, t) for s, c, n, t in rows] == [
         ("call.wav", 0, "agent", "tone440 tone440"),
         ("call.wav", 1, "customer", "tone880"),
-        ("mono.wav", 0, "agent", "tone880"),
+        ("mono.wav", 0, None, "tone880"),  # a list names stereo channels, not mono
     ]
     channels = duckdb.sql(
         f"select distinct channel, word from "

@@ -105,6 +105,12 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "run.concurency: unknown key" in done.stderr
     (tmp_path / "batch.csv").write_text("path,customer\nextra/call-18.wav,acme\n")
-    ok = run_cli("validate", str(_write(tmp_path, GOOD)))
+    # A glob matching nothing is an error naming the entry (a typo must not go green) ...
+    empty = run_cli("validate", str(_write(tmp_path, GOOD)))
+    assert empty.returncode == 2
+    assert "inputs.0: glob 'recordings/**/*.wav' matched no files" in empty.stderr
+    # ... unless the entry says an empty match is expected.
+    allowed = GOOD.replace('"recordings/**/*.wav"', '"recordings/**/*.wav"\n    allow_empty: true')
+    ok = run_cli("validate", str(_write(tmp_path, allowed)))
     assert ok.returncode == 0, ok.stderr
     assert "2 item(s)" in ok.stdout and "2 known bad" in ok.stdout

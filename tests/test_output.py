@@ -16,6 +16,8 @@ import pytest
 from batch.collect import ItemRows
 from batch.errors import LockedError, ManifestError
 from batch.output import SCHEMA_VERSION, JobOutput, layout, parquet, read_history, read_table
+from batch.output.history import Scan
+from batch.output.schema import to_arrow
 
 T0 = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
@@ -114,15 +116,19 @@ def test_a_row_that_does_not_fit_fails_its_item_alone(tmp_path: Path) -> None:
     odd = rows("odd")
     odd.transcript["detected_language"] = 5  # a number where the schema wants text
     odd.words[0]["start_s"] = "soon"
+    odder = rows("odder")
+    odder.transcript["channel"] = "left"  # even a column that says which item it is
 
     async def main() -> list[ItemRows]:
         with open_output(tmp_path) as output:
-            async with output.run("r1", commit_every_items=3) as writer:
-                return [await writer.add(r) for r in (rows("a"), odd, rows("b"))]
+            async with output.run("r1", commit_every_items=4) as writer:
+                return [await writer.add(r) for r in (rows("a"), odd, odder, rows("b"))]
 
     stored = anyio.run(main)
-    assert [r.transcript["status"] for r in stored] == ["ok", "failed", "ok"]
-    assert table(tmp_path) == [("a", "r1", "ok"), ("b", "r1", "ok"), ("odd", "r1", "failed")]
+    assert [r.transcript["status"] for r in stored] == ["ok", "failed", "failed", "ok"]
+    assert table(tmp_path) == [
+        ("a", "r1", "ok"), ("b", "r1", "ok"), ("odd", "r1", "failed"), ("odder", "r1", "failed"),
+    ]  # fmt: skip
     failed = read_table(tmp_path, "transcripts", "j").to_pylist()
     bad = next(r for r in failed if r["item_id"] == "odd")
     assert bad["error_kind"] == "protocol" and "/odd.wav" in bad["error"]
@@ -254,3 +260,21 @@ def test_a_version_1_output_is_upgraded_in_place_on_first_open(tmp_path: Path) -
         assert "error_kind" in pq.read_schema(path).names
     write(out, [[rows("a", 1, "r3", at=30)]], run_id="r3")
     assert table(out) == [("a", "r3", "ok"), ("b", "r2", "ok")]
+
+
+def test_delta_redoes_an_item_whose_transcripts_commit_never_happened(tmp_path: Path) -> None:
+    """A run killed between its words commit and its transcripts commit (Delta commits
+    table by table): the item is not taken as done, and its redo replaces everything."""
+    write(tmp_path, [[rows("a"), rows("b")]], fmt="delta")
+    with open_output(tmp_path, fmt="delta") as output:
+        output.history()
+        committer = output._backend.committer("j", "r2", output._index or Scan())
+        words = to_arrow("words", rows("a", 5, run_id="r2", at=10).words)
+        committer._replace("words", words, "job = 'j' AND item_id IN ('a')")
+    history = read_history(tmp_path, "j")  # what the table says, read without a lock
+    assert history.ok == {"a", "b"}
+    with open_output(tmp_path, fmt="delta") as output:
+        assert output.history().ok == {"b"}  # a run's own scan redoes the half-committed item
+    write(tmp_path, [[rows("a", 1, "r3", at=20)]], run_id="r3", fmt="delta")
+    assert table(tmp_path) == [("a", "r3", "ok"), ("b", "r1", "ok")]
+    assert table(tmp_path, "words") == [("a", "r3", 0), ("b", "r1", 0), ("b", "r1", 1)]

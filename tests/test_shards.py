@@ -3,7 +3,6 @@ and kills, the concurrency share, reports naming the shard, and `pulse-batch sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,8 +17,7 @@ import pytest
 
 from batch.job import plan_items
 from batch.manifest import load_manifest
-from batch.output import layout, read_table
-from batch.output.lease import job_lease
+from batch.output import JobOutput, read_table
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
 from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
@@ -182,12 +180,10 @@ def test_shards_started_at_once_one_killed_and_rerun(
         assert FAKE_SECRET not in printed[0] + printed[1]
 
 
-def _held(out: str, shard: Shard | None) -> contextlib.AbstractContextManager[None]:
-    """The job's (or a shard's) lock, held by this test process as a run would hold it."""
-    if out.startswith("s3://"):
-        return job_lease(out, "test-job", shard)
-    layout.check_layout(Path(out), ["job", "date"], "parquet")
-    return layout.job_lock(Path(out), "test-job", shard)
+def _held(place: dict[str, str], shard: Shard | None) -> JobOutput:
+    """The job's (or a shard's) lock, held by this test process as a run holds it: OS locks
+    in a folder, leases in a bucket."""
+    return JobOutput.open(place["path"], "test-job", ["job", "date"], place["format"], shard=shard)
 
 
 def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
@@ -196,7 +192,7 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
     _distinct_tones(tmp_path / "media", 4, duration_s=0.6)
     manifest = write_manifest(tmp_path, output=output_place)
     out = output_place["path"]
-    with _held(out, Shard(0, 2)):
+    with _held(output_place, Shard(0, 2)):
         same = run_cli("run", str(manifest), "--shard", "0/2")
         assert same.returncode == 4
         assert "shard 0/2 of job 'test-job' is already running" in same.stderr
@@ -205,7 +201,7 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
         other = run_cli("run", str(manifest), "--shard", "1/2")
         assert other.returncode in (0, 1), other.stderr  # runs beside shard 0
         assert "shard=1/2" in other.stdout
-    with _held(out, None):
+    with _held(output_place, None):
         refused = run_cli("run", str(manifest), "--shard", "0/2")
         assert refused.returncode == 4 and "running unsharded" in refused.stderr
     rest = run_cli("run", str(manifest), "--shard", "0/2")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -248,6 +249,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def _answer(self, *, body: bool) -> None:
         path = Path(self.translate_path(self.path))
+        if self.path.startswith("/private/"):
+            self.send_error(403)
+            return
         if not path.is_file():
             self.send_error(404)
             return
@@ -298,15 +302,16 @@ def test_a_web_url_is_one_item_read_in_ranges(
 ) -> None:
     base, ranges = range_server
     _clip(tmp_path / "site" / "call.wav", seconds=3.0)
-    manifest = write_manifest(
-        tmp_path, inputs=[{"path": f"{base}/call.wav"}, {"path": f"{base}/gone.wav"}]
-    )
+    _clip(tmp_path / "site" / "private" / "secret.wav")
+    names = ("call.wav", "gone.wav", "private/secret.wav")
+    manifest = write_manifest(tmp_path, inputs=[{"path": f"{base}/{name}"} for name in names])
     done = run_cli("run", str(manifest))
     assert done.returncode == 1, done.stderr
     rows = _rows(tmp_path / "out")
     assert {s: r[:3] for s, r in rows.items()} == {
         f"{base}/call.wav": ("ok", None, "tone440 tone880"),
         f"{base}/gone.wav": ("failed", "not_found", None),
+        f"{base}/private/secret.wav": ("failed", "permission", None),
     }
     gets = [r for r in ranges if r != "HEAD"]
     assert gets and all(r is not None and r.startswith("bytes=") for r in gets)
@@ -332,3 +337,13 @@ def test_real_speech_from_a_bucket(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     assert status == "ok"
     assert str(transcript).lower().strip(" .") == SPEECH[name]
     _assert_no_secret(done.stdout, done.stderr, folder=tmp_path)
+
+
+def test_an_unreachable_server_is_a_read_error(tmp_path: Path) -> None:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]  # closed again below: nothing listens there
+    loaded = _loaded(tmp_path, [{"path": f"http://127.0.0.1:{port}/a.wav"}])
+    items = make_items(expand_sources(loaded), loaded)
+    assert items[0].error is not None and items[0].error.kind == "read_error"
+    assert f"http://127.0.0.1:{port}/a.wav" in str(items[0].error)

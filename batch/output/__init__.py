@@ -22,7 +22,6 @@ from batch.output.schema import (
     TABLES,
     logical_schema,
 )
-from batch.report import job_runs as _job_runs
 from batch.shard import parse_flag
 
 __all__ = [
@@ -36,11 +35,12 @@ __all__ = [
     "RunWriter",
     "compact",
     "detect_format",
-    "job_runs",
     "latest_report",
     "logical_schema",
     "read_history",
     "read_table",
+    "run_alive",
+    "run_reports",
 ]
 
 
@@ -106,6 +106,29 @@ def latest_report(location: str | Path, job: str | None = None) -> dict[str, Any
     return found
 
 
+def run_reports(location: str | Path, job: str) -> list[dict[str, Any]]:
+    """Every run's report of ``job``, oldest name first (a run still going, or killed, has
+    the starting one it wrote, with status ``running``)."""
+    where = Location.of(location)
+    with translated("read the reports of", where.url):
+        return reports.every_run(where, job)
+
+
+def run_alive(location: str | Path, job: str, run_id: str, shard: str | None = None) -> bool:
+    """Whether run ``run_id`` of ``job`` (shard ``"I/N"``, if it was one) is still going:
+    its process holds its run lock (a folder), or its shard's or the job's lease (S3).
+    On other object stores, where runs hold no lock, it cannot be told: True."""
+    where = Location.of(location)
+    if where.local is not None:
+        return parquet.run_alive(where.local, job, run_id)
+    if not where.url.startswith(("s3://", "s3a://")):
+        return True
+    from batch.output import lease
+
+    url = where.url.replace("s3a://", "s3://", 1)
+    return lease.lease_live(url, job, parse_flag(shard) if shard else None)
+
+
 def compact(location: str | Path, storage_options: dict[str, str] | None = None) -> list[str]:
     """Compact a Delta output's tables (optimize, then vacuum files no version needs any
     more); returns a line per table saying what was done. Parquet outputs need nothing."""
@@ -116,26 +139,3 @@ def compact(location: str | Path, storage_options: dict[str, str] | None = None)
     where = Location.of(location)
     with translated("compact", where.url):
         return delta.compact(where, storage_options or {})
-
-
-def _alive(where: Location, job: str, report: dict[str, Any]) -> bool:
-    """Whether the run of ``report`` still holds its lock: its run lock (local), or its
-    shard's (or the job's) lease (object storage)."""
-    if where.local is not None:
-        return parquet.run_alive(where.local, job, str(report["run_id"]))
-    if not where.url.startswith(("s3://", "s3a://")):
-        return True  # no locks there to ask
-    from batch.output import lease
-
-    label = report.get("shard")
-    shard = parse_flag(str(label)) if label else None
-    return lease.lease_live(where.url.replace("s3a://", "s3://", 1), job, shard)
-
-
-def job_runs(location: str | Path, job: str) -> list[dict[str, Any]]:
-    """Every run of ``job`` in an output, oldest first: shard, status (``gone`` for a run
-    killed before its end), start, finish, items. Raises `OutputError`."""
-    where = Location.of(location)
-    with translated("read the reports of", where.url):
-        found = reports.every_run(where, job)
-        return _job_runs(found, lambda report: _alive(where, job, report))

@@ -65,9 +65,7 @@ class ParquetBackend:
     partition_by: list[str]
 
     def recover(self, job: str) -> None:
-        # Shards of one job start together: their recoveries take turns.
-        with layout.commit_lock(self.root, job):
-            parquet.recover(self.root, job)
+        parquet.recover(self.root, job)
 
     def scan(self, job: str) -> Scan:
         return parquet.scan(self.root, job)
@@ -116,11 +114,12 @@ class JobOutput:
         partition_by: Sequence[str],
         format: str = "parquet",
         storage_options: dict[str, str] | None = None,
+        *,
         shard: Shard | None = None,
     ) -> JobOutput:
-        """Check the layout (creating it on first use), take the job's lock (with
-        ``shard``, that shard's: shards of one job run side by side), finish or undo what
-        killed runs left behind, and upgrade a version-1 output in place.
+        """Check the layout (creating it on first use), take the job's lock (or, for a
+        shard, the job's lock shared and the shard's own), finish or undo what killed runs
+        left behind, and upgrade a version-1 output in place.
 
         Raises `ManifestError` (layout or format mismatch), `LockedError`, `OutputError`.
         """
@@ -137,7 +136,7 @@ class JobOutput:
                         "delta for object storage",
                     )
                 if where.local is not None:
-                    _prepare_local(where.local, parts, format, job, stack, shard)
+                    _prepare_local(where.local, parts, format, job, shard, stack)
                 else:
                     stack.enter_context(_remote_lock(where, job, shard))
                 backend = _backend(where, parts, format, storage_options or {})
@@ -212,7 +211,7 @@ class JobOutput:
             shutil.rmtree(folder, ignore_errors=True)
 
     def write_report(self, report: dict[str, Any], *, latest: bool = True) -> str:
-        """Write the run's report (JSON and Markdown, and with ``latest`` ``latest.*``);
+        """Write the run's report (JSON and Markdown, and with ``latest`` also ``latest.*``);
         returns where the JSON went."""
         return reports.write(self.location, self.job, report, latest=latest)
 
@@ -240,8 +239,8 @@ def _prepare_local(
     partition_by: list[str],
     fmt: str,
     job: str,
+    shard: Shard | None,
     stack: contextlib.ExitStack,
-    shard: Shard | None = None,
 ) -> None:
     """Marker, job (or shard) lock, and the in-place upgrade of a version-1 output."""
     found = layout.check_layout(root, partition_by, fmt)

@@ -4,10 +4,10 @@ Layout under ``output.path``::
 
     transcripts/ words/ utterances/    the tables (Parquet files, or Delta tables)
     _pulse_batch.json                  format, schema version and partitioning (local only)
-    _locks/<job>.lock                  one run per job at a time (shared by its shards)
-    _locks/<job>.shard-<I>-of-<N>.lock one run per shard at a time
-    _locks/<job>/*.lease               the same two, on object storage (`batch.output.lease`)
-    _locks/<job>.commit.lock           held while a batch commits (local Parquet)
+    _locks/<job>.lock                  one run per job at a time, shared by its shards (local)
+    _locks/<job>.shard-<I>-of-<N>.lock one run per shard at a time (local)
+    _locks/<job>.commit.lock           held while a batch commits or recovery runs (Parquet)
+    _locks/<job>/*.lease               job and shard locks on S3 (`batch.output.lease`)
     _staging/<job>/...                 batches being committed (local Parquet)
     _reports/<job>/<run_id>.json|.md   run reports, and latest.json|.md
 
@@ -174,7 +174,7 @@ def is_locked(path: Path) -> bool:
 @contextlib.contextmanager
 def shared(path: Path) -> Iterator[None]:
     """A shared OS lock: any number of holders, but none while `exclusive` holds it.
-    Raises `Busy` when an exclusive holder has it."""
+    Raises `Busy` if an exclusive holder has it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -187,22 +187,29 @@ def shared(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _holder(path: Path, default: str) -> str:
+    try:
+        return path.read_text().strip() or default
+    except OSError:
+        return default
+
+
 @contextlib.contextmanager
 def job_lock(root: Path, job: str, shard: Shard | None = None) -> Iterator[None]:
     """One run per job, or per shard of a job, in one output; an overlapping one is refused.
 
-    A whole-job run holds ``_locks/<job>.lock`` exclusively. A shard holds it shared (so
-    shards of the job run side by side, but never beside a whole-job run) and
-    ``_locks/<job>.shard-<I>-of-<N>.lock`` exclusively (so shard I runs once at a time)."""
+    A whole-job run holds the job's lock exclusively. A shard holds it shared (so shards
+    of the job run side by side, but never beside a whole-job run) and its own shard lock
+    exclusively (so shard I runs once at a time)."""
     path = root / "_locks" / f"{job}.lock"
     if shard is None:
         try:
             with translated("lock", path), exclusive(path, holder_note()):
                 yield
         except Busy:
-            holder = path.read_text().strip() or "shards of the job"
             raise LockedError(
-                f"job {job!r} is already running into {root} ({holder}); "
+                f"job {job!r} is already running into {root} "
+                f"({_holder(path, 'shards of the job')}); "
                 "wait for it to finish, or use another output.path"
             ) from None
         return
@@ -212,19 +219,18 @@ def job_lock(root: Path, job: str, shard: Shard | None = None) -> Iterator[None]
             with translated("lock", path):
                 stack.enter_context(shared(path))
         except Busy:
-            holder = path.read_text().strip() or "another process"
             raise LockedError(
-                f"job {job!r} is running unsharded into {root} ({holder}); a shard cannot "
-                "run beside it: wait for it to finish"
+                f"job {job!r} is running unsharded into {root} "
+                f"({_holder(path, 'another process')}); a shard cannot run beside it: "
+                "wait for it to finish"
             ) from None
         try:
             with translated("lock", shard_path):
                 stack.enter_context(exclusive(shard_path, holder_note()))
         except Busy:
-            holder = shard_path.read_text().strip() or "another process"
             raise LockedError(
                 f"shard {shard.label} of job {job!r} is already running into {root} "
-                f"({holder}); wait for it to finish"
+                f"({_holder(shard_path, 'another process')}); wait for it to finish"
             ) from None
         yield
 

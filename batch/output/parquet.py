@@ -147,7 +147,13 @@ def apply_plan(root: Path, batch_dir: Path) -> None:
 
 def recover(root: Path, job: str) -> int:
     """Finish or undo batches that runs which are gone left behind (a live run's batches
-    are left alone). Returns how many batches were rolled forward."""
+    are left alone). Returns how many batches were rolled forward. Under the job's commit
+    lock, so a shard's recovery never overlaps another shard's commit."""
+    with layout.commit_lock(root, job):
+        return _recover(root, job)
+
+
+def _recover(root: Path, job: str) -> int:
     staging = root / "_staging" / job
     rolled = 0
     entries = sorted(staging.iterdir()) if staging.exists() else []

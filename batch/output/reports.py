@@ -28,13 +28,14 @@ def _remote_fs(location: Location) -> Any:
 
 
 def write(location: Location, job: str, report: dict[str, Any], *, latest: bool = True) -> str:
-    """Write ``<run_id>.json``/``.md`` and (with ``latest``) ``latest.*`` atomically where
+    """Write ``<run_id>.json``/``.md`` (and, with ``latest``, ``latest.*``) atomically where
     the store allows; returns the JSON's path (or URL)."""
     text = json.dumps(report, indent=2).encode()
     markdown = render_markdown(report).encode()
+    stems = (report["run_id"], "latest") if latest else (report["run_id"],)
     files = [
         (f"{stem}{suffix}", content)
-        for stem in ((report["run_id"], "latest") if latest else (report["run_id"],))
+        for stem in stems
         for suffix, content in ((".json", text), (".md", markdown))
     ]
     folder = location.child("_reports", job)
@@ -74,20 +75,24 @@ def latest(location: Location, job: str | None) -> dict[str, Any] | None:
 
 
 def every_run(location: Location, job: str) -> list[dict[str, Any]]:
-    """Every run report of ``job`` (a run still going, or killed, has the one it wrote when
-    it started, with status ``running``)."""
-    found: list[dict[str, Any]] = []
-    if location.local is None:
-        fs = _remote_fs(location)
-        for path in sorted(fs.glob(location.child("_reports", job, "*.json"))):
-            if not str(path).endswith("/latest.json"):
-                with fs.open(path, "rb") as handle:
-                    found.append(json.loads(handle.read()))
-        return found
-    for path in sorted((location.local / "_reports" / job).glob("*.json")):
-        if path.name != "latest.json":
-            try:
-                found.append(json.loads(path.read_text(encoding="utf-8")))
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue  # being replaced right now
+    """Every run's report of ``job`` (a run still going, or killed, has the one it wrote
+    when it started, with status ``running``)."""
+    found = []
+    fs: Any = _remote_fs(location) if location.local is None else None
+    if fs is not None:
+        paths = sorted(fs.glob(location.child("_reports", job, "*.json")))
+    else:
+        assert location.local is not None
+        paths = sorted(str(p) for p in (location.local / "_reports" / job).glob("*.json"))
+
+    def read(path: str) -> bytes:
+        return bytes(fs.cat_file(path)) if fs is not None else Path(path).read_bytes()
+
+    for path in paths:
+        if path.rsplit("/", 1)[-1] == "latest.json":
+            continue
+        try:
+            found.append(json.loads(read(path)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # being replaced right now; the next look sees it
     return found

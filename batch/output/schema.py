@@ -30,7 +30,7 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
     "transcripts": [
         *_COMMON,
         ("channel_name", pa.string(), "name from run.channel_names, if given"),
-        ("source", pa.string(), "absolute path of the input file"),
+        ("source", pa.string(), "as listed: absolute path (symlinks not followed) or URL"),
         ("status", pa.string(), "ok or failed: the item's latest result (one row per item)"),
         ("error_kind", pa.string(), "why it failed (see README), null when ok"),
         ("error", pa.string(), "the failure message, naming the file; null when ok"),
