@@ -109,12 +109,6 @@ def _run_lock_path(root: Path, job: str, run_id: str) -> Path:
     return root / "_staging" / job / f"{run_id}.lock"
 
 
-def run_alive(root: Path, job: str, run_id: str) -> bool:
-    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock)."""
-    path = _run_lock_path(root, job, run_id)
-    return path.exists() and layout.is_locked(path)
-
-
 @contextlib.contextmanager
 def run_lock(root: Path, job: str, run_id: str) -> Iterator[None]:
     """Held by a run while it stages batches, so that `recover` (run by another process
@@ -143,6 +137,12 @@ def apply_plan(root: Path, batch_dir: Path) -> None:
     for folder in touched:
         layout.fsync_dir(folder)
     shutil.rmtree(batch_dir)
+
+
+def run_alive(root: Path, job: str, run_id: str) -> bool:
+    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock)."""
+    path = _run_lock_path(root, job, run_id)
+    return path.exists() and layout.is_locked(path)
 
 
 def recover(root: Path, job: str) -> int:
