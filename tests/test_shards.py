@@ -208,7 +208,8 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
     assert rest.returncode == 0, rest.stderr
     assert len(_rows(out)) == 4
     report = json.loads(run_cli("report", out, "--json").stdout)
-    assert report["shard"] == "0/2" and report["pool"]["job_concurrency"] == 2
+    # The latest run that had work (a shard may own none of 4 items); each share is 1.
+    assert report["shard"] in ("0/2", "1/2") and report["pool"]["job_concurrency"] == 2
     assert report["pool"]["concurrency"] == 1
     assert run_cli("status", out, "--job", "test-job").returncode == 0
 
