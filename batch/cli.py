@@ -585,9 +585,10 @@ def score_command(
     if scored.summary is None:
         err.print(f"[red]error:[/red] {escape(f'no ok item of job {job!r} matched {references}')}")
         raise typer.Exit(jobs.EXIT_ITEMS_FAILED)
-    print("\n".join(render_accuracy(scored.summary)))
-    print("\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
-    for row in scored.items:
+    print("\n".join(render_accuracy(scored.summary, worst=False)))
+    print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
+    ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
+    for row in ranked:
         print(f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |")
 
 
@@ -631,7 +632,7 @@ def status(
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 
-@app.command()
+@app.command(cls=_PlainCommand)
 def compact(
     output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
 ) -> None:

@@ -234,8 +234,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def render_accuracy(accuracy: dict[str, Any]) -> list[str]:
-    """Markdown lines for an accuracy summary (`batch.score.summarise`)."""
+def render_accuracy(accuracy: dict[str, Any], *, worst: bool = True) -> list[str]:
+    """Markdown lines for an accuracy summary (`batch.score.summarise`); ``worst`` adds
+    the worst items."""
     lines = [
         "## Accuracy against references",
         "",
@@ -251,7 +252,7 @@ def render_accuracy(accuracy: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {name} | {part['items']} | {_pct(part['wer'])} | {_pct(part['cer'])} |"
             )
-    if accuracy["worst"]:
+    if worst and accuracy["worst"]:
         lines += ["", "Worst items:", "", "| source | channel | WER | CER |"]
         lines.append("| --- | --- | ---: | ---: |")
         for row in accuracy["worst"]:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+import typer.main
 from rich.console import Console
 
-from batch.cli import _ConsoleObserver
+from batch.cli import _ConsoleObserver, app
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.plan import Item
@@ -116,9 +117,7 @@ def test_a_quoted_number_gets_a_clear_message(tmp_path: Path) -> None:
     assert 'run.concurrency: "4" is quoted text; write 4 without quotes' in done.stderr
 
 
-@pytest.mark.parametrize(
-    "command", ["", "run", "validate", "probe", "schema", "report", "export", "score", "serve"]
-)
+@pytest.mark.parametrize("command", ["", *sorted(typer.main.get_command(app).commands)])
 def test_help_reads_cleanly(command: str) -> None:
     done = run_cli(*([command] if command else []), "--help")
     assert done.returncode == 0, done.stderr

@@ -212,7 +212,9 @@ def test_score_command_after_the_fact_gives_the_same_figures(scored_job: Path) -
     table = run_cli(
         "score", str(scored_job / "out"), "--job", "test-job", "--references", str(references)
     )
-    assert table.returncode == 0 and "Worst items" in table.stdout
+    assert table.returncode == 0 and "Items, worst first" in table.stdout
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| /")]
+    assert [Path(line.split(" | ")[0][2:]).name for line in rows] == ["c.wav", "a.wav", "b.wav"]
 
 
 def test_score_needs_a_reference_column(tmp_path: Path, scored_job: Path) -> None:
