@@ -8,7 +8,7 @@
 ARG BASE=python:3.12-slim
 
 FROM ${BASE} AS build
-ARG EXTRAS=s3,gcs,azure
+ARG EXTRAS=s3,gcs,azure,http,delta
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY batch ./batch

@@ -489,7 +489,10 @@ def report(
         data = outputs.latest_report(output, job)
         name = str(data["job"])
         data["job_so_far"] = outputs.read_history(output, name).summary
-        every_run = outputs.run_reports(output, name)
+        data["runs"] = job_runs(
+            outputs.run_reports(output, name),
+            lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
+        )
     except (FileNotFoundError, ManifestError) as exc:
         hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
         err.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
@@ -497,13 +500,11 @@ def report(
     except OutputError as exc:
         err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_OUTPUT) from None
-    runs = job_runs(every_run, lambda run: outputs.run_alive(output, name, run))
-    data["runs"] = runs
     if as_json:
         print(json.dumps(data, indent=2))
     else:
         err.print(escape(f"job {name}, run {data['run_id']}"), highlight=False)
-        print(render_markdown(data) + render_job(data["job_so_far"], runs))
+        print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
 
 
 @app.command("export", cls=_PlainCommand)
@@ -615,7 +616,7 @@ def _pct(value: float | None) -> str:
 
 @app.command(cls=_PlainCommand)
 def status(
-    output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
+    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
     job: Annotated[str, typer.Option(help="Job name.")],
     manifest: Annotated[
         Path | None,
@@ -627,8 +628,11 @@ def status(
     try:
         result = job_status(output, job, manifest)
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

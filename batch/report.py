@@ -306,14 +306,20 @@ def render_accuracy(accuracy: dict[str, Any], *, worst: bool = True) -> list[str
     return lines
 
 
-def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:
+def job_runs(
+    reports: list[dict[str, Any]], alive: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
     """Which runs (and shards) of a job ran when, oldest first. Pure. A run that wrote only
-    its starting report and is not ``alive`` any more was killed: status ``gone``."""
+    its starting report was killed (status ``gone``) when a later run of the same shard
+    exists (a shard runs once at a time), or when ``alive(report)`` says it is not running."""
+    ordered = sorted(reports, key=lambda r: str(r.get("started_at")))
     runs = []
-    for report in sorted(reports, key=lambda r: str(r.get("started_at"))):
+    for position, report in enumerate(ordered):
         status = report.get("status")
-        if status == "running" and not alive(str(report["run_id"])):
-            status = "gone"
+        if status == "running":
+            later = any(r.get("shard") == report.get("shard") for r in ordered[position + 1 :])
+            if later or not alive(report):
+                status = "gone"
         items = report.get("items", {})
         runs.append(
             {

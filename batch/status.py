@@ -79,7 +79,7 @@ def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None 
     return result
 
 
-def _manifest_of(out_dir: Path, job: str, manifest: Path | None) -> LoadedManifest:
+def _manifest_of(out_dir: str | Path, job: str, manifest: Path | None) -> LoadedManifest:
     if manifest is None:
         try:
             recorded = latest_report(out_dir, job).get("manifest")
@@ -99,7 +99,7 @@ def _manifest_of(out_dir: Path, job: str, manifest: Path | None) -> LoadedManife
     return loaded
 
 
-def _last_shard_count(out_dir: Path, job: str) -> int | None:
+def _last_shard_count(out_dir: str | Path, job: str) -> int | None:
     try:
         label = latest_report(out_dir, job).get("shard")
     except FileNotFoundError:
@@ -107,13 +107,13 @@ def _last_shard_count(out_dir: Path, job: str) -> int | None:
     return int(str(label).split("/")[1]) if label else None
 
 
-def job_status(out_dir: Path, job: str, manifest: Path | None = None) -> JobStatus:
+def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> JobStatus:
     """The job's planned items by latest result. Raises `ManifestError` (no manifest given
     or recorded, wrong job, bad manifest)."""
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
-    history = read_history(out_dir, job)
+    history = read_history(out_dir, job, loaded.manifest.output.storage_options)
     latest = {item: "ok" for item in history.ok} | {item: "failed" for item in history.failed}
     done = frozenset(i for i, status in latest.items() if status == "ok")
     planned = sorted({item.item_id for item in plan_items(loaded, done)})

@@ -59,7 +59,7 @@ def test_kubernetes_yaml_shards_the_job_as_pulse_batch_expects() -> None:
     assert "value" not in env[key_env]  # the key only ever comes from the Secret
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert args[1].rsplit("/", 1)[0] in mounts  # the manifest is the ConfigMap's file
-    assert manifest.output.path.startswith("s3://")
+    assert manifest.output.path.startswith("s3://") and manifest.output.format == "delta"
 
 
 def _dockerfile_uid() -> int:
@@ -79,6 +79,7 @@ def test_dockerfile_installs_the_runner_with_its_extras_and_no_recognizer() -> N
     ]
     assert wanted <= set(declared), f"{wanted - set(declared)} are not extras of pyproject.toml"
     assert "recognizer" not in wanted and "dev" not in wanted
+    assert {"s3", "delta"} <= wanted  # what an output on object storage needs
     assert re.search(r'^ENTRYPOINT \["pulse-batch"\]$', text, flags=re.MULTILINE)
     _dockerfile_uid()
 

@@ -22,6 +22,7 @@ from batch.output.schema import (
     TABLES,
     logical_schema,
 )
+from batch.shard import parse_flag
 
 __all__ = [
     "COLUMNS",
@@ -113,13 +114,19 @@ def run_reports(location: str | Path, job: str) -> list[dict[str, Any]]:
         return reports.every_run(where, job)
 
 
-def run_alive(location: str | Path, job: str, run_id: str) -> bool:
-    """Whether run ``run_id`` of ``job`` is still going (its process holds its run lock).
-    Always False for an output on object storage, where runs hold no lock."""
+def run_alive(location: str | Path, job: str, run_id: str, shard: str | None = None) -> bool:
+    """Whether run ``run_id`` of ``job`` (shard ``"I/N"``, if it was one) is still going:
+    its process holds its run lock (a folder), or its shard's or the job's lease (S3).
+    On other object stores, where runs hold no lock, it cannot be told: True."""
     where = Location.of(location)
-    if where.local is None:
-        return False
-    return parquet.run_alive(where.local, job, run_id)
+    if where.local is not None:
+        return parquet.run_alive(where.local, job, run_id)
+    if not where.url.startswith(("s3://", "s3a://")):
+        return True
+    from batch.output import lease
+
+    url = where.url.replace("s3a://", "s3://", 1)
+    return lease.lease_live(url, job, parse_flag(shard) if shard else None)
 
 
 def compact(location: str | Path, storage_options: dict[str, str] | None = None) -> list[str]:

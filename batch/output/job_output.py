@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from batch.collect import ItemRows
 from batch.errors import ManifestError
-from batch.output import layout, parquet, reports
+from batch.output import layout, lease, parquet, reports
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
 from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
@@ -137,6 +137,8 @@ class JobOutput:
                     )
                 if where.local is not None:
                     _prepare_local(where.local, parts, format, job, shard, stack)
+                else:
+                    stack.enter_context(_remote_lock(where, job, shard))
                 backend = _backend(where, parts, format, storage_options or {})
                 backend.recover(job)
         except BaseException:
@@ -218,6 +220,20 @@ class JobOutput:
             return self._backend.read(table, self.job, columns)
 
 
+def _remote_lock(
+    where: Location, job: str, shard: Shard | None
+) -> contextlib.AbstractContextManager[None]:
+    """The job (or shard) lock of an output on object storage: a lease on S3; other stores
+    have no conditional writes we use, so nothing stops an overlapping run there."""
+    if where.url.startswith(("s3://", "s3a://")):
+        return lease.job_lease(where.url.replace("s3a://", "s3://", 1), job, shard)
+    logger.warning(
+        "%s: no job lock on this store; do not start the same job (or shard) twice at once",
+        where.url,
+    )
+    return contextlib.nullcontext()
+
+
 def _prepare_local(
     root: Path,
     partition_by: list[str],
@@ -226,7 +242,7 @@ def _prepare_local(
     shard: Shard | None,
     stack: contextlib.ExitStack,
 ) -> None:
-    """Marker, job lock, and the in-place upgrade of a version-1 output."""
+    """Marker, job (or shard) lock, and the in-place upgrade of a version-1 output."""
     found = layout.check_layout(root, partition_by, fmt)
     stack.enter_context(layout.job_lock(root, job, shard))
     if int(found.get("schema_version", 1)) < SCHEMA_VERSION:

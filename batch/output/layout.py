@@ -7,6 +7,7 @@ Layout under ``output.path``::
     _locks/<job>.lock                  one run per job at a time, shared by its shards (local)
     _locks/<job>.shard-<I>-of-<N>.lock one run per shard at a time (local)
     _locks/<job>.commit.lock           held while a batch commits or recovery runs (Parquet)
+    _locks/<job>/*.lease               job and shard locks on S3 (`batch.output.lease`)
     _staging/<job>/...                 batches being committed (local Parquet)
     _reports/<job>/<run_id>.json|.md   run reports, and latest.json|.md
 
