@@ -9,7 +9,7 @@ install: $(BIN)/pulse-batch
 $(BIN)/pulse-batch: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http]'
+	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
 	touch $@
 
 test: install

@@ -1,8 +1,9 @@
 """The `pulse-batch` command line: parse, call the library, map errors to exit codes.
 
 Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
-stopped by a fatal service answer; 4 another run of the job holds the lock; 130/143 after
-SIGINT/SIGTERM.
+stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
+could not be written (disk full, read-only, permission denied); 6 the service refused
+everything; 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,22 +22,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import job as jobs
-from batch import sink as sinks
+from batch import output as outputs
 from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError, ShardError
+from batch.errors import InputError, LockedError, ManifestError, OutputError, ShardError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item
 from batch.pulse import protocol
-from batch.report import (
-    job_runs,
-    latest_report,
-    render_job,
-    render_markdown,
-    run_reports,
-    summary_line,
-)
+from batch.report import job_runs, render_job, render_markdown, summary_line
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -225,6 +219,9 @@ def run(
     except LockedError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_LOCKED) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(jobs.EXIT_SIGINT) from None
@@ -236,9 +233,12 @@ def run(
     report = result.report
     if report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
+    if report["status"] == "failed_output":
+        reason = escape(str(report["abort_reason"]))
+        err.print(f"[red]output error:[/red] {reason}", highlight=False)
     if result.report_path is not None:
         print(f"report: {result.report_path}")
-        print(f"        {result.report_path.with_suffix('.md')}")
+        print(f"        {result.report_path.removesuffix('.json')}.md")
     print(summary_line(report))
     raise typer.Exit(
         jobs.exit_code(
@@ -321,11 +321,11 @@ def schema(
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
     tables = {
-        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in sinks.COLUMNS[table]]
-        for table in sinks.TABLES
+        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in outputs.COLUMNS[table]]
+        for table in outputs.TABLES
     }
     if as_json:
-        print(json.dumps({"schema_version": sinks.SCHEMA_VERSION, "tables": tables}, indent=2))
+        print(json.dumps({"schema_version": outputs.SCHEMA_VERSION, "tables": tables}, indent=2))
         return
     if markdown:
         for table, columns in tables.items():
@@ -334,7 +334,8 @@ def schema(
                 print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
         return
     print(
-        f"schema version {sinks.SCHEMA_VERSION}; partition columns from {sinks.PARTITION_CHOICES}"
+        f"schema version {outputs.SCHEMA_VERSION}; "
+        f"partition columns from {outputs.PARTITION_CHOICES}"
     )
     for table, columns in tables.items():
         print(f"\n{table}/")
@@ -344,7 +345,7 @@ def schema(
 
 @app.command()
 def report(
-    output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
+    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
@@ -353,13 +354,17 @@ def report(
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result."""
     try:
-        data = latest_report(output, job)
-    except FileNotFoundError as exc:
+        data = outputs.latest_report(output, job)
+        name = str(data["job"])
+        data["job_so_far"] = outputs.read_history(output, name).summary
+        every_run = outputs.run_reports(output, name)
+    except (FileNotFoundError, ManifestError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
-    name = str(data["job"])
-    data["job_so_far"] = sinks.job_summary(output, name)
-    runs = job_runs(run_reports(output, name), lambda run: sinks.run_alive(output, name, run))
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    runs = job_runs(every_run, lambda run: outputs.run_alive(output, name, run))
     data["runs"] = runs
     if as_json:
         print(json.dumps(data, indent=2))
@@ -398,6 +403,24 @@ def status(
                 f"{part.failed} failed, {part.not_run} not run yet"
             )
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
+
+
+@app.command()
+def compact(
+    output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
+) -> None:
+    """Compact a Delta output: rewrite small files into large ones (optimize), then delete
+    files no table version needs (vacuum, keeping the default 7 days of history)."""
+    try:
+        lines = outputs.compact(output)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    for line in lines:
+        print(line)
 
 
 def main() -> None:

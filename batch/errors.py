@@ -6,6 +6,7 @@
     ├── ManifestError            bad manifest or usage                  (exit 2)
     │   └── ShardError           inconsistent --shard / engine variables (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
+    ├── OutputError              the output cannot be written or read   (exit 5, no retry)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
@@ -16,8 +17,8 @@
         └── ServiceRefusing      refused N times in a row, none open    (stop the job, exit 6)
 
 Third-party exceptions (websockets, PyAV, OS) are translated into these at the boundary
-(`batch.session`, `batch.decode`) with ``raise ... from exc``. `classify` is pure: it looks only
-at our own error types, so the retry policy is testable without sockets.
+(`batch.session`, `batch.decode`, `batch.output`) with ``raise ... from exc``. `classify` is
+pure: it looks only at our own error types, so the retry policy is testable without sockets.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ class ShardError(ManifestError):
 
 class LockedError(PulseBatchError):
     """Another live process is running the same job into the same output."""
+
+
+class OutputError(PulseBatchError):
+    """The output cannot be written (disk full, read-only, permission denied) or read.
+
+    Names the path, the operation and the OS (or Arrow, Delta) error; never a credential.
+    Retrying the run cannot help until the cause is fixed; committed rows are never at risk.
+    """
+
+    def __init__(self, path: Path | str, operation: str, reason: str) -> None:
+        super().__init__(f"cannot {operation} {path}: {reason}")
+        self.path = str(path)
+        self.operation = operation
+        self.reason = reason
 
 
 class InputError(PulseBatchError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import shutil
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,14 +18,14 @@ from typing import Any
 
 import anyio
 
-from batch import sink as sinks
 from batch.credentials import api_key_from_env
-from batch.errors import ManifestError, ServiceRefusing
+from batch.errors import ManifestError, OutputError, ServiceRefusing
 from batch.manifest import LoadedManifest
+from batch.output import JobOutput, RunWriter, read_history
 from batch.plan import Item, expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
-from batch.report import RunStats, build_report, failing_items, write_report
+from batch.report import RunStats, build_report, failing_items
 from batch.runner import ItemRunner, Unit, whole_units
 from batch.session import Endpoint
 from batch.shard import Shard
@@ -38,6 +37,7 @@ EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FATAL_SERVICE = 3
 EXIT_LOCKED = 4
+EXIT_OUTPUT = 5
 EXIT_SERVICE_REFUSING = 6
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -68,7 +68,7 @@ class Observer:
 @dataclass
 class JobResult:
     report: dict[str, Any]
-    report_path: Path | None
+    report_path: str | None
     signal_name: str | None = None
 
 
@@ -135,7 +135,6 @@ async def run_job(
     """
     observer = observer or Observer()
     manifest = loaded.manifest
-    out_dir = loaded.output_dir
     started = datetime.now(UTC)
     shard = opts.shard
     total = manifest.run.concurrency
@@ -153,46 +152,83 @@ async def run_job(
     )
     if opts.dry_run:
         return _dry_run(loaded, stats, shard)
-    sinks.check_layout(out_dir, manifest.output.partition_by)
-    with sinks.job_lock(out_dir, manifest.job, shard):
-        sinks.recover(out_dir, manifest.job)
-        done = sinks.ok_item_ids(out_dir, manifest.job)
+    out = manifest.output
+    with JobOutput.open(
+        loaded.output_location,
+        manifest.job,
+        out.partition_by,
+        out.format,
+        out.storage_options,
+        shard=shard,
+    ) as output:
+        history = output.history()
+        done = set(history.ok)
         items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
         stats.items_total = len(items)
-        failed_before = (
-            sinks.failed_item_ids(out_dir, manifest.job) if not opts.retry_failed else set()
-        )
+        failed_before = set(history.failed) if not opts.retry_failed else set()
         todo = _todo(items, done, opts, failed_before)
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
-        # A starting report, replaced at the end: a killed run (or shard) still shows when
-        # it ran in `pulse-batch report`.
-        sink = sinks.Sink(
-            out_dir,
-            job=manifest.job,
-            run_id=stats.run_id,
-            partition_by=manifest.output.partition_by,
-            commit_every_items=manifest.output.commit_every_items,
-            commit_every_s=manifest.output.commit_every_s,
-            supersede=done if opts.force else None,
-        )
-        with sinks.run_lock(out_dir, manifest.job, stats.run_id):
-            write_report(out_dir, build_report(stats), latest=False)
-            signal_name = await _stream_all(loaded, todo, stats, sink, opts, observer)
-            sink.commit()
+        signal_name = None
+        try:
+            with output.scratch(stats.run_id) as cache_dir:
+                async with output.run(
+                    stats.run_id,
+                    commit_every_items=out.commit_every_items,
+                    commit_every_s=out.commit_every_s,
+                ) as writer:
+                    # A starting report, replaced at the end: a killed run (or shard) still
+                    # shows when it ran in `pulse-batch report`.
+                    output.write_report(build_report(stats), latest=False)
+                    signal_name = await _stream_all(
+                        loaded, todo, stats, writer, cache_dir, opts, observer
+                    )
+        except (OutputError, BaseExceptionGroup) as exc:
+            failure = _output_error(exc)
+            stats.status = "failed_output"
+            stats.abort_reason = str(failure)
+            stats.not_run = len(todo) - stats.ok - stats.failed
+            logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats, job_so_far=sinks.job_summary(out_dir, manifest.job))
-        path = write_report(out_dir, report)
+        report = build_report(stats, job_so_far=output.job_so_far())
+        path = _write_report(output, report)
     return JobResult(report, path, signal_name)
+
+
+def _output_error(exc: BaseException) -> OutputError:
+    """The output error that ended the run; anything else is re-raised as it came."""
+    if isinstance(exc, OutputError):
+        return exc
+    assert isinstance(exc, BaseExceptionGroup)
+    found, rest = exc.split(OutputError)
+    if found is None or rest is not None:
+        raise exc
+    first: BaseException = found
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, OutputError)
+    return first
+
+
+def _write_report(output: JobOutput, report: dict[str, Any]) -> str | None:
+    """Write the report; after an output failure, where it can still be written."""
+    try:
+        return output.write_report(report)
+    except OutputError as exc:
+        if report["status"] != "failed_output":
+            raise
+        logger.error("the report could not be written either: %s", exc)
+        return None
 
 
 async def _stream_all(
     loaded: LoadedManifest,
     todo: list[Item],
     stats: RunStats,
-    sink: sinks.Sink,
+    writer: RunWriter,
+    cache_dir: Path,
     opts: RunOptions,
     observer: Observer,
 ) -> str | None:
@@ -203,9 +239,8 @@ async def _stream_all(
     if not todo:
         stats.status = "completed"
         return None
-    cache_dir = loaded.output_dir / "_staging" / stats.job / f"cache-{stats.run_id}"
     async with _endpoint(loaded) as (endpoint, api_key):
-        runner = ItemRunner(loaded, stats, sink, endpoint, api_key, observer, pool, cache_dir)
+        runner = ItemRunner(loaded, stats, writer, endpoint, api_key, observer, pool, cache_dir)
         deadline = loaded.manifest.run.job_deadline_s
         try:
             async with anyio.create_task_group() as tasks:
@@ -232,7 +267,6 @@ async def _stream_all(
         signal_name = stats.signal_name
         stats.max_open_sessions = runner.limit.max_open
         stats.lowest_pool_size = runner.limit.lowest
-    shutil.rmtree(cache_dir, ignore_errors=True)
     stats.not_run = len(todo) - stats.ok - stats.failed
     return signal_name
 
@@ -262,8 +296,8 @@ async def _watch_signals(
 
 
 def _dry_run(loaded: LoadedManifest, stats: RunStats, shard: Shard | None) -> JobResult:
-    out_dir = loaded.output_dir
-    done = sinks.ok_item_ids(out_dir, loaded.manifest.job) if out_dir.exists() else set()
+    out = loaded.manifest.output
+    done = read_history(loaded.output_location, loaded.manifest.job, out.storage_options).ok
     items = plan_items(loaded, frozenset(done), shard)
     todo = [i for i in items if i.item_id not in done and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
@@ -304,8 +338,10 @@ def exit_code(
     signal_name: str | None = None,
 ) -> int:
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
-    3 for a fatal service answer; 6 when the service refused everything; 130/143 after
-    SIGINT/SIGTERM."""
+    3 for a fatal service answer; 5 when the output could not be written; 6 when the
+    service refused everything; 130/143 after SIGINT/SIGTERM."""
+    if report.get("status") == "failed_output":
+        return EXIT_OUTPUT
     if signal_name == "SIGINT":
         return EXIT_SIGINT
     if signal_name == "SIGTERM":

@@ -255,8 +255,14 @@ class RunConfig(_Strict):
 
 
 class OutputConfig(_Strict):
+    # A local folder, or for format delta also a URL (s3://bucket/prefix, gs://, az://).
     path: str = "out"
+    # parquet: hive-partitioned files on a local filesystem; delta: Delta Lake tables.
+    format: Literal["parquet", "delta"] = "parquet"
     partition_by: list[PartitionColumn] = ["job", "date"]
+    # Non-secret options for the Delta object store (region, endpoint...); credentials
+    # come from the cloud SDK's own environment and config, never from the manifest.
+    storage_options: Annotated[dict[str, str], AfterValidator(_no_secrets)] = {}
     # Rows are buffered and committed in batches: fewer, larger files.
     commit_every_items: int = Field(200, ge=1)
     commit_every_s: float = Field(60.0, gt=0)
@@ -309,6 +315,14 @@ class LoadedManifest(BaseModel):
     @property
     def output_dir(self) -> Path:
         return (self.base_dir / self.manifest.output.path).resolve()
+
+    @property
+    def output_location(self) -> str:
+        """output.path as a URL when it is one, else as an absolute local path."""
+        path = self.manifest.output.path
+        if "://" in path and not path.startswith("file://"):
+            return path
+        return str(self.output_dir)
 
 
 def _describe(error: Any) -> str:

@@ -1,20 +1,16 @@
 """Run reports: JSON for machines, Markdown for people, and the one-line summary.
 
-`RunStats` is filled in as the job runs; `build_report` turns it into a plain dict (pure);
-`write_report` is the only I/O here.
+`RunStats` is filled in as the job runs; `build_report` turns it into a plain dict and
+`render_markdown` into text (pure). `batch.output` stores them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 REPORT_VERSION = 1
@@ -219,51 +215,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             message = failure["message"].replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
     return "\n".join(lines) + "\n"
-
-
-def reports_dir(out_dir: Path, job: str) -> Path:
-    return out_dir / "_reports" / job
-
-
-def write_report(out_dir: Path, report: dict[str, Any], *, latest: bool = True) -> Path:
-    """Write ``<run_id>.json`` and ``.md`` plus (with ``latest``) ``latest.*``; returns the
-    JSON path."""
-    folder = reports_dir(out_dir, report["job"])
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2)
-    markdown = render_markdown(report)
-    for stem in (report["run_id"], "latest") if latest else (report["run_id"],):
-        for suffix, content in ((".json", text), (".md", markdown)):
-            # Unique: shards of the job may write latest.* at the same moment.
-            tmp = folder / f".{stem}{suffix}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-            tmp.write_text(content, encoding="utf-8")
-            tmp.replace(folder / f"{stem}{suffix}")
-    return folder / f"{report['run_id']}.json"
-
-
-def latest_report(out_dir: Path, job: str | None) -> dict[str, Any]:
-    """The newest report in an output folder (of one job, if given)."""
-    root = out_dir / "_reports"
-    candidates = sorted(
-        root.glob(f"{job or '*'}/latest.json"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    if not candidates:
-        raise FileNotFoundError(f"no report under {root}" + (f" for job {job!r}" if job else ""))
-    loaded: dict[str, Any] = json.loads(candidates[0].read_text(encoding="utf-8"))
-    return loaded
-
-
-def run_reports(out_dir: Path, job: str) -> list[dict[str, Any]]:
-    """Every run's report of ``job`` (a run still going, or killed, has the one it wrote
-    when it started, with status ``running``)."""
-    found = []
-    for path in sorted(reports_dir(out_dir, job).glob("*.json")):
-        if path.name != "latest.json":
-            try:
-                found.append(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, json.JSONDecodeError):
-                continue  # being replaced right now; the next look sees it
-    return found
 
 
 def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:

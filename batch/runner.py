@@ -2,25 +2,23 @@
 
 A *unit* is one session's worth of work: a whole item, or one piece of a long one. The pool
 runs units; this module streams each with retries, keeps the pieces of an item together,
-and hands finished items' rows to the sink.
+and hands each finished item's rows (built by `collect.item_rows`) to the run's writer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 
 from batch import __version__
-from batch import sink as sinks
-from batch.collect import Collected, collect_finals
+from batch.collect import Collected, Outcome, RunInfo, collect_finals, item_rows
 from batch.credentials import Scrubber
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
@@ -34,6 +32,7 @@ from batch.errors import (
     is_refusal,
 )
 from batch.manifest import LoadedManifest
+from batch.output import RunWriter
 from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
@@ -104,7 +103,7 @@ class ItemRunner:
         self,
         loaded: LoadedManifest,
         stats: RunStats,
-        sink: sinks.Sink,
+        writer: RunWriter,
         endpoint: Endpoint,
         api_key: str | None,
         progress: Progress,
@@ -114,7 +113,7 @@ class ItemRunner:
         self.loaded = loaded
         self.run = loaded.manifest.run
         self.stats = stats
-        self.sink = sink
+        self.writer = writer
         self.endpoint = endpoint
         self.api_key = api_key
         # Belt and braces: session errors are scrubbed at the boundary already.
@@ -128,12 +127,11 @@ class ItemRunner:
         self.refusals = RefusalStreak(self.run.max_refusals_in_a_row)
         self.backoff = Backoff(self.run.backoff_initial_s, self.run.backoff_max_s)
         self.rng = random.Random()
-        self.run_date = stats.started_at.strftime("%Y-%m-%d")
+        self.run_info = RunInfo(stats.job, stats.run_id, stats.started_at.strftime("%Y-%m-%d"))
         self.fatal: BaseException | None = None
         shard = f" shard/{stats.shard}" if stats.shard else ""
         self.user_agent = f"pulse-batch/{__version__}{shard}"
         self._pieces: dict[str, _Pieces] = {}
-        self._commit_lock = anyio.Lock()
 
     # --- the worker ----------------------------------------------------------------
 
@@ -142,12 +140,11 @@ class ItemRunner:
             await self._process_piece(unit)
         else:
             await self._process_item(unit.item)
-        await self.commit_if_due()
 
     async def _process_item(self, item: Item) -> None:
         started = datetime.now(UTC)
         if item.error is not None:
-            self._finish(item, started, attempts=0, error=item.error)
+            await self._finish(item, started, attempts=0, error=item.error)
             return
         if self._is_long(item):
             await self._split(item, started)
@@ -164,9 +161,9 @@ class ItemRunner:
         except JobAborted:
             raise
         except Exception as error:
-            self._finish(item, started, attempts=record.count, error=error)
+            await self._finish(item, started, attempts=record.count, error=error)
             return
-        self._finish(
+        await self._finish(
             item,
             started,
             attempts=record.count,
@@ -219,7 +216,7 @@ class ItemRunner:
             logger.info(
                 "%s: %d pieces of about %g s", item.source, state.total, self.run.piece_target_s
             )
-        self._settle(item, state)
+        await self._settle(item, state)
 
     async def _process_piece(self, unit: Unit) -> None:
         item, index = unit.item, unit.piece
@@ -243,30 +240,33 @@ class ItemRunner:
         finally:
             state.attempts += record.count
             state.in_flight -= 1
-        self._settle(item, state)
+        await self._settle(item, state)
 
-    def _settle(self, item: Item, state: _Pieces) -> None:
+    async def _settle(self, item: Item, state: _Pieces) -> None:
         """Write the item's row once it is cut and no piece of it is streaming: failed (with
         every attempt counted) if any piece failed, ok once every piece is done."""
         if state.total is None or state.in_flight:
             return
-        if state.failure is not None:
-            error, message = state.failure
-            self._finish(item, state.started, attempts=state.attempts, error=error, message=message)
-        elif len(state.done) == state.total:
-            self._finish(
-                item,
-                state.started,
-                attempts=state.attempts,
-                collected=stitch(list(state.done.values()), self.wire.sample_rate),
-                duration_s=state.total_samples / self.wire.sample_rate,
-                session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
-                pieces=len(state.done),
-            )
-        else:
+        if state.failure is None and len(state.done) < state.total:
             return  # pieces still queued
+        # Settled: forget the pieces before waiting on the writer, so nothing settles twice.
         state.cache_path.unlink(missing_ok=True)
         del self._pieces[item.item_id]
+        if state.failure is not None:
+            error, message = state.failure
+            await self._finish(
+                item, state.started, attempts=state.attempts, error=error, message=message
+            )
+            return
+        await self._finish(
+            item,
+            state.started,
+            attempts=state.attempts,
+            collected=stitch(list(state.done.values()), self.wire.sample_rate),
+            duration_s=state.total_samples / self.wire.sample_rate,
+            session_id=",".join(state.session_ids[i] for i in sorted(state.session_ids)),
+            pieces=len(state.done),
+        )
 
     # --- one session, retried ------------------------------------------------------
 
@@ -339,7 +339,7 @@ class ItemRunner:
 
     # --- rows ----------------------------------------------------------------------
 
-    def _finish(
+    async def _finish(
         self,
         item: Item,
         started: datetime,
@@ -352,61 +352,36 @@ class ItemRunner:
         error: BaseException | None = None,
         message: str | None = None,
     ) -> None:
-        common = {
-            "job": self.stats.job,
-            "date": self.run_date,
-            "language": item.options.language,
-            "run_id": self.stats.run_id,
-            "item_id": item.item_id,
-            "channel": item.channel,
-        }
-        transcript: dict[str, Any] = {
-            **common,
-            "channel_name": item.channel_name,
-            "source": item.source,
-            "attempts": attempts,
-            "pieces": pieces,
-            "started_at": started,
-            "finished_at": datetime.now(UTC),
-            "options": json.dumps(asdict(item.options), sort_keys=True, default=list),
-            "metadata": item.metadata or None,
-        }
-        rows = sinks.ItemRows(transcript)
-        if collected is not None:
-            rows.words = [{**common, **w} for w in collected.words]
-            rows.utterances = [{**common, **u} for u in collected.utterances]
-            transcript.update(
-                status="ok",
-                duration_s=duration_s,
-                transcript=collected.transcript,
-                detected_language=collected.language,
-                session_id=session_id,
-                word_count=len(rows.words),
-            )
-            self.stats.ok += 1
-            self.stats.audio_s += duration_s
-        else:
+        kind = text = None
+        if collected is None:
             kind = error_kind(error) if error is not None else "internal"
             text = message or (str(error) if error is not None else "unknown failure")
             if not isinstance(error, InputError):
                 text = f"{item.source}: {text}"
             text = self.scrubber.scrub(text)
-            transcript.update(status="failed", error_kind=kind, error=text, word_count=0)
-            self.stats.failed += 1
-            self.stats.failures.append(Failure(item.item_id, item.source, kind, text))
+        outcome = Outcome(
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            attempts=attempts,
+            pieces=pieces,
+            collected=collected,
+            duration_s=duration_s,
+            session_id=session_id,
+            error_kind=kind,
+            error=text,
+        )
         self.progress.sessions_open(self.limit.open_now)
-        self.sink.add(rows)
-        self.progress.item_done(item, collected is not None, duration_s)
-
-    async def commit_if_due(self) -> None:
-        """Commit buffered rows off the event loop, so paced sessions keep their pace."""
-        if not self.sink.due:
-            return
-        # Shielded: rows taken from the buffer are always written, even during a stop.
-        with anyio.CancelScope(shield=True):
-            async with self._commit_lock:
-                if self.sink.due:  # another worker may have just committed these rows
-                    await anyio.to_thread.run_sync(self.sink.write, self.sink.take())
+        # The writer may turn rows that do not fit the schema into a failed row: count
+        # what is stored.
+        stored = (await self.writer.add(item_rows(item, self.run_info, outcome))).transcript
+        if stored["status"] == "ok":
+            self.stats.ok += 1
+            self.stats.audio_s += duration_s
+        else:
+            self.stats.failed += 1
+            failure = Failure(item.item_id, item.source, stored["error_kind"], stored["error"])
+            self.stats.failures.append(failure)
+        self.progress.item_done(item, stored["status"] == "ok", duration_s)
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:

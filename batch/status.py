@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch import sink as sinks
 from batch.errors import ManifestError
 from batch.manifest import LoadedManifest, load_manifest
-from batch.report import latest_report
+from batch.output import latest_report, read_history
 from batch.shard import shard_of
 
 
@@ -114,7 +113,8 @@ def job_status(out_dir: Path, job: str, manifest: Path | None = None) -> JobStat
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
-    latest = sinks.latest_status(out_dir, job)
+    history = read_history(out_dir, job)
+    latest = {item: "ok" for item in history.ok} | {item: "failed" for item in history.failed}
     done = frozenset(i for i, status in latest.items() if status == "ok")
     planned = sorted({item.item_id for item in plan_items(loaded, done)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest))

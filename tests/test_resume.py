@@ -213,11 +213,11 @@ def test_report_agrees_with_tables_and_server_counters(tmp_path: Path) -> None:
 
 
 def test_second_run_of_a_running_job_is_refused(tmp_path: Path) -> None:
-    from batch import sink as sinks
+    from batch.output import JobOutput
 
     _tone_files(tmp_path / "media", 1)
     manifest = write_manifest(tmp_path)
-    with sinks.job_lock(tmp_path / "out", "test-job"):
+    with JobOutput.open(tmp_path / "out", "test-job", ["job", "date"]):
         done = run_cli("run", str(manifest))
     assert done.returncode == 4
     assert "already running" in done.stderr

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import duckdb
 
-from batch import sink as sinks
 from batch.job import plan_items
 from batch.manifest import load_manifest
+from batch.output import JobOutput
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
 from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
@@ -171,8 +171,7 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(tmp_path:
     _distinct_tones(tmp_path / "media", 4, duration_s=0.6)
     manifest = write_manifest(tmp_path)
     out = tmp_path / "out"
-    sinks.check_layout(out, ["job", "date"])
-    with sinks.job_lock(out, "test-job", Shard(0, 2)):
+    with JobOutput.open(out, "test-job", ["job", "date"], shard=Shard(0, 2)):
         same = run_cli("run", str(manifest), "--shard", "0/2")
         assert same.returncode == 4
         assert "shard 0/2 of job 'test-job' is already running" in same.stderr
@@ -181,7 +180,7 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(tmp_path:
         other = run_cli("run", str(manifest), "--shard", "1/2")
         assert other.returncode in (0, 1), other.stderr  # runs beside shard 0
         assert "shard=1/2" in other.stdout
-    with sinks.job_lock(out, "test-job"):
+    with JobOutput.open(out, "test-job", ["job", "date"]):
         refused = run_cli("run", str(manifest), "--shard", "0/2")
         assert refused.returncode == 4 and "running unsharded" in refused.stderr
     rest = run_cli("run", str(manifest), "--shard", "0/2")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_format
+from tests.media import Burst, tone_track, write_audio, write_format
 
 pytestmark = pytest.mark.bench
 ROOT = Path(__file__).resolve().parents[2]
@@ -282,3 +282,36 @@ def test_client_cpu_per_audio_hour_at_64_sessions(tmp_path: Path) -> None:
     }
     assert report["pool"]["max_open_sessions"] == 64
     assert report["wall_s"] <= seconds * 1.5  # all 64 kept pace
+
+
+def test_force_with_small_commits_costs_at_most_twice_a_normal_run(tmp_path: Path) -> None:
+    """300 items committed one by one: a --force rerun (each commit also removes the
+    item's earlier rows) against the first run of the same job."""
+    media = tmp_path / "media"
+    media.mkdir()
+    track = tone_track([Burst(0.05, 0.1, 440)], 0.3, 16000)
+    for i in range(300):
+        write_audio(media / f"tiny-{i:03d}.wav", [track], 16000)
+    manifest = write_manifest(
+        tmp_path,
+        run={"concurrency": 8, "pace": 0, "max_attempts": 2},
+        output={"path": "out", "commit_every_items": 1},
+    )
+    walls = []
+    with server_in_thread() as server:
+        manifest.write_text(
+            manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
+        )
+        for args in ([], ["--force"]):
+            done = run_cli("run", str(manifest), *args, timeout_s=900)
+            assert done.returncode == 0, done.stderr
+            report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
+            assert report["items"]["ok"] == 300
+            walls.append(float(report["wall_s"]))
+    normal, forced = walls
+    RESULTS["--force, 300 items, commit_every_items 1"] = {
+        "normal run s": round(normal, 2),
+        "--force run s": round(forced, 2),
+        "ratio --force / normal": round(forced / normal, 3),
+    }
+    assert forced / normal <= 2.0

@@ -1,0 +1,305 @@
+"""Delta Lake tables (``output.format: delta``), in a local folder or on object storage.
+
+Each table is a Delta table under the output (``<output>/transcripts``, ...). A batch is one
+Delta transaction per table: an overwrite whose predicate selects the batch's items
+(``job = J AND item_id IN (...)``), so the earlier rows of those items go and the new ones
+come in one atomic commit. The tables hanging off transcripts are committed first and
+transcripts last: transcripts is what says an item is done, and an item whose words or
+utterances were committed by a run that then died before its transcripts commit is redone
+(`scan` sees their run differ) and replaced whole. Writers of other jobs, or other shards,
+commit concurrently under Delta's optimistic concurrency (conditional writes on S3); a
+conflicting commit is retried.
+
+Reads go through pyarrow datasets over the files the table's log lists (not deltalake's own
+pyarrow filesystem, which can abort the interpreter at exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from batch.collect import ItemRows
+from batch.errors import ManifestError, OutputError
+from batch.output import parquet
+from batch.output.history import SCAN_COLUMNS, Scan
+from batch.output.layout import Location
+from batch.output.schema import MAIN_TABLE, TABLES, logical_schema, to_arrow
+
+try:
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+    _HAVE_DELTALAKE = True
+except ImportError:  # pragma: no cover - the [delta] extra is not installed
+    _HAVE_DELTALAKE = False
+
+logger = logging.getLogger(__name__)
+
+_COMMIT_ATTEMPTS: Final = 8
+_CHILD_TABLES: Final = tuple(t for t in TABLES if t != MAIN_TABLE)
+
+
+def _require() -> None:
+    if not _HAVE_DELTALAKE:
+        raise ManifestError(
+            "output.format",
+            "delta needs the deltalake package: pip install 'pulse-batch[delta]'",
+        )
+
+
+def delta_options(location: Location, given: dict[str, str]) -> dict[str, str]:
+    """Storage options for deltalake: the manifest's, plus what the standard environment
+    implies for S3 (an http:// endpoint, conditional writes for safe concurrent commits).
+    Credentials are never put here: deltalake reads them from the environment itself."""
+    options = dict(given)
+    if location.url.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options.setdefault("AWS_ENDPOINT_URL", endpoint)
+            if endpoint.startswith("http://"):
+                options.setdefault("AWS_ALLOW_HTTP", "true")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            options.setdefault("AWS_REGION", region)
+        options.setdefault("conditional_put", "etag")
+    return options
+
+
+def _arrow_filesystem(location: Location, options: dict[str, str]) -> pafs.FileSystem:
+    """A pyarrow filesystem reading the tables' files."""
+    if location.local is not None:
+        return pafs.LocalFileSystem()
+    if location.url.startswith(("s3://", "s3a://")):
+        endpoint = options.get("AWS_ENDPOINT_URL")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        if options.get("AWS_REGION"):
+            kwargs["region"] = options["AWS_REGION"]
+        return pafs.S3FileSystem(**kwargs)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from batch.output.reports import _remote_fs
+
+    return PyFileSystem(FSSpecHandler(_remote_fs(location)))
+
+
+@dataclass
+class DeltaBackend:
+    location: Location
+    partition_by: list[str]
+    options: dict[str, str]
+
+    @classmethod
+    def create(
+        cls, location: Location, partition_by: list[str], storage_options: dict[str, str]
+    ) -> DeltaBackend:
+        """Open the output's tables, creating the missing ones (once, before any writer:
+        concurrent creators of one table would conflict); refuses another partitioning."""
+        _require()
+        backend = cls(location, partition_by, delta_options(location, storage_options))
+        for table in TABLES:
+            backend._ensure(table)
+        return backend
+
+    def _uri(self, table: str) -> str:
+        return self.location.child(table)
+
+    def _open(self, table: str) -> Any:
+        return DeltaTable(self._uri(table), storage_options=self.options)
+
+    def _ensure(self, table: str) -> None:
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                found = self._open(table)
+            except TableNotFoundError:
+                try:
+                    DeltaTable.create(
+                        self._uri(table),
+                        logical_schema(table),
+                        mode="ignore",
+                        partition_by=self.partition_by or None,
+                        storage_options=self.options,
+                    )
+                except CommitFailedError:
+                    _pause(attempt)  # another job created it at the same moment
+                continue
+            columns = list(found.metadata().partition_columns)
+            if columns != self.partition_by:
+                raise ManifestError(
+                    self._uri(table),
+                    f"Delta table is partitioned by {columns}; this manifest asks "
+                    f"{self.partition_by}. Use a new output.path.",
+                )
+            return
+        raise OutputError(self._uri(table), "create", "the table could not be created")
+
+    def recover(self, job: str) -> None:
+        if self.location.local is not None:  # a killed run's scratch files
+            parquet.recover(self.location.local, job)
+
+    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]:
+        if self.location.local is not None:
+            return parquet.run_lock(self.location.local, job, run_id)
+        return contextlib.nullcontext()
+
+    def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:
+        return read(self.location, table, job, columns, self.options, prepared=True)
+
+    def scan(self, job: str) -> Scan:
+        """Each item's latest result, leaving out items whose words or utterances were
+        committed by a run whose transcripts commit never happened (they are redone)."""
+        out = Scan()
+        main = self.read(MAIN_TABLE, job, SCAN_COLUMNS)
+        for values in zip(*(main[c].to_pylist() for c in SCAN_COLUMNS), strict=True):
+            out.note(*values)
+        for table in _CHILD_TABLES:
+            child = self.read(table, job, ["item_id", "run_id"])
+            pairs = set(zip(child["item_id"].to_pylist(), child["run_id"].to_pylist(), strict=True))
+            for item, run_id in pairs:
+                known = out.latest.get(item)
+                if known is not None and known.run_id != run_id:
+                    logger.info("%s: rows of an unfinished commit of run %s; redoing", item, run_id)
+                    del out.latest[item]
+        return out
+
+    def committer(self, job: str, run_id: str, index: Scan) -> DeltaCommitter:
+        return DeltaCommitter(self, job, run_id, index)
+
+    def compact(self) -> list[str]:
+        lines = []
+        for table in TABLES:
+            found = self._open(table)
+            metrics = found.optimize.compact()
+            removed = found.vacuum(dry_run=False)
+            lines.append(
+                f"{table}: {metrics.get('numFilesRemoved', 0)} files compacted into "
+                f"{metrics.get('numFilesAdded', 0)}; {len(removed)} unreferenced files deleted"
+            )
+        return lines
+
+
+def _pause(attempt: int) -> None:
+    time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass
+class DeltaCommitter:
+    backend: DeltaBackend
+    job: str
+    run_id: str
+    index: Scan
+
+    def commit(self, rows: list[ItemRows]) -> None:
+        """One transaction per table replacing the batch's items' rows; transcripts last."""
+        if not rows:
+            return
+        items = sorted({r.item_id for r in rows})
+        predicate = f"job = {_quoted(self.job)} AND item_id IN ({', '.join(map(_quoted, items))})"
+        for table in (*_CHILD_TABLES, MAIN_TABLE):
+            data = to_arrow(table, [r for item in rows for r in item.by_table()[table]])
+            self._replace(table, data, predicate)
+        for row in rows:
+            transcript = row.transcript
+            self.index.latest.pop(row.item_id, None)
+            self.index.note(
+                row.item_id,
+                str(transcript["status"]),
+                transcript.get("finished_at"),
+                transcript.get("duration_s"),
+                self.run_id,
+            )
+
+    def _replace(self, table: str, data: pa.Table, predicate: str) -> None:
+        uri = self.backend._uri(table)
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                write_deltalake(
+                    uri,
+                    data,
+                    mode="overwrite",
+                    predicate=predicate,
+                    partition_by=self.backend.partition_by or None,
+                    schema_mode="merge",
+                    storage_options=self.backend.options,
+                )
+                return
+            except CommitFailedError as exc:  # another writer committed first: redo ours
+                logger.info("%s: concurrent commit (%s); retrying", uri, exc)
+                _pause(attempt)
+            except DeltaError as exc:
+                raise OutputError(uri, "commit a batch to", f"{type(exc).__name__}: {exc}") from exc
+        raise OutputError(uri, "commit a batch to", "too many concurrent commits; try again")
+
+
+def read(
+    location: Location,
+    table: str,
+    job: str | None,
+    columns: list[str] | None,
+    options: dict[str, str],
+    *,
+    prepared: bool = False,
+) -> pa.Table:
+    """A Delta table's current version (one job's rows, some columns) as pyarrow."""
+    _require()
+    if not prepared:
+        options = delta_options(location, options)
+    schema = logical_schema(table)
+    uri = location.child(table)
+    try:
+        found = DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    except DeltaError as exc:
+        raise OutputError(uri, "read", f"{type(exc).__name__}: {exc}") from exc
+    partitions = list(found.metadata().partition_columns)
+    files = found.file_uris()
+    filesystem = _arrow_filesystem(location, options)
+    if location.local is None:
+        files = [f.split("://", 1)[1] for f in files]
+        base = uri.split("://", 1)[1]
+    else:
+        base = uri
+    partitioning = ds.partitioning(pa.schema([schema.field(p) for p in partitions]), flavor="hive")
+    # Files written before a column was added lack it: the table schema reads them as null.
+    dataset = ds.dataset(
+        files,
+        schema=_read_schema(schema, found),
+        format="parquet",
+        filesystem=filesystem,
+        partitioning=partitioning if partitions else None,
+        partition_base_dir=base,
+    )
+    expression = (ds.field("job") == job) if job is not None else None
+    data = dataset.to_table(columns=columns, filter=expression)
+    return data.cast(pa.schema([schema.field(n) for n in data.column_names]))
+
+
+def _read_schema(schema: pa.Schema, found: Any) -> pa.Schema:
+    """The columns to read: ours, in the types Delta stored (timestamps in microseconds)."""
+    stored = pa.schema(found.schema().to_arrow())
+    fields = [stored.field(f.name) if f.name in stored.names else f for f in schema]
+    return pa.schema(fields)
+
+
+def compact(location: Location, storage_options: dict[str, str]) -> list[str]:
+    backend = DeltaBackend(location, [], delta_options(location, storage_options))
+    _require()
+    return backend.compact()

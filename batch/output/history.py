@@ -1,0 +1,61 @@
+"""What an output holds for a job: each item's latest result. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Latest:
+    """An item's latest result as its transcripts row says."""
+
+    status: str
+    finished_at: Any
+    duration_s: float
+    run_id: str
+
+
+@dataclass(frozen=True)
+class History:
+    """Items whose latest result is ok or failed, and the job-so-far summary."""
+
+    ok: frozenset[str]
+    failed: frozenset[str]
+    summary: dict[str, Any]
+
+
+@dataclass
+class Scan:
+    """One pass over a job's transcripts: each item's latest result, and (local Parquet)
+    the files, as relative paths shared by every table, that hold its rows."""
+
+    latest: dict[str, Latest] = field(default_factory=dict)
+    files: dict[str, set[str]] = field(default_factory=dict)
+
+    def note(
+        self, item: str, status: str, finished_at: Any, duration_s: float | None, run_id: str
+    ) -> None:
+        """Take a row into account; the latest (by finish time, then run id) wins, so an
+        output written before one row per item was kept still reads right."""
+        known = self.latest.get(item)
+        if known is None or (finished_at, run_id) >= (known.finished_at, known.run_id):
+            self.latest[item] = Latest(status, finished_at, duration_s or 0.0, run_id)
+
+    def history(self) -> History:
+        latest = self.latest
+        ok = [v for v in latest.values() if v.status == "ok"]
+        return History(
+            ok=frozenset(i for i, v in latest.items() if v.status == "ok"),
+            failed=frozenset(i for i, v in latest.items() if v.status != "ok"),
+            summary={
+                "runs_with_rows": len({v.run_id for v in latest.values()}),
+                "items": len(latest),
+                "ok": len(ok),
+                "failed": len(latest) - len(ok),
+                "audio_s": round(sum(v.duration_s for v in ok), 3),
+            },
+        )
+
+
+SCAN_COLUMNS = ["item_id", "status", "finished_at", "duration_s", "run_id"]

@@ -1,0 +1,295 @@
+"""The output of a job behind one object: `JobOutput` opens it, `RunWriter` commits to it.
+
+::
+
+    with JobOutput.open(location, job, partition_by, "parquet") as output:  # layout, lock,
+        history = output.history()                                           # recovery
+        async with output.run(run_id, commit_every_items=200) as writer:
+            stored = await writer.add(rows)        # commits off the event loop when due
+        output.write_report(report)                # flushed on leaving the block
+
+Two backends sit behind it: local Parquet with a redo-log commit (`batch.output.parquet`)
+and Delta Lake, local or on object storage (`batch.output.delta`). Each commit replaces the
+earlier rows of the items it holds, so ``transcripts`` keeps one row per item: its latest
+result. Every OS, Arrow or Delta error is raised as `OutputError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+import pyarrow as pa
+
+from batch.collect import ItemRows
+from batch.errors import ManifestError
+from batch.output import layout, parquet, reports
+from batch.output.history import History, Scan
+from batch.output.layout import Location, translated
+from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
+from batch.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+
+class _Committer(Protocol):
+    def commit(self, rows: list[ItemRows]) -> None: ...
+
+
+class Backend(Protocol):
+    """What a table format provides to `JobOutput` (all calls blocking)."""
+
+    def recover(self, job: str) -> None: ...
+
+    def scan(self, job: str) -> Scan: ...
+
+    def committer(self, job: str, run_id: str, index: Scan) -> _Committer: ...
+
+    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table: ...
+
+
+@dataclass
+class ParquetBackend:
+    root: Path
+    partition_by: list[str]
+
+    def recover(self, job: str) -> None:
+        parquet.recover(self.root, job)
+
+    def scan(self, job: str) -> Scan:
+        return parquet.scan(self.root, job)
+
+    def committer(self, job: str, run_id: str, index: Scan) -> _Committer:
+        return parquet.Committer(self.root, job, run_id, self.partition_by, index)
+
+    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]:
+        return parquet.run_lock(self.root, job, run_id)
+
+    def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:
+        return parquet.read(self.root, table, job, columns)
+
+
+def _backend(
+    location: Location, partition_by: list[str], fmt: str, storage_options: dict[str, str]
+) -> Backend:
+    if fmt == "delta":
+        from batch.output import delta  # deltalake is an optional extra
+
+        return delta.DeltaBackend.create(location, partition_by, storage_options)
+    assert location.local is not None
+    return ParquetBackend(location.local, partition_by)
+
+
+class JobOutput:
+    """One job's view of an output: the only code that knows its layout, locks and commits.
+
+    Use as a context manager (or call `close`): it holds the job's lock while open.
+    """
+
+    def __init__(
+        self, location: Location, job: str, backend: Backend, stack: contextlib.ExitStack
+    ) -> None:
+        self.location = location
+        self.job = job
+        self._backend = backend
+        self._stack = stack
+        self._index: Scan | None = None
+
+    @classmethod
+    def open(
+        cls,
+        location: str | Path,
+        job: str,
+        partition_by: Sequence[str],
+        format: str = "parquet",
+        storage_options: dict[str, str] | None = None,
+        *,
+        shard: Shard | None = None,
+    ) -> JobOutput:
+        """Check the layout (creating it on first use), take the job's lock (or, for a
+        shard, the job's lock shared and the shard's own), finish or undo what killed runs
+        left behind, and upgrade a version-1 output in place.
+
+        Raises `ManifestError` (layout or format mismatch), `LockedError`, `OutputError`.
+        """
+        where = Location.of(location)
+        parts = list(partition_by)
+        stack = contextlib.ExitStack()
+        try:
+            with translated("open the output", where.url):
+                if format == "parquet" and where.local is None:
+                    raise ManifestError(
+                        "output.path",
+                        f"{where.url}: output.format parquet needs a local folder (object "
+                        "stores have no atomic rename to commit with); use output.format: "
+                        "delta for object storage",
+                    )
+                if where.local is not None:
+                    _prepare_local(where.local, parts, format, job, shard, stack)
+                backend = _backend(where, parts, format, storage_options or {})
+                backend.recover(job)
+        except BaseException:
+            stack.close()
+            raise
+        return cls(where, job, backend, stack)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> JobOutput:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def history(self) -> History:
+        """One scan of the job's rows: ok ids, failed ids (latest result of each), summary."""
+        with translated("read", self.location.url):
+            self._index = self._backend.scan(self.job)
+        return self._index.history()
+
+    def job_so_far(self) -> dict[str, Any]:
+        """The summary after this process's commits (no new scan)."""
+        if self._index is None:
+            return self.history().summary
+        return self._index.history().summary
+
+    @contextlib.asynccontextmanager
+    async def run(
+        self, run_id: str, *, commit_every_items: int = 200, commit_every_s: float = 60.0
+    ) -> AsyncIterator[RunWriter]:
+        """A writer for one run; everything added is committed when the block ends (also
+        when it ends by an error or a cancellation: finished items are never dropped)."""
+        if self._index is None:
+            self.history()
+        assert self._index is not None
+        committer = self._backend.committer(self.job, run_id, self._index)
+        writer = RunWriter(committer, self.location.url, commit_every_items, commit_every_s)
+        with translated("lock the run in", self.location.url):
+            guard = self._backend.run_guard(self.job, run_id)
+            guard.__enter__()
+        try:
+            yield writer
+        finally:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await writer.flush()
+            finally:
+                guard.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def scratch(self, run_id: str) -> Iterator[Path]:
+        """A local folder for the run's temporary files (long recordings' decoded audio),
+        removed afterwards; in a local output, what a killed run leaves there goes with the
+        next recovery."""
+        if self.location.local is None:
+            with tempfile.TemporaryDirectory(prefix="pulse-batch-") as temporary:
+                yield Path(temporary)
+            return
+        folder = self.location.local / "_staging" / self.job / f"cache-{run_id}"
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def write_report(self, report: dict[str, Any], *, latest: bool = True) -> str:
+        """Write the run's report (JSON and Markdown, and with ``latest`` also ``latest.*``);
+        returns where the JSON went."""
+        return reports.write(self.location, self.job, report, latest=latest)
+
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        with translated("read", self.location.child(table)):
+            return self._backend.read(table, self.job, columns)
+
+
+def _prepare_local(
+    root: Path,
+    partition_by: list[str],
+    fmt: str,
+    job: str,
+    shard: Shard | None,
+    stack: contextlib.ExitStack,
+) -> None:
+    """Marker, job lock, and the in-place upgrade of a version-1 output."""
+    found = layout.check_layout(root, partition_by, fmt)
+    stack.enter_context(layout.job_lock(root, job, shard))
+    if int(found.get("schema_version", 1)) < SCHEMA_VERSION:
+        with layout.layout_lock(root):
+            found = layout.read_marker(root) or found
+            if int(found.get("schema_version", 1)) < SCHEMA_VERSION:
+                dropped = parquet.upgrade_v1(root, partition_by)
+                layout.set_marker_version(root, found)
+                logger.info(
+                    "upgraded %s to schema version %d (%d superseded rows removed)",
+                    root,
+                    SCHEMA_VERSION,
+                    dropped,
+                )
+
+
+@dataclass
+class RunWriter:
+    """Buffers a run's finished items and commits them in batches, off the event loop."""
+
+    committer: _Committer
+    where: str
+    commit_every_items: int
+    commit_every_s: float
+    _buffer: list[ItemRows] = field(default_factory=list)
+    _last_commit: float = field(default_factory=time.monotonic)
+    _lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def add(self, rows: ItemRows) -> ItemRows:
+        """Queue one finished item; returns its rows as they will be stored: an item whose
+        rows do not fit the schema becomes a failed row (``protocol``) here, so it can never
+        fail the batch it is in. Commits (in a worker thread) when a batch is due."""
+        problem = misfit(rows.by_table())
+        if problem is not None:
+            logger.warning("%s: %s", rows.transcript.get("source"), problem)
+            rows = ItemRows(as_failed(rows.transcript, problem))
+        self._buffer.append(rows)
+        if self._due:
+            await self._commit(only_if_due=True)
+        return rows
+
+    @property
+    def _due(self) -> bool:
+        if not self._buffer:
+            return False
+        waited = time.monotonic() - self._last_commit
+        return len(self._buffer) >= self.commit_every_items or waited >= self.commit_every_s
+
+    async def flush(self) -> None:
+        """Commit whatever is buffered."""
+        await self._commit(only_if_due=False)
+
+    async def _commit(self, *, only_if_due: bool) -> None:
+        # Shielded: rows taken from the buffer are always written, even during a stop.
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                if only_if_due and not self._due:
+                    return  # another worker just committed these rows
+                batch, self._buffer = self._buffer, []
+                self._last_commit = time.monotonic()
+                if batch:
+                    await anyio.to_thread.run_sync(self._commit_blocking, batch)
+
+    def _commit_blocking(self, batch: list[ItemRows]) -> None:
+        with translated("commit a batch to", self.where):
+            self.committer.commit(batch)

@@ -1,0 +1,93 @@
+"""A full disk or a read-only output ends the run with exit 5, loses nothing committed,
+and the next run recovers. Uses a small tmpfs (mounting needs root; skipped otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batch.output import read_history, read_table
+from tests.conftest import run_cli, write_manifest
+from tests.test_resume import _tone_files
+
+
+def _mount(target: Path, *options: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+
+
+@contextlib.contextmanager
+def small_disk(out: Path) -> Iterator[Path]:
+    """``out`` on a 512 KiB tmpfs, with its ``_reports`` on a second, roomy one (so the
+    report of a run that filled the tables' disk can still be written)."""
+    mounted = []
+    try:
+        _mount(out, "size=512k")
+        mounted.append(out)
+        _mount(out / "_reports", "size=4m")
+        mounted.append(out / "_reports")
+        yield out
+    finally:
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the disk under ``folder`` until the OS says no space is left."""
+    filler = folder / "filler.bin"
+    with filler.open("wb", buffering=0) as handle:
+        for _ in range(10_000):  # bounded: 10,000 x 4 KiB far exceeds the disk
+            try:
+                handle.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC
+                return filler
+    raise AssertionError("the disk never filled up")
+
+
+def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    with small_disk(out):
+        _tone_files(tmp_path / "media", 3)
+        manifest = write_manifest(tmp_path, output={"path": "out", "commit_every_items": 1})
+        assert run_cli("run", str(manifest)).returncode == 0
+        filler = _fill(out)
+        for path in _tone_files(tmp_path / "more", 3):  # new work for the next run
+            path.rename(tmp_path / "media" / f"more-{path.name}")
+
+        full = run_cli("run", str(manifest))
+        assert full.returncode == 5, full.stderr
+        assert "No space left on device" in full.stderr and str(out) in full.stderr
+        assert "Traceback" not in full.stderr
+        report = json.loads((out / "_reports" / "test-job" / "latest.json").read_text())
+        assert report["status"] == "failed_output"
+        assert "No space left on device" in report["abort_reason"]
+        assert len(read_history(out, "test-job").ok) == 3  # nothing committed was lost
+
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+        read_only = run_cli("run", str(manifest))
+        assert read_only.returncode == 5, read_only.stderr
+        assert "Read-only file system" in read_only.stderr and str(out) in read_only.stderr
+        subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True)
+
+        filler.unlink()
+        rerun = run_cli("run", str(manifest))
+        assert rerun.returncode == 0, rerun.stderr
+        assert "skipped=3" in rerun.stdout
+        items = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
+        assert len(items) == len(set(items)) == 6
+        assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]
