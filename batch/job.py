@@ -172,6 +172,7 @@ async def run_job(
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
         signal_name = None
+        writer: RunWriter | None = None
         try:
             with output.scratch(stats.run_id) as cache_dir:
                 async with output.run(
@@ -189,6 +190,11 @@ async def run_job(
             failure = _output_error(exc)
             stats.status = "failed_output"
             stats.abort_reason = str(failure)
+            if writer is not None and writer.uncommitted:
+                stats.abort_reason += (
+                    f"; {writer.uncommitted} finished item(s) were not committed and will be "
+                    "redone by the next run"
+                )
             stats.not_run = len(todo) - stats.ok - stats.failed
             logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)

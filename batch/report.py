@@ -37,7 +37,7 @@ class RunStats:
     shard: str | None = None  # "I/N" when this run is one shard of the job
     manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
-    status: str = "running"  # completed | interrupted | aborted
+    status: str = "running"  # completed | interrupted | aborted | failed_output
     abort_reason: str | None = None
     abort_kind: str | None = None  # fatal_answer | service_refusing, when aborted
     signal_name: str | None = None

@@ -149,3 +149,14 @@ def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Pa
     assert compacted.returncode == 0, compacted.stderr
     assert "transcripts:" in compacted.stdout
     assert _counts(str(tmp_path / "out")) == (5, 5, 5, 15, 15)
+
+
+def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
+    tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    _tone_files(tmp_path / "media", 1)
+    manifest = _delta_manifest(tmp_path, "s3://no-such-bucket-pulse/lake")
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 5, done.stderr
+    assert "s3://no-such-bucket-pulse/lake" in done.stderr and "NoSuchBucket" in done.stderr
+    assert "Traceback" not in done.stderr and FAKE_SECRET not in done.stderr

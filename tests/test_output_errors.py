@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from batch.output import read_history, read_table
+from batch.output import read_table
 from tests.conftest import run_cli, write_manifest
 from tests.test_resume import _tone_files
 
@@ -57,6 +58,11 @@ def _fill(folder: Path) -> Path:
     raise AssertionError("the disk never filled up")
 
 
+def _latest_report(out: Path) -> dict[str, str]:
+    report: dict[str, str] = json.loads((out / "_reports" / "test-job" / "latest.json").read_text())
+    return report
+
+
 def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
     tmp_path: Path,
 ) -> None:
@@ -65,18 +71,28 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         _tone_files(tmp_path / "media", 3)
         manifest = write_manifest(tmp_path, output={"path": "out", "commit_every_items": 1})
         assert run_cli("run", str(manifest)).returncode == 0
-        filler = _fill(out)
-        for path in _tone_files(tmp_path / "more", 3):  # new work for the next run
+        for path in _tone_files(tmp_path / "more", 10):  # new work for the next runs
             path.rename(tmp_path / "media" / f"more-{path.name}")
+        filler = _fill(out)
 
-        full = run_cli("run", str(manifest))
+        full = run_cli("run", str(manifest))  # full from the start: the run cannot begin
         assert full.returncode == 5, full.stderr
         assert "No space left on device" in full.stderr and str(out) in full.stderr
         assert "Traceback" not in full.stderr
-        report = json.loads((out / "_reports" / "test-job" / "latest.json").read_text())
+        assert _latest_report(out)["status"] == "failed_output"
+
+        # Room for a few commits only: the disk fills up in the middle of the run.
+        os.truncate(filler, filler.stat().st_size - 40 * 1024)
+        midway = run_cli("run", str(manifest))
+        assert midway.returncode == 5, midway.stderr
+        assert "No space left on device" in midway.stderr and "Traceback" not in midway.stderr
+        report = _latest_report(out)
         assert report["status"] == "failed_output"
         assert "No space left on device" in report["abort_reason"]
-        assert len(read_history(out, "test-job").ok) == 3  # nothing committed was lost
+        assert "were not committed and will be redone" in report["abort_reason"]
+        committed = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"]
+        assert 3 <= len(committed) < 13  # nothing committed before was lost
+        assert len(set(committed.to_pylist())) == len(committed)
 
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
         read_only = run_cli("run", str(manifest))
@@ -87,7 +103,7 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         filler.unlink()
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
-        assert "skipped=3" in rerun.stdout
+        assert f"skipped={len(committed)}" in rerun.stdout
         items = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
-        assert len(items) == len(set(items)) == 6
+        assert len(items) == len(set(items)) == 13
         assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]

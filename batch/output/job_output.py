@@ -251,6 +251,7 @@ class RunWriter:
     where: str
     commit_every_items: int
     commit_every_s: float
+    uncommitted: int = 0  # finished items whose commit failed
     _buffer: list[ItemRows] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.monotonic)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -288,7 +289,11 @@ class RunWriter:
                 batch, self._buffer = self._buffer, []
                 self._last_commit = time.monotonic()
                 if batch:
-                    await anyio.to_thread.run_sync(self._commit_blocking, batch)
+                    try:
+                        await anyio.to_thread.run_sync(self._commit_blocking, batch)
+                    except BaseException:
+                        self.uncommitted += len(batch)  # redone by the next run
+                        raise
 
     def _commit_blocking(self, batch: list[ItemRows]) -> None:
         with translated("commit a batch to", self.where):
