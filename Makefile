@@ -26,6 +26,12 @@ format: install
 
 run: install
 	$(BIN)/pulse-batch run jobs/demo.yaml
+	$(BIN)/pulse-batch export jobs/out --job demo --format srt
+	$(BIN)/pulse-batch export jobs/out --job demo --format vtt
+	$(BIN)/pulse-batch score jobs/out --job demo --references jobs/demo/clips.csv
+	@echo
+	@echo "subtitles:  $(CURDIR)/jobs/out/_exports/demo/srt/ (and vtt/)"
+	@echo "WER of the demo clips:  Accuracy section of $(CURDIR)/jobs/out/_reports/demo/latest.md"
 
 bench: install
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq ffmpeg) \

@@ -20,28 +20,64 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from typer.core import TyperArgument, TyperCommand
 
+from batch import export as exports
 from batch import job as jobs
 from batch import output as outputs
+from batch import score as scoring
 from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import InputError, LockedError, ManifestError, OutputError, ShardError
 from batch.manifest import LoadedManifest, load_manifest
-from batch.plan import Item
+from batch.plan import Item, expand_sources
 from batch.pulse import protocol
-from batch.report import job_runs, render_job, render_markdown, summary_line
+from batch.report import job_runs, render_accuracy, render_job, render_markdown, summary_line
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
 
+
+class _PlainCommand(TyperCommand):
+    """Usage lines as people write them (``run [OPTIONS] MANIFEST``), not ``{manifest}``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name or "arg").upper()
+                name += "..." if param.nargs != 1 else ""
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        # Arguments by name and help only: no "<list[Path]>" type tags.
+        arguments = [
+            ((p.metavar or p.name or "").upper(), p.help or "")
+            for p in self.get_params(ctx)
+            if isinstance(p, TyperArgument)
+        ]
+        options = [
+            record
+            for p in self.get_params(ctx)
+            if not isinstance(p, TyperArgument) and (record := p.get_help_record(ctx))
+        ]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
+    rich_markup_mode=None,
     help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
 )
-app.command("serve", help="Run the local Pulse-compatible server.")(serve)
-err = Console(stderr=True)
+app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
+err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
 
 
@@ -60,6 +96,13 @@ class _RedactSecrets(logging.Filter):
             if cleaned != text:
                 record.msg, record.args = cleaned, None
         return True
+
+
+def _label(item: Item) -> str:
+    """The item as people know it: its file, and its channel when split."""
+    if item.channel_name:
+        return f"{item.source} [{item.channel_name}]"
+    return item.source if item.channel is None else f"{item.source} [ch{item.channel}]"
 
 
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
@@ -88,8 +131,9 @@ def _load(manifest: Path) -> LoadedManifest:
 class _ConsoleObserver(jobs.Observer):
     """A live progress bar on a terminal; plain log lines for cron and CI."""
 
-    def __init__(self, live: bool) -> None:
+    def __init__(self, live: bool, console: Console | None = None) -> None:
         self.live = live
+        self.console = console or err
         self.done = 0
         self.total = 0
         self.failed = 0
@@ -97,6 +141,7 @@ class _ConsoleObserver(jobs.Observer):
         self.open = 0
         self.progress: Progress | None = None
         self.task: TaskID | None = None
+        self.pieces: dict[str, TaskID] = {}  # a row per long item being streamed in pieces
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None:
         self.total = items
@@ -108,43 +153,64 @@ class _ConsoleObserver(jobs.Observer):
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                TextColumn("{task.fields[items]} items"),
-                TextColumn("{task.completed:.0f}/{task.total:.0f} s audio"),
-                TextColumn("{task.fields[sessions]} open"),
-                TextColumn("[red]{task.fields[failed]} failed"),
+                TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(),
-                console=err,
+                console=self.console,
                 transient=False,
             )
-            self.task = self.progress.add_task(
-                "transcribing", total=max(audio_s, 1e-9), items=f"0/{items}", sessions=0, failed=0
-            )
+            self.task = self.progress.add_task("transcribing", total=max(audio_s, 1e-9), detail="")
+            self._refresh()
             self.progress.start()
 
     def sessions_open(self, count: int) -> None:
         self.open = count
         self._refresh()
 
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None:
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
         self.done += 1
         self.failed += 0 if ok else 1
         self.audio_s += audio_s
+        self._drop_pieces(item)
+        label = _label(item)
         if self.progress is None:
-            status = "ok" if ok else "failed"
-            logger.info(
-                "[%d/%d] %s %s (%.1f s audio)", self.done, self.total, status, item.source, audio_s
+            if ok:
+                logger.info("[%d/%d] ok %s (%.1f s audio)", self.done, self.total, label, audio_s)
+            else:
+                logger.warning("[%d/%d] failed %s: %s", self.done, self.total, label, failure)
+        elif not ok:  # above the bar, as it happens
+            self.progress.console.print(
+                f"[red]failed[/red] {escape(label)}: {escape(str(failure))}", highlight=False
             )
         self._refresh()
 
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None:
+        of = f"{done}/{total}" if total is not None else f"{done}/?"
+        if self.progress is None:
+            logger.info("%s: piece %s done", _label(item), of)
+            return
+        # A row of its own under the main bar while a long item streams in pieces.
+        task = self.pieces.get(item.item_id)
+        detail = f"{of} pieces"
+        if task is None:
+            name = f"  {Path(item.source).name}"
+            task = self.progress.add_task(name, total=total, completed=done, detail=detail)
+            self.pieces[item.item_id] = task
+        else:
+            self.progress.update(task, total=total, completed=done, detail=detail)
+
+    def _drop_pieces(self, item: Item) -> None:
+        task = self.pieces.pop(item.item_id, None)
+        if task is not None and self.progress is not None:
+            self.progress.remove_task(task)
+
     def _refresh(self) -> None:
         if self.progress is not None and self.task is not None:
-            self.progress.update(
-                self.task,
-                completed=self.audio_s,
-                items=f"{self.done}/{self.total}",
-                sessions=self.open,
-                failed=self.failed,
+            total = self.progress.tasks[0].total or 0.0
+            detail = (
+                f"{self.done}/{self.total} items  {self.audio_s:.0f}/{total:.0f} s audio  "
+                f"{self.open} open  [red]{self.failed} failed[/red]"
             )
+            self.progress.update(self.task, completed=self.audio_s, detail=detail)
 
     def signalled(self, name: str) -> None:
         logger.warning("%s received: starting no new items, finishing those in flight", name)
@@ -154,9 +220,9 @@ class _ConsoleObserver(jobs.Observer):
             self.progress.stop()
 
 
-@app.command()
+@app.command(cls=_PlainCommand)
 def run(
-    manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).")],
+    manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
     force: Annotated[bool, typer.Option("--force", help="Redo items already ok.")] = False,
     retry_failed: Annotated[
         bool, typer.Option(help="Retry items whose last result failed.")
@@ -231,7 +297,15 @@ def run(
         print(json.dumps(result.report, indent=2))
         return
     report = result.report
-    if report["status"] == "aborted":
+    if result.nothing_to_do:
+        items = report["items"]
+        print(
+            f"nothing to do: all {items['total']} item(s) of job {report['job']} are already "
+            "done (ok, or failed and left alone); --force redoes them"
+        )
+        if result.report_path is not None:
+            print(f"latest report (unchanged): {result.report_path.removesuffix('.json')}.md")
+    elif report["status"] == "aborted":
         err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
     if report["status"] == "failed_output":
         reason = escape(str(report["abort_reason"]))
@@ -250,8 +324,10 @@ def run(
     )
 
 
-@app.command()
-def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).")]) -> None:
+@app.command(cls=_PlainCommand)
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
+) -> None:
     """Check a manifest and show what it resolves to, without running anything."""
     loaded = _load(manifest)
     try:
@@ -262,16 +338,38 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).
     bad = [i for i in items if i.error is not None]
     audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
     print(f"{manifest}: valid (job {loaded.manifest.job!r})")
-    print(f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad")
+    for number, entry in enumerate(loaded.manifest.inputs):
+        _show_input(loaded, number, entry)
+    with_refs = len([i for i in items if i.reference is not None])
+    print(
+        f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad"
+        + (f"; {with_refs} with a reference (scored)" if with_refs else "")
+    )
     for item in bad:
         print(f"  bad: {item.error}")
     print(f"  output: {loaded.output_dir}")
 
 
-@app.command("probe")
+_SHOWN_PER_INPUT = 3
+
+
+def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
+    """One input entry: what it is, how many files it resolves to, and the first few."""
+    kind = next(k for k in ("glob", "path", "list") if hasattr(entry, k))
+    one = loaded.manifest.model_copy(update={"inputs": [entry]})
+    sources = expand_sources(loaded.model_copy(update={"manifest": one}))
+    print(f"  inputs[{number}] {kind} {getattr(entry, kind)!r}: {len(sources)} file(s)")
+    for source in sources[:_SHOWN_PER_INPUT]:
+        print(f"    {source.path}")
+    if len(sources) > _SHOWN_PER_INPUT:
+        print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
+
+
+@app.command("probe", cls=_PlainCommand)
 def probe_command(
     files: Annotated[
-        list[str], typer.Argument(help="Media files or URLs (s3://, gs://, https://, ...).")
+        list[str],
+        typer.Argument(help="Media files or URLs (s3://, gs://, https://, ...).", metavar="FILE"),
     ],
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
@@ -314,7 +412,7 @@ def probe_command(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_PlainCommand)
 def schema(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
@@ -343,23 +441,37 @@ def schema(
             print(f"  {col['column']:<20} {col['type']:<28} {col['meaning']}")
 
 
-@app.command()
+@app.command(cls=_PlainCommand)
 def report(
-    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
+    output: Annotated[
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
+    ],
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
 ) -> None:
     """Print the latest run report of a job, then the job so far: every run and shard, when
-    it ran and what it did, and the items by their latest result."""
+    it ran and what it did, and the items by their latest result. Names the job it shows and,
+    when the output holds several, lists them."""
+    jobs_here = exports.job_names(output)
+    if job is None and len(jobs_here) > 1:
+        err.print(
+            escape(
+                f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the one "
+                "run most recently (pick one with --job)"
+            ),
+            highlight=False,
+        )
     try:
         data = outputs.latest_report(output, job)
         name = str(data["job"])
         data["job_so_far"] = outputs.read_history(output, name).summary
         every_run = outputs.run_reports(output, name)
     except (FileNotFoundError, ManifestError) as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
+        err.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
         raise typer.Exit(jobs.EXIT_USAGE) from None
     except OutputError as exc:
         err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
@@ -369,10 +481,117 @@ def report(
     if as_json:
         print(json.dumps(data, indent=2))
     else:
+        err.print(escape(f"job {name}, run {data['run_id']}"), highlight=False)
         print(render_markdown(data) + render_job(data["job_so_far"], runs))
 
 
-@app.command()
+@app.command("export", cls=_PlainCommand)
+def export_command(
+    output: Annotated[
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
+    ],
+    job: Annotated[str, typer.Option(help="The job whose items to export.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="srt, vtt (subtitles), json (all rows) or txt.")
+    ] = "srt",
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the files [default: OUTPUT/_exports/JOB/FORMAT, or "
+            "_exports/JOB/FORMAT here for an output at a URL]."
+        ),
+    ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Only items where col=value[,col!=value...] (transcripts columns or "
+            "metadata.KEY), e.g. language=en,metadata.team=sales."
+        ),
+    ] = None,
+    item: Annotated[
+        str | None, typer.Option(help="Only the item whose item_id starts with this.")
+    ] = None,
+    utterances: Annotated[
+        bool, typer.Option("--utterances", help="Cue subtitles by utterance, not by word.")
+    ] = False,
+) -> None:
+    """Write one subtitle, JSON or text file per ok item of a job."""
+    if where is not None and item is not None:
+        raise typer.BadParameter("give --where or --item, not both")
+    base = Path("." if "://" in output else output)
+    folder = to or base / "_exports" / job / fmt
+    try:
+        done = exports.export_job(
+            output, job, fmt, folder, where=where, item=item, from_utterances=utterances
+        )
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/red] {escape(f'cannot write to {folder}: {exc.strerror}')}",
+            highlight=False,
+        )
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    for source in done.without_timings:
+        what = "utterances (turn on pulse.sentence_timestamps)" if utterances else "words"
+        err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
+    print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
+
+
+@app.command("score", cls=_PlainCommand)
+def score_command(
+    output: Annotated[
+        str,
+        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
+    ],
+    job: Annotated[str, typer.Option(help="The job to score.")],
+    references: Annotated[
+        Path,
+        typer.Option(
+            help="CSV or JSONL list: path (as the job listed it) and reference or reference_path."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """WER and CER of a job's ok items against references given after the run."""
+    try:
+        scored = scoring.score_job(output, job, references)
+    except ManifestError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_USAGE) from None
+    except OutputError as exc:
+        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    for problem in scored.problems:
+        err.print(escape(f"warning: not scored: {problem}"), highlight=False)
+    if scored.unmatched:
+        err.print(
+            escape(f"note: {scored.unmatched} ok item(s) have no reference in {references}"),
+            highlight=False,
+        )
+    body = {"job": job, "accuracy": scored.summary, "items": scored.items}
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    if scored.summary is None:
+        err.print(f"[red]error:[/red] {escape(f'no ok item of job {job!r} matched {references}')}")
+        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)
+    print("\n".join(render_accuracy(scored.summary)))
+    print("\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
+    for row in scored.items:
+        print(f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+@app.command(cls=_PlainCommand)
 def status(
     output: Annotated[Path, typer.Argument(help="A job's output folder (output.path).")],
     job: Annotated[str, typer.Option(help="Job name.")],

@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 
 from batch.credentials import api_key_from_env
-from batch.errors import ManifestError, OutputError, ServiceRefusing
+from batch.errors import HandshakeRejected, ManifestError, OutputError, ServiceRefusing
+from batch.export import latest_ok
 from batch.manifest import LoadedManifest
 from batch.output import JobOutput, RunWriter, read_history
 from batch.plan import Item, expand_sources, longest_first, make_items
@@ -27,6 +28,7 @@ from batch.pool import Pool
 from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, failing_items
 from batch.runner import ItemRunner, Unit, whole_units
+from batch.score import summarise
 from batch.session import Endpoint
 from batch.shard import Shard
 
@@ -58,7 +60,11 @@ class Observer:
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None: ...
 
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
+        """``failure`` is ``"<error_kind>: <message>"`` for a failed item."""
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None:
+        """A long item's progress: pieces finished, of ``total`` (None while still cutting)."""
 
     def sessions_open(self, count: int) -> None: ...
 
@@ -70,6 +76,7 @@ class JobResult:
     report: dict[str, Any]
     report_path: str | None
     signal_name: str | None = None
+    nothing_to_do: bool = False  # every item was already done: no report written
 
 
 def new_run_id(started: datetime) -> str:
@@ -182,7 +189,8 @@ async def run_job(
                 ) as writer:
                     # A starting report, replaced at the end: a killed run (or shard) still
                     # shows when it ran in `pulse-batch report`.
-                    output.write_report(build_report(stats), latest=False)
+                    if todo:  # a run with nothing to do leaves no report (see below)
+                        output.write_report(build_report(stats), latest=False)
                     signal_name = await _stream_all(
                         loaded, todo, stats, writer, cache_dir, opts, observer
                     )
@@ -198,9 +206,27 @@ async def run_job(
             stats.not_run = len(todo) - stats.ok - stats.failed
             logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats, job_so_far=output.job_so_far())
+        report = build_report(stats, job_so_far=output.job_so_far(), accuracy=_accuracy(output))
+        if not todo:
+            # Nothing was streamed: the last real report stays `latest`.
+            return JobResult(report, _latest_report_path(output), nothing_to_do=True)
         path = _write_report(output, report)
     return JobResult(report, path, signal_name)
+
+
+def _accuracy(output: JobOutput) -> dict[str, Any] | None:
+    """WER/CER of the job's items, by each item's latest ok result."""
+    rows = output.read_table("transcripts")
+    return summarise(latest_ok(rows.to_pylist()))
+
+
+def _latest_report_path(output: JobOutput) -> str | None:
+    """Where the job's latest report is, if it has one."""
+    local = output.location.local
+    if local is None:
+        return output.location.child("_reports", output.job, "latest.json")
+    path = local / "_reports" / output.job / "latest.json"
+    return str(path) if path.exists() else None
 
 
 def _output_error(exc: BaseException) -> OutputError:
@@ -265,7 +291,9 @@ async def _stream_all(
                 raise
         if runner.fatal is not None:
             stats.status = "aborted"
-            stats.abort_reason = runner.scrubber.scrub(str(runner.fatal))
+            stats.abort_reason = runner.scrubber.scrub(str(runner.fatal)) + _key_hint(
+                runner.fatal, api_key, loaded
+            )
             refusing = isinstance(runner.fatal, ServiceRefusing)
             stats.abort_kind = "service_refusing" if refusing else "fatal_answer"
         elif stats.status == "running":
@@ -275,6 +303,15 @@ async def _stream_all(
         stats.lowest_pool_size = runner.limit.lowest
     stats.not_run = len(todo) - stats.ok - stats.failed
     return signal_name
+
+
+def _key_hint(error: BaseException, api_key: str | None, loaded: LoadedManifest) -> str:
+    """A 401 while no key was sent: say which variable is unset (a loopback server may
+    run without a key, so its absence was not an error before the first session)."""
+    if isinstance(error, HandshakeRejected) and error.status == 401 and api_key is None:
+        name = loaded.manifest.pulse.api_key_env
+        return f" (no key was sent: environment variable {name} is not set; export it)"
+    return ""
 
 
 async def _watch_signals(

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DELIMITERS = ",;\t|"
 # Columns the runner reads itself; matched without regard to case or surrounding spaces.
-KNOWN_COLUMNS = ("path", "language", "channels")
+KNOWN_COLUMNS = ("path", "language", "channels", "reference", "reference_path")
 _BOMS = (
     (b"\xef\xbb\xbf", "utf-8-sig"),
     (b"\xff\xfe", "utf-16"),

@@ -325,6 +325,26 @@ class LoadedManifest(BaseModel):
         return str(self.output_dir)
 
 
+_WANTS_NUMBER = frozenset({"int_type", "float_type", "int_parsing", "float_parsing"})
+
+
+def _quoted_scalar(kind: str, value: Any) -> str | None:
+    """``concurrency: "4"`` or ``diarize: "true"``: the value is right but quoted (strict
+    models take no text for numbers or booleans). Returns the value to write unquoted."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if kind in _WANTS_NUMBER:
+        try:
+            float(text)
+        except ValueError:
+            return None
+        return text
+    if kind == "bool_type" and text.lower() in ("true", "false"):
+        return text.lower()
+    return None
+
+
 def _describe(error: Any) -> str:
     loc = list(error["loc"])
     if len(loc) > 2 and loc[0] == "inputs" and loc[2] in ("glob", "path", "list"):
@@ -336,6 +356,9 @@ def _describe(error: Any) -> str:
     if kind == "extra_forbidden":
         return f"{location}: unknown key; check its spelling against the README's manifest table"
     message = str(error["msg"]).removeprefix("Value error, ")
+    quoted = _quoted_scalar(kind, error.get("input"))
+    if quoted is not None:
+        return f'{location}: "{quoted}" is quoted text; write {quoted} without quotes'
     if kind == "value_error":
         return f"{location}: {message}"
     message = message.replace("Input should be", "must be")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -29,6 +30,7 @@ from batch.errors import InputError, ManifestError
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
+from batch.score import Reference, reference_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Source:
     storage_options: dict[str, Any] = field(default_factory=dict)
     resolved: str | None = None
     problem: InputError | None = None
+    reference: Reference | None = None  # the true transcript, for WER/CER
 
     @property
     def identity(self) -> str:
@@ -77,6 +80,7 @@ class Item:
     # Non-secret fsspec settings for a URL source; never part of the id (they say how to
     # reach the file, not which file it is).
     storage_options: dict[str, Any] = field(default_factory=dict)
+    reference: Reference | None = None  # the true transcript, for WER/CER
 
 
 def item_id(source: str, channel: int | None, options: PulseOptions) -> str:
@@ -157,6 +161,14 @@ def _folder_of(location: str) -> str:
     return str(Path(location).parent)
 
 
+def read_list_rows(location: str) -> Iterator[dict[str, Any]]:
+    """A local list file's rows as dicts (``__line__`` holds the line number), read as job
+    inputs are, for other readers of list files (`pulse-batch score`)."""
+    name = urlsplit(location).path if storage.is_url(location) else location
+    for number, row in read_rows(location, _list_bytes(location, {}), name):
+        yield {"__line__": number, **row}
+
+
 def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
     name = urlsplit(location).path if storage.is_url(location) else location
     for number, row in read_rows(location, _list_bytes(location, options), name):
@@ -168,6 +180,9 @@ def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Sourc
         if language is not None and language not in LANGUAGES:
             raise ManifestError(location, f"{where}: language {language!r} is not supported")
         channels = _channels_value(row.pop("channels", None), where, location)
+        reference = reference_of(row, functools.partial(_listed_location, _folder_of(location)))
+        row.pop("reference", None)
+        row.pop("reference_path", None)
         metadata = {
             storable(str(k)): "" if v is None else storable(v if isinstance(v, str) else str(v))
             for k, v in row.items()
@@ -183,7 +198,13 @@ def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Sourc
             channels=channels,
             metadata=metadata,
             storage_options=options,
+            reference=reference,
         )
+
+
+def _listed_location(folder: str, listed: str) -> str:
+    """A path a list file names (a ``reference_path``), absolute like its ``path`` column."""
+    return locate(listed, folder).path
 
 
 def expand_sources(loaded: LoadedManifest) -> list[Source]:
@@ -416,6 +437,12 @@ def make_items(
         options = manifest.pulse.options(source.language)
         spec = _spec(source, manifest.run.channels)
         shown = storable(source.path)
+        reference = source.reference
+        if reference is not None and spec == "split":
+            # One reference holds both sides of a call: scoring each channel against it
+            # would be meaningless. List one row per channel (channels: 0, 1) instead.
+            logger.warning("%s: a reference is not scored under channels: split", shown)
+            reference = None
         base = Item(
             "",
             shown,
@@ -425,6 +452,7 @@ def make_items(
             source.metadata,
             open_path=source.path if shown != source.path else None,
             storage_options=source.storage_options,
+            reference=reference,
         )
         if spec != "split":  # the id does not depend on the file's channel count
             channel = None if spec == "mix" else int(spec)

@@ -78,7 +78,13 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99)}
 
 
-def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    stats: RunStats,
+    job_so_far: dict[str, Any] | None = None,
+    accuracy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report as a plain dict. ``accuracy`` is `batch.score.summarise` of the job's
+    latest ok rows (None when no item has a reference)."""
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
     return {
@@ -128,6 +134,7 @@ def build_report(stats: RunStats, job_so_far: dict[str, Any] | None = None) -> d
         "failures_by_kind": dict(Counter(f.kind for f in stats.failures)),
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
+        "accuracy": accuracy,
     }
 
 
@@ -197,7 +204,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| latency (s) | p50 | p90 | p99 |",
         "| --- | ---: | ---: | ---: |",
         *(
-            f"| {name.replace('_', ' ')} | {v['p50']} | {v['p90']} | {v['p99']} |"
+            f"| {name.replace('_', ' ')} | {_num(v['p50'])} | {_num(v['p90'])} | {_num(v['p99'])} |"
             for name, v in lat.items()
         ),
     ]
@@ -209,12 +216,49 @@ def render_markdown(report: dict[str, Any]) -> str:
             f" {so_far['ok']} ok, "
             f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
         ]
+    if report.get("accuracy"):
+        lines += ["", *render_accuracy(report["accuracy"])]
     if report["failures"]:
         lines += ["", "## Failures", "", "| kind | source | message |", "| --- | --- | --- |"]
         for failure in report["failures"]:
             message = failure["message"].replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def render_accuracy(accuracy: dict[str, Any]) -> list[str]:
+    """Markdown lines for an accuracy summary (`batch.score.summarise`)."""
+    lines = [
+        "## Accuracy against references",
+        "",
+        f"Job: WER **{_pct(accuracy['wer'])}**, CER {_pct(accuracy['cer'])} over "
+        f"{accuracy['items']} item(s), {accuracy.get('reference_words', 0)} reference words "
+        f"({accuracy['normalisation']}; edits pooled over items).",
+    ]
+    if accuracy.get("unscorable"):
+        lines.append(f"{accuracy['unscorable']} item(s) had an empty reference: not scored.")
+    for title, key in (("language", "by_language"), ("channel", "by_channel")):
+        lines += ["", f"| {title} | items | WER | CER |", "| --- | ---: | ---: | ---: |"]
+        for name, part in accuracy[key].items():
+            lines.append(
+                f"| {name} | {part['items']} | {_pct(part['wer'])} | {_pct(part['cer'])} |"
+            )
+    if accuracy["worst"]:
+        lines += ["", "Worst items:", "", "| source | channel | WER | CER |"]
+        lines.append("| --- | --- | ---: | ---: |")
+        for row in accuracy["worst"]:
+            lines.append(
+                f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |"
+            )
+    return lines
 
 
 def job_runs(reports: list[dict[str, Any]], alive: Callable[[str], bool]) -> list[dict[str, Any]]:

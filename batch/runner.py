@@ -17,7 +17,7 @@ from typing import Protocol
 
 import anyio
 
-from batch import __version__
+from batch import __version__, score
 from batch.collect import Collected, Outcome, RunInfo, collect_finals, item_rows
 from batch.credentials import Scrubber
 from batch.decode import DecodedAudio, WireFormat
@@ -47,7 +47,11 @@ class JobAborted(PulseBatchError):
 
 
 class Progress(Protocol):
-    def item_done(self, item: Item, ok: bool, audio_s: float) -> None: ...
+    def item_done(
+        self, item: Item, ok: bool, audio_s: float, failure: str | None = None
+    ) -> None: ...
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None: ...
 
     def sessions_open(self, count: int) -> None: ...
 
@@ -237,6 +241,7 @@ class ItemRunner:
         else:
             state.done[index] = PieceResult(index, unit.start, result.finals)
             state.session_ids[index] = result.session_id or ""
+            self.progress.pieces_done(item, len(state.done), state.total)
         finally:
             state.attempts += record.count
             state.in_flight -= 1
@@ -373,7 +378,12 @@ class ItemRunner:
         self.progress.sessions_open(self.limit.open_now)
         # The writer may turn rows that do not fit the schema into a failed row: count
         # what is stored.
-        stored = (await self.writer.add(item_rows(item, self.run_info, outcome))).transcript
+        rows = item_rows(item, self.run_info, outcome)
+        if collected is not None:
+            scores = score.columns(item.reference, collected.transcript, item.options.language)
+            rows.transcript.update(scores)
+        stored = (await self.writer.add(rows)).transcript
+        said: str | None = None  # "<error_kind>: <message>" for the progress display
         if stored["status"] == "ok":
             self.stats.ok += 1
             self.stats.audio_s += duration_s
@@ -381,7 +391,8 @@ class ItemRunner:
             self.stats.failed += 1
             failure = Failure(item.item_id, item.source, stored["error_kind"], stored["error"])
             self.stats.failures.append(failure)
-        self.progress.item_done(item, stored["status"] == "ok", duration_s)
+            said = f"{failure.kind}: {failure.message}"
+        self.progress.item_done(item, stored["status"] == "ok", duration_s, said)
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:

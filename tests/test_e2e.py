@@ -101,15 +101,34 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
 
 
 def test_demo_manifest_runs_offline(tmp_path: Path) -> None:
-    """What `make run` does, into a temporary output."""
+    """What `make run` does, into a temporary output: run, export subtitles, score."""
     demo = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+    clips_list = DEMO_CLIPS.parent / "clips.csv"
     manifest = tmp_path / "demo.yaml"
-    text = demo.read_text().replace('glob: "demo/clips/*"', f'glob: "{DEMO_CLIPS}/*"')
+    text = demo.read_text().replace('list: "demo/clips.csv"', f'list: "{clips_list}"')
     manifest.write_text(text.replace("pace: 1.0", "pace: 4.0"))
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = _query(tmp_path / "out", "select source, status, transcript from {transcripts}")
+    rows = _query(
+        tmp_path / "out", "select source, status, transcript, reference, wer from {transcripts}"
+    )
     assert len(rows) == len(SPEECH)
-    for source, status, transcript in rows:
+    for source, status, transcript, reference, wer in rows:
         assert status == "ok"
         assert _word_error_rate(SPEECH[Path(str(source)).name], str(transcript)) <= 0.1
+        # The hand-written references say what the clips were made to say.
+        assert _words(str(reference)) == _words(SPEECH[Path(str(source)).name])
+        assert wer is not None and float(str(wer)) <= 0.1
+    report = json.loads((tmp_path / "out" / "_reports" / "demo" / "latest.json").read_text())
+    assert report["accuracy"]["items"] == 3 and report["accuracy"]["wer"] <= 0.1
+    exported = run_cli("export", str(tmp_path / "out"), "--job", "demo", "--format", "srt")
+    assert exported.returncode == 0, exported.stderr
+    srt_dir = tmp_path / "out" / "_exports" / "demo" / "srt"
+    assert sorted(p.name for p in srt_dir.iterdir()) == sorted(
+        f"{Path(name).stem}.srt" for name in SPEECH
+    )
+    scored = run_cli(
+        "score", str(tmp_path / "out"), "--job", "demo", "--references", str(clips_list)
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert "Job: WER" in scored.stdout

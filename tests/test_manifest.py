@@ -68,7 +68,10 @@ def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
         (("job: support-calls", "job: support calls"), "job: use 1-128 letters"),
         (('- path: "extra/call-17.mp3"', '- file: "x.mp3"'), "inputs.1: each input needs one of"),
         (("version: 1", "version: 2"), "version"),
-        (("concurrency: 8", 'concurrency: "8"'), "run.concurrency: must be a valid integer"),
+        (
+            ("concurrency: 8", 'concurrency: "8"'),
+            'run.concurrency: "8" is quoted text; write 8 without',
+        ),
         (("concurrency: 8", "concurrency: true"), "run.concurrency: must be a valid integer"),
         (("concurrency: 8", "pace: .inf"), "run.pace: must be a finite number"),
         (("concurrency: 8", "chunk_bytes: 4095"), "splits linear16 samples"),

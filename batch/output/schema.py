@@ -45,6 +45,9 @@ COLUMNS: Final[dict[str, list[tuple[str, pa.DataType, str]]]] = {
         ("finished_at", UTC_MS, "when the item finished or gave up"),
         ("options", pa.string(), "the Pulse options sent, as JSON"),
         ("metadata", pa.map_(pa.string(), pa.string()), "extra columns of a list input"),
+        ("reference", pa.string(), "true transcript from the list input (v2)"),
+        ("wer", pa.float64(), "word error rate against reference, normalised (v2)"),
+        ("cer", pa.float64(), "character error rate against reference, normalised (v2)"),
     ],
     "words": [
         *_COMMON,

@@ -1,0 +1,273 @@
+"""Per-item documents from a job's tables: SRT, WebVTT, JSON or plain text files.
+
+`load_job` is the one place export and score read an output (local Parquet or Delta, through
+`batch.output.read_table`); choosing items (`parse_where`,
+`select`), naming files (`file_names`) and building documents (`document`) are pure; only
+`export_job` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+from urllib.parse import urlparse
+
+import pyarrow as pa
+
+from batch import cues as cuelib
+from batch import output as outputs
+from batch.errors import ManifestError
+
+FORMATS: Final = ("srt", "vtt", "json", "txt")
+_ID_SUFFIX_CHARS = 8
+# Columns every words/utterances row repeats from its transcript: left out of JSON documents.
+_BOOKKEEPING = frozenset({"job", "date", "language", "run_id", "item_id", "channel"})
+
+
+class ExportError(ManifestError):
+    """Bad usage of export/score (unknown job, bad filter): exit 2 with a message."""
+
+
+@dataclass
+class JobTables:
+    """A job's items whose latest result is ok, with their rows from each table."""
+
+    items: list[dict[str, Any]]
+    words: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    utterances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    segments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def job_names(location: str | Path) -> list[str]:
+    """The jobs that have rows (or, in a local output, reports) in an output, sorted."""
+    if outputs.detect_format(location) is None:
+        return []
+    names = set(outputs.read_table(location, "transcripts", columns=["job"])["job"].to_pylist())
+    reports = Path(location) / "_reports"
+    if "://" not in str(location) and reports.is_dir():
+        names |= {p.name for p in reports.iterdir() if p.is_dir()}
+    return sorted(str(n) for n in names if n)
+
+
+def _rows(location: str | Path, table: str, job: str) -> list[dict[str, Any]]:
+    data: pa.Table = outputs.read_table(location, table, job)
+    return list(data.to_pylist())
+
+
+def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each item's latest transcript row (by ``finished_at``), if that result is ok; sorted
+    by source and channel."""
+    latest: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        seen = latest.get(row["item_id"])
+        if seen is None or row["finished_at"] >= seen["finished_at"]:
+            latest[row["item_id"]] = row
+    ok = [dict(r) for r in latest.values() if r["status"] == "ok"]
+    return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
+
+
+def load_job(location: str | Path, job: str, *, with_details: bool = True) -> JobTables:
+    """Read one job's ok items (and, with details, their words, utterances and segments).
+
+    Raises `ExportError` naming the jobs present when the output has none of ``job``, and
+    `OutputError` when the output cannot be read.
+    """
+    if outputs.detect_format(location) is None:
+        raise ExportError(location, "no pulse-batch output here; give the job's output.path")
+    transcripts = _rows(location, "transcripts", job)
+    if not transcripts:
+        known = job_names(location)
+        hint = f"jobs here: {', '.join(known)}" if known else "it holds no job's rows yet"
+        raise ExportError(location, f"no rows for job {job!r}; {hint}")
+    items = latest_ok(transcripts)
+    tables = JobTables(items)
+    if not with_details:
+        return tables
+    wanted = {(r["item_id"], r["run_id"]) for r in items}
+    for table, target in (
+        ("words", tables.words),
+        ("utterances", tables.utterances),
+        ("segments", tables.segments),
+    ):
+        if table not in outputs.TABLES:
+            continue  # a table this version does not write
+        for row in _rows(location, table, job):
+            if (row["item_id"], row["run_id"]) in wanted:
+                target.setdefault(row["item_id"], []).append(row)
+        for rows in target.values():
+            rows.sort(key=lambda r: r.get("idx") or 0)
+    return tables
+
+
+# --- choosing items -----------------------------------------------------------------
+
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(!=|=)\s*(.*?)\s*$")
+
+
+@dataclass(frozen=True)
+class Condition:
+    column: str  # a transcripts column, or metadata.KEY
+    value: str
+    negated: bool = False
+
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        if self.column.startswith("metadata."):
+            found = (row.get("metadata") or {}).get(self.column.removeprefix("metadata."))
+        else:
+            found = row.get(self.column)
+        text = "" if found is None else str(found)
+        return (text == self.value) != self.negated
+
+
+def parse_where(text: str, columns: Sequence[str]) -> list[Condition]:
+    """``col=value[,col!=value...]``: every condition must hold. A column is a transcripts
+    column or ``metadata.KEY``; values are compared as text (a null is the empty text)."""
+    conditions = []
+    for part in text.split(","):
+        match = _CONDITION.match(part)
+        if match is None:
+            raise ExportError("--where", f"{part.strip()!r} is not column=value or column!=value")
+        column, operator, value = match.groups()
+        if column not in columns and not column.startswith("metadata."):
+            raise ExportError(
+                "--where",
+                f"unknown column {column!r}; use one of {', '.join(columns)} or metadata.KEY",
+            )
+        conditions.append(Condition(column, value.strip("'\""), operator == "!="))
+    return conditions
+
+
+def select(
+    items: Sequence[dict[str, Any]],
+    conditions: Sequence[Condition] = (),
+    item: str | None = None,
+) -> list[dict[str, Any]]:
+    """Items matching every condition, or the one item whose id starts with ``item``."""
+    if item is not None:
+        found = [r for r in items if str(r["item_id"]).startswith(item)]
+        if len(found) != 1:
+            what = "no ok item" if not found else f"{len(found)} items"
+            raise ExportError("--item", f"{what} of the job has an id starting {item!r}")
+        return found
+    return [r for r in items if all(c.matches(r) for c in conditions)]
+
+
+# --- naming -------------------------------------------------------------------------
+
+
+def _stem(source: str) -> str:
+    path = urlparse(source).path if "://" in source else source
+    return PurePosixPath(path.replace("\\", "/")).stem or "item"
+
+
+def file_names(items: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """item_id → file name without extension: the source's stem, plus ``.<channel_name>``
+    or ``.ch<N>`` for one channel of a file; names that would collide (case-insensitively)
+    all get ``-<first 8 characters of the item id>``."""
+    base: dict[str, str] = {}
+    for row in items:
+        name = _stem(str(row["source"]))
+        if row.get("channel_name"):
+            name += f".{row['channel_name']}"
+        elif row.get("channel") is not None:
+            name += f".ch{row['channel']}"
+        base[row["item_id"]] = re.sub(r"[/\\\x00]", "_", name)
+    counts: dict[str, int] = {}
+    for name in base.values():
+        counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
+    return {
+        item_id: name
+        if counts[name.casefold()] == 1
+        else f"{name}-{str(item_id)[:_ID_SUFFIX_CHARS]}"
+        for item_id, name in base.items()
+    }
+
+
+# --- documents ----------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return dict(value)  # a map column as pyarrow returns it
+    return value
+
+
+def _detail(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: _plain(v) for k, v in r.items() if k not in _BOOKKEEPING} for r in rows]
+
+
+def document(
+    fmt: str,
+    item: Mapping[str, Any],
+    tables: JobTables,
+    *,
+    from_utterances: bool = False,
+    limits: cuelib.CueLimits | None = None,
+) -> str:
+    """The text of one item's file in ``fmt`` (srt, vtt, json or txt)."""
+    item_id = str(item["item_id"])
+    if fmt == "txt":
+        return str(item.get("transcript") or "") + "\n"
+    if fmt == "json":
+        body = {
+            "item": {k: _plain(v) for k, v in item.items()},
+            "segments": _detail(tables.segments.get(item_id, [])),
+            "words": _detail(tables.words.get(item_id, [])),
+            "utterances": _detail(tables.utterances.get(item_id, [])),
+        }
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    limits = limits or cuelib.CueLimits()
+    if from_utterances:
+        cues = cuelib.cues_from_utterances(
+            cuelib.timed(tables.utterances.get(item_id, []), "text"), limits
+        )
+    else:
+        cues = cuelib.cues_from_words(cuelib.timed(tables.words.get(item_id, [])), limits)
+    return cuelib.to_srt(cues) if fmt == "srt" else cuelib.to_vtt(cues)
+
+
+@dataclass(frozen=True)
+class Exported:
+    folder: Path
+    files: list[Path]
+    without_timings: list[str]  # sources of items with no words (or utterances) to cue
+
+
+def export_job(
+    location: str | Path,
+    job: str,
+    fmt: str,
+    to_dir: Path,
+    *,
+    where: str | None = None,
+    item: str | None = None,
+    from_utterances: bool = False,
+) -> Exported:
+    """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``."""
+    if fmt not in FORMATS:
+        raise ExportError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    tables = load_job(location, job)
+    columns = [name for name, _, _ in outputs.COLUMNS["transcripts"]]
+    conditions = parse_where(where, columns) if where else []
+    chosen = select(tables.items, conditions, item)
+    names = file_names(tables.items)  # over all items: a name never depends on the filter
+    to_dir.mkdir(parents=True, exist_ok=True)
+    files, untimed = [], []
+    source_table = tables.utterances if from_utterances else tables.words
+    for row in chosen:
+        if fmt in ("srt", "vtt") and not source_table.get(row["item_id"]):
+            untimed.append(str(row["source"]))
+        path = to_dir / f"{names[row['item_id']]}.{fmt}"
+        text = document(fmt, row, tables, from_utterances=from_utterances)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        files.append(path)
+    return Exported(to_dir, files, untimed)

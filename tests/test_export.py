@@ -1,0 +1,341 @@
+"""`pulse-batch export`: cue building (pure), then real jobs exported and read back with the
+same libraries that players and editors use (srt, webvtt-py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+import srt
+import webvtt
+
+from batch import cues as cuelib
+from batch.export import ExportError, file_names, parse_where, select
+from batch.job import RunOptions, run_job
+from batch.manifest import load_manifest
+from tests.conftest import run_cli, write_manifest
+from tests.media import Burst, tone_track, write_audio
+
+RATE = 16000
+
+
+def _word(text: str, start: float, end: float, speaker: str | None = None) -> cuelib.TimedText:
+    return cuelib.TimedText(text, start, end, speaker)
+
+
+def _steady(count: int, *, step: float = 0.5, length: float = 0.4) -> list[cuelib.TimedText]:
+    return [_word(f"word{i:02d}", i * step, i * step + length) for i in range(count)]
+
+
+# --- the pure cue builder --------------------------------------------------------------
+
+
+def test_cues_keep_subtitle_limits_and_the_words_times() -> None:
+    words = _steady(40)
+    limits = cuelib.CueLimits()
+    cues = cuelib.cues_from_words(words, limits)
+    assert len(cues) > 1
+    for cue in cues:
+        assert 1 <= len(cue.lines) <= limits.max_lines
+        assert all(len(line) <= limits.max_chars for line in cue.lines)
+        assert cue.end_s - cue.start_s <= limits.max_duration_s
+    # Every word exactly once, in order; each cue spans its first word's start to its last's end.
+    shown = [w for cue in cues for line in cue.lines for w in line.split()]
+    assert shown == [w.text for w in words]
+    position = 0
+    for cue in cues:
+        count = sum(len(line.split()) for line in cue.lines)
+        group = words[position : position + count]
+        assert cue.start_s == pytest.approx(group[0].start_s)
+        assert cue.end_s == pytest.approx(group[-1].end_s)
+        position += count
+
+
+def test_two_lines_are_balanced() -> None:
+    words = [_word("aaaa", i * 0.3, i * 0.3 + 0.2) for i in range(12)]  # 59 characters in all
+    (cue,) = cuelib.cues_from_words(words)
+    assert [len(line) for line in cue.lines] == [29, 29]
+
+
+def test_cues_break_at_pauses_sentence_ends_and_speaker_changes() -> None:
+    words = [
+        _word("Hello", 0.0, 0.4, "A"),
+        _word("there.", 0.5, 0.9, "A"),
+        _word("How", 1.0, 1.2, "A"),
+        _word("are", 1.3, 1.5, "A"),
+        _word("you", 3.0, 3.3, "A"),  # after a 1.5 s pause
+        _word("Fine", 3.4, 3.7, "B"),  # another speaker
+    ]
+    cues = cuelib.cues_from_words(words)
+    assert [c.lines for c in cues] == [("Hello there.",), ("How are",), ("you",), ("Fine",)]
+    assert [c.speaker for c in cues] == ["A", "A", "A", "B"]
+
+
+def test_a_long_word_and_a_long_utterance_still_fit() -> None:
+    long_word = "x" * 60
+    (cue,) = cuelib.cues_from_words([_word(long_word, 0, 1)])
+    assert cue.lines == (long_word,)
+    text = " ".join(f"word{i}" for i in range(30))  # about 180 characters
+    utterance = cuelib.TimedText(text, 10.0, 22.0, None)
+    cues = cuelib.cues_from_utterances([utterance])
+    assert len(cues) >= 3
+    assert cues[0].start_s == 10.0 and cues[-1].end_s == 22.0
+    assert " ".join(line for c in cues for line in c.lines) == text
+    assert all(len(line) <= 42 for c in cues for line in c.lines)
+    assert all(b.start_s >= a.end_s for a, b in itertools.pairwise(cues))
+
+
+def test_srt_and_vtt_read_back_with_their_libraries() -> None:
+    cues = cuelib.cues_from_words(
+        [_word("Hi", 0.0004, 0.5, "spk>1"), _word("there", 3.0, 3.2566, "spk>1")]
+    )
+    parsed = list(srt.parse(cuelib.to_srt(cues)))
+    assert [s.start.total_seconds() for s in parsed] == [0.0, 3.0]
+    assert [s.end.total_seconds() for s in parsed] == [0.5, 3.257]
+    assert parsed[0].content == "spk>1: Hi"
+    captions = webvtt.from_string(cuelib.to_vtt(cues)).captions
+    assert [c.start_in_seconds for c in captions] == [0, 3]
+    assert captions[1].end == "00:00:03.257"
+    assert captions[0].voice == "spk1" and captions[0].text == "Hi"
+
+
+def test_file_names_add_channel_and_only_collisions_get_an_id() -> None:
+    items: list[dict[str, Any]] = [
+        {"item_id": "aaaaaaaa1111", "source": "/a/call.wav", "channel": None},
+        {"item_id": "bbbbbbbb2222", "source": "/b/call.wav", "channel": None},
+        {"item_id": "cccccccc3333", "source": "/a/Meeting.flac", "channel": None},
+        {
+            "item_id": "dddddddd4444",
+            "source": "/s/stereo.wav",
+            "channel": 0,
+            "channel_name": "agent",
+        },
+        {"item_id": "eeeeeeee5555", "source": "/s/stereo.wav", "channel": 1},
+        {"item_id": "ffffffff6666", "source": "s3://bucket/x/y.mp3?v=1", "channel": None},
+    ]
+    assert file_names(items) == {
+        "aaaaaaaa1111": "call-aaaaaaaa",
+        "bbbbbbbb2222": "call-bbbbbbbb",
+        "cccccccc3333": "Meeting",
+        "dddddddd4444": "stereo.agent",
+        "eeeeeeee5555": "stereo.ch1",
+        "ffffffff6666": "y",
+    }
+
+
+def test_where_grammar() -> None:
+    rows: list[dict[str, Any]] = [
+        {"item_id": "1", "language": "en", "channel": 0, "metadata": {"team": "sales"}},
+        {"item_id": "2", "language": "es", "channel": 1, "metadata": {"team": "sales"}},
+        {"item_id": "3", "language": "en", "channel": 1, "metadata": None},
+    ]
+    columns = ["item_id", "language", "channel", "metadata"]
+    pick = select(rows, parse_where("language=en, channel!=0", columns))
+    assert [r["item_id"] for r in pick] == ["3"]
+    pick = select(rows, parse_where("metadata.team=sales,language='es'", columns))
+    assert [r["item_id"] for r in pick] == ["2"]
+    with pytest.raises(ExportError, match="unknown column 'lang'"):
+        parse_where("lang=en", columns)
+    with pytest.raises(ExportError, match="not column=value"):
+        parse_where("language>en", columns)
+
+
+# --- real jobs, exported through the CLI ------------------------------------------------
+
+
+def _bursts(count: int, hz: float, first_s: float, step_s: float = 0.5) -> list[Burst]:
+    return [Burst(first_s + i * step_s, 0.3, hz) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def job_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished synthetic job: two files with one stem in different folders, a stereo
+    call split into named channels, and a file with a long pause."""
+    root = tmp_path_factory.mktemp("export")
+    for folder in ("a", "b", "calls"):
+        (root / "media" / folder).mkdir(parents=True)
+    mono = tone_track([*_bursts(14, 440, 0.2), *_bursts(3, 660, 9.5)], 12.0, RATE)
+    write_audio(root / "media" / "a" / "note.wav", [mono], RATE)
+    write_audio(root / "media" / "b" / "note.wav", [mono], RATE)
+    left = tone_track(_bursts(4, 880, 0.3), 4.0, RATE)
+    right = tone_track(_bursts(3, 550, 1.0, 0.7), 4.0, RATE)
+    write_audio(root / "media" / "calls" / "call.wav", [left, right], RATE)
+    manifest = write_manifest(
+        root,
+        inputs=[{"glob": "media/*/*.wav"}],
+        pulse={"sentence_timestamps": True},
+        # A mono file under split is channel 0 (unnamed: the names are for stereo calls).
+        run={"channels": "split", "channel_names": ["agent", "customer"]},
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 4, result.report
+    return root / "out"
+
+
+def _words(out: Path) -> dict[str, list[tuple[str, float, float]]]:
+    rows = duckdb.sql(
+        f"""SELECT t.source, t.channel_name, w.word, w.start_s, w.end_s
+        FROM read_parquet('{out}/words/**/*.parquet', hive_partitioning=true) w
+        JOIN read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) t
+        USING (job, item_id) ORDER BY t.source, t.channel, w.idx"""
+    ).fetchall()
+    by_file: dict[str, list[tuple[str, float, float]]] = {}
+    for source, channel_name, word, start, end in rows:
+        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
+        by_file.setdefault(key, []).append((word, start, end))
+    return by_file
+
+
+def _expected_names(out: Path) -> dict[str, str]:
+    ids = duckdb.sql(
+        f"""SELECT source, channel_name, item_id FROM
+        read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"""
+    ).fetchall()
+    names = {}
+    for source, channel_name, item_id in ids:
+        key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
+        names[key] = f"{Path(source).stem}.{channel_name or 'ch0'}"
+        if key.endswith("note.ch0"):  # one name twice: both get the item id's start
+            names[key] += f"-{item_id[:8]}"
+    return names
+
+
+def test_srt_export_cues_are_the_words_times(job_output: Path, tmp_path: Path) -> None:
+    done = run_cli(
+        "export", str(job_output), "--job", "test-job", "--format", "srt", "--to", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 srt file(s)" in done.stdout
+    names = _expected_names(job_output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.srt" for n in names.values())
+    for key, words in _words(job_output).items():
+        subtitles = list(srt.parse((tmp_path / f"{names[key]}.srt").read_text()))
+        shown = [w for s in subtitles for w in s.content.split()]
+        assert shown == [w for w, _, _ in words]
+        starts = {round(s, 3) for _, s, _ in words}
+        ends = {round(e, 3) for _, _, e in words}
+        for subtitle in subtitles:
+            assert round(subtitle.start.total_seconds(), 3) in starts
+            assert round(subtitle.end.total_seconds(), 3) in ends
+            assert all(len(line) <= 42 for line in subtitle.content.splitlines())
+            assert len(subtitle.content.splitlines()) <= 2
+            assert (subtitle.end - subtitle.start).total_seconds() <= 7.0
+        # the first cue starts with the first word and the last ends with the last word
+        assert subtitles[0].start.total_seconds() == pytest.approx(words[0][1], abs=5e-4)
+        assert subtitles[-1].end.total_seconds() == pytest.approx(words[-1][2], abs=5e-4)
+    note = _words(job_output)["a/note.ch0"]
+    assert len(note) == 17  # 14 + 3 tones: more than one cue's worth, and a long pause
+    first = next(p for p in tmp_path.iterdir() if p.name.startswith("note"))
+    assert len(list(srt.parse(first.read_text()))) >= 3
+
+
+def test_vtt_json_and_txt_exports_read_back(job_output: Path, tmp_path: Path) -> None:
+    names = _expected_names(job_output)
+    words = _words(job_output)
+    for fmt in ("vtt", "json", "txt"):
+        done = run_cli(
+            "export",
+            str(job_output),
+            "--job",
+            "test-job",
+            "--format",
+            fmt,
+            "--to",
+            str(tmp_path / fmt),
+        )
+        assert done.returncode == 0, done.stderr
+    for key, expected in words.items():
+        captions = webvtt.read(str(tmp_path / "vtt" / f"{names[key]}.vtt")).captions
+        assert [w for c in captions for w in c.text.split()] == [w for w, _, _ in expected]
+        assert captions[0].start_in_seconds + captions[0].start_time.milliseconds / 1000 == (
+            pytest.approx(expected[0][1], abs=5e-4)
+        )
+        body = json.loads((tmp_path / "json" / f"{names[key]}.json").read_text())
+        assert body["item"]["status"] == "ok"
+        assert [(w["word"], w["start_s"], w["end_s"]) for w in body["words"]] == expected
+        assert body["utterances"] and "segments" in body
+        text = (tmp_path / "txt" / f"{names[key]}.txt").read_text()
+        assert text.strip() == body["item"]["transcript"]
+
+
+def test_where_and_item_pick_the_files(job_output: Path, tmp_path: Path) -> None:
+    done = run_cli(
+        "export",
+        str(job_output),
+        "--job",
+        "test-job",
+        "--format",
+        "txt",
+        "--to",
+        str(tmp_path / "w"),
+        "--where",
+        "channel_name=customer",
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["call.customer.txt"]
+    item_id = duckdb.sql(
+        f"""SELECT item_id FROM read_parquet('{job_output}/transcripts/**/*.parquet',
+        hive_partitioning=true) WHERE channel_name = 'agent' AND source LIKE '%call.wav'"""
+    ).fetchall()[0]
+    done = run_cli(
+        "export",
+        str(job_output),
+        "--job",
+        "test-job",
+        "--format",
+        "vtt",
+        "--to",
+        str(tmp_path / "i"),
+        "--item",
+        item_id[0][:10],
+    )
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "i").iterdir()] == ["call.agent.vtt"]
+    # Default folder: under the output's _exports (readers ignore `_` folders).
+    done = run_cli(
+        "export", str(job_output), "--job", "test-job", "--utterances", "--format", "srt"
+    )
+    assert done.returncode == 0, done.stderr
+    default = job_output / "_exports" / "test-job" / "srt"
+    assert len(list(default.glob("*.srt"))) == 4
+    shutil.rmtree(job_output / "_exports")
+
+
+def test_export_usage_errors_say_what_to_do(job_output: Path) -> None:
+    wrong_job = run_cli("export", str(job_output), "--job", "nope")
+    assert wrong_job.returncode == 2
+    assert "no rows for job 'nope'; jobs here: test-job" in wrong_job.stderr
+    bad_where = run_cli("export", str(job_output), "--job", "test-job", "--where", "colour=red")
+    assert bad_where.returncode == 2 and "unknown column 'colour'" in bad_where.stderr
+    bad_format = run_cli("export", str(job_output), "--job", "test-job", "--format", "docx")
+    assert (
+        bad_format.returncode == 2
+        and "'docx' is not one of srt, vtt, json, txt" in bad_format.stderr
+    )
+
+
+def test_a_delta_output_exports_and_scores_alike(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    track = tone_track(_bursts(6, 440, 0.2), 4.0, RATE)
+    write_audio(tmp_path / "media" / "talk.wav", [track], RATE)
+    (tmp_path / "list.csv").write_text("path,reference\nmedia/talk.wav,tone440 tone440\n")
+    manifest = write_manifest(
+        tmp_path, inputs=[{"list": "list.csv"}], output={"path": "lake", "format": "delta"}
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1, result.report
+    assert (tmp_path / "lake" / "words" / "_delta_log").is_dir()
+    done = run_cli(
+        "export", str(tmp_path / "lake"), "--job", "test-job", "--to", str(tmp_path / "s")
+    )
+    assert done.returncode == 0, done.stderr
+    subtitles = list(srt.parse((tmp_path / "s" / "talk.srt").read_text()))
+    assert [w for s in subtitles for w in s.content.split()] == ["tone440"] * 6
+    accuracy = result.report["accuracy"]
+    assert accuracy["items"] == 1 and accuracy["wer"] == pytest.approx(2.0)  # 4 insertions / 2
