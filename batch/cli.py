@@ -232,11 +232,14 @@ def run(
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
     max_failures: Annotated[
-        int | None, typer.Option(help="Failed items allowed before the exit code is 1.")
+        int | None,
+        typer.Option(min=0, help="Failed items allowed before the exit code is 1."),
     ] = None,
     max_failure_ratio: Annotated[
         float | None,
-        typer.Option(help="Or: the share (0-1) of the job's items allowed to fail."),
+        typer.Option(
+            min=0.0, max=1.0, help="Or: the share (0-1) of the job's items allowed to fail."
+        ),
     ] = None,
     grace_s: Annotated[
         float, typer.Option(help="After SIGINT/SIGTERM, seconds in-flight items may finish.")
@@ -347,7 +350,7 @@ def validate(
     )
     for item in bad:
         print(f"  bad: {item.error}")
-    print(f"  output: {loaded.output_dir}")
+    print(f"  output: {loaded.output_location}")
 
 
 _SHOWN_PER_INPUT = 3

@@ -117,12 +117,20 @@ def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             raise ManifestError(path, f"line {number}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ManifestError(path, f"line {number}: expected a JSON object")
-        row = {_column(str(k)): v for k, v in row.items()}
+        row = {_column(str(k)): _jsonl_value(k, v) for k, v in row.items()}
         if "path" not in row:
             raise ManifestError(
                 path, f"line {number}: no 'path' key; the object has keys {sorted(row)}"
             )
         yield number, row
+
+
+def _jsonl_value(key: str, value: Any) -> Any:
+    """A metadata value of a JSONL row as text: lists, objects, numbers and booleans as
+    JSON (``["a"]``, ``true``), not as Python writes them (``['a']``, ``True``)."""
+    if _column(key) in KNOWN_COLUMNS or value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _column(name: str) -> str:

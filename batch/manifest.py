@@ -62,6 +62,9 @@ def _url_for_listing(value: str) -> str:
 
 
 def _url_for_reading(value: str) -> str:
+    if not value.strip():
+        # An empty path would resolve to the manifest's own folder.
+        raise ValueError("is empty; give a file path or URL")
     storage.check_url(value)
     return value
 
@@ -247,8 +250,6 @@ class RunConfig(_Strict):
     def _consistent(self) -> RunConfig:
         if {"chunk_bytes", "chunk_ms"} <= self.model_fields_set:
             raise ValueError("give chunk_bytes or chunk_ms, not both")
-        if self.channel_names is not None and self.channels != "split":
-            raise ValueError("channel_names needs channels: split")
         if self.split_long_files and self.piece_target_s >= self.split_threshold_s:
             raise ValueError("piece_target_s must be below split_threshold_s")
         return self
@@ -274,6 +275,20 @@ class OutputConfig(_Strict):
             raise ValueError("partition_by lists a column twice")
         return self
 
+    @model_validator(mode="after")
+    def _parquet_is_local(self) -> OutputConfig:
+        # Said at validation too, not only when a run opens the output.
+        if self.format == "parquet" and _is_remote(self.path):
+            raise ValueError(
+                f"{self.path}: format parquet needs a local folder (object stores have no "
+                "atomic rename to commit with); use format: delta for object storage"
+            )
+        return self
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
 
 class Manifest(_Strict):
     version: Literal[1]
@@ -290,6 +305,18 @@ class Manifest(_Strict):
             raise ValueError(
                 f"run.chunk_bytes {self.run.chunk_bytes} splits {self.pulse.encoding} samples "
                 f"({width} bytes each); use a multiple of {width}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _names_need_split(self) -> Manifest:
+        # Channels are split by run.channels or by a glob/path entry's own channels.
+        split = self.run.channels == "split" or any(
+            getattr(entry, "channels", None) == "split" for entry in self.inputs
+        )
+        if self.run.channel_names is not None and not split:
+            raise ValueError(
+                "run.channel_names needs channels: split (in run, or on a glob or path input)"
             )
         return self
 
@@ -320,7 +347,7 @@ class LoadedManifest(BaseModel):
     def output_location(self) -> str:
         """output.path as a URL when it is one, else as an absolute local path."""
         path = self.manifest.output.path
-        if "://" in path and not path.startswith("file://"):
+        if _is_remote(path):
             return path
         return str(self.output_dir)
 
@@ -360,7 +387,8 @@ def _describe(error: Any) -> str:
     if quoted is not None:
         return f'{location}: "{quoted}" is quoted text; write {quoted} without quotes'
     if kind == "value_error":
-        return f"{location}: {message}"
+        # A whole-manifest check names its keys itself.
+        return f"{location}: {message}" if loc else message
     message = message.replace("Input should be", "must be")
     return f"{location}: {message} (got {error.get('input')!r})"
 

@@ -219,7 +219,7 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             found = [
                 replace(locate(m, base), language=entry.language, channels=entry.channels,
                         storage_options=entry.storage_options)
-                for m in _glob(entry.glob, base, entry.storage_options)
+                for m in _not_own_files(_glob(entry.glob, base, entry.storage_options), loaded)
             ]  # fmt: skip
             what = f"glob {entry.glob!r} matched no files"
         elif isinstance(entry, PathInput):
@@ -249,6 +249,28 @@ def _glob(pattern: str, base: str, options: dict[str, Any]) -> list[str]:
     if storage.is_url(pattern):
         return storage.glob(pattern, options)
     return [str(path) for path in walk_glob(Path(base) / pattern)]
+
+
+def _not_own_files(matches: list[str], loaded: LoadedManifest) -> list[str]:
+    """Leave out the manifest and everything under the job's own output folder: a glob
+    over the folder that holds them (``**/*``) must not take last night's reports, tables
+    and locks for recordings, failing more of them every run."""
+    local_output = loaded.output_location == str(loaded.output_dir)
+    own = (str(loaded.output_dir),) if local_output else ()
+    manifest = os.path.join(loaded.base_dir, loaded.path.name)
+    kept = [
+        m
+        for m in matches
+        if storage.is_url(m)
+        or not (os.path.abspath(m) == manifest or _under(os.path.abspath(m), own))
+    ]
+    if len(kept) < len(matches):
+        logger.info("glob: left out %d file(s) of the job itself", len(matches) - len(kept))
+    return kept
+
+
+def _under(path: str, folders: tuple[str, ...]) -> bool:
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
 
 def _check_storage_clients(sources: Iterable[Source]) -> None:

@@ -47,6 +47,10 @@ def test_failure_allowances_decide_the_exit_code(tmp_path: Path) -> None:
     assert (summary["failed"], summary["skipped_failed"], summary["failing"]) == ("0", "1", "1")
     allowed = run_cli("run", str(manifest), "--no-retry-failed", "--max-failures", "1")
     assert allowed.returncode == 0 and _summary(allowed.stdout)["failing"] == "1"
+    # An allowance that cannot mean anything is a usage error, not a silent green run.
+    for flag, value in (("--max-failures", "-1"), ("--max-failure-ratio", "1.5")):
+        refused = run_cli("run", str(manifest), flag, value)
+        assert refused.returncode == 2 and flag in refused.stderr
 
 
 def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:

@@ -162,6 +162,42 @@ def test_utf16_list_with_bom_is_read(tmp_path: Path) -> None:
     assert [Path(i.source).name for i in items] == ["a.wav"]
 
 
+def test_jsonl_metadata_values_are_stored_as_json_text(tmp_path: Path) -> None:
+    _audio(tmp_path / "a.wav")
+    row = {"path": "a.wav", "channels": 0, "tags": ["vip", "é"], "n": 5, "ok": True, "x": None}
+    (tmp_path / "l.jsonl").write_text(json.dumps(row) + "\n")
+    (item,) = _plan(_loaded(tmp_path, [{"list": "l.jsonl"}]))
+    assert item.channel == 0  # a known column keeps its own meaning
+    assert item.metadata == {"tags": '["vip", "é"]', "n": "5", "ok": "true", "x": ""}
+    assert json.loads(item.metadata["tags"]) == ["vip", "é"]
+
+
+def test_channel_names_apply_to_an_entry_split_on_its_own(tmp_path: Path) -> None:
+    _audio(tmp_path / "stereo.wav", channels=2)
+    _audio(tmp_path / "mono.wav")
+    inputs = [{"path": "stereo.wav", "channels": "split"}, {"path": "mono.wav"}]
+    items = _plan(_loaded(tmp_path, inputs, channel_names=["agent", "customer"]))
+    assert sorted((Path(i.source).stem, i.channel, i.channel_name) for i in items) == [
+        ("mono", None, None),
+        ("stereo", 0, "agent"),
+        ("stereo", 1, "customer"),
+    ]
+
+
+def test_glob_leaves_out_the_manifest_and_the_jobs_own_output(tmp_path: Path) -> None:
+    _audio(tmp_path / "calls" / "a.wav")
+    (tmp_path / "m.yaml").write_text("version: 1\n")
+    for own in ("_reports/p/latest.json", "_locks/p.lock", "transcripts/job=p/part-1.parquet"):
+        (tmp_path / "out" / own).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / own).write_text("{}")
+    (tmp_path / "outside.txt").write_text("not audio")  # not the job's: still listed
+    items = _plan(_loaded(tmp_path, [{"glob": "**/*"}]))
+    assert sorted(Path(i.source).name for i in items) == ["a.wav", "outside.txt"]
+    # A path entry is explicit: it is taken even inside the output folder.
+    items = _plan(_loaded(tmp_path, [{"path": "out/_locks/p.lock"}]))
+    assert [i.error.kind for i in items if i.error is not None] == ["not_media"]
+
+
 def test_list_without_a_path_column_names_the_columns_found(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("file;lang\na.wav;en\n")
     with pytest.raises(ManifestError) as caught:

@@ -78,6 +78,8 @@ def test_good_manifest_resolves_defaults_and_paths(tmp_path: Path) -> None:
         (("concurrency: 8", "chunk_bytes: 4096\n  chunk_ms: 100"), "not both"),
         (("concurrency: 8", "channel_names: [a, b]"), "channel_names needs channels: split"),
         (("path: out", "path: out\n  partition_by: [status]"), "output.partition_by.0"),
+        (('path: "extra/call-17.mp3"', 'path: ""'), "inputs.1.path: is empty"),
+        (("path: out", "path: s3://bucket/out"), "format parquet needs a local folder"),
         (
             ("endpoint: local", "endpoint: local\n  encoding: opus\n  sample_rate: 44100"),
             "pulse: sample_rate 44100 cannot carry opus",
@@ -117,3 +119,21 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     ok = run_cli("validate", str(_write(tmp_path, allowed)))
     assert ok.returncode == 0, ok.stderr
     assert "2 item(s)" in ok.stdout and "2 known bad" in ok.stdout
+
+
+def test_channel_names_with_split_on_an_input_entry(tmp_path: Path) -> None:
+    # channels: split on one entry is enough for run.channel_names to mean something.
+    text = GOOD.replace('"extra/call-17.mp3"', '"extra/call-17.mp3"\n    channels: split')
+    text = text.replace("concurrency: 8", "concurrency: 8\n  channel_names: [agent, customer]")
+    loaded = load_manifest(_write(tmp_path, text))
+    assert loaded.manifest.run.channel_names == ["agent", "customer"]
+
+
+def test_cli_validate_shows_an_object_store_output_as_its_url(tmp_path: Path) -> None:
+    (tmp_path / "batch.csv").write_text("path\nextra/call-18.wav\n")
+    text = GOOD.replace('"recordings/**/*.wav"', '"recordings/**/*.wav"\n    allow_empty: true')
+    text = text.replace("path: out", "path: s3://bucket/pulse\n  format: delta")
+    done = run_cli("validate", str(_write(tmp_path, text)))
+    assert done.returncode == 0, done.stderr
+    assert "output: s3://bucket/pulse" in done.stdout  # not a local folder named s3:
+    assert not (tmp_path / "s3:").exists()
