@@ -124,3 +124,13 @@ def test_streak_counts_only_refusals_with_nothing_open() -> None:
     watch.ended()  # ending twice does not go negative
     assert streak.open_now == 0
     assert [streak.refused() for _ in range(3)] == [False, False, True]
+
+
+def test_fault_settings_for_odd_answers_are_checked() -> None:
+    from batch.server.faults import FaultConfigError
+
+    assert FaultConfig(retry_after_header="inf").retry_after_header == "inf"
+    with pytest.raises(FaultConfigError, match="retry_after_header"):
+        FaultConfig(retry_after_header="1\r\nX-Injected: yes")
+    with pytest.raises(FaultConfigError, match="echo_authorization"):
+        FaultConfig.from_mapping({"echo_authorization": "yes"})
