@@ -585,7 +585,8 @@ def score_command(
         err.print(f"[red]error:[/red] {escape(f'no ok item of job {job!r} matched {references}')}")
         raise typer.Exit(jobs.EXIT_ITEMS_FAILED)
     print("\n".join(render_accuracy(scored.summary)))
-    print("\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
+    # Headed, so it does not read as a second copy of the worst items above it.
+    print("\nEvery item scored:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
     for row in scored.items:
         print(f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |")
 

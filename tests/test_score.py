@@ -213,6 +213,7 @@ def test_score_command_after_the_fact_gives_the_same_figures(scored_job: Path) -
         "score", str(scored_job / "out"), "--job", "test-job", "--references", str(references)
     )
     assert table.returncode == 0 and "Worst items" in table.stdout
+    assert "Every item scored:" in table.stdout  # the second table says what it is
 
 
 def test_score_needs_a_reference_column(tmp_path: Path, scored_job: Path) -> None:
