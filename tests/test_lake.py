@@ -149,6 +149,9 @@ def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Pa
     assert compacted.returncode == 0, compacted.stderr
     assert "transcripts:" in compacted.stdout
     assert _counts(str(tmp_path / "out")) == (5, 5, 5, 15, 15)
+    # A mistyped output is said to be one, not "compacted" with exit 0.
+    typo = run_cli("compact", str(tmp_path / "ouput"))
+    assert typo.returncode == 2 and "no pulse-batch output here" in typo.stderr
 
 
 def test_a_delta_output_in_a_missing_bucket_is_an_output_error(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batch.errors import ManifestError
 from batch.output import layout, parquet, reports
 from batch.output.history import SCAN_COLUMNS, History, Scan
 from batch.output.job_output import JobOutput, RunWriter
@@ -132,7 +133,10 @@ def run_alive(location: str | Path, job: str, run_id: str, shard: str | None = N
 def compact(location: str | Path, storage_options: dict[str, str] | None = None) -> list[str]:
     """Compact a Delta output's tables (optimize, then vacuum files no version needs any
     more); returns a line per table saying what was done. Parquet outputs need nothing."""
-    if detect_format(location) != "delta":
+    found = detect_format(location)
+    if found is None:  # a typo must not look like a compacted output
+        raise ManifestError(location, "no pulse-batch output here; give the job's output.path")
+    if found != "delta":
         return ["nothing to do: only Delta outputs are compacted"]
     from batch.output import delta
 
