@@ -2,7 +2,7 @@
 
 Audio is made in the tests (tone bursts) or decoded from the project's demo clips with
 PyAV; G.711 audio is encoded with FFmpeg's encoders, independently of the server's own
-tables. Every wait is a multiple of ``UNIT_S`` (raise PULSE_TEST_TIME_UNIT on slow
+tables. Every wait is a multiple of ``UNIT_S`` (raise PULSE_BATCH_TEST_TIME_UNIT on slow
 machines).
 """
 
@@ -43,8 +43,9 @@ from batch.server import (
 from batch.server.audio import ALAW_TABLE, MULAW_TABLE
 from batch.server.handshake import bearer_matches
 from batch.server.vad import Segmenter
+from tests.conftest import TIME_UNIT_S
 
-UNIT_S = float(os.environ.get("PULSE_TEST_TIME_UNIT", "1.0"))
+UNIT_S = TIME_UNIT_S  # the suite's one time unit (PULSE_BATCH_TEST_TIME_UNIT)
 CLIPS = Path(__file__).resolve().parents[1] / "jobs" / "demo" / "clips"
 SPEECH = {
     "callback.flac": "Please call me back tomorrow morning about the invoice.",
