@@ -30,22 +30,36 @@ def _staged_batches(out: Path) -> list[Path]:
 
 
 def _kill_one(
-    manifest: Path, out: Path, rng: random.Random, force: bool, staged: bool
+    manifest: Path,
+    out: Path,
+    rng: random.Random,
+    force: bool,
+    staged: bool,
+    whole_run_s: dict[bool, float],
 ) -> tuple[bool, bool]:
     """Start a run and SIGKILL it: at a random moment, or as soon as a batch is being
     committed. Returns whether it was killed (not finished first), and whether a commit
-    was in progress at the kill."""
+    was in progress at the kill. ``whole_run_s`` remembers how long an unkilled run of each
+    kind took, so random moments fall inside a run on a fast machine and a slow one alike."""
     args = [sys.executable, "-m", "batch", "run", str(manifest), *(["--force"] if force else [])]
+    started = time.monotonic()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     in_commit = staged and rng.random() < 0.5
     # A run starts committing a second or two in (interpreter start, planning).
-    wait_s = 6.0 if in_commit else rng.uniform(0.8, 3.5)
-    deadline = time.monotonic() + wait_s * TIME_UNIT_S
+    if in_commit:
+        wait_s = 6.0 * TIME_UNIT_S
+    elif force in whole_run_s:
+        wait_s = rng.uniform(0.3, 0.9) * whole_run_s[force]
+    else:
+        wait_s = rng.uniform(0.8, 3.5) * TIME_UNIT_S
+    deadline = started + wait_s
     while time.monotonic() < deadline and process.poll() is None:
         if in_commit and _staged_batches(out):
             break
         time.sleep(0.002)
     committing = bool(_staged_batches(out))
+    if process.poll() is not None:
+        whole_run_s[force] = time.monotonic() - started
     process.send_signal(signal.SIGKILL)  # nothing, if it already finished
     process.wait(timeout=10 * TIME_UNIT_S)
     return process.returncode == -signal.SIGKILL, committing
@@ -70,11 +84,14 @@ def test_random_sigkills_leave_exactly_one_row_per_item(
     out = tmp_path / "out"
     faults = FaultConfig(seed=5, error_rate=0.2, fault_at_max_s=0.2)  # some items fail
     landed = committing = 0
+    whole_run_s: dict[bool, float] = {}
     with server_in_thread(faults=faults) as server:
         _point_at(manifest, server.url)
-        for attempt in range(3 * kills):  # bounded: a run may finish before its kill
+        for attempt in range(4 * kills):  # bounded: a run may finish before its kill
             force = attempt % 3 == 0
-            killed, in_commit = _kill_one(manifest, out, rng, force, staged=fmt == "parquet")
+            killed, in_commit = _kill_one(
+                manifest, out, rng, force, staged=fmt == "parquet", whole_run_s=whole_run_s
+            )
             landed += killed
             committing += killed and in_commit
             if landed == kills:
