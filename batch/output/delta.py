@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -161,17 +162,34 @@ class DeltaBackend:
         """Each item's latest result, leaving out items whose words or utterances were
         committed by a run whose transcripts commit never happened (they are redone)."""
         out = Scan()
-        main = self.read(MAIN_TABLE, job, SCAN_COLUMNS)
+        main = self.read(MAIN_TABLE, job, [*SCAN_COLUMNS, "word_count"])
         for values in zip(*(main[c].to_pylist() for c in SCAN_COLUMNS), strict=True):
             out.note(*values)
+        word_counts = dict(
+            zip(
+                zip(main["item_id"].to_pylist(), main["run_id"].to_pylist(), strict=True),
+                main["word_count"].to_pylist(),
+                strict=True,
+            )
+        )
+        unfinished: set[str] = set()
         for table in _CHILD_TABLES:
             child = self.read(table, job, ["item_id", "run_id"])
-            pairs = set(zip(child["item_id"].to_pylist(), child["run_id"].to_pylist(), strict=True))
+            pairs = Counter(
+                zip(child["item_id"].to_pylist(), child["run_id"].to_pylist(), strict=True)
+            )
             for item, run_id in pairs:
                 known = out.latest.get(item)
                 if known is not None and known.run_id != run_id:
-                    logger.info("%s: rows of an unfinished commit of run %s; redoing", item, run_id)
-                    del out.latest[item]
+                    unfinished.add(item)
+            if table == "words":  # a dead run's commit may also have removed words, adding none
+                for item, known in out.latest.items():
+                    expected = word_counts.get((item, known.run_id)) or 0
+                    if known.status == "ok" and pairs[(item, known.run_id)] != expected:
+                        unfinished.add(item)
+        for item in unfinished:
+            logger.info("%s: rows of an unfinished commit; redoing", item)
+            out.latest.pop(item, None)
         return out
 
     def committer(self, job: str, run_id: str, index: Scan) -> DeltaCommitter:
