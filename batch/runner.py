@@ -116,6 +116,16 @@ def wire_format(loaded: LoadedManifest) -> WireFormat:
     return WireFormat(pulse.encoding, pulse.sample_rate, run.chunk_bytes)
 
 
+def _collected(result: SessionResult, timemap: TimeMap | None = None) -> Collected:
+    """A whole session's rows, with what it saw beside its finals."""
+    return collect_finals(
+        result.finals,
+        timemap=timemap,
+        languages=result.languages,
+        full_transcript=result.full_transcript,
+    )
+
+
 class ItemRunner:
     """State of one run's streaming; `process` is the pool's worker."""
 
@@ -196,11 +206,7 @@ class ItemRunner:
             item,
             started,
             attempts=record.count,
-            collected=collect_finals(
-                result.finals,
-                languages=result.languages,
-                full_transcript=result.full_transcript,
-            ),
+            collected=_collected(result),
             duration_s=holder[0].duration_s,
             streamed_s=holder[0].duration_s,
             session_id=result.session_id,
@@ -322,12 +328,7 @@ class ItemRunner:
             item,
             started,
             attempts=record.count,
-            collected=collect_finals(
-                result.finals,
-                timemap=timemap,
-                languages=result.languages,
-                full_transcript=result.full_transcript,
-            ),
+            collected=_collected(result, timemap),
             duration_s=duration_s,
             streamed_s=timemap.streamed_s,
             session_id=result.session_id,
