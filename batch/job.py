@@ -299,6 +299,13 @@ def _write_report(output: JobOutput, report: dict[str, Any]) -> str | None:
         return None
 
 
+def _workers(loaded: LoadedManifest, sessions: int) -> int:
+    """Pool workers for ``sessions`` sessions. One more: a long file being cut occupies a
+    worker, not a session. With skip_silence, a round more: the next items' speech is found
+    (a CPU job) while this round streams, so sessions do not wait for the detector."""
+    return sessions * 2 if loaded.manifest.run.skip_silence else sessions + 1
+
+
 async def _stream_all(
     loaded: LoadedManifest,
     todo: list[Item],
@@ -310,8 +317,7 @@ async def _stream_all(
     cap: SpendCap,
 ) -> str | None:
     """Stream every item; returns the name of the signal that interrupted the run, if any."""
-    # One worker more than sessions: a long file being cut occupies a worker, not a session.
-    pool: Pool[Unit] = Pool(whole_units(todo), stats.concurrency + 1)
+    pool: Pool[Unit] = Pool(whole_units(todo), _workers(loaded, stats.concurrency))
     signal_name: str | None = None
     if not todo:
         stats.status = "completed"

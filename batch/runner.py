@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -165,6 +166,9 @@ class ItemRunner:
         shard = f" shard/{stats.shard}" if stats.shard else ""
         self.user_agent = f"pulse-batch/{__version__}{shard}"
         self._pieces: dict[str, _Pieces] = {}
+        # The detector is CPU work: one item per core at a time, first come first served,
+        # so the items next in line get their speech found first.
+        self._detectors = anyio.CapacityLimiter(os.cpu_count() or 1)
 
     # --- the worker ----------------------------------------------------------------
 
@@ -285,7 +289,8 @@ class ItemRunner:
                     path,
                     pad_s=self.run.skip_silence_pad_s,
                     gap_s=self.run.skip_silence_gap_s,
-                )
+                ),
+                limiter=self._detectors,
             )
         except InputError as error:
             path.unlink(missing_ok=True)
