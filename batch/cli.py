@@ -33,7 +33,14 @@ from batch.errors import InputError, LockedError, ManifestError, OutputError, Sh
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item, expand_sources
 from batch.pulse import protocol
-from batch.report import job_runs, render_accuracy, render_job, render_markdown, summary_line
+from batch.report import (
+    accuracy_row,
+    job_runs,
+    render_accuracy,
+    render_job,
+    render_markdown,
+    summary_line,
+)
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -611,11 +618,7 @@ def score_command(
     print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
     ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
     for row in ranked:
-        print(f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |")
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+        print(accuracy_row(row))
 
 
 @app.command(cls=_PlainCommand)

@@ -245,8 +245,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", "## Failures", "", "| kind | source | message |", "| --- | --- | --- |"]
         for failure in report["failures"]:
-            message = failure["message"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {failure['kind']} | {failure['source']} | {message} |")
+            cells = (failure["kind"], md_cell(failure["source"]), md_cell(failure["message"]))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,11 +305,19 @@ def render_accuracy(accuracy: dict[str, Any], *, worst: bool = True) -> list[str
     if worst and accuracy["worst"]:
         lines += ["", "Worst items:", "", "| source | channel | WER | CER |"]
         lines.append("| --- | --- | ---: | ---: |")
-        for row in accuracy["worst"]:
-            lines.append(
-                f"| {row['source']} | {row['channel']} | {_pct(row['wer'])} | {_pct(row['cer'])} |"
-            )
+        lines += [accuracy_row(row) for row in accuracy["worst"]]
     return lines
+
+
+def md_cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell: a file may be named `a|b.wav`."""
+    return str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def accuracy_row(row: dict[str, Any]) -> str:
+    """One item's line of an accuracy table: source, channel, WER, CER."""
+    cells = (md_cell(row["source"]), md_cell(row["channel"]), _pct(row["wer"]), _pct(row["cer"]))
+    return "| " + " | ".join(cells) + " |"
 
 
 def job_runs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import anyio
@@ -223,3 +224,37 @@ def test_score_needs_a_reference_column(tmp_path: Path, scored_job: Path) -> Non
     done = run_cli("score", str(scored_job / "out"), "--job", "test-job", "--references", str(bad))
     assert done.returncode == 2
     assert f"{bad}: line 2: needs a 'reference' or 'reference_path'" in done.stderr
+
+
+def _cells(line: str) -> list[str]:
+    """A Markdown table row's cells, split at pipes that are not escaped."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_a_pipe_in_a_file_name_keeps_the_tables_shape(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    track = tone_track([Burst(0.2, 0.3, 440)], 1.0, RATE)
+    write_audio(tmp_path / "media" / "c|d.wav", [track], RATE)
+    (tmp_path / "media" / "a|b.wav").write_text("not audio\n")
+    (tmp_path / "list.csv").write_text(
+        'path,reference\n"media/c|d.wav",tone440\n"media/a|b.wav",x\n'
+    )
+    manifest = write_manifest(tmp_path, inputs=[{"list": "list.csv"}])
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["failed"] == 1, result.report
+    markdown = (tmp_path / "out" / "_reports" / "test-job" / "latest.md").read_text()
+    scored = run_cli(
+        "score",
+        str(tmp_path / "out"),
+        "--job",
+        "test-job",
+        "--references",
+        str(tmp_path / "list.csv"),
+    )
+    assert scored.returncode == 0, scored.stderr
+    for text in (markdown, scored.stdout):
+        rows = [_cells(line) for line in text.splitlines() if "|b.wav" in line or "|d.wav" in line]
+        assert rows, text
+        for cells in rows:
+            assert len(cells) in (3, 4), cells  # failures: kind, source, message; accuracy: 4
+            assert any(cell.endswith(("a\\|b.wav", "c\\|d.wav")) for cell in cells), cells
