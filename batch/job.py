@@ -211,7 +211,7 @@ async def run_job(
     cap = spend_cap(loaded, opts)
     stats.cap_minutes = None if cap.limit_s is None else round(cap.limit_s / 60, 4)
     if opts.dry_run:
-        return _dry_run(loaded, stats, shard)
+        return _dry_run(loaded, stats, opts)
     _remote(loaded)
     out = manifest.output
     with JobOutput.open(
@@ -412,11 +412,16 @@ async def _watch_signals(
             scope.deadline = min(scope.deadline, scope_deadline)
 
 
-def _dry_run(loaded: LoadedManifest, stats: RunStats, shard: Shard | None) -> JobResult:
+def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobResult:
+    """What ``run`` with the same options would stream and bill (``--force`` and
+    ``--no-retry-failed`` included), opening no session."""
     out = loaded.manifest.output
-    done = read_history(loaded.output_location, loaded.manifest.job, out.storage_options).ok
-    items = plan_items(loaded, frozenset(done), shard)
-    todo = [i for i in items if i.item_id not in done and i.error is None]
+    history = read_history(loaded.output_location, loaded.manifest.job, out.storage_options)
+    done = set(history.ok)
+    failed_before = set(history.failed) if not opts.retry_failed else set()
+    items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
+    chosen = {i.item_id for i in _todo(items, done, opts, failed_before)}
+    todo = [i for i in items if i.item_id in chosen and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     price = loaded.manifest.output.price_per_minute
     streamed = _detect_speech(loaded, todo) if loaded.manifest.run.skip_silence else {}
@@ -427,7 +432,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, shard: Shard | None) -> Jo
         "dry_run": True,
         "items": {
             "total": len(items),
-            "already_ok": len([i for i in items if i.item_id in done]),
+            "already_ok": len([i for i in items if i.item_id in done and i.item_id not in chosen]),
             "to_stream": len(todo),
             "known_bad": len([i for i in items if i.error is not None]),
         },
@@ -447,14 +452,18 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, shard: Shard | None) -> Jo
                 "channel": i.channel,
                 "duration_s": i.duration_s,
                 "streamed_s": streamed.get(i.item_id),
-                "action": "fail: " + str(i.error)
-                if i.error
-                else ("skip" if i.item_id in done else "stream"),
+                "action": _dry_action(i, chosen, done),
             }
             for i in items
         ],
     }
     return JobResult(report, None)
+
+
+def _dry_action(item: Item, chosen: set[str], done: set[str]) -> str:
+    if item.item_id not in chosen:
+        return "skip" if item.item_id in done else "skip: failed before (--no-retry-failed)"
+    return f"fail: {item.error}" if item.error else "stream"
 
 
 def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float]:

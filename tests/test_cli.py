@@ -63,6 +63,22 @@ def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:
     assert plan["billed_audio_minutes"] == 1.0 and plan["estimated_cost"] == 0.01
     assert {p["action"].split(":")[0] for p in plan["plan"]} == {"stream", "fail"}
     assert not (tmp_path / "out").exists()
+    # After a run, the dry run of a rerun follows --force and --no-retry-failed as run does.
+    assert run_cli("run", str(manifest)).returncode == 1
+    plans = {
+        flag: json.loads(run_cli("run", str(manifest), "--dry-run", *flag).stdout)
+        for flag in ((), ("--force",), ("--no-retry-failed",))
+    }
+    assert plans[()]["items"] == {"total": 3, "already_ok": 2, "to_stream": 0, "known_bad": 1}
+    assert plans[()]["billed_audio_minutes"] == 0.0
+    assert plans[("--force",)]["items"]["to_stream"] == 2
+    assert plans[("--force",)]["billed_audio_minutes"] == 1.0
+    kept = plans[("--no-retry-failed",)]["plan"]
+    assert sorted(p["action"] for p in kept) == [
+        "skip",
+        "skip",
+        "skip: failed before (--no-retry-failed)",
+    ]
 
 
 def test_report_command_prints_the_latest(tmp_path: Path) -> None:
