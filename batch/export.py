@@ -25,6 +25,9 @@ from batch.errors import ManifestError
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
+# File systems allow 255 bytes a name; leave room for the id suffix, the extension and the
+# temporary name a document is written under first.
+_MAX_NAME_BYTES = 200
 # Columns every words/utterances row repeats from its transcript: left out of JSON documents.
 _BOOKKEEPING = frozenset({"job", "date", "language", "run_id", "item_id", "channel"})
 
@@ -169,21 +172,28 @@ def _stem(source: str) -> str:
 def file_names(items: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """item_id → file name without extension: the source's stem, plus ``.<channel_name>``
     or ``.ch<N>`` for one channel of a file; names that would collide (case-insensitively)
-    all get ``-<first 8 characters of the item id>``."""
+    all get ``-<first 8 characters of the item id>``, and so do names cut short to fit a
+    file system's limit."""
     base: dict[str, str] = {}
+    cut: set[str] = set()
     for row in items:
         name = _stem(str(row["source"]))
         if row.get("channel_name"):
             name += f".{row['channel_name']}"
         elif row.get("channel") is not None:
             name += f".ch{row['channel']}"
-        base[row["item_id"]] = re.sub(r"[/\\\x00]", "_", name)
+        name = re.sub(r"[/\\\x00]", "_", name)
+        encoded = name.encode("utf-8", "replace")
+        if len(encoded) > _MAX_NAME_BYTES:
+            name = encoded[:_MAX_NAME_BYTES].decode("utf-8", "ignore")  # whole characters
+            cut.add(row["item_id"])
+        base[row["item_id"]] = name
     counts: dict[str, int] = {}
     for name in base.values():
         counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
     return {
         item_id: name
-        if counts[name.casefold()] == 1
+        if counts[name.casefold()] == 1 and item_id not in cut
         else f"{name}-{str(item_id)[:_ID_SUFFIX_CHARS]}"
         for item_id, name in base.items()
     }

@@ -16,7 +16,7 @@ import srt
 import webvtt
 
 from batch import cues as cuelib
-from batch.export import ExportError, file_names, parse_where, select
+from batch.export import FORMATS, ExportError, file_names, parse_where, select
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from tests.conftest import run_cli, write_manifest
@@ -127,6 +127,33 @@ def test_file_names_add_channel_and_only_collisions_get_an_id() -> None:
         "eeeeeeee5555": "stereo.ch1",
         "ffffffff6666": "y",
     }
+
+
+def test_names_too_long_for_a_file_system_are_cut_and_get_an_id() -> None:
+    long_ascii, long_accents = "x" * 251, "é" * 130  # 251 and 260 bytes
+    items: list[dict[str, Any]] = [
+        {"item_id": "aaaaaaaa1111", "source": f"/m/{long_ascii}.wav", "channel": None},
+        {"item_id": "bbbbbbbb2222", "source": f"/m/{long_accents}.wav", "channel": None},
+    ]
+    names = file_names(items)
+    assert names["aaaaaaaa1111"] == "x" * 200 + "-aaaaaaaa"
+    assert names["bbbbbbbb2222"] == "é" * 100 + "-bbbbbbbb"  # cut between characters
+    for name in names.values():
+        assert len(f".{name}.json.tmp".encode()) <= 255
+
+
+def test_a_source_with_the_longest_file_name_exports(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    track = tone_track(_bursts(2, 440, 0.2), 1.5, RATE)
+    write_audio(tmp_path / "media" / f"{'n' * 251}.wav", [track], RATE)  # 255 bytes
+    manifest = write_manifest(tmp_path)
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1, result.report
+    for fmt in FORMATS:
+        done = run_cli("export", str(tmp_path / "out"), "--job", "test-job", "--format", fmt)
+        assert done.returncode == 0, done.stderr
+        written = list((tmp_path / "out" / "_exports" / "test-job" / fmt).iterdir())
+        assert [p.name.startswith("n" * 200 + "-") for p in written] == [True]
 
 
 def test_where_grammar() -> None:
