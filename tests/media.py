@@ -86,6 +86,21 @@ def write_audio(
     return path
 
 
+def tone_files(
+    folder: Path,
+    count: int,
+    bursts: Sequence[Burst],
+    duration_s: float,
+    name: str = "item-{}.wav",
+    rate: int = 16000,
+) -> list[Path]:
+    """``count`` mono WAV files of one tone track in ``folder`` (made if missing), named
+    ``name.format(i)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    track = tone_track(bursts, duration_s, rate)
+    return [write_audio(folder / name.format(i), [track], rate) for i in range(count)]
+
+
 def _encode_whole(
     out: Any, stream: Any, planar: np.ndarray, rate: int, sample_format: str, layout: str
 ) -> None:

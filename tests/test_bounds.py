@@ -15,27 +15,19 @@ from batch.errors import HandshakeRejected
 from batch.pool import RefusalStreak
 from batch.server import FaultConfig
 from batch.session import _retry_after_s
-from tests.conftest import run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_files
 
 ITEMS = 6
 
 
-def _media(folder: Path) -> None:
-    folder.mkdir()
-    track = tone_track([Burst(0.3, 0.2, 440)], 1.0, 16000)
-    for i in range(ITEMS):
-        write_audio(folder / f"item-{i}.wav", [track], 16000)
-
-
 def _run(tmp_path: Path, faults: FaultConfig, **run: Any) -> tuple[Any, dict[str, Any], Any]:
-    _media(tmp_path / "media")
+    tone_files(tmp_path / "media", ITEMS, [Burst(0.3, 0.2, 440)], 1.0)
     settings = {"concurrency": 3, "pace": 0, "max_attempts": 3, "backoff_initial_s": 0.05,
                 "backoff_max_s": 0.3, **run}  # fmt: skip
     manifest = write_manifest(tmp_path, run=settings)
     with server_in_thread(faults=faults) as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest), timeout_s=60)
         stats = server.stats
     assert "report: " in done.stdout, done.stdout + done.stderr
