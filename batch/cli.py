@@ -239,6 +239,11 @@ class _ConsoleObserver(jobs.Observer):
             self.progress.stop()
 
 
+_JobOutput = Annotated[
+    str, typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT")
+]
+
+
 @app.command(cls=_PlainCommand)
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
@@ -469,10 +474,7 @@ def schema(
 
 @app.command(cls=_PlainCommand)
 def report(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
@@ -511,10 +513,7 @@ def report(
 
 @app.command("export", cls=_PlainCommand)
 def export_command(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job whose items to export.")],
     fmt: Annotated[
         str, typer.Option("--format", help="srt, vtt (subtitles), json (all rows) or txt.")
@@ -560,10 +559,7 @@ def export_command(
 
 @app.command("score", cls=_PlainCommand)
 def score_command(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job to score.")],
     references: Annotated[
         Path,
@@ -602,7 +598,7 @@ def _pct(value: float | None) -> str:
 
 @app.command(cls=_PlainCommand)
 def status(
-    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="Job name.")],
     manifest: Annotated[
         Path | None,
