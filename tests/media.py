@@ -7,6 +7,7 @@ suite needs nothing outside the repository.
 from __future__ import annotations
 
 import io
+import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -99,6 +100,17 @@ def tone_files(
     folder.mkdir(parents=True, exist_ok=True)
     track = tone_track(bursts, duration_s, rate)
     return [write_audio(folder / name.format(i), [track], rate) for i in range(count)]
+
+
+def write_wav_channels(path: Path, channels: Sequence[np.ndarray], rate: int) -> Path:
+    """A 16-bit WAV of any channel count (no channel mask, as multitrack recorders write)."""
+    pcm = (np.stack(channels, axis=1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(len(channels))
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
 
 
 def _encode_whole(

@@ -18,10 +18,14 @@ KEY = "sk-live-7f3c9a2b4d6e8f10a1b2"
 ITEMS = 6
 
 
+def _media(folder: Path) -> None:
+    tone_files(folder, ITEMS, [Burst(0.3, 0.2, 440)], 1.0)
+
+
 def _run(
     tmp_path: Path, faults: FaultConfig, env_key: str, server_key: str = KEY, **run: Any
 ) -> tuple[Any, Any]:
-    tone_files(tmp_path / "media", ITEMS, [Burst(0.3, 0.2, 440)], 1.0)
+    _media(tmp_path / "media")
     settings = {"concurrency": 3, "pace": 0, "max_attempts": 1, "backoff_initial_s": 0.05,
                 "backoff_max_s": 0.2, **run}  # fmt: skip
     manifest = write_manifest(tmp_path, run=settings)
@@ -93,6 +97,21 @@ def test_unusable_key_is_refused_before_any_session(pasted: str, tmp_path: Path)
     assert stats.sessions_opened == 0 and sum(stats.refused.values()) == 0
     assert KEY[:10] not in done.stdout + done.stderr
     assert KEY[10:] not in done.stdout + done.stderr
+
+
+def test_missing_key_for_the_service_stops_before_planning(tmp_path: Path) -> None:
+    # Without a key nothing can be streamed: say so before probing every file and before
+    # a starting report that would stay `running` forever.
+    _media(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path, pulse={"endpoint": "wss://api.smallest.ai/waves/v1/pulse/get_text"}
+    )
+    env = {"SMALLEST_API_KEY": ""}
+    done = run_cli("run", str(manifest), env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "SMALLEST_API_KEY is not set" in done.stderr
+    assert "planned" not in done.stderr
+    assert not (tmp_path / "out" / "_reports").exists()
 
 
 def test_normalise_api_key() -> None:
