@@ -552,7 +552,11 @@ def export_command(
         except OSError as exc:
             _fail(f"cannot write to {folder}: {exc.strerror}", jobs.EXIT_OUTPUT)
     for source in done.without_timings:
-        what = "utterances (turn on pulse.sentence_timestamps)" if utterances else "words"
+        what = (
+            "utterances (turn on pulse.sentence_timestamps)"
+            if utterances
+            else "words (no speech, or pulse.word_timestamps was off: try --utterances)"
+        )
         err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
 
