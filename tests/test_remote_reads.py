@@ -1,0 +1,155 @@
+"""Reading inputs from object storage when the store misbehaves: a stalled read, throttling,
+5xx answers, a missing or denied object. Real S3 API on loopback (moto server mode) with
+faults injected on the wire (`tests.s3server.Fault`), real PyAV decodes, real sessions
+against the local server, Parquet read back."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import duckdb
+
+from batch.decode import DecodedAudio, WireFormat
+from batch.job import Observer, RunOptions, run_job
+from batch.manifest import load_manifest
+from batch.plan import Item
+from batch.readahead import BATCH_AUDIO_S, ReadAhead
+from tests.conftest import TIME_UNIT_S, write_manifest
+from tests.media import Burst, tone_track, write_audio
+from tests.s3server import S3Bucket
+
+BURSTS = [Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)]
+
+
+def _clip(path: Path, seconds: float = 2.5) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_audio(path, [tone_track(BURSTS, seconds, 16000)], 16000)
+
+
+def _rows(out: Path) -> dict[str, tuple[object, ...]]:
+    table = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
+    query = f"select source, status, error_kind, error, attempts, transcript from {table}"
+    return {str(r[0]): r[1:] for r in duckdb.sql(query).fetchall()}
+
+
+class _Watch(Observer):
+    """Arms a stall on one object once planning is done (the planner's probe must not be
+    held), and releases it when another item has finished."""
+
+    def __init__(self, bucket: S3Bucket, stalled_key: str, quick_source: str) -> None:
+        self.bucket = bucket
+        self.stalled_key = stalled_key
+        self.quick_source = quick_source
+        self.quick_done = threading.Event()
+        self.order: list[str] = []
+
+    def planned(self, items: int, audio_s: float, skipped: int) -> None:
+        self.fault = self.bucket.fault(
+            self.stalled_key, release=self.quick_done, hold_s=30 * TIME_UNIT_S
+        )
+
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
+        self.order.append(item.source)
+        if item.source == self.quick_source:
+            self.quick_done.set()
+
+
+def test_a_stalled_read_does_not_hold_up_another_session(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    # The stalled object's first range read is held until the other item has been streamed
+    # (paced, 2 s of audio at 2x) and stored. Were reads done on the event loop, the held
+    # read would stop every session: the other item could not finish, the hold would end
+    # only at its 30 s bound, and `released` would say so. No timing is measured.
+    slow = s3_bucket.upload(_clip(tmp_path / "src" / "slow.wav", 2.5), "slow.wav")
+    quick = s3_bucket.upload(_clip(tmp_path / "src" / "quick.wav", 4.0), "quick.wav")
+    # The client waits longer than the hold: s3fs's 15 s read timeout would end it first.
+    patient = {"config_kwargs": {"read_timeout": 60 * TIME_UNIT_S}}
+    manifest = write_manifest(
+        tmp_path,
+        inputs=[{"path": slow, "storage_options": patient}, {"path": quick}],
+        run={"concurrency": 2, "pace": 2.0, "max_attempts": 1, "order": "listing"},
+    )
+    watch = _Watch(s3_bucket, "slow.wav", quick)
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions(), watch)
+    assert watch.fault.applied == 1  # the stalled read happened
+    assert watch.fault.released == [True], "the stall ran to its bound: the loop was blocked"
+    assert watch.order == [quick, slow]
+    assert result.report["items"]["ok"] == 2, result.report["failures"]
+    rows = _rows(tmp_path / "out")
+    assert rows[slow][4] == "tone440 tone880" and rows[quick][4] == "tone440 tone880"
+
+
+def test_read_ahead_gives_the_same_chunks_and_positions_in_small_batches(tmp_path: Path) -> None:
+    # Local files take the same worker-thread path: chunks, and the audio position after
+    # each (what pacing waits for), are exactly those of reading the decoder directly.
+    path = _clip(tmp_path / "a.wav", 6.0)
+    wire = WireFormat("linear16", 16000, 4096)
+    direct = DecodedAudio(path, wire)
+    expected = [(chunk, direct.position_s) for chunk in direct]
+    reader = ReadAhead(DecodedAudio(path, wire))
+    batches = []
+    for _ in range(len(expected) + 1):  # bounded: one chunk per batch at the least
+        batch = reader.next_batch()
+        if not batch:
+            break
+        batches.append(batch)
+    assert [pair for batch in batches for pair in batch] == expected
+    assert len(batches) > 1
+    assert all(b[-1][1] - b[0][1] <= BATCH_AUDIO_S + 0.2 for b in batches)  # little is held
+
+
+def _open_here(path: Path) -> bool:
+    """Whether this process holds ``path`` open (Linux: its /proc fd links)."""
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fds / fd) == str(path.resolve()) for fd in os.listdir(fds))
+
+
+def test_a_read_ahead_closed_mid_stream_releases_its_file(tmp_path: Path) -> None:
+    path = _clip(tmp_path / "a.wav", 6.0)
+    reader = ReadAhead(DecodedAudio(path, WireFormat("linear16", 16000, 4096)))
+    assert reader.next_batch()
+    assert _open_here(path)
+    reader.close()
+    assert not _open_here(path)
+    assert reader.next_batch() == []  # nothing more is read once closed
+    reader.close()  # twice is harmless
+
+
+class _BlockingSource:
+    """Chunks that wait on ``go`` before the second: a read that stalls."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.stalled = threading.Event()  # the read is waiting on ``go``
+        self.finished = threading.Event()  # the generator's cleanup ran
+        self.position_s = 0.0
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for index in range(100):
+                if index == 1:
+                    self.stalled.set()
+                    self.go.wait(10 * TIME_UNIT_S)
+                self.position_s = (index + 1) * 0.1
+                yield b"\0" * 3200
+        finally:
+            self.finished.set()
+
+
+def test_closing_during_a_stalled_read_cleans_up_when_the_read_returns() -> None:
+    source = _BlockingSource()
+    reader = ReadAhead(source)
+    worker = threading.Thread(target=reader.next_batch)
+    worker.start()
+    assert source.stalled.wait(10 * TIME_UNIT_S)
+    reader.close()  # the session ended while the read is stalled: not waited for
+    assert worker.is_alive() and not source.finished.is_set()
+    source.go.set()
+    worker.join(10 * TIME_UNIT_S)
+    assert source.finished.wait(10 * TIME_UNIT_S)  # closed by the worker, once it returned
+    assert reader.next_batch() == []
