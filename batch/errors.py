@@ -12,10 +12,12 @@
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
         ├── ConnectionLost       socket ended before ``is_last``        (retry)
+        │   └── Unreachable      no connection at all: refused, DNS, TLS (retry)
         ├── ServerReported       an error message from the service      (retry)
         ├── ProtocolViolation    a frame we cannot parse                (retry)
         ├── SessionTimeout       a named wait ran out                   (retry)
         └── ServiceRefusing      refused N times in a row, none open    (stop the job, exit 6)
+            └── ServiceUnreachable  could not connect N times in a row  (stop the job, exit 6)
 
 Third-party exceptions (websockets, PyAV, OS) are translated into these at the boundary
 (`batch.session`, `batch.decode`, `batch.output`) with ``raise ... from exc``. `classify` is
@@ -111,6 +113,11 @@ class ConnectionLost(SessionError):
         self.close_code = close_code
 
 
+class Unreachable(ConnectionLost):
+    """No connection to the service could be made at all (nothing listening, DNS, TLS,
+    proxy, or a connect timeout): the session never opened. Stored as ``connection_lost``."""
+
+
 class ServerReported(SessionError):
     """The service sent an error message during the session."""
 
@@ -153,6 +160,25 @@ class ServiceRefusing(SessionError):
         self.refusals = refusals
 
 
+class ServiceUnreachable(ServiceRefusing):
+    """``failures`` connection attempts in a row failed before any session opened: the
+    endpoint cannot be reached from here. Names the host (never the key); stops the job."""
+
+    kind = "service_unreachable"
+
+    def __init__(self, failures: int, last: BaseException, host: str) -> None:
+        SessionError.__init__(
+            self,
+            f"cannot reach the service at {host}: {failures} connection attempts in a row "
+            f"failed and none opened a session (last: {last}); stopped rather than retry "
+            "every item for hours. Check pulse.endpoint (host, port, ws:// or wss://), DNS, "
+            "the network or proxy (HTTPS_PROXY) and the TLS certificate, then rerun "
+            "(run.max_refusals_in_a_row sets how many failures in a row stop a job)",
+        )
+        self.refusals = failures
+        self.host = host
+
+
 class Scope(Enum):
     ITEM = "item"  # only this item is affected
     JOB = "job"  # no item can succeed: stop the job
@@ -178,6 +204,14 @@ def is_refusal(error: BaseException) -> bool:
     if isinstance(error, HandshakeRejected):
         return classify(error).retry
     return isinstance(error, ConnectionLost) and error.close_code == _CONCURRENCY_CLOSE_CODE
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """No connection could be made (the session never opened): what a `RefusalStreak`
+    counts beside refusals, so an endpoint that cannot be reached stops the job early."""
+    if isinstance(error, SessionTimeout):
+        return error.timeout == "connect_timeout_s"
+    return isinstance(error, Unreachable)
 
 
 def classify(error: BaseException) -> Verdict:

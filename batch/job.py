@@ -27,6 +27,7 @@ from batch.errors import (
     ManifestError,
     OutputError,
     ServiceRefusing,
+    ServiceUnreachable,
 )
 from batch.export import latest_ok
 from batch.manifest import LoadedManifest
@@ -347,8 +348,7 @@ async def _stream_all(
             stats.abort_reason = runner.scrubber.scrub(str(runner.fatal)) + _key_hint(
                 runner.fatal, api_key, loaded
             )
-            refusing = isinstance(runner.fatal, ServiceRefusing)
-            stats.abort_kind = "service_refusing" if refusing else "fatal_answer"
+            stats.abort_kind = _abort_kind(runner.fatal)
         elif stats.status == "running":
             stats.status = "completed"
         signal_name = stats.signal_name
@@ -359,6 +359,12 @@ async def _stream_all(
     stats.left_items = len(left)
     stats.left_audio_s = sum(i.duration_s or 0.0 for i in left)
     return signal_name
+
+
+def _abort_kind(fatal: BaseException) -> str:
+    if isinstance(fatal, ServiceUnreachable):
+        return "service_unreachable"
+    return "service_refusing" if isinstance(fatal, ServiceRefusing) else "fatal_answer"
 
 
 def _key_hint(error: BaseException, api_key: str | None, loaded: LoadedManifest) -> str:
@@ -467,7 +473,7 @@ def exit_code(
 ) -> int:
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
     3 for a fatal service answer; 5 when the output could not be written; 6 when the
-    service refused everything; 130/143 after SIGINT/SIGTERM."""
+    service refused everything or could not be reached; 130/143 after SIGINT/SIGTERM."""
     if report.get("status") == "failed_output":
         return EXIT_OUTPUT
     if signal_name == "SIGINT":
@@ -475,7 +481,7 @@ def exit_code(
     if signal_name == "SIGTERM":
         return EXIT_SIGTERM
     if report.get("status") == "aborted":
-        if report.get("abort_kind") == "service_refusing":
+        if report.get("abort_kind") in ("service_refusing", "service_unreachable"):
             return EXIT_SERVICE_REFUSING
         return EXIT_FATAL_SERVICE
     if report.get("status") == "capped":

@@ -90,7 +90,9 @@ class RefusalStreak:
 
     A refusal while some of our sessions are open is the service's concurrency limit (the
     pool shrinks to it); only refusals with nothing open count, and any session that opens
-    resets the count. `refused` says when ``limit`` is reached.
+    resets the count. Failed connections (nothing listening, DNS, TLS) count the same way:
+    an endpoint that cannot be reached refuses everything too. `refused` says when
+    ``limit`` is reached.
     """
 
     def __init__(self, limit: int) -> None:

@@ -39,7 +39,7 @@ class RunStats:
     finished_at: datetime | None = None
     status: str = "running"  # completed | interrupted | aborted | failed_output
     abort_reason: str | None = None
-    abort_kind: str | None = None  # fatal_answer | service_refusing, when aborted
+    abort_kind: str | None = None  # fatal_answer | service_refusing | service_unreachable
     signal_name: str | None = None
     items_total: int = 0
     skipped_done: int = 0

@@ -30,10 +30,12 @@ from batch.errors import (
     PulseBatchError,
     Scope,
     ServiceRefusing,
+    ServiceUnreachable,
     SpendCapReached,
     classify,
     error_kind,
     is_refusal,
+    is_unreachable,
 )
 from batch.manifest import LoadedManifest
 from batch.output import RunWriter
@@ -496,6 +498,8 @@ class ItemRunner:
         except Exception as error:
             if isinstance(error, HandshakeRejected):
                 self.stats.refused_handshakes += 1
+            if is_unreachable(error) and self.refusals.refused():
+                raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
             if is_refusal(error) and self.refusals.refused():
                 raise ServiceRefusing(self.refusals.count, error) from error
             raise

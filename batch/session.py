@@ -33,6 +33,7 @@ from batch.errors import (
     PulseBatchError,
     ServerReported,
     SessionTimeout,
+    Unreachable,
 )
 from batch.pulse import protocol
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
@@ -87,6 +88,14 @@ class Endpoint:
 
     def session_url(self, options: protocol.PulseOptions) -> str:
         return f"{self.url}?{urlencode(protocol.build_query(options, self.generation))}"
+
+    @property
+    def host(self) -> str:
+        """``host:port`` of the URL, for messages: never a user or password in it."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or "?"
+        shown = f"[{host}]" if ":" in host else host
+        return f"{shown}:{parts.port}" if parts.port else shown
 
     @property
     def is_loopback(self) -> bool:
@@ -386,8 +395,11 @@ async def run_session(
     except ConnectionClosed as exc:
         raise _lost(exc, "while streaming", scrubber) from None
     except InvalidHandshake as exc:
-        raise ConnectionLost(f"handshake failed: {exc.__class__.__name__}") from None
+        raise Unreachable(f"handshake failed: {exc.__class__.__name__}") from None
     except OSError as exc:
-        detail = scrubber.scrub(str(exc.strerror or exc))
-        raise ConnectionLost(f"cannot reach the service: {detail}") from None
+        # A reset during a TLS handshake has no text at all: its class says what happened.
+        detail = scrubber.scrub(str(exc.strerror or exc) or exc.__class__.__name__)
+        # Refused, DNS, TLS: no session opened. After the upgrade it is a lost connection.
+        lost = ConnectionLost if result.connect_s else Unreachable
+        raise lost(f"cannot reach the service: {detail}") from None
     return result

@@ -1,21 +1,29 @@
-"""Bounded waiting: Retry-After values a service should never send, and a service that
-refuses everything, end in bounded time (exit 6), never in a sleep for days."""
+"""Bounded waiting: Retry-After values a service should never send, a service that
+refuses everything and an endpoint that cannot be reached end in bounded time (exit 6),
+never in a sleep for days."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from batch.errors import HandshakeRejected
+from batch.job import JobResult, run_job
+from batch.manifest import load_manifest
 from batch.pool import RefusalStreak
-from batch.server import FaultConfig
+from batch.server import FaultConfig, local_server
 from batch.session import _retry_after_s
-from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
 ITEMS = 6
@@ -134,3 +142,137 @@ def test_fault_settings_for_odd_answers_are_checked() -> None:
         FaultConfig(retry_after_header="1\r\nX-Injected: yes")
     with pytest.raises(FaultConfigError, match="echo_authorization"):
         FaultConfig.from_mapping({"echo_authorization": "yes"})
+
+
+LEGACY_PATH = "/api/v1/pulse/get_text"
+FAST_RETRIES = {"concurrency": 3, "pace": 0, "backoff_initial_s": 0.05, "backoff_max_s": 0.3}
+
+
+@contextlib.contextmanager
+def _dead_port() -> Iterator[socket.socket]:
+    """A loopback port held bound but not listening: every connection is refused, and no
+    other process can take the port while the socket is open."""
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        yield blocker
+    finally:
+        blocker.close()
+
+
+def _report(done: Any) -> dict[str, Any]:
+    assert "report: " in done.stdout, done.stdout + done.stderr
+    return dict(json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text()))
+
+
+def _run_against(tmp_path: Path, endpoint: str, **run: Any) -> tuple[Any, dict[str, Any]]:
+    _media(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path,
+        pulse={"endpoint": endpoint, "local_engine": "synthetic"},
+        run={**FAST_RETRIES, **run},
+    )
+    done = run_cli(
+        "run", str(manifest), timeout_s=60, env={"SMALLEST_API_KEY": "sk-unreach-5ecret"}
+    )
+    return done, _report(done)
+
+
+def test_endpoint_with_nothing_listening_stops_with_exit_6(tmp_path: Path) -> None:
+    with _dead_port() as blocker:
+        port = blocker.getsockname()[1]
+        # Enough attempts per item that, without the streak, each would grind on for ages.
+        done, report = _run_against(
+            tmp_path, f"ws://127.0.0.1:{port}{LEGACY_PATH}", max_attempts=50,
+            max_refusals_in_a_row=6,
+        )  # fmt: skip
+    assert done.returncode == 6, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"cannot reach the service at 127.0.0.1:{port}" in said
+    assert "6 connection attempts in a row" in said and "pulse.endpoint" in said
+    assert "sk-unreach-5ecret" not in done.stdout + done.stderr
+    assert report["status"] == "aborted" and report["abort_kind"] == "service_unreachable"
+    assert "sk-unreach-5ecret" not in json.dumps(report)
+    # No item used up its attempts: none has a row, a rerun does them all.
+    assert report["items"]["ok"] == 0 and report["items"]["failed"] == 0
+    assert report["items"]["not_run"] == ITEMS
+    assert not (tmp_path / "out" / "transcripts").exists()
+    assert report["wall_s"] < 20  # 50 attempts x 6 items would take minutes
+
+
+def test_tls_to_a_plain_server_stops_with_exit_6(tmp_path: Path) -> None:
+    with server_in_thread() as server:
+        endpoint = server.url.replace("ws://", "wss://")
+        done, report = _run_against(tmp_path, endpoint, max_attempts=50, max_refusals_in_a_row=4)
+        opened = server.stats.sessions_opened
+    assert done.returncode == 6, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"cannot reach the service at 127.0.0.1:{server.port}" in said
+    assert report["abort_kind"] == "service_unreachable"
+    assert "ConnectionResetError" in said or "SSL" in said  # what failed, never empty
+    assert opened == 0
+
+
+class _FailedAttempts(logging.Handler):
+    """Counts the pool's "attempt N failed" log lines (how many connections failed) and
+    sets ``enough`` at ``wanted``; the pool logs on the event loop's thread."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+        self.wanted = wanted
+        self.enough: anyio.Event | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("attempt "):
+            self.count += 1
+            if self.count >= self.wanted and self.enough is not None:
+                self.enough.set()
+
+
+def test_a_short_outage_does_not_stop_the_job(tmp_path: Path) -> None:
+    """Three failed connections in a row, then the server is up: a streak of 5 is never
+    reached, every item is done, exit code 0."""
+    _media(tmp_path / "media")
+    failed = _FailedAttempts(3)
+    pool_logger = logging.getLogger("batch.pool")
+    pool_logger.addHandler(failed)
+    level = pool_logger.level
+    pool_logger.setLevel(logging.INFO)
+
+    async def scenario(blocker: socket.socket) -> tuple[JobResult, int]:
+        port = blocker.getsockname()[1]
+        manifest = write_manifest(
+            tmp_path,
+            pulse={"endpoint": f"ws://127.0.0.1:{port}{LEGACY_PATH}", "local_engine": "synthetic"},
+            run={**FAST_RETRIES, "concurrency": 1, "max_attempts": 10,
+                 "max_refusals_in_a_row": 5, "backoff_initial_s": 0.2},
+        )  # fmt: skip
+        results: list[JobResult] = []
+        finished = anyio.Event()
+        failed.enough = anyio.Event()
+
+        async def job() -> None:
+            results.append(await run_job(load_manifest(manifest)))
+            finished.set()
+
+        with anyio.fail_after(60 * TIME_UNIT_S):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(job)
+                await failed.enough.wait()
+                blocker.close()  # the outage ends: the service comes up on the same port
+                async with local_server(engine="synthetic", port=port) as server:
+                    await finished.wait()
+                    opened = server.stats.sessions_opened
+        return results[0], opened
+
+    try:
+        with _dead_port() as blocker:
+            result, opened = anyio.run(scenario, blocker)
+    finally:
+        pool_logger.removeHandler(failed)
+        pool_logger.setLevel(level)
+    assert failed.count >= 3
+    assert result.report["status"] == "completed", result.report.get("abort_reason")
+    assert result.report["items"]["ok"] == ITEMS
+    assert opened == ITEMS

@@ -13,11 +13,15 @@ from batch.errors import (
     ProtocolViolation,
     Scope,
     ServerReported,
+    ServiceUnreachable,
     SessionTimeout,
+    Unreachable,
     classify,
     error_kind,
+    is_unreachable,
 )
 from batch.pool import Backoff
+from batch.session import Endpoint
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -53,6 +57,25 @@ def test_bad_input_never_retries() -> None:
     assert classify(error).retry is False
     assert error_kind(error) == "not_media"
     assert error_kind(HandshakeRejected(503)) == "http_503"
+
+
+def test_failed_connections_retry_but_count_toward_the_streak() -> None:
+    refused = Unreachable("cannot reach the service: Connect call failed")
+    assert classify(refused).retry and classify(refused).scope is Scope.ITEM
+    assert error_kind(refused) == "connection_lost"  # the stored kind is unchanged
+    assert is_unreachable(refused) and is_unreachable(SessionTimeout("connect_timeout_s", 10))
+    # Lost after the session opened, or a slow final: the service was reached.
+    assert not is_unreachable(ConnectionLost("dropped"))
+    assert not is_unreachable(SessionTimeout("final_timeout_s", 30))
+    stop = ServiceUnreachable(30, refused, "api.example.com:443")
+    assert classify(stop).scope is Scope.JOB and not classify(stop).retry
+    assert "cannot reach the service at api.example.com:443" in str(stop)
+
+
+def test_endpoint_host_for_messages_never_holds_a_password() -> None:
+    endpoint = Endpoint.resolve("wss://user:sk-secret@api.example.com:8443/api/v1/pulse/get_text")
+    assert endpoint.host == "api.example.com:8443"
+    assert Endpoint.resolve("ws://[::1]:9/api/v1/pulse/get_text").host == "[::1]:9"
 
 
 def test_backoff_grows_is_capped_and_respects_retry_after() -> None:
