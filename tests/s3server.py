@@ -119,6 +119,8 @@ class _Recorder:
                 f"{fault.status} {fault.code}",
                 [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
             )
+            if fault.method == "HEAD":
+                body = b""  # a HEAD answer has headers only, even an error's
             self._note(environ, fault.status, len(body))
             yield body
             return

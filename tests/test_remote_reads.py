@@ -5,22 +5,27 @@ against the local server, Parquet read back."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import duckdb
+import pytest
 
 from batch.decode import DecodedAudio, WireFormat
+from batch.errors import InputUnavailable, Scope, Verdict, classify
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
-from batch.plan import Item
+from batch.plan import Item, expand_sources, make_items
 from batch.readahead import BATCH_AUDIO_S, ReadAhead
+from batch.storage import read_failure, store_answer
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
-from tests.s3server import S3Bucket
+from tests.s3server import FAKE_SECRET, Fault, S3Bucket
 
 BURSTS = [Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)]
 
@@ -153,3 +158,145 @@ def test_closing_during_a_stalled_read_cleans_up_when_the_read_returns() -> None
     worker.join(10 * TIME_UNIT_S)
     assert source.finished.wait(10 * TIME_UNIT_S)  # closed by the worker, once it returned
     assert reader.next_batch() == []
+
+
+# --- transient and permanent store failures ------------------------------------------
+
+# No botocore retries of its own: each range read is tried s3fs's `retries` times, then
+# fails to us. (A real deployment keeps both layers; the job's retry comes after them.)
+_NO_SDK_RETRY = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+
+
+class _ArmAfterPlanning(Observer):
+    """Runs ``arm`` once planning is done, so faults hit the sessions' reads only."""
+
+    def __init__(self, arm: Callable[[], None]) -> None:
+        self.arm = arm
+
+    def planned(self, items: int, audio_s: float, skipped: int) -> None:
+        self.arm()
+
+
+def test_throttled_reads_are_retried_and_a_missing_object_is_not(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    from s3fs import S3FileSystem
+
+    urls = {
+        name: s3_bucket.upload(_clip(tmp_path / "src" / name), name)
+        for name in ("throttled.wav", "down.wav", "deleted.wav")
+    }
+    faults: dict[str, Fault] = {}
+
+    def arm() -> None:
+        # Throttled for exactly one session's read (s3fs's own retries all answered
+        # SlowDown), then served; down: 500 on every read; deleted after planning.
+        faults["throttled"] = s3_bucket.fault(
+            "throttled.wav", status=503, code="SlowDown", times=S3FileSystem.retries
+        )
+        faults["down"] = s3_bucket.fault("down.wav", status=500, code="InternalError", times=50)
+        s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="deleted.wav")
+
+    manifest = write_manifest(
+        tmp_path,
+        inputs=[{"path": url, "storage_options": _NO_SDK_RETRY} for url in urls.values()],
+        run={"concurrency": 3, "max_attempts": 2, "backoff_initial_s": 0.05},
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
+    rows = _rows(tmp_path / "out")
+    status, kind, error, attempts, transcript = rows[urls["throttled.wav"]]
+    assert (status, attempts, transcript) == ("ok", 2, "tone440 tone880"), error
+    assert faults["throttled"].applied == S3FileSystem.retries
+    status, kind, error, attempts, _ = rows[urls["down.wav"]]
+    assert (status, kind, attempts) == ("failed", "read_error", 2)  # every attempt used
+    assert str(error).startswith(f"{urls['down.wav']}: the store failed for now")
+    assert "InternalError" in str(error)
+    status, kind, error, attempts, _ = rows[urls["deleted.wav"]]
+    assert (status, kind, attempts) == ("failed", "not_found", 1)  # not retried
+    assert error == f"{urls['deleted.wav']}: object not found; check the URL"
+    assert result.report["retries"] == 2  # one for each retried item, none for the missing
+    assert FAKE_SECRET not in json.dumps(result.report)
+
+
+def test_a_denied_object_is_a_permission_failure_without_retry(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    url = s3_bucket.upload(_clip(tmp_path / "src" / "a.wav"), "a.wav")
+    denied: list[Fault] = []
+
+    def arm() -> None:
+        for method in ("HEAD", "GET"):
+            denied.append(
+                s3_bucket.fault("a.wav", method=method, status=403, code="AccessDenied", times=50)
+            )
+
+    manifest = write_manifest(
+        tmp_path,
+        inputs=[{"path": url, "storage_options": _NO_SDK_RETRY}],
+        run={"max_attempts": 3},
+    )
+    anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
+    status, kind, error, attempts, _ = _rows(tmp_path / "out")[url]
+    assert (status, kind, attempts) == ("failed", "permission", 1)
+    assert str(error).startswith(f"{url}: access denied")
+    assert sum(f.applied for f in denied) >= 1
+
+
+def test_a_probe_the_store_fails_once_is_tried_again(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    url = s3_bucket.upload(_clip(tmp_path / "src" / "a.wav"), "a.wav")
+    fault = s3_bucket.fault("a.wav", method="HEAD", status=503, code="SlowDown", times=1)
+    loaded = load_manifest(
+        write_manifest(tmp_path, inputs=[{"path": url, "storage_options": _NO_SDK_RETRY}])
+    )
+    (item,) = make_items(expand_sources(loaded), loaded)
+    assert item.error is None and item.duration_s == pytest.approx(2.5, abs=0.01)
+    assert fault.applied == 1
+
+
+def _client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
+    from botocore.exceptions import ClientError
+
+    response: Any = {"Error": {"Code": code, "Message": "m"}}
+    response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return ClientError(response, operation)
+
+
+def _translated(error: Exception, outer: Exception) -> Exception:
+    """``outer`` raised from ``error``, as s3fs and fsspec translate SDK errors."""
+    outer.__cause__ = error
+    return outer
+
+
+def test_store_errors_are_told_apart_by_what_they_say() -> None:
+    import aiohttp
+    from azure.core.exceptions import ServiceRequestError
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    transient = [
+        _translated(_client_error("SlowDown", 503), OSError(5, "SlowDown")),
+        _translated(_client_error("InternalError", 500), OSError(5, "InternalError")),
+        _client_error("RequestTimeout", 400),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:9/b/k"),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        _translated(ConnectionRefusedError(111, "refused"), FileNotFoundError("http://h/a")),
+        ServiceRequestError("connection aborted"),
+        TimeoutError(),
+    ]
+    for error in transient:
+        assert store_answer(error).transient, error
+        assert isinstance(read_failure("s3://b/k", error), InputUnavailable), error
+    permanent = {
+        "not_found": _translated(_client_error("NoSuchKey", 404), FileNotFoundError("b/k")),
+        "permission": _translated(_client_error("AccessDenied", 403), PermissionError("b/k")),
+    }
+    for kind, error in permanent.items():
+        failure = read_failure("s3://b/k", error)
+        assert failure.kind == kind and not isinstance(failure, InputUnavailable)
+        assert not classify(failure).retry
+    assert classify(read_failure("s3://b/k", transient[0])) == Verdict(True, Scope.ITEM)
+    odd = read_failure(
+        "s3://b/k", _translated(_client_error("InvalidRange", 416), OSError(22, "x"))
+    )
+    assert odd.kind == "read_error" and not isinstance(odd, InputUnavailable)
