@@ -1,6 +1,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: install test lint run bench clean format
 
@@ -16,6 +17,12 @@ $(BIN)/pulse-batch: pyproject.toml
 	@# committed, so only remaking it needs espeak.
 	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
 		|| echo "espeak-ng unavailable: jobs/demo/make_clips.py cannot remake the demo clip"
+	@# Azurite, Microsoft's Azure Storage emulator (npm), for the az:// input test
+	@# (tests/test_cloud_emulators.py); kept in the virtualenv's folder.
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm) \
+		|| echo "npm unavailable: the az:// emulator test will be skipped"
+	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
+		azurite@3.35.0 || echo "azurite unavailable: the az:// emulator test will be skipped"
 	touch $@
 
 test: install

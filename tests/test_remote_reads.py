@@ -300,3 +300,27 @@ def test_store_errors_are_told_apart_by_what_they_say() -> None:
         "s3://b/k", _translated(_client_error("InvalidRange", 416), OSError(22, "x"))
     )
     assert odd.kind == "read_error" and not isinstance(odd, InputUnavailable)
+
+
+def test_the_speech_search_reads_again_when_throttled(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    # skip_silence decodes the whole item before any session: a throttled read there is
+    # retried too (the tone bursts hold no speech, so the item is ok with no session).
+    from s3fs import S3FileSystem
+
+    url = s3_bucket.upload(_clip(tmp_path / "src" / "a.wav"), "a.wav")
+    faults: list[Fault] = []
+
+    def arm() -> None:
+        faults.append(
+            s3_bucket.fault("a.wav", status=503, code="SlowDown", times=S3FileSystem.retries)
+        )
+
+    manifest = write_manifest(
+        tmp_path,
+        inputs=[{"path": url, "storage_options": _NO_SDK_RETRY}],
+        run={"skip_silence": True, "max_attempts": 2},
+    )
+    anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
+    status, kind, error, _, _ = _rows(tmp_path / "out")[url]
+    assert (status, kind) == ("ok", None), error
+    assert faults[0].applied == S3FileSystem.retries  # the first pass failed, the second read
