@@ -8,15 +8,14 @@ AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 install: $(BIN)/pulse-batch
 
 $(BIN)/pulse-batch: pyproject.toml
+	@# espeak-ng (Debian) voices the skip-silence benchmark's calls (tests/calls.py espeak_voice)
+	@# and remakes the demo's payment clip (jobs/demo/make_clips.py). Without it those
+	@# benchmarks are skipped; the clip is committed, so `make run` never needs it.
 	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
-		|| echo "espeak-ng unavailable: the skip-silence benchmark will be skipped"
+		|| echo "espeak-ng unavailable: skip-silence benchmarks skipped, demo clip not remakable"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
-	@# espeak-ng speaks the demo's payment clip (jobs/demo/make_clips.py); the clip is
-	@# committed, so only remaking it needs espeak.
-	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
-		|| echo "espeak-ng unavailable: jobs/demo/make_clips.py cannot remake the demo clip"
 	@# Azurite, Microsoft's Azure Storage emulator (npm), for the az:// input test
 	@# (tests/test_cloud_emulators.py); kept in the virtualenv's folder.
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm) \
