@@ -621,3 +621,10 @@ def test_cli_serves_until_sigterm() -> None:
     assert process.returncode == 0
     assert "stopped: 1 sessions opened, 1 completed" in output
     assert KEY not in output
+
+
+def test_cli_refuses_a_port_out_of_range() -> None:
+    command = [sys.executable, "-c", CLI_SCRIPT, "serve", "--port", "99999"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60 * UNIT_S, check=False)
+    assert done.returncode == 2, done.stderr  # a usage error, not a traceback
+    assert "--port" in done.stderr and "Traceback" not in done.stderr

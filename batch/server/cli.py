@@ -34,7 +34,9 @@ class EngineName(StrEnum):
 
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8765,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="TCP port; 0 picks a free one.")
+    ] = 8765,
     engine: Annotated[
         EngineName, typer.Option(help="Recogniser: whisper (tiny.en) or synthetic (tones).")
     ] = EngineName.whisper,
