@@ -250,16 +250,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cost(bill: dict[str, Any], key: str) -> str:
+    """``, estimated cost 1.2 USD``; nothing when no price is set (a cost of 0 would
+    read as free)."""
+    if not bill.get("price_per_minute"):
+        return ""
+    return f", estimated cost {bill[key]} {bill['currency']}"
+
+
 def _money_lines(report: dict[str, Any]) -> list[str]:
     bill, audio, left = report["billing"], report["audio"], report["left"]
-    currency = bill["currency"]
     lines = [
         f"- Recorded audio {audio['recorded_s']} s, streamed {audio['streamed_s']} s, skipped"
         f" {audio['skipped_s']} s" + (" (skip_silence on)" if audio["skip_silence"] else ""),
-        f"- Billed audio: {bill['billed_audio_minutes']} min, estimated cost "
-        f"{bill['estimated_cost']} {currency}; streamed whole it would have been "
-        f"{bill['billed_audio_minutes_without_skipping']} min, "
-        f"{bill['estimated_cost_without_skipping']} {currency}",
+        f"- Billed audio: {bill['billed_audio_minutes']} min{_cost(bill, 'estimated_cost')};"
+        f" streamed whole it would have been {bill['billed_audio_minutes_without_skipping']}"
+        f" min{_cost(bill, 'estimated_cost_without_skipping')}",
     ]
     if bill["cap_billed_minutes"] is not None:
         lines.append(f"- Spend cap: {bill['cap_billed_minutes']:g} billed minutes")

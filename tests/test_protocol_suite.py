@@ -255,6 +255,22 @@ async def test_odd_but_valid_shapes_are_all_understood() -> None:
     assert plain.finals[0].utterances[0].speaker is None
 
 
+def test_redacted_entities_objects_are_kept_as_their_json_text() -> None:
+    message = _good_final()
+    message["redacted_entities"] = [
+        "[CREDITCARD_1]",
+        {"type": "PHONE", "start": 1.5, "end": 2.0},
+        7,
+    ]
+    parsed = protocol.parse_message(json.dumps(message))
+    assert isinstance(parsed, protocol.Transcription)
+    kept = parsed.redacted_entities
+    assert kept[0] == "[CREDITCARD_1]"
+    assert json.loads(kept[1]) == {"type": "PHONE", "start": 1.5, "end": 2.0}
+    assert len(kept) == 2  # the number is not an entity
+    assert parsed.dropped == ("redacted_entities",)
+
+
 async def test_a_string_is_final_is_not_taken_as_final() -> None:
     script = [
         {"transcript": "partial text", "is_final": "false"},

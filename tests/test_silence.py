@@ -217,6 +217,8 @@ def test_spend_cap_stops_the_run_and_the_rerun_finishes(tmp_path: Path) -> None:
     assert report["left"] == {"items": 3, "audio_s": pytest.approx(30.0, abs=0.1)}
     assert report["billing"]["billed_audio_minutes"] <= 0.45
     assert report["billing"]["currency"] == "EUR"
+    markdown = (tmp_path / "out/_reports/test-job/latest.md").read_text()
+    assert f"estimated cost {report['billing']['estimated_cost']} EUR" in markdown
     # A cost cap works the same way: 0.2 EUR at 0.5 EUR a minute is 24 s, two more files.
     second = run_cli("run", str(manifest), "--max-cost", "0.2")
     assert second.returncode == 7, second.stderr
@@ -237,3 +239,7 @@ def test_a_cost_cap_without_a_price_is_a_usage_error(tmp_path: Path) -> None:
     done = run_cli("run", str(manifest), "--max-cost", "5")
     assert done.returncode == 2
     assert "price_per_minute" in done.stderr
+    # Without a price, the report states minutes only: a cost of 0 would read as free.
+    assert run_cli("run", str(manifest)).returncode == 0
+    markdown = (tmp_path / "out/_reports/test-job/latest.md").read_text()
+    assert "Billed audio: " in markdown and "estimated cost" not in markdown

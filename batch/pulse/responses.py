@@ -13,9 +13,11 @@ Pure: one text frame in, one value out (`Transcription`, `ServerError` or `Ignor
   transcript stays right without. ``confidence``/``speaker_confidence`` outside 0..1 or
   not a number become null; ``speaker`` that is neither an integer nor a string becomes
   null (integers become their text); ``language`` that is not a language tag (``5``,
-  ``["en"]``) becomes null; entries of ``languages`` and ``redacted_entities`` that are not
-  strings are left out; a ``full_transcript`` or ``session_id`` of the wrong type becomes
-  null. Text with lone surrogates (valid JSON, invalid UTF-8) gets U+FFFD in their place.
+  ``["en"]``) becomes null; entries of ``languages`` that are not strings are left out;
+  a ``redacted_entities`` entry that is an object (an entity's type and place, say) is kept
+  as its JSON text, and one that is neither string nor object is left out; a
+  ``full_transcript`` or ``session_id`` of the wrong type becomes null. Text with lone
+  surrogates (valid JSON, invalid UTF-8) gets U+FFFD in their place.
 - **Ignore** (`Ignored`): events such as ``speech_started``/``speech_ended``, messages of a
   type we do not know that carry no transcript, and every unknown field.
 """
@@ -205,6 +207,15 @@ class _Coercions:
             self.note(name)
         return kept
 
+    def entities(self, value: Any, name: str) -> tuple[str, ...]:
+        """Like `strings`, but an object entry is kept as its JSON text: what the service
+        says about an entity is stored, not dropped."""
+        if not isinstance(value, list):
+            return self.strings(value, name)
+        return self.strings(
+            [json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for v in value], name
+        )
+
     def text(self, value: Any, name: str) -> str | None:
         text = _text_or_none(value)
         if text is None and value is not None:
@@ -332,6 +343,6 @@ def parse_message(text: str | bytes) -> Transcription | ServerError | Ignored:
             for lang in fix.strings(data.get("languages"), "languages")
             if fix.language(lang, "languages")
         ),
-        redacted_entities=fix.strings(data.get("redacted_entities"), "redacted_entities"),
+        redacted_entities=fix.entities(data.get("redacted_entities"), "redacted_entities"),
     )
     return replace(message, dropped=tuple(fix.names))
