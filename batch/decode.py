@@ -31,15 +31,19 @@ from batch.pulse.protocol import OPUS_ENCODINGS, OPUS_FRAME_S, PCM_SAMPLE_BYTES
 
 logger = logging.getLogger(__name__)
 
-# Planar formats let us pick a channel out of the resampler's output without a copy.
-_PLANAR_FORMAT: Final = {
-    "linear16": "s16p",
-    "linear32": "s32p",
-    "mulaw": "s16p",
-    "alaw": "s16p",
-    "opus": "s16p",
-    "ogg_opus": "s16p",
+# Packed (interleaved) sample formats: PyAV 18 reads past the end of a planar frame of
+# 8 or more channels (a segfault), so one channel is sliced out of interleaved samples.
+_SAMPLE_FORMAT: Final = {
+    "linear16": "s16",
+    "linear32": "s32",
+    "mulaw": "s16",
+    "alaw": "s16",
+    "opus": "s16",
+    "ogg_opus": "s16",
 }
+# FFmpeg's resampler only mixes layouts it knows: above this many channels (17-23 and
+# 25 or more have no standard layout) the mix is a plain mean of the channels, done here.
+_SWR_MIX_MAX_CHANNELS: Final = 16
 _G711_CODEC: Final = {"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
 _RESAMPLE_BLOCK_S: Final = 0.5
 
@@ -375,11 +379,11 @@ class DecodedAudio:
                 raise InputError(
                     "no_audio", path, f"has {channels} channel(s); channel {self.channel} asked"
                 )
-            pick = self.channel
+            pick: int | None = self.channel
+            if pick is None and channels > _SWR_MIX_MAX_CHANNELS:
+                pick = _MEAN
             layout = "mono" if pick is None else None
-            fmt = _PLANAR_FORMAT[self.wire.encoding]
-            if pick is None:
-                fmt = fmt.rstrip("p")
+            fmt = _SAMPLE_FORMAT[self.wire.encoding]
             resampler = av.AudioResampler(
                 format=fmt,
                 layout=layout,
@@ -467,7 +471,16 @@ def _check_complete(path: str, media: Media, container: Any, stream: Any, decode
         )
 
 
+_MEAN: Final = -1  # a pick that means: the mean of every channel
+
+
 def _channel(frame: Any, pick: int | None) -> np.ndarray:
-    data: np.ndarray = frame.to_ndarray()
-    row: np.ndarray = data[0] if pick is None else data[pick]
-    return row
+    """One mono row of a packed frame: already mono (None), one channel, or the mean."""
+    data: np.ndarray = frame.to_ndarray()[0]
+    if pick is None:
+        return data
+    interleaved = data.reshape(-1, frame.layout.nb_channels)
+    if pick == _MEAN:
+        mean: np.ndarray = np.rint(interleaved.mean(axis=1, dtype=np.float64))
+        return mean.astype(data.dtype)
+    return np.ascontiguousarray(interleaved[:, pick])

@@ -56,7 +56,8 @@ def job_names(location: str | Path) -> list[str]:
 
 def _rows(location: str | Path, table: str, job: str) -> list[dict[str, Any]]:
     data: pa.Table = outputs.read_table(location, table, job)
-    return list(data.to_pylist())
+    # Map columns (metadata) as dicts: by default Arrow gives lists of (key, value) pairs.
+    return list(data.to_pylist(maps_as_pydicts="strict"))
 
 
 def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -95,21 +95,32 @@ def new_run_id(started: datetime) -> str:
     return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+def _remote(loaded: LoadedManifest) -> tuple[Endpoint, str | None] | None:
+    """The service's endpoint and API key (None for the embedded server). Raises
+    `ManifestError` for a missing or unusable key: called before planning, so a forgotten
+    `export` fails at once, not after every file was probed."""
+    pulse = loaded.manifest.pulse
+    if pulse.endpoint == "local":
+        return None
+    endpoint = Endpoint.resolve(pulse.endpoint, pulse.protocol)  # checked by the manifest
+    # A loopback server (`pulse-batch serve`) may run without a key; the service never.
+    required = not endpoint.is_loopback
+    key = api_key_from_env(pulse.api_key_env, required=required)
+    if key and any(key in value for value in pulse.extra_params.values()):
+        # Query strings end up in proxies' logs: the key goes in the header only.
+        raise ManifestError(
+            "pulse.extra_params", "a value holds the API key; remove it (it is sent anyway)"
+        )
+    return endpoint, key
+
+
 @contextlib.asynccontextmanager
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
-    pulse = loaded.manifest.pulse
-    if pulse.endpoint != "local":
-        endpoint = Endpoint.resolve(pulse.endpoint, pulse.protocol)  # checked by the manifest
-        # A loopback server (`pulse-batch serve`) may run without a key; the service never.
-        required = not endpoint.is_loopback
-        key = api_key_from_env(pulse.api_key_env, required=required)
-        if key and any(key in value for value in pulse.extra_params.values()):
-            # Query strings end up in proxies' logs: the key goes in the header only.
-            raise ManifestError(
-                "pulse.extra_params", "a value holds the API key; remove it (it is sent anyway)"
-            )
-        yield endpoint, key
+    remote = _remote(loaded)
+    if remote is not None:
+        yield remote
         return
+    pulse = loaded.manifest.pulse
     from batch.server import EngineUnavailable, local_server, make_engine  # only when asked for
 
     try:
@@ -201,6 +212,7 @@ async def run_job(
     stats.cap_minutes = None if cap.limit_s is None else round(cap.limit_s / 60, 4)
     if opts.dry_run:
         return _dry_run(loaded, stats, shard)
+    _remote(loaded)
     out = manifest.output
     with JobOutput.open(
         loaded.output_location,

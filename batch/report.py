@@ -317,7 +317,9 @@ def job_runs(
 ) -> list[dict[str, Any]]:
     """Which runs (and shards) of a job ran when, oldest first. Pure. A run that wrote only
     its starting report was killed (status ``gone``) when a later run of the same shard
-    exists (a shard runs once at a time), or when ``alive(report)`` says it is not running."""
+    exists (a shard runs once at a time), or when ``alive(report)`` says it is not running.
+    A gone run's counts are unknown (None): its starting report says 0, yet the batches it
+    committed before it died are in the tables, counted in the job so far."""
     ordered = sorted(reports, key=lambda r: str(r.get("started_at")))
     runs = []
     for position, report in enumerate(ordered):
@@ -326,7 +328,7 @@ def job_runs(
             later = any(r.get("shard") == report.get("shard") for r in ordered[position + 1 :])
             if later or not alive(report):
                 status = "gone"
-        items = report.get("items", {})
+        items = report.get("items", {}) if status != "gone" else {}
         runs.append(
             {
                 "run_id": report["run_id"],
@@ -336,7 +338,7 @@ def job_runs(
                 "finished_at": report.get("finished_at"),
                 "ok": items.get("ok"),
                 "failed": items.get("failed"),
-                "audio_s": report.get("audio_s"),
+                "audio_s": report.get("audio_s") if status != "gone" else None,
             }
         )
     return runs

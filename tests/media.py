@@ -7,6 +7,7 @@ suite needs nothing outside the repository.
 from __future__ import annotations
 
 import io
+import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -83,6 +84,17 @@ def write_audio(
         stream = out.add_stream(codec, rate=codec_rate, layout=layout)
         stream.codec_context.format = sample_format
         _encode_whole(out, stream, planar, rate, sample_format, layout)
+    return path
+
+
+def write_wav_channels(path: Path, channels: Sequence[np.ndarray], rate: int) -> Path:
+    """A 16-bit WAV of any channel count (no channel mask, as multitrack recorders write)."""
+    pcm = (np.stack(channels, axis=1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(len(channels))
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
     return path
 
 

@@ -7,12 +7,22 @@ import random
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 from batch.decode import DecodedAudio, WireFormat, probe
 from batch.errors import InputError
 from tests.conftest import run_cli, write_manifest
-from tests.media import FORMATS, LOSSY, Burst, onsets_s, tone_track, write_format, write_video
+from tests.media import (
+    FORMATS,
+    LOSSY,
+    Burst,
+    onsets_s,
+    tone_track,
+    write_format,
+    write_video,
+    write_wav_channels,
+)
 
 BURSTS = [Burst(1.0, 0.4, 440), Burst(3.1, 0.3, 880)]
 VIDEO = {"mp4_video": "mp4", "mkv_video": "matroska", "mov_video": "mov"}
@@ -131,6 +141,47 @@ def test_split_channels_put_each_voice_on_its_channel(tmp_path: Path) -> None:
         f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true) order by 1"
     ).fetchall()
     assert (0, "tone440") in channels and (1, "tone880") in channels
+
+
+def test_files_with_many_channels_are_picked_split_and_mixed(tmp_path: Path) -> None:
+    # PyAV crashed the process on a planar frame of 8+ channels, and FFmpeg cannot mix
+    # 17-23 or 25+ channels without a standard layout.
+    media = tmp_path / "media"
+    media.mkdir()
+    quiet = np.zeros(16000 * 2, dtype=np.float32)
+    eight = [quiet] * 8
+    eight[2] = tone_track([Burst(1.2, 0.3, 880)], 2.0, 16000)
+    eight[7] = tone_track([Burst(0.5, 0.3, 440)], 2.0, 16000)
+    write_wav_channels(media / "eight.wav", eight, 16000)
+    everywhere = tone_track([Burst(0.5, 0.3, 660)], 2.0, 16000)
+    write_wav_channels(media / "twenty.wav", [everywhere] * 20, 16000)
+    manifest = write_manifest(
+        tmp_path,
+        inputs=[
+            {"path": "media/eight.wav", "channels": "split"},
+            {"path": "media/eight.wav", "channels": 7, "language": "es"},
+            {"path": "media/twenty.wav"},
+        ],
+    )
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.stderr
+    rows = duckdb.sql(
+        f"select source, language, channel, transcript from "
+        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
+        f"where transcript <> '' order by source, language, channel"
+    ).fetchall()
+    assert [(Path(s).name, lang, c, t) for s, lang, c, t in rows] == [
+        ("eight.wav", "en", 2, "tone880"),
+        ("eight.wav", "en", 7, "tone440"),
+        ("eight.wav", "es", 7, "tone440"),
+        ("twenty.wav", "en", None, "tone660"),
+    ]
+    items = duckdb.sql(
+        f"select count(*) from "
+        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
+        f"where status = 'ok'"
+    ).fetchall()
+    assert items == [(8 + 1 + 1,)]
 
 
 def _corrupt_middle(path: Path) -> Path:

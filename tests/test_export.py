@@ -339,3 +339,39 @@ def test_a_delta_output_exports_and_scores_alike(tmp_path: Path) -> None:
     assert [w for s in subtitles for w in s.content.split()] == ["tone440"] * 6
     accuracy = result.report["accuracy"]
     assert accuracy["items"] == 1 and accuracy["wer"] == pytest.approx(2.0)  # 4 insertions / 2
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_where_on_a_metadata_column_of_a_real_output(fmt: str, tmp_path: Path) -> None:
+    # Arrow hands map columns back as lists of pairs, not the dicts the pure tests use.
+    (tmp_path / "media").mkdir()
+    for name, hz in (("north", 440), ("south", 660)):
+        write_audio(
+            tmp_path / "media" / f"{name}.wav", [tone_track(_bursts(2, hz, 0.2), 2.0, RATE)], RATE
+        )
+    (tmp_path / "list.csv").write_text(
+        "path,team\nmedia/north.wav,sales\nmedia/south.wav,support\n"
+    )
+    manifest = write_manifest(
+        tmp_path, inputs=[{"list": "list.csv"}], output={"path": "out", "format": fmt}
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 2, result.report
+    for where, expected in (
+        ("metadata.team=sales", "north.txt"),
+        ("metadata.team!=sales", "south.txt"),
+    ):
+        folder = tmp_path / where.replace("!", "not")
+        done = run_cli(
+            "export", str(tmp_path / "out"), "--job", "test-job", "--format", "txt",
+            "--to", str(folder), "--where", where,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert [p.name for p in folder.iterdir()] == [expected]
+    done = run_cli(
+        "export", str(tmp_path / "out"), "--job", "test-job", "--format", "json",
+        "--to", str(tmp_path / "j"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp_path / "j" / "north.json").read_text())
+    assert document["item"]["metadata"] == {"team": "sales"}

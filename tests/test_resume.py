@@ -125,6 +125,12 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
     assert (ok_rows, ok_items) == (count, count)
     assert words == distinct_words == count * len(BURSTS)
     assert not any((out / "_staging").rglob("*.parquet"))
+    # The killed run committed items, so its starting report's zeros would be a lie.
+    shown = run_cli("report", str(out), "--json")
+    assert shown.returncode == 0, shown.stderr
+    killed, finished = json.loads(shown.stdout)["runs"]
+    assert (killed["status"], killed["ok"], killed["failed"]) == ("gone", None, None)
+    assert (finished["status"], finished["ok"]) == ("completed", count - killed_at)
 
 
 def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:

@@ -103,6 +103,21 @@ def test_unusable_key_is_refused_before_any_session(pasted: str, tmp_path: Path)
     assert KEY[10:] not in done.stdout + done.stderr
 
 
+def test_missing_key_for_the_service_stops_before_planning(tmp_path: Path) -> None:
+    # Without a key nothing can be streamed: say so before probing every file and before
+    # a starting report that would stay `running` forever.
+    _media(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path, pulse={"endpoint": "wss://api.smallest.ai/waves/v1/pulse/get_text"}
+    )
+    env = {"SMALLEST_API_KEY": ""}
+    done = run_cli("run", str(manifest), env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "SMALLEST_API_KEY is not set" in done.stderr
+    assert "planned" not in done.stderr
+    assert not (tmp_path / "out" / "_reports").exists()
+
+
 def test_normalise_api_key() -> None:
     assert normalise_api_key(f" Bearer {KEY} ", "K") == KEY
     assert normalise_api_key(KEY, "K") == KEY
