@@ -561,7 +561,11 @@ def export_command(
         err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for source in done.without_timings:
-        what = "utterances (turn on pulse.sentence_timestamps)" if utterances else "words"
+        what = (
+            "utterances (turn on pulse.sentence_timestamps)"
+            if utterances
+            else "words (no speech, or pulse.word_timestamps was off: try --utterances)"
+        )
         err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
 

@@ -25,6 +25,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DELIMITERS = ",;\t|"
 # Columns the runner reads itself; matched without regard to case or surrounding spaces.
 KNOWN_COLUMNS = ("path", "language", "channels", "reference", "reference_path")
+_FILE_COLUMNS = frozenset({"path", "reference_path"})
 _BOMS = (
     (b"\xef\xbb\xbf", "utf-8-sig"),
     (b"\xff\xfe", "utf-16"),
@@ -186,4 +187,9 @@ def _csv_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 f"line {number}: {len(row)} fields but the header has {len(names)} columns; "
                 "quote fields that hold the separator",
             )
-        yield number, dict(zip(names, row + [""] * (len(names) - len(row)), strict=True))
+        cells = dict(zip(names, row + [""] * (len(names) - len(row)), strict=True))
+        for column in _FILE_COLUMNS.intersection(cells):
+            # Spreadsheets and hand-typed lists pad cells (`a.wav , en`): a file name that
+            # ends in a space is far rarer than a row that does.
+            cells[column] = cells[column].strip()
+        yield number, cells

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ManifestError
+from batch.export import job_names
 from batch.manifest import LoadedManifest, load_manifest
 from batch.output import latest_report, read_history
 from batch.shard import shard_of
@@ -86,9 +87,11 @@ def _manifest_of(out_dir: str | Path, job: str, manifest: Path | None) -> Loaded
         except FileNotFoundError:
             recorded = None
         if not recorded:
+            others = [name for name in job_names(out_dir) if name != job]
+            hint = f" (jobs here: {', '.join(others)})" if others else ""
             raise ManifestError(
                 out_dir,
-                f"no run of job {job!r} recorded its manifest here; pass --manifest M",
+                f"no run of job {job!r} recorded its manifest here{hint}; pass --manifest M",
             )
         manifest = Path(recorded)
     loaded = load_manifest(manifest)

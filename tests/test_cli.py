@@ -76,6 +76,9 @@ def test_report_command_prints_the_latest(tmp_path: Path) -> None:
     assert machine["items"]["ok"] == 1 and machine["job_so_far"]["items"] == 2
     missing = run_cli("report", str(tmp_path / "out"), "--job", "nope")
     assert missing.returncode == 2 and "no report" in missing.stderr
+    # A misspelt job: status names the jobs the output does hold.
+    typo = run_cli("status", str(tmp_path / "out"), "--job", "test-jbo")
+    assert typo.returncode == 2 and "(jobs here: test-job)" in typo.stderr, typo.stderr
 
 
 def test_partition_by_language(tmp_path: Path) -> None:

@@ -375,3 +375,26 @@ def test_where_on_a_metadata_column_of_a_real_output(fmt: str, tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     document = json.loads((tmp_path / "j" / "north.json").read_text())
     assert document["item"]["metadata"] == {"team": "sales"}
+
+
+def test_without_word_times_the_warning_points_at_utterances(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    write_audio(
+        tmp_path / "media" / "talk.wav", [tone_track(_bursts(3, 440, 0.2), 2.0, RATE)], RATE
+    )
+    manifest = write_manifest(
+        tmp_path, pulse={"word_timestamps": False, "sentence_timestamps": True}
+    )
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1, result.report
+    out = str(tmp_path / "out")
+    words = run_cli("export", out, "--job", "test-job", "--to", str(tmp_path / "w"))
+    assert words.returncode == 0, words.stderr
+    assert "has no words" in words.stderr and "try --utterances" in words.stderr
+    sentences = run_cli(
+        "export", out, "--job", "test-job", "--utterances", "--to", str(tmp_path / "u")
+    )
+    assert sentences.returncode == 0, sentences.stderr
+    assert "warning" not in sentences.stderr
+    cues = list(srt.parse((tmp_path / "u" / "talk.srt").read_text()))
+    assert " ".join(c.content.replace("\n", " ") for c in cues).split() == ["tone440"] * 3

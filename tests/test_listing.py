@@ -18,6 +18,7 @@ from batch.errors import ManifestError
 from batch.job import RunOptions, run_job
 from batch.manifest import LoadedManifest, load_manifest, parse_manifest
 from batch.plan import expand_sources, item_id, make_items
+from batch.score import read_reference
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
@@ -166,6 +167,20 @@ def test_excel_csv_with_bom_semicolons_and_quotes(tmp_path: Path) -> None:
     got = sorted((Path(i.source).name, i.options.language, i.metadata["note"]) for i in items)
     assert got == [("a.wav", "de", "one; two"), ("b c.wav", "en", 'say "hi"')]
     assert all(i.error is None for i in items)
+
+
+def test_csv_cells_padded_with_spaces_still_name_their_files(tmp_path: Path) -> None:
+    _audio(tmp_path / "a.wav")
+    _audio(tmp_path / "b.wav")
+    (tmp_path / "ref.txt").write_text("tone")
+    text = "path, language, reference_path, team\na.wav , es , ref.txt , sales\n  b.wav,en,,x\n"
+    (tmp_path / "l.csv").write_text(text)
+    items = _plan(_loaded(tmp_path, [{"list": "l.csv"}]))
+    got = sorted((i.source, i.options.language, i.error) for i in items)
+    assert got == [(str(tmp_path / "a.wav"), "es", None), (str(tmp_path / "b.wav"), "en", None)]
+    referenced = next(i for i in items if i.source.endswith("a.wav"))
+    assert referenced.reference is not None
+    assert read_reference(referenced.reference) == "tone"
 
 
 def test_latin1_csv_is_read_with_a_warning(
