@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import anyio
 import typer
@@ -29,7 +31,7 @@ from batch import score as scoring
 from batch import storage
 from batch.credentials import Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError, OutputError, ShardError
+from batch.errors import InputError, LockedError, ManifestError, OutputError
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item, expand_sources
 from batch.pulse import protocol
@@ -120,12 +122,29 @@ def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     logging.getLogger("batch.server").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _load(manifest: Path) -> LoadedManifest:
+def _fail(message: object, code: int, label: str = "error") -> NoReturn:
+    err.print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
+    raise typer.Exit(code) from None
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """The library's usage, lock and output errors as a message and their exit code
+    (2, 4, 5: the table in `batch.errors`)."""
     try:
-        return load_manifest(manifest)
+        yield
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
+        _fail(exc, jobs.EXIT_USAGE)
+    except LockedError as exc:
+        _fail(exc, jobs.EXIT_LOCKED)
+    except OutputError as exc:
+        _fail(exc, jobs.EXIT_OUTPUT, "output error")
+
+
+def _load(manifest: Path) -> LoadedManifest:
+    with _exit_codes():
+        loaded = load_manifest(manifest)
+    return loaded
 
 
 class _ConsoleObserver(jobs.Observer):
@@ -220,6 +239,11 @@ class _ConsoleObserver(jobs.Observer):
             self.progress.stop()
 
 
+_JobOutput = Annotated[
+    str, typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT")
+]
+
+
 @app.command(cls=_PlainCommand)
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
@@ -272,11 +296,8 @@ def run(
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
         raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
-    try:
+    with _exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
-    except ShardError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
     loaded = _load(manifest)
     _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
     observer = _ConsoleObserver(live=err.is_terminal and not verbose)
@@ -290,16 +311,8 @@ def run(
         shard=this_shard,
     )
     try:
-        result = anyio.run(jobs.run_job, loaded, opts, observer)
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except LockedError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_LOCKED) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+        with _exit_codes():
+            result = anyio.run(jobs.run_job, loaded, opts, observer)
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(jobs.EXIT_SIGINT) from None
@@ -349,11 +362,8 @@ def validate(
 ) -> None:
     """Check a manifest and show what it resolves to, without running anything."""
     loaded = _load(manifest)
-    try:
+    with _exit_codes():
         items = jobs.plan_items(loaded)
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
     bad = [i for i in items if i.error is not None]
     audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
     print(f"{manifest}: valid (job {loaded.manifest.job!r})")
@@ -464,10 +474,7 @@ def schema(
 
 @app.command(cls=_PlainCommand)
 def report(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
@@ -477,8 +484,8 @@ def report(
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
     jobs_here: list[str] = []
-    try:
-        jobs_here = exports.job_names(output)
+    with _exit_codes():
+        jobs_here = exports.job_names(output)  # inside: an unreadable store is exit 5
         if job is None and len(jobs_here) > 1:
             err.print(
                 escape(
@@ -487,20 +494,17 @@ def report(
                 ),
                 highlight=False,
             )
-        data = outputs.latest_report(output, job)
-        name = str(data["job"])
-        data["job_so_far"] = outputs.read_history(output, name).summary
-        data["runs"] = job_runs(
-            outputs.run_reports(output, name),
-            lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
-        )
-    except (FileNotFoundError, ManifestError) as exc:
-        hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-        err.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+        try:
+            data = outputs.latest_report(output, job)
+            name = str(data["job"])
+            data["job_so_far"] = outputs.read_history(output, name).summary
+            data["runs"] = job_runs(
+                outputs.run_reports(output, name),
+                lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
+            )
+        except (FileNotFoundError, ManifestError) as exc:
+            hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
+            _fail(f"{exc}{hint}", jobs.EXIT_USAGE)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -510,10 +514,7 @@ def report(
 
 @app.command("export", cls=_PlainCommand)
 def export_command(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job whose items to export.")],
     fmt: Annotated[
         str, typer.Option("--format", help="srt, vtt (subtitles), json (all rows) or txt.")
@@ -544,22 +545,13 @@ def export_command(
         raise typer.BadParameter("give --where or --item, not both")
     base = Path("." if "://" in output else output)
     folder = to or base / "_exports" / job / fmt
-    try:
-        done = exports.export_job(
-            output, job, fmt, folder, where=where, item=item, from_utterances=utterances
-        )
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except OSError as exc:
-        err.print(
-            f"[red]error:[/red] {escape(f'cannot write to {folder}: {exc.strerror}')}",
-            highlight=False,
-        )
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
+    with _exit_codes():
+        try:
+            done = exports.export_job(
+                output, job, fmt, folder, where=where, item=item, from_utterances=utterances
+            )
+        except OSError as exc:
+            _fail(f"cannot write to {folder}: {exc.strerror}", jobs.EXIT_OUTPUT)
     for source in done.without_timings:
         what = (
             "utterances (turn on pulse.sentence_timestamps)"
@@ -572,10 +564,7 @@ def export_command(
 
 @app.command("score", cls=_PlainCommand)
 def score_command(
-    output: Annotated[
-        str,
-        typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT"),
-    ],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job to score.")],
     references: Annotated[
         Path,
@@ -586,14 +575,8 @@ def score_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """WER and CER of a job's ok items against references given after the run."""
-    try:
+    with _exit_codes():
         scored = scoring.score_job(output, job, references)
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for problem in scored.problems:
         err.print(escape(f"warning: not scored: {problem}"), highlight=False)
     if scored.unmatched:
@@ -606,8 +589,7 @@ def score_command(
         print(json.dumps(body, indent=2))
         return
     if scored.summary is None:
-        err.print(f"[red]error:[/red] {escape(f'no ok item of job {job!r} matched {references}')}")
-        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)
+        _fail(f"no ok item of job {job!r} matched {references}", jobs.EXIT_ITEMS_FAILED)
     print("\n".join(render_accuracy(scored.summary, worst=False)))
     print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
     ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
@@ -621,7 +603,7 @@ def _pct(value: float | None) -> str:
 
 @app.command(cls=_PlainCommand)
 def status(
-    output: Annotated[str, typer.Argument(help="A job's output (output.path: folder or URL).")],
+    output: _JobOutput,
     job: Annotated[str, typer.Option(help="Job name.")],
     manifest: Annotated[
         Path | None,
@@ -630,14 +612,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
-    try:
+    with _exit_codes():
         result = job_status(output, job, manifest)
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -661,14 +637,8 @@ def compact(
 ) -> None:
     """Compact a Delta output: rewrite small files into large ones (optimize), then delete
     files no table version needs (vacuum, keeping the default 7 days of history)."""
-    try:
+    with _exit_codes():
         lines = outputs.compact(output)
-    except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(jobs.EXIT_USAGE) from None
-    except OutputError as exc:
-        err.print(f"[red]output error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(jobs.EXIT_OUTPUT) from None
     for line in lines:
         print(line)
 

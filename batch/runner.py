@@ -198,15 +198,8 @@ class ItemRunner:
             holder[:] = [self._decoder(item)]
             return holder[0]
 
-        try:
-            result = await self._stream(item, audio, record, item.duration_s)
-        except JobAborted:
-            raise
-        except SpendCapReached as error:
-            self._capped(error)
-            return
-        except Exception as error:
-            await self._finish(item, started, attempts=record.count, error=error)
+        result = await self._stream_whole(item, started, audio, record, item.duration_s)
+        if result is None:
             return
         await self._finish(
             item,
@@ -217,6 +210,27 @@ class ItemRunner:
             streamed_s=holder[0].duration_s,
             session_id=result.session_id,
         )
+
+    async def _stream_whole(
+        self,
+        item: Item,
+        started: datetime,
+        make_audio: Callable[[], _Audio],
+        record: Attempts,
+        duration_s: float | None,
+        recorded_s: float | None = None,
+    ) -> SessionResult | None:
+        """Stream a whole item (see `_stream`). None when that did not work: its failed
+        row is written, or the spend cap stopped the run (no row: a rerun does it)."""
+        try:
+            return await self._stream(item, make_audio, record, duration_s, recorded_s)
+        except JobAborted:
+            raise
+        except SpendCapReached as error:
+            self._capped(error)
+        except Exception as error:
+            await self._finish(item, started, attempts=record.count, error=error)
+        return None
 
     def _capped(self, error: SpendCapReached) -> None:
         """The spend cap stops the run: nothing new starts; the item gets no row, so a
@@ -320,17 +334,13 @@ class ItemRunner:
         record = Attempts()
         audio = CachedSlice(path, timemap, self.wire)
         try:
-            result = await self._stream(item, lambda: audio, record, audio.duration_s, duration_s)
-        except JobAborted:
-            raise
-        except SpendCapReached as error:
-            self._capped(error)
-            return
-        except Exception as error:
-            await self._finish(item, started, attempts=record.count, error=error)
-            return
+            result = await self._stream_whole(
+                item, started, lambda: audio, record, audio.duration_s, duration_s
+            )
         finally:
             path.unlink(missing_ok=True)
+        if result is None:
+            return
         await self._finish(
             item,
             started,

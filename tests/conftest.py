@@ -6,7 +6,8 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def write_manifest(folder: Path, **sections: Any) -> Path:
     return path
 
 
+def point_at(manifest: Path, url: str) -> None:
+    """Send a manifest written by `write_manifest` to the server at ``url``."""
+    manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
@@ -93,3 +99,35 @@ def run_cli(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def start_cli(*args: str, capture: bool = False) -> subprocess.Popen[str]:
+    """``pulse-batch ARGS`` as a child process, for tests that signal or kill it; its
+    output piped (``capture``, read it with ``communicate``) or discarded."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "batch", *args], stdout=out, stderr=out, text=True
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` time units pass; whether it held.
+    Callers assert what they needed, so a timeout fails with their message."""
+    deadline = time.monotonic() + timeout_s * TIME_UNIT_S
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def kill_when(
+    process: subprocess.Popen[str],
+    condition: Callable[[], bool],
+    timeout_s: float,
+    poll_s: float = 0.05,
+) -> None:
+    """SIGKILL ``process`` as soon as ``condition`` holds (or after ``timeout_s`` units)."""
+    wait_for(condition, timeout_s, poll_s)
+    process.kill()
+    process.wait(timeout=10 * TIME_UNIT_S)

@@ -87,6 +87,21 @@ def write_audio(
     return path
 
 
+def tone_files(
+    folder: Path,
+    count: int,
+    bursts: Sequence[Burst],
+    duration_s: float,
+    name: str = "item-{}.wav",
+    rate: int = 16000,
+) -> list[Path]:
+    """``count`` mono WAV files of one tone track in ``folder`` (made if missing), named
+    ``name.format(i)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    track = tone_track(bursts, duration_s, rate)
+    return [write_audio(folder / name.format(i), [track], rate) for i in range(count)]
+
+
 def write_wav_channels(path: Path, channels: Sequence[np.ndarray], rate: int) -> Path:
     """A 16-bit WAV of any channel count (no channel mask, as multitrack recorders write)."""
     pcm = (np.stack(channels, axis=1) * 32767).astype("<i2")

@@ -23,17 +23,14 @@ from batch.manifest import load_manifest
 from batch.pool import RefusalStreak
 from batch.server import FaultConfig, local_server
 from batch.session import _retry_after_s
-from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio
+from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_files
 
 ITEMS = 6
 
 
 def _media(folder: Path) -> None:
-    folder.mkdir()
-    track = tone_track([Burst(0.3, 0.2, 440)], 1.0, 16000)
-    for i in range(ITEMS):
-        write_audio(folder / f"item-{i}.wav", [track], 16000)
+    tone_files(folder, ITEMS, [Burst(0.3, 0.2, 440)], 1.0)
 
 
 def _run(tmp_path: Path, faults: FaultConfig, **run: Any) -> tuple[Any, dict[str, Any], Any]:
@@ -42,8 +39,7 @@ def _run(tmp_path: Path, faults: FaultConfig, **run: Any) -> tuple[Any, dict[str
                 "backoff_max_s": 0.3, **run}  # fmt: skip
     manifest = write_manifest(tmp_path, run=settings)
     with server_in_thread(faults=faults) as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest), timeout_s=60)
         stats = server.stats
     assert "report: " in done.stdout, done.stdout + done.stderr

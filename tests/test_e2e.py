@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import DEMO_CLIPS, SPEECH
 
 pytestmark = pytest.mark.whisper
@@ -51,8 +51,7 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
         pulse={"sentence_timestamps": True},
     )
     with server_in_thread("whisper") as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest), env={"SMALLEST_API_KEY": "test-key-e2e"})
         assert server.stats.max_open <= 2
         assert server.stats.sessions_opened == 3  # bad inputs cost no session

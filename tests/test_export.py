@@ -192,6 +192,13 @@ def _words(out: Path) -> dict[str, list[tuple[str, float, float]]]:
     return by_file
 
 
+def _export(out: Path, *options: str) -> str:
+    """`pulse-batch export` of the test job; it must succeed. Returns what it printed."""
+    done = run_cli("export", str(out), "--job", "test-job", *options)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _expected_names(out: Path) -> dict[str, str]:
     ids = duckdb.sql(
         f"""SELECT source, channel_name, item_id FROM
@@ -207,11 +214,7 @@ def _expected_names(out: Path) -> dict[str, str]:
 
 
 def test_srt_export_cues_are_the_words_times(job_output: Path, tmp_path: Path) -> None:
-    done = run_cli(
-        "export", str(job_output), "--job", "test-job", "--format", "srt", "--to", str(tmp_path)
-    )
-    assert done.returncode == 0, done.stderr
-    assert "4 srt file(s)" in done.stdout
+    assert "4 srt file(s)" in _export(job_output, "--format", "srt", "--to", str(tmp_path))
     names = _expected_names(job_output)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.srt" for n in names.values())
     for key, words in _words(job_output).items():
@@ -239,17 +242,7 @@ def test_vtt_json_and_txt_exports_read_back(job_output: Path, tmp_path: Path) ->
     names = _expected_names(job_output)
     words = _words(job_output)
     for fmt in ("vtt", "json", "txt"):
-        done = run_cli(
-            "export",
-            str(job_output),
-            "--job",
-            "test-job",
-            "--format",
-            fmt,
-            "--to",
-            str(tmp_path / fmt),
-        )
-        assert done.returncode == 0, done.stderr
+        _export(job_output, "--format", fmt, "--to", str(tmp_path / fmt))
     for key, expected in words.items():
         captions = webvtt.read(str(tmp_path / "vtt" / f"{names[key]}.vtt")).captions
         assert [w for c in captions for w in c.text.split()] == [w for w, _, _ in expected]
@@ -265,43 +258,17 @@ def test_vtt_json_and_txt_exports_read_back(job_output: Path, tmp_path: Path) ->
 
 
 def test_where_and_item_pick_the_files(job_output: Path, tmp_path: Path) -> None:
-    done = run_cli(
-        "export",
-        str(job_output),
-        "--job",
-        "test-job",
-        "--format",
-        "txt",
-        "--to",
-        str(tmp_path / "w"),
-        "--where",
-        "channel_name=customer",
-    )
-    assert done.returncode == 0, done.stderr
-    assert [p.name for p in (tmp_path / "w").iterdir()] == ["call.customer.txt"]
+    where = tmp_path / "w"
+    _export(job_output, "--format", "txt", "--to", str(where), "--where", "channel_name=customer")
+    assert [p.name for p in where.iterdir()] == ["call.customer.txt"]
     item_id = duckdb.sql(
         f"""SELECT item_id FROM read_parquet('{job_output}/transcripts/**/*.parquet',
         hive_partitioning=true) WHERE channel_name = 'agent' AND source LIKE '%call.wav'"""
     ).fetchall()[0]
-    done = run_cli(
-        "export",
-        str(job_output),
-        "--job",
-        "test-job",
-        "--format",
-        "vtt",
-        "--to",
-        str(tmp_path / "i"),
-        "--item",
-        item_id[0][:10],
-    )
-    assert done.returncode == 0, done.stderr
+    _export(job_output, "--format", "vtt", "--to", str(tmp_path / "i"), "--item", item_id[0][:10])
     assert [p.name for p in (tmp_path / "i").iterdir()] == ["call.agent.vtt"]
     # Default folder: under the output's _exports (readers ignore `_` folders).
-    done = run_cli(
-        "export", str(job_output), "--job", "test-job", "--utterances", "--format", "srt"
-    )
-    assert done.returncode == 0, done.stderr
+    _export(job_output, "--utterances", "--format", "srt")
     default = job_output / "_exports" / "test-job" / "srt"
     assert len(list(default.glob("*.srt"))) == 4
     shutil.rmtree(job_output / "_exports")
@@ -331,10 +298,7 @@ def test_a_delta_output_exports_and_scores_alike(tmp_path: Path) -> None:
     result = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert result.report["items"]["ok"] == 1, result.report
     assert (tmp_path / "lake" / "words" / "_delta_log").is_dir()
-    done = run_cli(
-        "export", str(tmp_path / "lake"), "--job", "test-job", "--to", str(tmp_path / "s")
-    )
-    assert done.returncode == 0, done.stderr
+    _export(tmp_path / "lake", "--to", str(tmp_path / "s"))
     subtitles = list(srt.parse((tmp_path / "s" / "talk.srt").read_text()))
     assert [w for s in subtitles for w in s.content.split()] == ["tone440"] * 6
     accuracy = result.report["accuracy"]

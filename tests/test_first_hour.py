@@ -17,7 +17,7 @@ from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.plan import Item
 from batch.pulse.protocol import PulseOptions
-from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
 RATE = 16000
@@ -101,8 +101,7 @@ def test_401_from_a_loopback_server_says_the_key_variable_is_unset(tmp_path: Pat
     manifest = write_manifest(tmp_path, pulse={"api_key_env": "MY_PULSE_KEY"})
     env = {k: v for k, v in os.environ.items() if k != "MY_PULSE_KEY"}
     with server_in_thread("synthetic", api_key="the-right-key") as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         os.environ.pop("MY_PULSE_KEY", None)
         done = run_cli("run", str(manifest), env=env)
     assert done.returncode == 3

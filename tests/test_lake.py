@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -16,9 +12,17 @@ import pytest
 from deltalake import DeltaTable
 
 from batch.output import read_history, read_table
-from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
+from tests.conftest import (
+    TIME_UNIT_S,
+    kill_when,
+    point_at,
+    run_cli,
+    server_in_thread,
+    start_cli,
+    write_manifest,
+)
 from tests.s3server import FAKE_SECRET, S3Bucket
-from tests.test_resume import BURSTS, _point_at, _tone_files
+from tests.test_resume import BURSTS, _tone_files
 
 
 def _counts(location: str, job: str = "test-job") -> tuple[int, int, int, int, int]:
@@ -80,17 +84,9 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
         manifest.read_text().replace("commit_every_items: 2", "commit_every_items: 1")
     )
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "batch", "run", str(manifest)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60 * TIME_UNIT_S
-        while len(read_history(url, "test-job").ok) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        point_at(manifest, server.url)
+        process = start_cli("run", str(manifest))
+        kill_when(process, lambda: len(read_history(url, "test-job").ok) >= 3, 60)
         killed_at = len(read_history(url, "test-job").ok)
         assert 3 <= killed_at < count, "the kill should land part-way"
         rerun = run_cli("run", str(manifest))
@@ -113,15 +109,7 @@ def test_two_jobs_write_one_delta_output_at_once(
             output={"path": location, "format": "delta", "commit_every_items": 1},
         )
         manifests.append(manifest.rename(tmp_path / f"{job}.yaml"))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "batch", "run", str(m)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for m in manifests
-    ]
+    processes = [start_cli("run", str(m), capture=True) for m in manifests]
     for process in processes:
         _, stderr = process.communicate(timeout=120 * TIME_UNIT_S)
         assert process.returncode == 0, stderr

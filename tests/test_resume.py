@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio
+from tests.conftest import (
+    TIME_UNIT_S,
+    kill_when,
+    point_at,
+    run_cli,
+    server_in_thread,
+    start_cli,
+    wait_for,
+    write_manifest,
+)
+from tests.media import Burst, tone_files
 
 BURSTS = [Burst(0.2, 0.15, 440), Burst(0.6, 0.15, 660), Burst(1.0, 0.15, 880)]
 
@@ -22,13 +28,7 @@ BURSTS = [Burst(0.2, 0.15, 440), Burst(0.6, 0.15, 660), Burst(1.0, 0.15, 880)]
 def _tone_files(
     folder: Path, count: int, duration_s: float = 1.4, bursts: list[Burst] = BURSTS
 ) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    track = tone_track(bursts, duration_s, 16000)
-    return [write_audio(folder / f"call-{i:04d}.wav", [track], 16000) for i in range(count)]
-
-
-def _point_at(manifest: Path, url: str) -> None:
-    manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
+    return tone_files(folder, count, bursts, duration_s, "call-{:04d}.wav")
 
 
 def _counts(out: Path) -> tuple[int, int, int, int]:
@@ -48,7 +48,7 @@ def test_rerun_of_finished_job_opens_no_session(tmp_path: Path) -> None:
     _tone_files(tmp_path / "media", 5)
     manifest = write_manifest(tmp_path)
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
+        point_at(manifest, server.url)
         first = run_cli("run", str(manifest))
         assert first.returncode == 0, first.stderr
         opened = server.stats.sessions_opened
@@ -64,7 +64,7 @@ def test_force_redoes_items_and_keeps_one_ok_row_each(tmp_path: Path) -> None:
     _tone_files(tmp_path / "media", 3)
     manifest = write_manifest(tmp_path)
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
+        point_at(manifest, server.url)
         assert run_cli("run", str(manifest)).returncode == 0
         forced = run_cli("run", str(manifest), "--force")
         assert forced.returncode == 0, forced.stderr
@@ -80,7 +80,7 @@ def test_changing_an_option_makes_new_work(tmp_path: Path) -> None:
     _tone_files(tmp_path / "media", 2)
     manifest = write_manifest(tmp_path)
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
+        point_at(manifest, server.url)
         assert run_cli("run", str(manifest)).returncode == 0
         manifest.write_text(
             manifest.read_text().replace("local_engine", "diarize: true\n  local_engine")
@@ -104,17 +104,9 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
     )
     out = tmp_path / "out"
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "batch", "run", str(manifest)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60 * TIME_UNIT_S
-        while _committed_items(out) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        point_at(manifest, server.url)
+        process = start_cli("run", str(manifest))
+        kill_when(process, lambda: _committed_items(out) >= 3, 60)
         assert 3 <= _committed_items(out) < count, "the kill should land part-way"
         killed_at = _counts(out)[1]
 
@@ -143,16 +135,9 @@ def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "batch", "run", str(manifest), "--grace-s", "10"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 30 * TIME_UNIT_S
-        while server.stats.sessions_completed < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        point_at(manifest, server.url)
+        process = start_cli("run", str(manifest), "--grace-s", "10", capture=True)
+        wait_for(lambda: server.stats.sessions_completed >= 2, 30)
         process.send_signal(signal.SIGTERM)
         stdout, _ = process.communicate(timeout=30 * TIME_UNIT_S)
         assert process.returncode == 143
@@ -189,7 +174,7 @@ def test_report_agrees_with_tables_and_server_counters(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, run={"concurrency": 3, "pace": 0, "max_attempts": 4})
     faults = FaultConfig(seed=2, drop_rate=0.5, fault_limit=3, fault_at_max_s=1.0)
     with server_in_thread(faults=faults) as server:
-        _point_at(manifest, server.url)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest))
         deadline = time.monotonic() + 5
         while server.stats.open_now and time.monotonic() < deadline:

@@ -11,18 +11,15 @@ import pytest
 from batch.credentials import REDACTED, Scrubber, normalise_api_key
 from batch.errors import ManifestError
 from batch.server import FaultConfig
-from tests.conftest import run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
+from tests.media import Burst, tone_files
 
 KEY = "sk-live-7f3c9a2b4d6e8f10a1b2"
 ITEMS = 6
 
 
 def _media(folder: Path) -> None:
-    folder.mkdir()
-    track = tone_track([Burst(0.3, 0.2, 440)], 1.0, 16000)
-    for i in range(ITEMS):
-        write_audio(folder / f"item-{i}.wav", [track], 16000)
+    tone_files(folder, ITEMS, [Burst(0.3, 0.2, 440)], 1.0)
 
 
 def _run(
@@ -33,8 +30,7 @@ def _run(
                 "backoff_max_s": 0.2, **run}  # fmt: skip
     manifest = write_manifest(tmp_path, run=settings)
     with server_in_thread(faults=faults, api_key=server_key) as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest), "-v", env={"SMALLEST_API_KEY": env_key})
         stats = server.stats
     return done, stats

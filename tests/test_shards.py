@@ -4,13 +4,7 @@ and kills, the concurrency share, reports naming the shard, and `pulse-batch sta
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +14,15 @@ from batch.manifest import load_manifest
 from batch.output import JobOutput, read_table
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
-from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
+from tests.conftest import (
+    TIME_UNIT_S,
+    kill_when,
+    point_at,
+    run_cli,
+    server_in_thread,
+    start_cli,
+    write_manifest,
+)
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import FAKE_SECRET, S3Bucket
 
@@ -36,10 +38,6 @@ def _distinct_tones(folder: Path, count: int, duration_s: float) -> dict[str, in
         write_audio(folder / f"call-{k:02d}.wav", [track], 16000)
         pitches[f"call-{k:02d}.wav"] = hz
     return pitches
-
-
-def _point_at(manifest: Path, url: str) -> None:
-    manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
 
 
 def _rows(out: str) -> list[tuple[str, str, str]]:
@@ -63,21 +61,6 @@ def _summary(stdout: str) -> dict[str, str]:
 def _shard_of_session(user_agent: str | None) -> int:
     assert user_agent is not None and " shard/" in user_agent, user_agent
     return int(user_agent.split(" shard/")[1].split("/")[0])
-
-
-def _start_shard(manifest: Path, index: int, count: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "batch", "run", str(manifest), "--shard", f"{index}/{count}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s * TIME_UNIT_S
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _sessions_by_item(server: LocalServer, hz_to_item: dict[int, str]) -> dict[str, list[int]]:
@@ -118,15 +101,22 @@ def test_shards_started_at_once_one_killed_and_rerun(
     per_shard = [sum(1 for o in owner.values() if o == s) for s in range(shards)]
     victim = per_shard.index(max(per_shard))  # at least 5 items: the kill lands part-way
     with server_in_thread() as server:
-        _point_at(manifest, server.url)
-        running = [_start_shard(manifest, s, shards) for s in range(shards)]
+        point_at(manifest, server.url)
+        running = [
+            start_cli("run", str(manifest), "--shard", f"{s}/{shards}", capture=True)
+            for s in range(shards)
+        ]
 
         def victim_committed_one() -> bool:
-            return any(owner.get(i) == victim for i, _, _ in _rows(out))
+            # The server's counters first: reading the output is slow under load and
+            # shares this process with both servers, so it waits for a finished session.
+            finished = (
+                r.completed and _shard_of_session(r.user_agent) == victim
+                for r in list(server.stats.sessions)
+            )
+            return any(finished) and any(owner.get(i) == victim for i, _, _ in _rows(out))
 
-        _wait_for(victim_committed_one, 90)
-        os.kill(running[victim].pid, signal.SIGKILL)
-        running[victim].wait(timeout=10 * TIME_UNIT_S)
+        kill_when(running[victim], victim_committed_one, 90, poll_s=0.2)
         survivors = [p for s, p in enumerate(running) if s != victim]
         outputs = {s: p.communicate(timeout=120 * TIME_UNIT_S) for s, p in enumerate(running)}
         for s, process in enumerate(running):

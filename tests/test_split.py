@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 
 from batch.split import FRAME_S, choose_cuts
-from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_format
 
 RATE = 16000
@@ -71,8 +71,7 @@ def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
         },
     )
     with server_in_thread() as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest))
         assert done.returncode == 0, done.stderr
         assert server.stats.max_open <= 4
@@ -181,8 +180,7 @@ def test_a_failed_piece_fails_the_item_and_counts_every_attempt(tmp_path: Path) 
     )
     faults = FaultConfig(seed=1, drop_rate=1.0, fault_at_max_s=0.5)
     with server_in_thread(faults=faults) as server:
-        text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
-        manifest.write_text(text)
+        point_at(manifest, server.url)
         done = run_cli("run", str(manifest))
         opened = server.stats.sessions_opened
     assert done.returncode == 1

@@ -14,9 +14,9 @@ import pytest
 
 from batch.output import read_table
 from batch.server import FaultConfig
-from tests.conftest import TIME_UNIT_S, run_cli, server_in_thread, write_manifest
+from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst
-from tests.test_resume import _point_at, _tone_files
+from tests.test_resume import _tone_files
 
 KILLS = 30
 ITEMS = 16
@@ -86,7 +86,7 @@ def test_random_sigkills_leave_exactly_one_row_per_item(
     landed = committing = 0
     whole_run_s: dict[bool, float] = {}
     with server_in_thread(faults=faults) as server:
-        _point_at(manifest, server.url)
+        point_at(manifest, server.url)
         for attempt in range(4 * kills):  # bounded: a run may finish before its kill
             force = attempt % 3 == 0
             killed, in_commit = _kill_one(
