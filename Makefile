@@ -1,6 +1,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: install test lint run bench clean format
 
@@ -15,6 +16,12 @@ $(BIN)/pulse-batch: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
+	@# Azurite, Microsoft's Azure Storage emulator (npm), for the az:// input test
+	@# (tests/test_cloud_emulators.py); kept in the virtualenv's folder.
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm) \
+		|| echo "npm unavailable: the az:// emulator test will be skipped"
+	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
+		azurite@3.35.0 || echo "azurite unavailable: the az:// emulator test will be skipped"
 	touch $@
 
 test: install

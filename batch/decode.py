@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import av
 import numpy as np
@@ -134,8 +134,17 @@ def _container(media: Media, location: str) -> Any:
         raise InputError(
             "not_media", location, f"not a readable audio or video file ({exc.__class__.__name__})"
         ) from exc
-    except OSError as exc:  # a storage read failing under PyAV
+    except Exception as exc:  # a storage read failing under PyAV
+        _raise_read_failure(location, exc)
+
+
+def _raise_read_failure(location: str, exc: Exception) -> NoReturn:
+    """A read that failed under PyAV: for a URL any error is the store's (an SDK raises its
+    own types: botocore's and aiohttp's are not OSErrors), translated into the item error
+    tree; for a local path only an OSError is, and anything else is ours: raised as is."""
+    if storage.is_url(location) or isinstance(exc, OSError):
         raise storage.read_failure(location, exc) from exc
+    raise exc
 
 
 def _audio_stream(container: Any, path: str, stream_index: int | None) -> Any:
@@ -423,11 +432,16 @@ class DecodedAudio:
                     f"corrupt audio after {decoded_s:.2f} s; the item fails rather than store a"
                     f" partial transcript ({exc.__class__.__name__})",
                 ) from exc
-            except OSError as exc:  # the storage under a URL failed mid-read
-                raise storage.read_failure(path, exc) from exc
+            except Exception as exc:  # the storage under a URL failed mid-read
+                _raise_read_failure(path, exc)
             if first:
                 raise InputError("no_audio", path, "audio stream holds no decodable samples")
-            _check_complete(path, media, container, stream, decoded_s)
+            try:
+                _check_complete(path, media, container, stream, decoded_s)
+            except InputError:
+                raise
+            except Exception as exc:  # re-reading a URL's header failed
+                _raise_read_failure(path, exc)
 
 
 # A stream that decodes to less than its header declares was cut short (an interrupted copy

@@ -8,6 +8,8 @@
     ├── LockedError              another run of the job holds the lock  (exit 4)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
+    │   └── InputUnavailable     its store failed for now: 5xx, throttled,
+    │                            connection dropped, timed out          (retry the item)
     ├── SpendCapReached          the next session would pass the cap    (not started; exit 7)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
@@ -67,16 +69,26 @@ class OutputError(PulseBatchError):
 
 
 class InputError(PulseBatchError):
-    """An input file cannot be turned into audio. Retrying cannot help.
+    """An input file cannot be turned into audio. Retrying cannot help (except for the
+    `InputUnavailable` subclass).
 
     ``kind`` is one of: not_found, symlink_loop, bad_path, permission, empty, not_media,
-    no_audio, decode_error, too_short.
+    no_audio, decode_error, too_short, read_error.
     """
 
     def __init__(self, kind: str, path: Path | str, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.kind = kind
         self.path = str(path)
+
+
+class InputUnavailable(InputError):
+    """The store behind a URL input failed for now (a dropped connection, a 5xx answer,
+    throttling such as S3's ``SlowDown``, a timeout), after its SDK's own retries. Another
+    attempt after a backoff can succeed. ``kind`` is ``read_error``."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__("read_error", path, message)
 
 
 class SpendCapReached(PulseBatchError):
@@ -229,7 +241,7 @@ def classify(error: BaseException) -> Verdict:
     if isinstance(error, ConnectionLost):
         overloaded = error.close_code == _CONCURRENCY_CLOSE_CODE
         return Verdict(retry=True, scope=Scope.ITEM, overloaded=overloaded)
-    if isinstance(error, SessionError):
+    if isinstance(error, SessionError | InputUnavailable):
         return Verdict(retry=True, scope=Scope.ITEM)
     return Verdict(retry=False, scope=Scope.ITEM)
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 from batch import storage
 from batch.decode import ProbeInfo, probe
-from batch.errors import InputError, ManifestError
+from batch.errors import InputError, InputUnavailable, ManifestError
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
@@ -509,7 +510,7 @@ def make_items(
         try:
             if source.problem is not None:
                 raise source.problem
-            info = prober(source.path, manifest.run.stream_index, source.storage_options)
+            info = _probe(prober, source, manifest.run.stream_index)
         except InputError as unusable:
             channel = _channel_list(spec, None)[0]
             ident = item_id(source.identity, channel, options)
@@ -534,6 +535,25 @@ def make_items(
             )
     kept = list(items.values())
     return kept if wanted is None else [i for i in kept if wanted(i.item_id)]
+
+
+# A probe that the store behind a URL failed for now is tried this many times, a growing
+# pause apart, before the item is planned as failed (`read_error`; a rerun tries again).
+_PROBE_TRIES = 3
+_PROBE_PAUSE_S = 0.5
+
+
+def _probe(prober: Prober, source: Source, stream_index: int | None) -> ProbeInfo:
+    """``prober`` on ``source``, again while the store fails for now. Raises `InputError`."""
+    for attempt in range(1, _PROBE_TRIES + 1):
+        try:
+            return prober(source.path, stream_index, source.storage_options)
+        except InputUnavailable as error:
+            if attempt == _PROBE_TRIES:
+                raise
+            logger.info("%s; probing it again", error)
+            time.sleep(_PROBE_PAUSE_S * attempt)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]:

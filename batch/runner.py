@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -27,6 +27,7 @@ from batch.decode import DecodedAudio, WireFormat
 from batch.errors import (
     HandshakeRejected,
     InputError,
+    InputUnavailable,
     PulseBatchError,
     Scope,
     ServiceRefusing,
@@ -57,6 +58,8 @@ from batch.split import (
 from batch.timemap import TimeMap
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class JobAborted(PulseBatchError):
@@ -275,7 +278,7 @@ class ItemRunner:
             self.pool.push_front([Unit(item, index, TimeMap.whole(start, end - start, rate))])
 
         try:
-            cached = await anyio.to_thread.run_sync(
+            cached = await self._read_whole(
                 lambda: cache_and_cut(
                     self._decoder(item),
                     path,
@@ -283,7 +286,9 @@ class ItemRunner:
                     window_s=self.run.split_window_s,
                     pieces=count,
                     on_piece=lambda start, end: anyio.from_thread.run_sync(queue_piece, start, end),
-                )
+                ),
+                # Pieces already streaming came from this pass: a second would cut anew.
+                again=lambda: state.queued == 0,
             )
         except InputError as error:
             state.failure = state.failure or (error, str(error))
@@ -299,7 +304,7 @@ class ItemRunner:
         whole, or in pieces when what is left is long. No speech: no session at all."""
         path = self.cache_dir / f"{item.item_id}.pcm"
         try:
-            found = await anyio.to_thread.run_sync(
+            found = await self._read_whole(
                 lambda: find_speech(
                     self._decoder(item),
                     path,
@@ -350,6 +355,27 @@ class ItemRunner:
             streamed_s=timemap.streamed_s,
             session_id=result.session_id,
         )
+
+    async def _read_whole(
+        self,
+        work: Callable[[], T],
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        again: Callable[[], bool] = lambda: True,
+    ) -> T:
+        """Run ``work`` (a decode of a whole item: its speech search or its cut) in a worker
+        thread; while the store behind it fails for now (`InputUnavailable`) and ``again``
+        allows, run it again after a backoff, up to ``run.max_attempts`` times in all."""
+        for attempt in itertools.count(1):
+            try:
+                return await anyio.to_thread.run_sync(work, limiter=limiter)
+            except InputUnavailable as error:
+                if attempt >= self.run.max_attempts or not again():
+                    raise
+                delay_s = self.backoff.delay_s(attempt, None, self.rng)
+                logger.info("%s; reading it again in %.1f s", error, delay_s)
+                await anyio.sleep(delay_s)
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _queue_skipped_pieces(
         self, item: Item, started: datetime, path: Path, found: FoundSpeech

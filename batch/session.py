@@ -12,10 +12,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import anyio
@@ -36,6 +36,8 @@ from batch.errors import (
     Unreachable,
 )
 from batch.pulse import protocol
+from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
+from batch.readahead import AudioSource as AudioSource  # what sessions stream
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +100,6 @@ class Endpoint:
     @property
     def is_loopback(self) -> bool:
         return urlsplit(self.url).hostname in _LOOPBACK_HOSTS
-
-
-class AudioSource(Protocol):
-    """Wire-ready chunks, and how much audio the chunks yielded so far hold (for pacing)."""
-
-    def __iter__(self) -> Iterator[bytes]: ...
-
-    @property
-    def position_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -245,21 +238,36 @@ class _Stream:
         self._waiting: anyio.CancelScope | None = None
 
     async def send(self, audio: AudioSource, pace: float) -> None:
-        for chunk in audio:
-            if self.started_at is None:
-                self.started_at = time.monotonic()
-            await self.ws.send(chunk)
-            self._grow_deadline(audio.position_s)
-            if pace > 0:
-                due = self.started_at + audio.position_s / pace
-                await anyio.sleep(max(0.0, due - time.monotonic()))
-            else:
-                await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
+        # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
+        # must not stall the event loop, which paces and keeps alive every other session.
+        reader = ReadAhead(audio)
+        sink, batches = anyio.create_memory_object_stream[Batch](BATCHES_AHEAD)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(reader.pump, sink)
+                async with batches:
+                    async for batch in batches:
+                        for chunk, position_s in batch:
+                            await self._send_chunk(chunk, position_s, pace)
+        finally:
+            reader.close()
         await self.ws.send(protocol.end_message(self.generation))
         self.end_sent_at = time.monotonic()
         self.end_sent.set()
         if self._waiting is not None:  # a wait begun before the end signal is now bounded too
             self._waiting.deadline = anyio.current_time() + self.timeouts.final_timeout_s
+
+    async def _send_chunk(self, chunk: bytes, position_s: float, pace: float) -> None:
+        """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        await self.ws.send(chunk)
+        self._grow_deadline(position_s)
+        if pace > 0:
+            due = self.started_at + position_s / pace
+            await anyio.sleep(max(0.0, due - time.monotonic()))
+        else:
+            await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
 
     def _grow_deadline(self, audio_sent_s: float) -> None:
         if self.deadline is not None:

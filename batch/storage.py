@@ -13,7 +13,11 @@ carries a credential is refused, because a location is written to tables, logs a
 Errors: a URL we cannot serve (unknown scheme, missing extra, credentials in it, a glob that
 cannot be listed) is a `ManifestError`; one object that cannot be read is an `InputError`
 with the same kinds as local files (``not_found``, ``permission``, ``empty``, ...), or
-``read_error`` when the store could not be reached.
+``read_error`` when the store failed. `read_failure` tells the store failing *for now* (a
+dropped connection, a 5xx, throttling, a timeout: `InputUnavailable`, which the job retries
+with backoff once the SDK's own retries are spent) from an answer that will not change (404,
+403: no retry). `store_answer` reads an SDK's error for that, by type names and fields, so
+no SDK needs to be installed or imported to recognise its errors.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
-from batch.errors import InputError, ManifestError
+from batch.errors import InputError, InputUnavailable, ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -275,30 +279,117 @@ def read_bytes(url: str, options: StorageOptions) -> bytes:
         raise ManifestError(url, f"cannot read: {_reason(exc)}") from None
 
 
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status an error (or what caused it) carries, as aiohttp's errors do."""
+# Failures a later attempt can get past, by class name anywhere in the error's MRO, so no
+# SDK must be installed to recognise them: Python's own (ConnectionError covers resets and
+# refusals), botocore's (HTTPClientError, IncompleteReadError, its own ConnectionError),
+# aiohttp's (ClientConnectionError, ClientPayloadError), azure-core's
+# (ServiceRequestError, ServiceResponseError), google-auth's (TransportError), http.client's.
+_TRANSIENT_TYPES: Final = frozenset(
+    {
+        "ConnectionError",
+        "TimeoutError",
+        "HTTPClientError",
+        "IncompleteReadError",
+        "IncompleteRead",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServiceRequestError",
+        "ServiceResponseError",
+        "TransportError",
+    }
+)
+# Error codes with which S3 (and its clones), Azure and GCS say "not now".
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServerBusy",
+        "OperationTimedOut",
+    }
+)
+_TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
+_DEFINITE_STATUSES: Final = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """What a storage error says: the HTTP status and error code of the store's answer
+    (None when there was no answer) and whether a later attempt can get past it."""
+
+    status: int | None
+    code: str | None
+    transient: bool
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps (a short chain: fsspec's, the SDK's, the socket's)."""
     seen: BaseException | None = exc
-    for _ in range(4):  # a short chain: the SDK's error and what it wrapped
+    for _ in range(5):
         if seen is None:
-            return None
-        status = getattr(seen, "status", None)
-        if isinstance(status, int):
-            return status
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return None
+
+
+def _status_and_code(error: BaseException) -> tuple[int | None, str | None]:
+    response = getattr(error, "response", None)  # botocore's ClientError
+    if isinstance(response, Mapping):
+        meta, body = response.get("ResponseMetadata") or {}, response.get("Error") or {}
+        status = meta.get("HTTPStatusCode")
+        code = body.get("Code")
+        return (status if isinstance(status, int) else None), (str(code) if code else None)
+    for name in ("status", "status_code", "code"):  # aiohttp, azure-core, gcsfs
+        value = getattr(error, name, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            code = getattr(error, "error_code", None)  # azure-core's storage code
+            return value, str(code) if code else None
+    return None, None
+
+
+def store_answer(exc: BaseException) -> StoreAnswer:
+    """Read a storage SDK's error (and what it wraps). Pure: looks only at the objects."""
+    status: int | None = None
+    code: str | None = None
+    typed_transient = False
+    for error in _chain(exc):
+        found_status, found_code = _status_and_code(error)
+        status, code = status or found_status, code or found_code
+        names = {cls.__name__ for cls in type(error).__mro__}
+        typed_transient = typed_transient or bool(names & _TRANSIENT_TYPES)
+    if status in _DEFINITE_STATUSES:
+        return StoreAnswer(status, code, transient=False)  # the store answered: no
+    answered_later = status is not None and (status >= 500 or status in _TRANSIENT_STATUSES)
+    transient = typed_transient or answered_later or code in _TRANSIENT_CODES
+    return StoreAnswer(status, code, transient)
 
 
 def read_failure(url: str, exc: BaseException) -> InputError:
-    """Translate a storage SDK's error into the item error kinds local files use."""
-    status, cause = _http_status(exc), exc.__cause__
-    if status in (401, 403):
+    """Translate a storage SDK's error into an item error: `InputUnavailable` (the job
+    retries the item) when the store failed for now, else the kinds local files use. The
+    message names the URL and the error's type and first line, never a credential."""
+    answer = store_answer(exc)
+    if answer.status in (401, 403):
         return InputError(
-            "permission", url, f"access denied (HTTP {status}); check the credentials"
+            "permission", url, f"access denied (HTTP {answer.status}); check the credentials"
         )
-    if status == 404:
+    if answer.status == 404:
         return InputError("not_found", url, "object not found; check the URL")
+    if answer.transient:
+        said = " ".join(str(part) for part in (answer.status, answer.code) if part is not None)
+        detail = f"HTTP {said}: {_reason(_root(exc))}" if said else _reason(_root(exc))
+        return InputUnavailable(
+            url, f"the store failed for now ({detail}); tried again up to run.max_attempts times"
+        )
+    cause = exc.__cause__
     if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
-        # fsspec's HTTP reader reports an unreachable server as "not found".
         return InputError("read_error", url, f"could not read from storage ({_reason(cause)})")
     if isinstance(exc, FileNotFoundError):
         return InputError("not_found", url, "object not found; check the URL")
@@ -307,3 +398,12 @@ def read_failure(url: str, exc: BaseException) -> InputError:
             "permission", url, "access denied; check the credentials in the environment"
         )
     return InputError("read_error", url, f"could not read from storage ({_reason(exc)})")
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The error that says most: the SDK's own beneath fsspec's translation (fsspec's HTTP
+    reader, for one, reports an unreachable server as "not found")."""
+    chain = list(_chain(exc))
+    if isinstance(exc, FileNotFoundError) and len(chain) > 1:
+        return chain[1]
+    return exc

@@ -4,6 +4,11 @@
 of every request it answered (method, path, Range header, status, bytes sent), so a test can
 check that a reader used range requests instead of downloading whole objects.
 
+A `Fault` makes the server misbehave for chosen requests, as a flaky store does: answer an
+S3 error (``503 SlowDown``, ``500 InternalError``) instead of serving, or hold a request
+until the test releases it (a stalled read). Faults sit in front of moto, on the wire: the
+client's SDK sees exactly what a real store would send.
+
 ``S3Bucket`` is one fresh bucket on that server with the standard ``AWS_*`` environment that
 points at it. The fixtures in ``conftest.py`` (``s3_server``, ``s3_bucket``) put that
 environment into ``os.environ`` for in-process code; pass ``bucket.env`` to a subprocess.
@@ -57,15 +62,68 @@ class Request:
         return parts[1] if len(parts) == 2 else ""
 
 
+@dataclass
+class Fault:
+    """The next ``times`` requests for ``key`` of ``bucket`` with ``method``: held until
+    ``release`` is set (for at most ``hold_s``) then served, or, with ``status``, answered
+    with that status and the S3 error ``code`` instead of being served."""
+
+    bucket: str
+    key: str
+    method: str = "GET"
+    times: int = 1
+    status: int | None = None
+    code: str = "SlowDown"
+    release: threading.Event | None = None
+    hold_s: float = 0.0
+    applied: int = 0  # requests it applied to so far
+    released: list[bool] = field(default_factory=list)  # per hold: released (not timed out)
+
+    def matches(self, method: str, path: str) -> bool:
+        wanted = f"/{self.bucket}/{self.key}"
+        return self.applied < self.times and method == self.method and path == wanted
+
+    def error_body(self) -> bytes:
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
+            f"{self.code}</Code><Message>injected by the test server</Message>"
+            f"<Resource>/{self.bucket}/{self.key}</Resource><RequestId>fault</RequestId></Error>"
+        ).encode()
+
+
 class _Recorder:
-    """WSGI middleware that logs each request with the bytes of its response body."""
+    """WSGI middleware that logs each request with the bytes of its response body, and
+    applies the `Fault` s armed for it."""
 
     def __init__(self, app: WsgiApp) -> None:
         self.app = app
         self.lock = threading.Lock()
         self.log: list[Request] = []
+        self.faults: list[Fault] = []
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.applied += 1
+                    return fault
+        return None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        fault = self._fault_for(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""))
+        if fault is not None and fault.status is None and fault.release is not None:
+            fault.released.append(fault.release.wait(fault.hold_s))
+        if fault is not None and fault.status is not None:
+            body = fault.error_body()
+            start_response(
+                f"{fault.status} {fault.code}",
+                [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+            )
+            if fault.method == "HEAD":
+                body = b""  # a HEAD answer has headers only, even an error's
+            self._note(environ, fault.status, len(body))
+            yield body
+            return
         status = [0]
 
         def recording_start(status_line: str, headers: Any, *args: Any) -> Any:
@@ -78,15 +136,18 @@ class _Recorder:
                 sent += len(chunk)
                 yield chunk
         finally:
-            request = Request(
-                method=environ.get("REQUEST_METHOD", ""),
-                path=environ.get("PATH_INFO", ""),
-                range=environ.get("HTTP_RANGE"),
-                status=status[0],
-                bytes_sent=sent,
-            )
-            with self.lock:
-                self.log.append(request)
+            self._note(environ, status[0], sent)
+
+    def _note(self, environ: dict[str, Any], status: int, sent: int) -> None:
+        request = Request(
+            method=environ.get("REQUEST_METHOD", ""),
+            path=environ.get("PATH_INFO", ""),
+            range=environ.get("HTTP_RANGE"),
+            status=status,
+            bytes_sent=sent,
+        )
+        with self.lock:
+            self.log.append(request)
 
 
 class _RecordingMotoServer(ThreadedMotoServer):
@@ -159,6 +220,12 @@ class S3Server:
         with self._moto.recorder.lock:
             return list(self._moto.recorder.log)
 
+    def add_fault(self, fault: Fault) -> Fault:
+        """Arm ``fault`` (it applies to requests from now on); returns it, to read back."""
+        with self._moto.recorder.lock:
+            self._moto.recorder.faults.append(fault)
+        return fault
+
     def bucket(self, prefix: str = "test") -> S3Bucket:
         """A new, empty bucket with a unique name."""
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
@@ -215,6 +282,10 @@ class S3Bucket:
     def read(self, key: str) -> bytes:
         body: bytes = self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
         return body
+
+    def fault(self, key: str, **how: Any) -> Fault:
+        """Arm a `Fault` for ``key`` of this bucket (see `Fault` for ``how``)."""
+        return self.server.add_fault(Fault(self.name, key, **how))
 
     def requests(self) -> list[Request]:
         """Requests answered for this bucket so far."""

@@ -1,0 +1,108 @@
+"""Read a session's audio ahead in a worker thread, so blocking reads stay off the event loop.
+
+A decoder pulls bytes from a local disk, a cache file or object storage; any of them can
+block (a slow S3 range read, a stalled NFS mount). Done on the event loop, that one read
+would stall the pacing, keepalives and timeouts of every other session of the job. Here the
+`AudioSource` is iterated in a worker thread, a batch of chunks at a time, into a bounded
+stream the sender drains: at most ``BATCHES_AHEAD`` batches (a few seconds of audio) are
+held, so memory stays flat whatever the file's length, and each chunk carries the audio
+position reached with it, so pacing is as exact as when the sender read the source itself.
+
+Errors the source raises (`batch.errors.InputError` and its subclasses) reach the sender
+unchanged. When the session ends early (cancelled), a read in progress is abandoned, not
+waited for: the worker closes the source when that read returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+# A batch is this much audio (or this many chunks): few thread hops, little held.
+BATCH_AUDIO_S: Final = 0.5
+BATCH_MAX_CHUNKS: Final = 64
+# Batches decoded ahead of the sender: enough that a paced sender never waits on a healthy
+# store, few enough that a session holds about two seconds of audio.
+BATCHES_AHEAD: Final = 4
+
+# One chunk of wire audio and the audio position (seconds) once it is sent.
+Batch = list[tuple[bytes, float]]
+
+
+class AudioSource(Protocol):
+    """What a session streams: wire-ready chunks, and how much audio the chunks yielded so
+    far hold (for pacing). Iterated in a worker thread: reads may block."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    @property
+    def position_s(self) -> float: ...
+
+
+class ReadAhead:
+    """One pass over an `AudioSource` in a worker thread: `pump` fills a bounded stream the
+    sender drains; `close` when the session is over, however it ended."""
+
+    def __init__(self, source: AudioSource) -> None:
+        self._source = source
+        self._chunks: Iterator[bytes] | None = None
+        self._lock = threading.Lock()
+        self._reading = False
+        self._closed = False
+        # Each session reads in its own thread: a stalled store holds that thread only,
+        # never a slot of anyio's shared pool that other sessions' reads need.
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def next_batch(self) -> Batch:
+        """The next chunks (empty at the end). Runs in a worker thread; blocks on reads."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._reading = True
+        try:
+            if self._chunks is None:
+                self._chunks = iter(self._source)
+            batch: Batch = []
+            for chunk in self._chunks:
+                batch.append((chunk, self._source.position_s))
+                held_s = batch[-1][1] - batch[0][1]
+                if len(batch) >= BATCH_MAX_CHUNKS or held_s >= BATCH_AUDIO_S:
+                    break
+            return batch
+        finally:
+            with self._lock:
+                self._reading = False
+                if self._closed:  # the session ended during this read: clean up here
+                    self._close_source()
+
+    def close(self) -> None:
+        """Release the source (its file or connection): now, or when a read in progress
+        returns. Safe to call more than once, from any thread."""
+        with self._lock:
+            self._closed = True
+            if self._reading:
+                return
+        self._close_source()
+
+    def _close_source(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        close = getattr(chunks, "close", None)  # a generator: runs its `with` exits
+        if close is not None:
+            close()
+
+    async def pump(self, sink: MemoryObjectSendStream[Batch]) -> None:
+        """Read batches in the worker thread into ``sink`` until the source ends; the
+        bounded ``sink`` holds reading back when the sender is behind."""
+        async with sink:
+            while True:
+                batch = await anyio.to_thread.run_sync(
+                    self.next_batch, limiter=self._limiter, abandon_on_cancel=True
+                )
+                if not batch:
+                    return
+                await sink.send(batch)
