@@ -490,16 +490,17 @@ def report(
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
-    jobs_here = exports.job_names(output)
-    if job is None and len(jobs_here) > 1:
-        err.print(
-            escape(
-                f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the one "
-                "run most recently (pick one with --job)"
-            ),
-            highlight=False,
-        )
+    jobs_here: list[str] = []
     with _exit_codes():
+        jobs_here = exports.job_names(output)  # inside: an unreadable store is exit 5
+        if job is None and len(jobs_here) > 1:
+            err.print(
+                escape(
+                    f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the "
+                    "one run most recently (pick one with --job)"
+                ),
+                highlight=False,
+            )
         try:
             data = outputs.latest_report(output, job)
             name = str(data["job"])

@@ -1,9 +1,10 @@
 """Plan a job: expand inputs into items with stable ids, and order the work.
 
 `expand_sources` is file-system I/O (globs, list files); `make_items` and `item_id` are
-pure. A listed path that does not exist, is a symlink loop, holds a NUL byte or is too long
-is not a crash: it becomes an item that fails (``not_found``, ``symlink_loop``,
-``bad_path``) without opening a session. Globs follow symlinked folders but never walk a
+pure. A listed path that does not exist, is a symlink loop or a link to a missing file,
+holds a NUL byte or is too long is not a crash: it becomes an item that fails
+(``not_found``, ``symlink_loop``, ``bad_path``) without opening a session; so does such a
+link matched by a glob. Globs follow symlinked folders but never walk a
 real folder twice, so a loop cannot hang planning.
 """
 
@@ -115,7 +116,9 @@ def locate(text: str, folder: str) -> Source:
     try:
         os.stat(listed)
     except FileNotFoundError:
-        pass  # the prober says not_found, as for any missing file
+        if os.path.islink(listed):  # the prober would name the target, not the link
+            return Source(shown, problem=InputError("not_found", shown, _dangling(listed)))
+        # Otherwise the prober says not_found, as for any missing file.
     except PermissionError:
         pass  # the prober says permission
     except OSError as exc:
@@ -135,6 +138,14 @@ def locate(text: str, folder: str) -> Source:
         why = f"is a symlink loop (it points back at itself); fix the link ({exc})"
         return Source(str(listed), problem=InputError("symlink_loop", shown, why))
     return Source(str(listed), resolved=str(resolved))
+
+
+def _dangling(link: Path) -> str:
+    try:
+        target = storable(os.readlink(link))
+    except OSError:
+        target = "its target"
+    return f"is a symlink to {target}, which does not exist; fix or remove the link"
 
 
 def _channels_value(raw: Any, where: str, list_path: str) -> ChannelSpec | None:
@@ -406,9 +417,10 @@ class _GlobWalk:
     def _add_file(self, path: Path) -> None:
         try:
             info = path.stat()
-        except OSError as exc:
-            if path.is_symlink():
-                logger.warning("glob: skipped %s: %s", path, exc.strerror or exc)
+        except OSError:
+            # A matching link whose target is missing (or loops) is listed all the same:
+            # `locate` makes it a failed item naming the link, as a listed path would be.
+            self._add_link(path)
             return
         if not stat.S_ISREG(info.st_mode):
             return
@@ -418,6 +430,16 @@ class _GlobWalk:
             return
         self._real_files.add(key)
         self.files.append(path)
+
+    def _add_link(self, path: Path) -> None:
+        try:
+            info = path.lstat()
+        except OSError:  # gone since the folder was listed
+            return
+        key = (info.st_dev, info.st_ino)
+        if stat.S_ISLNK(info.st_mode) and key not in self._real_files:
+            self._real_files.add(key)
+            self.files.append(path)
 
 
 def _is_dir(path: Path) -> bool:

@@ -419,7 +419,7 @@ class ItemRunner:
         state.in_flight += 1
         try:
             result = await self._stream(
-                item, lambda: piece, record, piece.duration_s, max(0.0, last - first)
+                item, lambda: piece, record, piece.duration_s, max(0.0, last - first), index
             )
         except JobAborted:
             raise
@@ -479,13 +479,15 @@ class ItemRunner:
         record: Attempts,
         duration_s: float | None,
         recorded_s: float | None = None,
+        piece: int | None = None,
     ) -> SessionResult:
         """``duration_s``: the audio each attempt streams (None: not known before);
         ``recorded_s``: the recording's audio it stands for (what streaming it all would
-        bill; by default the same)."""
+        bill; by default the same); ``piece``: which piece of a long item, for logs."""
+        label = session_label(item, piece)
         try:
             return await with_retries(
-                lambda: self._attempt(item, make_audio(), duration_s, recorded_s),
+                lambda: self._attempt(item, make_audio(), duration_s, recorded_s, label),
                 limit=self.limit,
                 max_attempts=self.run.max_attempts,
                 backoff=self.backoff,
@@ -514,7 +516,12 @@ class ItemRunner:
         )
 
     async def _attempt(
-        self, item: Item, audio: _Audio, duration_s: float | None, recorded_s: float | None
+        self,
+        item: Item,
+        audio: _Audio,
+        duration_s: float | None,
+        recorded_s: float | None,
+        label: str,
     ) -> SessionResult:
         reserved_s = duration_s or 0.0
         self.cap.admit(reserved_s)
@@ -530,6 +537,7 @@ class ItemRunner:
                 timeouts=self._timeouts(duration_s),
                 user_agent=self.user_agent,
                 on_open=watch.opened,
+                label=label,
             )
         except Exception as error:
             if isinstance(error, HandshakeRejected):
@@ -607,6 +615,18 @@ class ItemRunner:
             self.stats.failures.append(failure)
             said = f"{failure.kind}: {failure.message}"
         self.progress.item_done(item, stored["status"] == "ok", duration_s, said)
+
+
+def session_label(item: Item, piece: int | None = None) -> str:
+    """What a session streams, for its log lines: the source, then its channel (and the
+    channel's name) and piece when it has them."""
+    parts = [item.source]
+    if item.channel is not None:
+        named = f" ({item.channel_name})" if item.channel_name else ""
+        parts.append(f"channel {item.channel}{named}")
+    if piece is not None:
+        parts.append(f"piece {piece}")
+    return ", ".join(parts)
 
 
 def whole_units(items: Iterable[Item]) -> list[Unit]:

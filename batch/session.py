@@ -220,8 +220,10 @@ class _Stream:
         diarize: bool,
         scrubber: Scrubber,
         deadline: anyio.CancelScope | None = None,
+        label: str = "a session",
     ) -> None:
         self.ws = ws
+        self.label = label  # what is streamed (source, channel, piece), for log lines
         self.generation = generation
         self.diarize = diarize
         self.scrubber = scrubber
@@ -291,7 +293,9 @@ class _Stream:
         for name in fields:
             if name not in self._warned:  # once per field per session, not per message
                 self._warned.add(name)
-                logger.warning("the service sent an odd %s value; stored as null", name)
+                logger.warning(
+                    "%s: the service sent an odd %s value; stored as null", self.label, name
+                )
 
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
@@ -339,11 +343,13 @@ async def run_session(
     timeouts: Timeouts = Timeouts(),
     user_agent: str | None = None,
     on_open: Callable[[], None] | None = None,
+    label: str | None = None,
 ) -> SessionResult:
     """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
     ``on_open`` is called once the service has accepted the session (the upgrade passed).
 
-    ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
+    ``label`` names what is streamed (the source, its channel, its piece) in the session's
+    log lines. ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
     shard, for anyone reading the service's logs). Complete only at ``is_last``. Raises
     `SessionError` subclasses (see `batch.errors`) and `InputError` if the audio source
     fails while streaming.
@@ -373,7 +379,14 @@ async def run_session(
                 if on_open is not None:
                     on_open()
                 stream = _Stream(
-                    ws, result, timeouts, endpoint.generation, options.diarize, scrubber, deadline
+                    ws,
+                    result,
+                    timeouts,
+                    endpoint.generation,
+                    options.diarize,
+                    scrubber,
+                    deadline,
+                    label or "a session",
                 )
                 try:
                     async with anyio.create_task_group() as tasks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import duckdb
@@ -150,3 +151,43 @@ def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
     assert done.returncode == 5, done.stderr
     assert "s3://no-such-bucket-pulse/lake" in done.stderr and "NoSuchBucket" in done.stderr
     assert "Traceback" not in done.stderr and FAKE_SECRET not in done.stderr
+
+
+def _one_clean_line(done: subprocess.CompletedProcess[str], url: str) -> str:
+    """The error is one line naming ``url``: no colour codes, no Rust error chain, no
+    traceback, no secret."""
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "\x1b[" not in done.stderr and "↳" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert url in lines[0] and FAKE_SECRET not in done.stdout + done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["export", "compact", "report"])
+def test_delta_in_a_missing_bucket_says_so_in_one_line(
+    tmp_path: Path, s3_bucket: S3Bucket, command: str
+) -> None:
+    url = "s3://no-such-bucket-pulse/lake"
+    extra = ["--job", "test-job", "--to", str(tmp_path / "x")] if command == "export" else []
+    said = _one_clean_line(run_cli(command, url, *extra), url)
+    assert "bucket no-such-bucket-pulse does not exist (NoSuchBucket)" in said
+
+
+def test_delta_with_credentials_the_store_refuses_says_what_to_set(
+    tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    from moto.core.authorization import enable_iam_authentication
+
+    _tone_files(tmp_path / "media", 1)
+    url = s3_bucket.url("lake")
+    manifest = _delta_manifest(tmp_path, url)
+    assert run_cli("run", str(manifest)).returncode == 0
+    # From here the store checks signatures: the environment's key is unknown to it.
+    with enable_iam_authentication():
+        exported = run_cli("export", url, "--job", "test-job", "--to", str(tmp_path / "x"))
+        rerun = run_cli("run", str(manifest), "--force")
+    said = _one_clean_line(exported, url)
+    assert "the store refused the credentials (InvalidAccessKeyId)" in said
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in said
+    assert "InvalidAccessKeyId" in _one_clean_line(rerun, url)

@@ -84,6 +84,30 @@ def test_bad_listed_paths_become_failed_rows(tmp_path: Path) -> None:
     assert all(source.startswith(str(tmp_path)) for _, source in kinds)  # absolute, as listed
 
 
+def test_a_dangling_symlink_a_glob_matches_is_a_failed_row_naming_it(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    _audio(media / "good.wav")
+    (media / "gone.wav").symlink_to(tmp_path / "archive" / "moved.wav")  # target missing
+    (media / "loop.wav").symlink_to(media / "loop.wav")
+    manifest = write_manifest(tmp_path, inputs=[{"glob": "media/*.wav"}])
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1 and result.report["items"]["failed"] == 2
+    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    rows = duckdb.sql(f"select source, status, error_kind, error from {t} order by source")
+    by_name = {
+        Path(source).name: (status, kind, error) for source, status, kind, error in rows.fetchall()
+    }
+    assert by_name["good.wav"][0] == "ok"
+    status, kind, error = by_name["gone.wav"]
+    assert (status, kind) == ("failed", "not_found")
+    assert error.startswith(str(media / "gone.wav"))  # the link's own path, as matched
+    assert f"symlink to {tmp_path / 'archive' / 'moved.wav'}, which does not exist" in error
+    assert by_name["loop.wav"][:2] == ("failed", "symlink_loop")
+    # A listed path to the same link says the same.
+    listed = _plan(_loaded(tmp_path, [{"path": "media/gone.wav"}]))
+    assert listed[0].error is not None and "which does not exist" in str(listed[0].error)
+
+
 def test_source_is_the_path_as_listed_and_ids_follow_the_real_file(tmp_path: Path) -> None:
     real = _audio(tmp_path / "archive" / "call.wav")
     (tmp_path / "inbox").mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.output import read_table
+from batch.output import read_table, store_errors
 from tests.conftest import run_cli, write_manifest
 from tests.test_resume import _tone_files
 
@@ -107,3 +107,29 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         items = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
         assert len(items) == len(set(items)) == 13
         assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]
+
+
+# What deltalake 1.x said when no credentials were set and the metadata service denied.
+_RUST_CHAIN = (
+    "Kernel error -> Generic S3 error\n          \x1b[31m↳\x1b[0m Error performing PUT "
+    "http://169.254.169.254/latest/api/token in 1.35ms - Server returned non-2xx status code\n"
+    "           \x1b[31m↳\x1b[0m 403 Forbidden\n"
+)
+
+
+def test_store_errors_become_one_clause_saying_what_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    said = store_errors.reason(OSError(_RUST_CHAIN), "s3://b/lake/transcripts")
+    assert said.startswith("no S3 credentials were found; set AWS_ACCESS_KEY_ID")
+    gcs = store_errors.reason("NoCredentialsError", "gs://b/lake")
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in gcs
+    azure = store_errors.reason("AuthorizationFailure", "az://c/lake")
+    assert "access denied" in azure and "AZURE_STORAGE_KEY" in azure
+    # Anything else: the chain on one line, without colour codes or a secret it echoed.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-never-shown")
+    odd = store_errors.reason(
+        OSError("first\n \x1b[31m↳\x1b[0m s3cr3t-value-never-shown"), "s3://b/x"
+    )
+    assert odd == "OSError: first; [redacted]"
+    assert len(store_errors.one_line("x" * 1000)) == 300

@@ -9,6 +9,7 @@ scripted server that plays given messages after the client's end signal.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -376,3 +377,31 @@ async def test_odd_values_fail_only_their_item_and_nothing_odd_is_stored(tmp_pat
     texts = duckdb.sql(f"select distinct transcript from {t} where status='ok'").fetchall()
     assert {row[0].replace(" \ufffd", "") for row in texts} == {"tone440 tone660 tone880"}
     assert duckdb.sql(f"select count(*) from {w}").fetchall() == [((items - failing) * 3,)]
+
+
+async def test_the_odd_value_warning_names_the_item_channel_and_piece(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    call = media / "call.wav"
+    write_audio(call, [tone_track(BURSTS, 2.0, RATE)] * 2, RATE)
+    meeting = media / "meeting.wav"
+    beeps = [Burst(0.5 + i, 0.2, 440) for i in range(23)]
+    write_audio(meeting, [tone_track(beeps, 24.0, RATE)], RATE)
+    faults = FaultConfig(seed=2, odd_values_rate=1.0, odd_value_kinds=("confidence_above_1",))
+    caplog.set_level(logging.WARNING, logger="batch.session")
+    async with local_server(faults=faults) as server:
+        manifest = write_manifest(
+            tmp_path,
+            pulse={"endpoint": server.url},
+            run={"concurrency": 3, "pace": 0, "channels": "split", "split_long_files": True,
+                 "split_threshold_s": 20, "piece_target_s": 10, "split_window_s": 3},
+        )  # fmt: skip
+        result = await run_job(load_manifest(manifest))
+    assert result.report["items"]["ok"] == 3  # type: ignore[index]
+    said = [r.getMessage() for r in caplog.records if "odd" in r.getMessage()]
+    for channel in (0, 1):
+        assert any(m.startswith(f"{call}, channel {channel}: ") for m in said), said
+    assert any(m.startswith(f"{meeting}, channel 0, piece ") for m in said), said
+    assert all("confidence" in m for m in said)

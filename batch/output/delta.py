@@ -22,6 +22,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,7 +32,7 @@ import pyarrow.fs as pafs
 
 from batch.collect import ItemRows
 from batch.errors import ManifestError, OutputError
-from batch.output import parquet
+from batch.output import parquet, store_errors
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.layout import Location
 from batch.output.schema import MAIN_TABLE, TABLES, logical_schema, to_arrow
@@ -56,6 +57,21 @@ def _require() -> None:
             "output.format",
             "delta needs the deltalake package: pip install 'pulse-batch[delta]'",
         )
+
+
+@contextlib.contextmanager
+def _store_errors(operation: str, uri: str) -> Iterator[None]:
+    """deltalake's own errors (Rust error chains in colour, over several lines) as one
+    clean `OutputError` that says what to set. An OS error with an errno (disk full,
+    read-only) is left to `layout.translated`, which names it."""
+    try:
+        yield
+    except (OutputError, CommitFailedError):  # ours, or a race the caller retries
+        raise
+    except (DeltaError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise OutputError(uri, operation, store_errors.reason(exc, uri)) from exc
 
 
 def delta_options(location: Location, given: dict[str, str]) -> dict[str, str]:
@@ -121,6 +137,10 @@ class DeltaBackend:
         return DeltaTable(self._uri(table), storage_options=self.options)
 
     def _ensure(self, table: str) -> None:
+        with _store_errors("open", self._uri(table)):
+            self._ensure_table(table)
+
+    def _ensure_table(self, table: str) -> None:
         for attempt in range(_COMMIT_ATTEMPTS):
             try:
                 found = self._open(table)
@@ -198,9 +218,10 @@ class DeltaBackend:
     def compact(self) -> list[str]:
         lines = []
         for table in TABLES:
-            found = self._open(table)
-            metrics = found.optimize.compact()
-            removed = found.vacuum(dry_run=False)
+            with _store_errors("compact", self._uri(table)):
+                found = self._open(table)
+                metrics = found.optimize.compact()
+                removed = found.vacuum(dry_run=False)
             lines.append(
                 f"{table}: {metrics.get('numFilesRemoved', 0)} files compacted into "
                 f"{metrics.get('numFilesAdded', 0)}; {len(removed)} unreferenced files deleted"
@@ -247,21 +268,20 @@ class DeltaCommitter:
         uri = self.backend._uri(table)
         for attempt in range(_COMMIT_ATTEMPTS):
             try:
-                write_deltalake(
-                    uri,
-                    data,
-                    mode="overwrite",
-                    predicate=predicate,
-                    partition_by=self.backend.partition_by or None,
-                    schema_mode="merge",
-                    storage_options=self.backend.options,
-                )
+                with _store_errors("commit a batch to", uri):
+                    write_deltalake(
+                        uri,
+                        data,
+                        mode="overwrite",
+                        predicate=predicate,
+                        partition_by=self.backend.partition_by or None,
+                        schema_mode="merge",
+                        storage_options=self.backend.options,
+                    )
                 return
             except CommitFailedError as exc:  # another writer committed first: redo ours
                 logger.info("%s: concurrent commit (%s); retrying", uri, exc)
                 _pause(attempt)
-            except DeltaError as exc:
-                raise OutputError(uri, "commit a batch to", f"{type(exc).__name__}: {exc}") from exc
         raise OutputError(uri, "commit a batch to", "too many concurrent commits; try again")
 
 
@@ -280,15 +300,14 @@ def read(
         options = delta_options(location, options)
     schema = logical_schema(table)
     uri = location.child(table)
-    try:
-        found = DeltaTable(uri, storage_options=options)
-    except TableNotFoundError:
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    except DeltaError as exc:
-        raise OutputError(uri, "read", f"{type(exc).__name__}: {exc}") from exc
-    partitions = list(found.metadata().partition_columns)
-    files = found.file_uris()
+    with _store_errors("read", uri):
+        try:
+            found = DeltaTable(uri, storage_options=options)
+        except TableNotFoundError:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        partitions = list(found.metadata().partition_columns)
+        files = found.file_uris()
     filesystem = _arrow_filesystem(location, options)
     if location.local is None:
         files = [f.split("://", 1)[1] for f in files]

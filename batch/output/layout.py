@@ -32,7 +32,9 @@ from typing import Any, Final
 import pyarrow as pa
 
 from batch.errors import LockedError, ManifestError, OutputError, PulseBatchError
+from batch.output import store_errors
 from batch.output.schema import SCHEMA_VERSION
+from batch.output.store_errors import one_line
 from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
@@ -73,12 +75,23 @@ def translated(operation: str, path: Path | str) -> Iterator[None]:
         raise
     except OSError as exc:
         where = exc.filename or path
-        reason = exc.strerror or str(exc) or type(exc).__name__
+        reason = one_line(exc.strerror or str(exc)) or type(exc).__name__
         if exc.errno is not None:
             reason = f"{reason} ({errno.errorcode.get(exc.errno, exc.errno)})"
         raise OutputError(where, operation, reason) from exc
     except pa.ArrowException as exc:
-        raise OutputError(path, operation, f"{type(exc).__name__}: {exc}") from exc
+        raise OutputError(path, operation, one_line(f"{type(exc).__name__}: {exc}")) from exc
+    except _sdk_errors() as exc:  # no credentials: botocore's own errors are not OSErrors
+        raise OutputError(path, operation, store_errors.reason(exc, str(path))) from exc
+
+
+def _sdk_errors() -> tuple[type[Exception], ...]:
+    """The storage SDKs' error roots that are not `OSError` (botocore is an extra)."""
+    try:
+        from botocore.exceptions import BotoCoreError  # type: ignore[import-untyped]
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
 
 
 # --- atomic files ------------------------------------------------------------------

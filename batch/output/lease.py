@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from batch.errors import LockedError, OutputError
+from batch.output import store_errors
 from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class S3Lease:
         return True
 
     def _reason(self, error: Exception) -> str:
-        return self._code(error) or type(error).__name__
+        return store_errors.reason(self._code(error) or type(error).__name__, self.url)
 
     def _read(self) -> tuple[Holder | None, str] | None:
         try:
@@ -222,7 +223,7 @@ def _live_shards(client: Any, url: str, job: str) -> list[Holder]:
     try:
         listed = client.list_objects_v2(Bucket=bucket, Prefix=key)
     except Exception as error:
-        raise OutputError(url, "list the locks", type(error).__name__) from error
+        raise OutputError(url, "list the locks", store_errors.reason(error, url)) from error
     live = []
     for entry in listed.get("Contents", []):
         holder = S3Lease(client, f"s3://{bucket}/{entry['Key']}", "").held_by()
