@@ -424,8 +424,11 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     todo = [i for i in items if i.item_id in chosen and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     price = loaded.manifest.output.price_per_minute
-    streamed = _detect_speech(loaded, todo) if loaded.manifest.run.skip_silence else {}
-    streamed_s = sum(streamed.get(i.item_id, i.duration_s or 0.0) for i in todo)
+    streamed = {i.item_id: i.duration_s or 0.0 for i in todo}
+    if loaded.manifest.run.skip_silence:
+        streamed |= _detect_speech(loaded, todo)
+    streamed_s = sum(streamed.values())
+    cap = stats.cap_minutes
     report = {
         "job": stats.job,
         "shard": stats.shard,
@@ -444,7 +447,10 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
         "estimated_cost": round(streamed_s / 60 * price, 4),
         "billed_audio_minutes_without_skipping": round(audio_s / 60, 4),
         "estimated_cost_without_skipping": round(audio_s / 60 * price, 4),
-        "cap_billed_minutes": stats.cap_minutes,
+        "cap_billed_minutes": cap,
+        # Whether the run as planned fits its spend cap (null: no cap); a run that does not
+        # stops with exit 7 and the rerun continues.
+        "fits_cap": None if cap is None else streamed_s / 60 <= cap,
         "plan": [
             {
                 "item_id": i.item_id,
@@ -452,7 +458,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
                 "channel": i.channel,
                 "duration_s": i.duration_s,
                 "streamed_s": streamed.get(i.item_id),
-                "action": _dry_action(i, chosen, done),
+                "action": _dry_action(i, chosen, done, streamed.get(i.item_id)),
             }
             for i in items
         ],
@@ -460,10 +466,12 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     return JobResult(report, None)
 
 
-def _dry_action(item: Item, chosen: set[str], done: set[str]) -> str:
+def _dry_action(item: Item, chosen: set[str], done: set[str], streamed_s: float | None) -> str:
     if item.item_id not in chosen:
         return "skip" if item.item_id in done else "skip: failed before (--no-retry-failed)"
-    return f"fail: {item.error}" if item.error else "stream"
+    if item.error:
+        return f"fail: {item.error}"
+    return "no speech: ok without a session" if streamed_s == 0 else "stream"
 
 
 def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float]:
@@ -473,7 +481,13 @@ def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float
     wire = wire_format(loaded)
     estimates = {}
     for item in items:
-        audio = DecodedAudio(item.source, wire, channel=item.channel, stream_index=run.stream_index)
+        audio = DecodedAudio(
+            item.open_path or item.source,
+            wire,
+            channel=item.channel,
+            stream_index=run.stream_index,
+            storage_options=item.storage_options,
+        )
         try:
             found = find_speech(
                 audio, None, pad_s=run.skip_silence_pad_s, gap_s=run.skip_silence_gap_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from batch.manifest import load_manifest
 from batch.server import LocalServer
 from tests.calls import Call, demo_voices, hold_music, make_call
 from tests.conftest import run_cli, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio
+from tests.media import DEMO_CLIPS, Burst, tone_track, write_audio
 
 RATE = 16000
 WITHIN_S = 0.02 + 1e-9  # 20 ms (whisper's own time step), with float rounding
@@ -176,6 +177,36 @@ def test_a_file_with_no_speech_costs_no_session(tmp_path: Path) -> None:
     assert report["audio"]["skipped_s"] == pytest.approx(40, abs=0.01)
     rows = _transcripts(tmp_path / "out")
     assert [(r[1], r[3], r[4]) for r in rows] == [("ok", 0.0, 0), ("ok", 0.0, 0)]
+
+
+def test_dry_run_says_which_items_need_no_session_and_whether_the_cap_holds(
+    tmp_path: Path,
+) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    write_audio(media / "quiet.wav", [np.zeros(RATE * 10, dtype=np.float32)], RATE)
+    shutil.copyfile(DEMO_CLIPS / "cancel.wav", media / "speech.wav")  # 3.9 s of speech
+    for skip, cap, fits in ((True, 0.01, False), (True, None, None), (False, 1.0, True)):
+        run: dict[str, Any] = {"skip_silence": skip}
+        if cap is not None:
+            run["max_billed_minutes"] = cap
+        manifest = write_manifest(tmp_path, run=run)
+        done = run_cli("run", str(manifest), "--dry-run")
+        assert done.returncode == 0, done.stderr
+        plan = json.loads(done.stdout)
+        assert plan["fits_cap"] is fits
+        by_name = {Path(p["source"]).name: p for p in plan["plan"]}
+        assert sum(p["streamed_s"] for p in plan["plan"]) == pytest.approx(
+            plan["streamed_s"], abs=0.01
+        )
+        if skip:  # the detector hears nothing in the quiet file: no session for it
+            assert by_name["quiet.wav"]["streamed_s"] == 0
+            assert by_name["quiet.wav"]["action"].startswith("no speech")
+        else:  # streamed whole: each item streams its duration
+            assert by_name["quiet.wav"]["streamed_s"] == pytest.approx(10.0, abs=0.01)
+            assert by_name["quiet.wav"]["action"] == "stream"
+        assert by_name["speech.wav"]["action"] == "stream"
+        assert by_name["speech.wav"]["streamed_s"] > 2.0
 
 
 def test_dry_run_estimates_the_saving_without_a_session(tmp_path: Path, call: Call) -> None:
