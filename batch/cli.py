@@ -342,7 +342,7 @@ def run(
     if report["status"] == "capped":
         left = report["left"]
         err.print(
-            f"[yellow]spend cap reached:[/yellow] {escape(str(report['abort_reason']))}; left"
+            f"[yellow]stopped:[/yellow] {escape(str(report['abort_reason']))}; left"
             f" for the next run: {left['items']} item(s), {left['audio_s']} s of audio",
             highlight=False,
         )

@@ -241,7 +241,9 @@ def test_spend_cap_stops_the_run_and_the_rerun_finishes(tmp_path: Path) -> None:
     )
     first = run_cli("run", str(manifest))
     assert first.returncode == 7, first.stderr
-    assert "spend cap reached" in first.stderr and "3 item(s)" in first.stderr
+    assert "spend cap of 0.45 billed minutes reached" in first.stderr
+    summary = next(line for line in first.stderr.splitlines() if "left for the next run" in line)
+    assert summary.count("spend cap") == 1 and "3 item(s)" in summary
     report = json.loads((tmp_path / "out/_reports/test-job/latest.json").read_text())
     assert report["status"] == "capped"
     assert report["items"]["ok"] == 2 and report["items"]["not_run"] == 3
