@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -185,7 +186,10 @@ def test_endpoint_with_nothing_listening_stops_with_exit_6(tmp_path: Path) -> No
     assert done.returncode == 6, done.stdout + done.stderr
     said = " ".join(done.stderr.split())
     assert f"cannot reach the service at 127.0.0.1:{port}" in said
-    assert "6 connection attempts in a row" in said and "pulse.endpoint" in said
+    # Sessions failing at the same moment can take the streak past 6 before the stop.
+    in_a_row = re.search(r"(\d+) connection attempts in a row", said)
+    assert in_a_row is not None and int(in_a_row.group(1)) >= 6, said
+    assert "pulse.endpoint" in said
     assert "sk-unreach-5ecret" not in done.stdout + done.stderr
     assert report["status"] == "aborted" and report["abort_kind"] == "service_unreachable"
     assert "sk-unreach-5ecret" not in json.dumps(report)
