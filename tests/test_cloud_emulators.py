@@ -13,7 +13,7 @@ import subprocess
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -91,26 +91,34 @@ def gcs() -> Iterator[GcsEmulator]:
         yield emulator
 
 
-def test_a_gs_glob_and_path_through_the_emulator(gcs: GcsEmulator, tmp_path: Path) -> None:
+def _glob_and_missing_path(
+    tmp_path: Path, upload: Callable[[Path, str], object], base: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Upload three objects under ``base`` (two under media/, one outside it), run a glob of
+    media/ beside a path to a missing object, and check every row; returns the run."""
     clip = _clip(tmp_path / "a.wav")
     for name in ("media/a.wav", "media/sub/b.wav", "other/c.wav"):  # other/: not matched
-        gcs.upload(clip, name)
+        upload(clip, name)
     manifest = write_manifest(
-        tmp_path,
-        inputs=[{"glob": f"gs://{BUCKET}/media/**/*.wav"}, {"path": f"gs://{BUCKET}/gone.wav"}],
+        tmp_path, inputs=[{"glob": f"{base}/media/**/*.wav"}, {"path": f"{base}/gone.wav"}]
     )
-    done = run_cli("run", str(manifest), env=gcs.env)
+    done = run_cli("run", str(manifest), env=env)
     assert done.returncode == 1, done.stderr  # the missing object failed
     assert _rows(tmp_path) == {
-        f"gs://{BUCKET}/gone.wav": (
+        f"{base}/gone.wav": (
             "failed",
             "not_found",
             None,
-            f"gs://{BUCKET}/gone.wav: object not found; check the URL",
+            f"{base}/gone.wav: object not found; check the URL",
         ),
-        f"gs://{BUCKET}/media/a.wav": ("ok", None, "tone440 tone880", None),
-        f"gs://{BUCKET}/media/sub/b.wav": ("ok", None, "tone440 tone880", None),
+        f"{base}/media/a.wav": ("ok", None, "tone440 tone880", None),
+        f"{base}/media/sub/b.wav": ("ok", None, "tone440 tone880", None),
     }
+    return done
+
+
+def test_a_gs_glob_and_path_through_the_emulator(gcs: GcsEmulator, tmp_path: Path) -> None:
+    _glob_and_missing_path(tmp_path, gcs.upload, f"gs://{BUCKET}", gcs.env)
 
 
 # --- az:// through Azurite --------------------------------------------------------------
@@ -216,26 +224,5 @@ def azurite(tmp_path: Path) -> Iterator[Azurite]:
 
 
 def test_an_az_glob_and_path_through_azurite(azurite: Azurite, tmp_path: Path) -> None:
-    clip = _clip(tmp_path / "a.wav")
-    for name in ("media/a.wav", "media/sub/b.wav", "other/c.wav"):
-        azurite.upload(clip, name)
-    manifest = write_manifest(
-        tmp_path,
-        inputs=[
-            {"glob": f"az://{CONTAINER}/media/**/*.wav"},
-            {"path": f"az://{CONTAINER}/gone.wav"},
-        ],
-    )
-    done = run_cli("run", str(manifest), env=azurite.env)
-    assert done.returncode == 1, done.stderr  # the missing blob failed
-    assert _rows(tmp_path) == {
-        f"az://{CONTAINER}/gone.wav": (
-            "failed",
-            "not_found",
-            None,
-            f"az://{CONTAINER}/gone.wav: object not found; check the URL",
-        ),
-        f"az://{CONTAINER}/media/a.wav": ("ok", None, "tone440 tone880", None),
-        f"az://{CONTAINER}/media/sub/b.wav": ("ok", None, "tone440 tone880", None),
-    }
+    done = _glob_and_missing_path(tmp_path, azurite.upload, f"az://{CONTAINER}", azurite.env)
     assert DEV_KEY not in done.stdout + done.stderr
