@@ -424,9 +424,8 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     todo = [i for i in items if i.item_id in chosen and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     price = loaded.manifest.output.price_per_minute
-    streamed = {i.item_id: i.duration_s or 0.0 for i in todo}
-    if loaded.manifest.run.skip_silence:
-        streamed |= _detect_speech(loaded, todo)
+    heard = _detect_speech(loaded, todo) if loaded.manifest.run.skip_silence else {}
+    streamed = {i.item_id: heard.get(i.item_id, i.duration_s or 0.0) for i in todo}
     streamed_s = sum(streamed.values())
     cap = stats.cap_minutes
     report = {
@@ -458,7 +457,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
                 "channel": i.channel,
                 "duration_s": i.duration_s,
                 "streamed_s": streamed.get(i.item_id),
-                "action": _dry_action(i, chosen, done, streamed.get(i.item_id)),
+                "action": _dry_action(i, chosen, done, no_speech=heard.get(i.item_id) == 0),
             }
             for i in items
         ],
@@ -466,12 +465,14 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     return JobResult(report, None)
 
 
-def _dry_action(item: Item, chosen: set[str], done: set[str], streamed_s: float | None) -> str:
+def _dry_action(item: Item, chosen: set[str], done: set[str], *, no_speech: bool) -> str:
+    """``no_speech``: the detector heard none (only with skip_silence; an empty file
+    streamed whole still opens its session)."""
     if item.item_id not in chosen:
         return "skip" if item.item_id in done else "skip: failed before (--no-retry-failed)"
     if item.error:
         return f"fail: {item.error}"
-    return "no speech: ok without a session" if streamed_s == 0 else "stream"
+    return "no speech: ok without a session" if no_speech else "stream"
 
 
 def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float]:
