@@ -36,6 +36,7 @@ from batch.errors import (
     Unreachable,
 )
 from batch.pulse import protocol
+from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
 
@@ -71,6 +72,9 @@ _wire_filter = _ScrubAuthorization()
 _wire_logger.addFilter(_wire_filter)
 
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Messages websockets may hold unread (each up to the size above): with its default of 16,
+# a flood of large frames could pin 256 MB per session before our budget sees them.
+_MAX_QUEUED_MESSAGES = 4
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -114,6 +118,9 @@ class Timeouts:
     # Xing header probes short) is never timed out for that. 0: the deadline is fixed.
     deadline_per_audio_s: float = 0.0
     deadline_slack_s: float = 0.0
+    # Each send (an audio chunk, the end signal) must be taken by the peer within this: a
+    # peer that stops reading fills the socket's buffers, and a send then waits forever.
+    write_timeout_s: float = 30.0
 
     def grown_deadline_s(self, audio_sent_s: float) -> float:
         """The session deadline (seconds from its start) once ``audio_sent_s`` was sent."""
@@ -181,12 +188,15 @@ def _rejected(exc: InvalidStatus, scrubber: Scrubber) -> HandshakeRejected:
     return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
 
 
-def _lost(exc: ConnectionClosed, phase: str, scrubber: Scrubber) -> ConnectionLost:
+def _lost(exc: ConnectionClosed, scrubber: Scrubber, took_audio: bool) -> ConnectionLost:
     code = exc.rcvd.code if exc.rcvd is not None else None
     reason = scrubber.scrub(exc.rcvd.reason) if exc.rcvd is not None else ""
     described = f"close code {code}" if code is not None else "no close frame"
     detail = f" ({reason})" if reason else ""
-    return ConnectionLost(f"connection ended {phase} before is_last: {described}{detail}", code)
+    # Once the service took the audio, a close is a failed attempt, not a refusal to start.
+    phase = "after the service took the audio" if took_audio else "while streaming"
+    message = f"connection ended {phase} before is_last: {described}{detail}"
+    return ConnectionLost(message, code, after_audio=took_audio)
 
 
 def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -221,6 +231,7 @@ class _Stream:
         scrubber: Scrubber,
         deadline: anyio.CancelScope | None = None,
         label: str = "a session",
+        bounds: ReplyBounds = DEFAULT_BOUNDS,
     ) -> None:
         self.ws = ws
         self.label = label  # what is streamed (source, channel, piece), for log lines
@@ -236,6 +247,20 @@ class _Stream:
         self.started_at: float | None = None
         self.end_sent_at = 0.0
         self._waiting: anyio.CancelScope | None = None
+        self.meter = ReplyMeter(bounds)
+        self.audio_sent_s = 0.0
+        self.heard = False  # the service sent a transcript: it took audio
+
+    @property
+    def took_audio(self) -> bool:
+        """The service heard audio (it answered with a transcript) or got all of it."""
+        return self.heard or self.end_sent.is_set()
+
+    async def _send(self, data: str | bytes) -> None:
+        with anyio.move_on_after(self.timeouts.write_timeout_s) as scope:
+            await self.ws.send(data)
+        if scope.cancelled_caught:
+            raise SessionTimeout("write_timeout_s", self.timeouts.write_timeout_s)
 
     async def send(self, audio: AudioSource, pace: float) -> None:
         # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
@@ -251,7 +276,7 @@ class _Stream:
                             await self._send_chunk(chunk, position_s, pace)
         finally:
             reader.close()
-        await self.ws.send(protocol.end_message(self.generation))
+        await self._send(protocol.end_message(self.generation))
         self.end_sent_at = time.monotonic()
         self.end_sent.set()
         if self._waiting is not None:  # a wait begun before the end signal is now bounded too
@@ -261,7 +286,8 @@ class _Stream:
         """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
         if self.started_at is None:
             self.started_at = time.monotonic()
-        await self.ws.send(chunk)
+        await self._send(chunk)
+        self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:
             due = self.started_at + position_s / pace
@@ -286,6 +312,9 @@ class _Stream:
                 raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
             if isinstance(raw, bytes):
                 raise ProtocolViolation("service sent a binary frame; only JSON text is expected")
+            over = self.meter.take(len(raw), self.audio_sent_s)
+            if over is not None:
+                raise ProtocolViolation(over)
             if self._handle(raw):
                 return
 
@@ -312,6 +341,7 @@ class _Stream:
         if isinstance(message, protocol.Ignored):
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
+        self.heard = True
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()
@@ -333,6 +363,17 @@ class _Stream:
         return False
 
 
+async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
+    """Send and receive at once until ``is_last``; the error that explains a failure."""
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stream.send, audio, pace)
+            await stream.receive()
+            tasks.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
 async def run_session(
     endpoint: Endpoint,
     options: protocol.PulseOptions,
@@ -344,12 +385,14 @@ async def run_session(
     user_agent: str | None = None,
     on_open: Callable[[], None] | None = None,
     label: str | None = None,
+    bounds: ReplyBounds = DEFAULT_BOUNDS,
 ) -> SessionResult:
     """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
     ``on_open`` is called once the service has accepted the session (the upgrade passed).
 
     ``label`` names what is streamed (the source, its channel, its piece) in the session's
-    log lines. ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
+    log lines. ``bounds`` limits what the service may send (`batch.pulse.bounds`).
+    ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
     shard, for anyone reading the service's logs). Complete only at ``is_last``. Raises
     `SessionError` subclasses (see `batch.errors`) and `InputError` if the audio source
     fails while streaming.
@@ -359,6 +402,7 @@ async def run_session(
     if api_key:
         _wire_filter.remember(api_key)
     result = SessionResult()
+    stream: _Stream | None = None
     began = time.monotonic()
     begun = anyio.current_time()
     try:
@@ -370,6 +414,7 @@ async def run_session(
                 compression=None,  # deflate costs 6-35x throughput on PCM
                 open_timeout=timeouts.connect_timeout_s,
                 max_size=_MAX_MESSAGE_BYTES,
+                max_queue=_MAX_QUEUED_MESSAGES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
                 logger=_wire_logger,
@@ -387,14 +432,17 @@ async def run_session(
                     scrubber,
                     deadline,
                     label or "a session",
+                    bounds,
                 )
                 try:
-                    async with anyio.create_task_group() as tasks:
-                        tasks.start_soon(stream.send, audio, pace)
-                        await stream.receive()
-                        tasks.cancel_scope.cancel()
-                except BaseExceptionGroup as group:
-                    raise _unwrap(group) from None
+                    await _stream_both(stream, audio, pace)
+                except BaseException:
+                    # Abandoned (a failure, the deadline, a stop): drop the socket now. A
+                    # close from a cancelled scope never runs, and a peer that stopped
+                    # reading would keep the socket, and the audio queued in the kernel for
+                    # it, long after the slot was given to another session.
+                    ws.transport.abort()
+                    raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:
         if result.connect_s == 0.0:
@@ -406,7 +454,7 @@ async def run_session(
     except InvalidStatus as exc:
         raise _rejected(exc, scrubber) from None
     except ConnectionClosed as exc:
-        raise _lost(exc, "while streaming", scrubber) from None
+        raise _lost(exc, scrubber, stream is not None and stream.took_audio) from None
     except InvalidHandshake as exc:
         raise Unreachable(f"handshake failed: {exc.__class__.__name__}") from None
     except OSError as exc:
