@@ -7,10 +7,13 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -363,6 +366,20 @@ class _Stream:
         return False
 
 
+def _abort(ws: ClientConnection) -> None:
+    """Drop an abandoned connection (a failure, the deadline, a stop) at once.
+
+    A close from a cancelled scope never runs, and a plain close of a socket whose peer
+    stopped reading leaves an orphan in FIN-WAIT holding the queued audio for minutes: a
+    zero linger makes the kernel reset it and free its queues now.
+    """
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
 async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
     """Send and receive at once until ``is_last``; the error that explains a failure."""
     try:
@@ -437,11 +454,7 @@ async def run_session(
                 try:
                     await _stream_both(stream, audio, pace)
                 except BaseException:
-                    # Abandoned (a failure, the deadline, a stop): drop the socket now. A
-                    # close from a cancelled scope never runs, and a peer that stopped
-                    # reading would keep the socket, and the audio queued in the kernel for
-                    # it, long after the slot was given to another session.
-                    ws.transport.abort()
+                    _abort(ws)
                     raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:
