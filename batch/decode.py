@@ -26,6 +26,7 @@ import av
 import numpy as np
 
 from batch import storage
+from batch.chunker import Chunker
 from batch.errors import InputError
 from batch.pulse.protocol import OPUS_ENCODINGS, OPUS_FRAME_S, PCM_SAMPLE_BYTES
 
@@ -193,30 +194,6 @@ def probe(
             audio_streams=len(container.streams.audio),
             video_streams=len(container.streams.video),
         )
-
-
-class Chunker:
-    """Cuts a byte stream into fixed-size chunks without re-copying the tail each time."""
-
-    def __init__(self, chunk_bytes: int) -> None:
-        self._size = chunk_bytes
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        self._buffer += data
-        size = self._size
-        if len(self._buffer) < size:
-            return
-        whole = len(self._buffer) - len(self._buffer) % size
-        view = bytes(self._buffer[:whole])
-        del self._buffer[:whole]
-        for start in range(0, whole, size):
-            yield view[start : start + size]
-
-    def rest(self) -> Iterator[bytes]:
-        if self._buffer:
-            yield bytes(self._buffer)
-            self._buffer.clear()
 
 
 class _G711:
