@@ -4,15 +4,26 @@ lists that point outside their store or folder. Real files, the CLI in-process."
 
 from __future__ import annotations
 
+import io
+import struct
 import time
+import wave
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from batch import job as jobs
+from batch import plausible
 from batch.cli import app
-from batch.errors import ManifestError
+from batch.decode import probe
+from batch.errors import InputError, ManifestError
 from batch.manifest import load_manifest
+from tests.conftest import write_manifest
+from tests.media import Burst, tone_track, write_audio
+from tests.s3server import S3Bucket
 
 ENDPOINT = "wss://waves-api.smallest.ai/api/v1/pulse/get_text"
 
@@ -99,3 +110,71 @@ def test_credentials_in_the_endpoint_are_refused_and_never_repeated(
     assert "pulse.endpoint:" in output and "pulse.api_key_env" in output
     assert secret not in output
     assert not (tmp_path / "out").exists()
+
+
+# --- headers that lie about the audio -----------------------------------------------------
+
+
+def _one_hz_wav(path: Path) -> Path:
+    """A WAV whose header says 1 Hz: 32,000 samples probe as 32,000 s."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(1)
+        out.writeframes(np.random.default_rng(1).integers(-3000, 3000, 32000, "<i2").tobytes())
+    return path
+
+
+def _lying_mp3(path: Path) -> Path:
+    """A 2 s MP3 whose Xing frame count says 10 million frames (about 100 hours)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=16000, layout="mono")
+        pcm = (tone_track([Burst(0.2, 1.0, 440)], 2.0, 16000) * 20000).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    data = bytearray(buffer.getvalue())
+    tag = max(data.find(b"Xing"), data.find(b"Info"))
+    assert tag > 0 and data[tag + 7] & 1  # the frame-count field is present
+    data[tag + 8 : tag + 12] = struct.pack(">I", 10_000_000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_headers_that_lie_fail_their_rows_at_plan_time(tmp_path: Path) -> None:
+    _one_hz_wav(tmp_path / "media" / "one_hz.wav")
+    _lying_mp3(tmp_path / "media" / "liar.mp3")
+    write_audio(
+        tmp_path / "media" / "fine.wav", [tone_track([Burst(0.1, 0.2, 440)], 1, 8000)], 8000
+    )
+    manifest = write_manifest(tmp_path, inputs=[{"glob": "media/*"}])
+    items = {Path(i.source).name: i for i in jobs.plan_items(load_manifest(manifest))}
+    one_hz, liar = items["one_hz.wav"].error, items["liar.mp3"].error
+    assert one_hz is not None and one_hz.kind == "not_media"
+    assert "sample rate is 1 Hz, below the 2000 Hz" in str(one_hz)
+    assert liar is not None and liar.kind == "decode_error"
+    assert "more than its" in str(liar) and "header is wrong" in str(liar)
+    assert items["fine.wav"].error is None
+
+
+def test_a_lying_header_behind_a_url_is_caught_by_the_object_size(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    url = s3_bucket.upload(_lying_mp3(tmp_path / "liar.mp3"), "liar.mp3")
+    with pytest.raises(InputError) as caught:
+        probe(url)
+    assert caught.value.kind == "decode_error"
+
+
+def test_plausible_bounds_are_pure() -> None:
+    plausible.check("a.wav", 8000, 3600.0, 8000 * 2 * 3600)  # an hour of 8 kHz PCM
+    plausible.check("a.opus", 16000, 3600.0, 40_000)  # an hour of near-silent Opus (DTX)
+    plausible.check("a.wav", 0, None, None)  # nothing said: decoding decides
+    with pytest.raises(InputError, match="1999 Hz"):
+        plausible.check("a.wav", 1999, 1.0, 10_000)
+    with pytest.raises(InputError, match="3,600 s"):
+        plausible.check("a.mp3", 16000, 3600.0, 20_000)
