@@ -6,6 +6,7 @@ file, the key path and what is allowed.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import re
 from pathlib import Path
@@ -105,6 +106,11 @@ class ListInput(_Strict):
     # For the list file, when it is a URL, and for every URL it lists.
     storage_options: StorageOptions = {}
     allow_empty: bool = False
+    # Where else reference_path may point (a folder or URL prefix); by default references
+    # are read only from under the list's own folder (for a list at a URL: its store).
+    reference_root: Location | None = None
+    # Columns kept as metadata although named like a column the runner reads (`channel`).
+    metadata_columns: builtins.list[str] = []  # `list` is the field above
 
 
 def _input_kind(value: Any) -> str | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batch import storage
+from batch import reach, storage
 from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, InputUnavailable, ManifestError
 from batch.lists import read_local, read_rows
@@ -179,9 +179,13 @@ def read_list_rows(location: str) -> Iterator[dict[str, Any]]:
         yield {"__line__": number, **row}
 
 
-def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
+def _sources_from_list(
+    location: str, entry: ListInput, reference_root: str | None
+) -> Iterator[Source]:
     name = urlsplit(location).path if storage.is_url(location) else location
-    for number, row in read_rows(location, _list_bytes(location, options), name):
+    options = entry.storage_options
+    declared = frozenset(str(c).strip() for c in entry.metadata_columns)
+    for number, row in read_rows(location, _list_bytes(location, options), name, declared):
         where = f"line {number}"
         raw_path = row.pop("path", None)
         if raw_path is None or str(raw_path).strip() == "":
@@ -202,6 +206,10 @@ def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Sourc
         except ValueError as exc:
             raise ManifestError(location, f"{where}: {exc}") from None
         found = locate(str(raw_path), _folder_of(location))
+        refused = reach.refusal(location, found.path, reference, reference_root)
+        if refused is not None:
+            shown = storable(found.path)
+            found = Source(shown, problem=InputError("bad_path", shown, refused))
         yield replace(
             found,
             language=language,
@@ -240,7 +248,8 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             what = ""
         elif isinstance(entry, ListInput):
             location = locate(entry.list, base).path
-            found = list(_sources_from_list(location, entry.storage_options))
+            root = entry.reference_root
+            found = list(_sources_from_list(location, entry, root and locate(root, base).path))
             what = f"list {entry.list!r} has no rows"
         if not found and not getattr(entry, "allow_empty", False):
             raise ManifestError(

@@ -5,12 +5,15 @@ lists that point outside their store or folder. Real files, the CLI in-process."
 from __future__ import annotations
 
 import io
+import json
 import struct
 import time
 import wave
 from pathlib import Path
 
+import anyio
 import av
+import duckdb
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -20,6 +23,7 @@ from batch import plausible
 from batch.cli import app
 from batch.decode import probe
 from batch.errors import InputError, ManifestError
+from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from tests.conftest import write_manifest
 from tests.media import Burst, tone_track, write_audio
@@ -178,3 +182,126 @@ def test_plausible_bounds_are_pure() -> None:
         plausible.check("a.wav", 1999, 1.0, 10_000)
     with pytest.raises(InputError, match="3,600 s"):
         plausible.check("a.mp3", 16000, 3600.0, 20_000)
+
+
+# --- lists that reach outside ---------------------------------------------------------------
+
+SECRET = "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG"
+
+
+def _clip(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_audio(path, [tone_track([Burst(0.1, 0.3, 440)], 1.0, 8000)], 8000)
+
+
+def _transcripts(out: Path) -> dict[str, tuple[object, ...]]:
+    table = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
+    query = f"select source, status, error_kind, error, reference from {table}"
+    return {Path(str(r[0])).name: r[1:] for r in duckdb.sql(query).fetchall()}
+
+
+def test_a_local_list_reads_references_only_under_its_folder(tmp_path: Path) -> None:
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_text(SECRET)
+    jobdir = tmp_path / "job"
+    for name in ("a", "b", "c", "d", "e"):
+        _clip(jobdir / f"{name}.wav")
+    (jobdir / "refs").mkdir()
+    (jobdir / "refs" / "a.txt").write_text("tone")
+    (jobdir / "refs" / "link.txt").symlink_to(secret)
+    rows = [
+        {"path": "a.wav", "reference_path": "refs/a.txt"},
+        {"path": "b.wav", "reference_path": str(secret)},
+        {"path": "c.wav", "reference_path": "../home/.aws/credentials"},
+        {"path": "d.wav", "reference_path": "refs/link.txt"},
+        {"path": "e.wav", "reference_path": secret.as_uri()},
+    ]
+    (jobdir / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_manifest(jobdir, inputs=[{"list": "list.jsonl"}])
+    anyio.run(run_job, load_manifest(manifest), RunOptions())
+    got = _transcripts(jobdir / "out")
+    assert got["a.wav"][0] == "ok" and got["a.wav"][3] == "tone"
+    for name in ("b.wav", "c.wav", "d.wav", "e.wav"):
+        status, kind, error, reference = got[name]
+        assert (status, kind, reference) == ("failed", "bad_path", None), name
+        assert "is outside" in str(error) and "reference_root" in str(error)
+    assert not any(SECRET in str(row) for row in got.values())
+    # The manifest may allow another folder for references.
+    allowed = write_manifest(
+        jobdir, inputs=[{"list": "list.jsonl", "reference_root": str(secret.parent)}]
+    )
+    items = {Path(i.source).name: i for i in jobs.plan_items(load_manifest(allowed))}
+    assert items["b.wav"].error is None and items["e.wav"].error is None
+    assert items["d.wav"].error is None  # the link leads under the allowed root
+    assert items["c.wav"].error is None
+
+
+def test_a_list_in_a_bucket_names_only_objects_in_that_bucket(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    local = _clip(tmp_path / "local" / "private.wav")
+    secret = tmp_path / "credentials"
+    secret.write_text(SECRET)
+    s3_bucket.upload(_clip(tmp_path / "a.wav"), "lists/clips/a.wav")
+    other = s3_bucket.upload(_clip(tmp_path / "b.wav"), "elsewhere/b.wav")
+    s3_bucket.put("lists/refs/a.txt", b"tone")
+    rows = [
+        {"path": "clips/a.wav", "reference_path": "refs/a.txt"},
+        {"path": other},  # the same bucket: fine
+        {"path": str(local)},
+        {"path": local.as_uri()},
+        {"path": f"s3://another-{s3_bucket.name}/x.wav"},
+        {"path": "clips/a.wav", "reference_path": str(secret), "channels": "0"},
+    ]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    listed = s3_bucket.put("lists/list.jsonl", body)
+    manifest = write_manifest(tmp_path, inputs=[{"list": listed}])
+    items = jobs.plan_items(load_manifest(manifest))
+    errors = {(i.source, i.channel): i.error for i in items}
+    assert errors[(s3_bucket.url("lists/clips/a.wav"), None)] is None
+    assert errors[(other, None)] is None
+    refused = [e for e in errors.values() if e is not None]
+    assert len(refused) == 4 and all(e.kind == "bad_path" for e in refused)
+    assert all(f"may name only objects under s3://{s3_bucket.name}/" in str(e) for e in refused[:3])
+    assert "reference_path" in str(errors[(s3_bucket.url("lists/clips/a.wav"), 0)])
+
+
+# --- odd lists --------------------------------------------------------------------------------
+
+
+def test_a_list_cell_of_any_size_is_read(tmp_path: Path) -> None:
+    _clip(tmp_path / "a.wav")
+    long_reference = "word " * 60_000  # 300,000 characters: a three-hour meeting
+    (tmp_path / "l.csv").write_text(f'path,reference\na.wav,"{long_reference}"\n')
+    manifest = write_manifest(tmp_path, inputs=[{"list": "l.csv"}])
+    code, output = _validate(manifest)
+    assert code == 0, output
+    (item,) = jobs.plan_items(load_manifest(manifest))
+    assert item.reference is not None and item.reference.text == long_reference
+
+
+def test_a_misspelt_list_column_stops_validation_unless_declared(tmp_path: Path) -> None:
+    _clip(tmp_path / "a.wav")
+    (tmp_path / "l.csv").write_text("\npath,langauge,team\na.wav,es,sales\n")
+    manifest = write_manifest(tmp_path, inputs=[{"list": "l.csv"}])
+    code, output = _validate(manifest)
+    assert code == 2
+    assert "l.csv: line 2: column 'langauge' is not one the runner reads" in output
+    assert "did you mean 'language'?" in output and "metadata_columns: ['langauge']" in output
+    declared = write_manifest(
+        tmp_path, inputs=[{"list": "l.csv", "metadata_columns": ["langauge"]}]
+    )
+    (item,) = jobs.plan_items(load_manifest(declared))
+    assert item.metadata == {"langauge": "es", "team": "sales"}
+    assert item.options.language == "en"
+
+
+def test_a_misspelt_jsonl_key_names_its_line(tmp_path: Path) -> None:
+    _clip(tmp_path / "a.wav")
+    rows = [{"path": "a.wav", "team": "x"}, {"path": "a.wav", "Reference-Path": "r.txt"}]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        ManifestError, match=r"line 2: column 'Reference-Path' .* did you mean 'reference_path'"
+    ):
+        jobs.plan_items(load_manifest(write_manifest(tmp_path, inputs=[{"list": "l.jsonl"}])))
