@@ -281,6 +281,9 @@ class RunConfig(_Strict):
     skip_silence: bool = False
     skip_silence_pad_s: float = Field(0.3, ge=0, le=5)
     skip_silence_gap_s: float = Field(0.5, gt=0, le=10)
+    # What makes an item the same one run after run: its path, or its bytes (a recording
+    # moved inside the glob is not billed again; each file is read once more per run).
+    identity: Literal["path", "content"] = "path"
     # No new session starts once it could take the run's billed audio past this.
     max_billed_minutes: float | None = Field(None, gt=0)
 

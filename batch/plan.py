@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batch import reach, storage
+from batch import identity, reach, storage
 from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, InputUnavailable, ManifestError
 from batch.lists import read_local, read_rows
@@ -56,10 +56,11 @@ class Source:
     resolved: str | None = None
     problem: InputError | None = None
     reference: Reference | None = None  # the true transcript, for WER/CER
+    content: str | None = None  # a digest of the bytes, with run.identity: content
 
     @property
     def identity(self) -> str:
-        return self.resolved or self.path
+        return self.content or self.resolved or self.path
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,20 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             logger.info("inputs.%d: %s (allow_empty)", index, what)
         sources.extend(found)
     _check_storage_clients(sources)
+    if loaded.manifest.run.identity == "content":
+        sources = [_by_content(source) for source in sources]
     return _unique(sources, loaded)
+
+
+def _by_content(source: Source) -> Source:
+    """``source`` known by a digest of its bytes; a file that cannot be read fails as
+    its probe would have (no path-based id is made for it: that would bill it twice)."""
+    if source.problem is not None:
+        return source
+    try:
+        return replace(source, content=identity.digest(source.path, source.storage_options))
+    except InputError as unreadable:
+        return replace(source, problem=unreadable)
 
 
 def _glob(pattern: str, base: str, options: dict[str, Any]) -> list[str]:

@@ -189,9 +189,9 @@ def test_plausible_bounds_are_pure() -> None:
 SECRET = "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG"
 
 
-def _clip(path: Path) -> Path:
+def _clip(path: Path, hz: int = 440) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_audio(path, [tone_track([Burst(0.1, 0.3, 440)], 1.0, 8000)], 8000)
+    return write_audio(path, [tone_track([Burst(0.1, 0.3, hz)], 1.0, 8000)], 8000)
 
 
 def _transcripts(out: Path) -> dict[str, tuple[object, ...]]:
@@ -305,3 +305,53 @@ def test_a_misspelt_jsonl_key_names_its_line(tmp_path: Path) -> None:
         ManifestError, match=r"line 2: column 'Reference-Path' .* did you mean 'reference_path'"
     ):
         jobs.plan_items(load_manifest(write_manifest(tmp_path, inputs=[{"list": "l.jsonl"}])))
+
+
+# --- identity by content ----------------------------------------------------------------------
+
+
+def test_a_recording_moved_inside_the_glob_is_not_billed_again(tmp_path: Path) -> None:
+    _clip(tmp_path / "rec" / "incoming" / "a.wav", 440)
+    _clip(tmp_path / "rec" / "incoming" / "b.wav", 880)
+    run = {"identity": "content"}
+    manifest = write_manifest(tmp_path, inputs=[{"glob": "rec/**/*.wav"}], run=run)
+    first = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert (first.report["items"]["ok"], first.report["attempts"]) == (2, 2)
+    (tmp_path / "rec" / "archive").mkdir()
+    (tmp_path / "rec" / "incoming" / "a.wav").rename(tmp_path / "rec" / "archive" / "a.wav")
+    second = anyio.run(run_job, load_manifest(manifest), RunOptions())
+    assert second.report["attempts"] == 0, second.report
+    got = _transcripts(tmp_path / "out")
+    assert len(got) == 2 and all(row[0] == "ok" for row in got.values())
+    # By path (the default) the moved file is a new item.
+    content_ids = {i.item_id for i in jobs.plan_items(load_manifest(manifest))}
+    by_path = write_manifest(tmp_path, inputs=[{"glob": "rec/**/*.wav"}])
+    path_ids = {i.item_id for i in jobs.plan_items(load_manifest(by_path))}
+    assert len(path_ids) == 2 and not path_ids & content_ids
+
+
+def test_content_identity_of_an_unreadable_file_fails_its_row(tmp_path: Path) -> None:
+    _clip(tmp_path / "media" / "a.wav")
+    (tmp_path / "media" / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    manifest = write_manifest(
+        tmp_path, inputs=[{"glob": "media/*.wav"}], run={"identity": "content"}
+    )
+    items = {Path(i.source).name: i for i in jobs.plan_items(load_manifest(manifest))}
+    assert items["a.wav"].error is None
+    gone = items["gone.wav"].error
+    assert gone is not None and gone.kind == "not_found"
+
+
+def test_content_identity_of_an_object_follows_its_bytes(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    local = _clip(tmp_path / "a.wav")
+    s3_bucket.upload(local, "incoming/a.wav")
+    run = {"identity": "content"}
+    manifest = write_manifest(tmp_path, inputs=[{"glob": s3_bucket.url("**/*.wav")}], run=run)
+    (before,) = jobs.plan_items(load_manifest(manifest))
+    s3_bucket.upload(local, "archive/a.wav")
+    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="incoming/a.wav")
+    (after,) = jobs.plan_items(load_manifest(manifest))
+    assert after.source == s3_bucket.url("archive/a.wav")
+    assert after.item_id == before.item_id and after.error is None
