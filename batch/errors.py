@@ -99,7 +99,7 @@ class InputError(PulseBatchError):
     """
 
     def __init__(self, kind: str, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(clip(f"{path}: {message}", MESSAGE_MAX_CHARS))
         self.kind = kind
         self.path = str(path)
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from batch import identity, reach, storage
 from batch.decode import ProbeInfo, probe
-from batch.errors import InputError, InputUnavailable, ManifestError
+from batch.errors import InputError, InputUnavailable, ManifestError, quoted
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
@@ -193,7 +193,7 @@ def _sources_from_list(
             raise ManifestError(location, f"{where}: the 'path' column is empty")
         language = str(row.pop("language", None) or "").strip() or None
         if language is not None and language not in LANGUAGES:
-            raise ManifestError(location, f"{where}: language {language!r} is not supported")
+            raise ManifestError(location, f"{where}: language {quoted(language)} is not supported")
         channels = _channels_value(row.pop("channels", None), where, location)
         reference = reference_of(row, functools.partial(_listed_location, _folder_of(location)))
         row.pop("reference", None)
