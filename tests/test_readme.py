@@ -122,3 +122,23 @@ def _run_snippet(snippet: str) -> dict[str, Any]:
         for name, value in namespace.items()
         if type(value).__name__ == "DataFrame" and not name.startswith("_")
     }
+
+
+def test_the_first_manifest_validates_and_plans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (manifest,) = _blocks("Your first manifest", "yaml")
+    (commands,) = _blocks("Your first manifest", "bash")
+    (tmp_path / "recordings").mkdir()
+    shutil.copy(ROOT / "jobs" / "demo" / "clips" / "cancel.wav", tmp_path / "recordings")
+    (tmp_path / "calls.yaml").write_text(manifest)
+    monkeypatch.chdir(tmp_path)
+    validate, dry_run = (shlex.split(line, comments=True) for line in commands.splitlines()[:2])
+    assert validate == ["pulse-batch", "validate", "calls.yaml"]
+    done = CliRunner().invoke(app, validate[1:])
+    assert done.exit_code == 0, done.output
+    assert "recordings/**/*.wav" in done.output and "cancel.wav" in done.output
+    assert dry_run == ["pulse-batch", "run", "calls.yaml", "--dry-run"]
+    done = CliRunner().invoke(app, dry_run[1:])
+    assert done.exit_code == 0, done.output
+    assert "cancel.wav" in done.output
