@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -25,6 +25,7 @@ import anyio
 import anyio.lowlevel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
 from batch.credentials import Scrubber
@@ -74,9 +75,11 @@ _wire_logger = logging.getLogger("batch.session.wire")
 _wire_filter = _ScrubAuthorization()
 _wire_logger.addFilter(_wire_filter)
 
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Far above any real message (a final's words for a long utterance, or a three-hour
+# full_transcript, are a few hundred KB); a larger one fails the session as `protocol`.
+_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Messages websockets may hold unread (each up to the size above): with its default of 16,
-# a flood of large frames could pin 256 MB per session before our budget sees them.
+# a flood of large frames could pin 64 MB per session before our budget sees them.
 _MAX_QUEUED_MESSAGES = 4
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -251,6 +254,7 @@ class _Stream:
         self.end_sent_at = 0.0
         self._waiting: anyio.CancelScope | None = None
         self.meter = ReplyMeter(bounds)
+        self._full_chars = 0  # the latest full_transcript's length
         self.audio_sent_s = 0.0
         self.heard = False  # the service sent a transcript: it took audio
 
@@ -315,9 +319,6 @@ class _Stream:
                 raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
             if isinstance(raw, bytes):
                 raise ProtocolViolation("service sent a binary frame; only JSON text is expected")
-            over = self.meter.take(len(raw), self.audio_sent_s)
-            if over is not None:
-                raise ProtocolViolation(over)
             if self._handle(raw):
                 return
 
@@ -329,6 +330,15 @@ class _Stream:
                     "%s: the service sent an odd %s value; stored as null", self.label, name
                 )
 
+    def _repeated(self, message: object) -> int:
+        """Characters of a cumulative ``full_transcript`` the budget already counted: it
+        repeats the transcript so far on every final, and only the latest is kept."""
+        if not isinstance(message, protocol.Transcription) or not message.full_transcript:
+            return 0
+        repeated = min(len(message.full_transcript), self._full_chars)
+        self._full_chars = len(message.full_transcript)
+        return repeated
+
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
         # A service that echoes the key into a transcript or message must not get it stored.
@@ -338,6 +348,9 @@ class _Stream:
         except protocol.MalformedMessage as exc:
             detail = self.scrubber.scrub(str(exc))
             raise ProtocolViolation(f"unreadable message from the service: {detail}") from None
+        over = self.meter.take(len(raw) - self._repeated(message), self.audio_sent_s)
+        if over is not None:
+            raise ProtocolViolation(over)
         if isinstance(message, protocol.ServerError):
             code = self.scrubber.scrub(message.code) if message.code else None
             raise ServerReported(self.scrubber.scrub(message.message), code)
@@ -356,7 +369,8 @@ class _Stream:
             if result.first_final_s is None and self.started_at is not None:
                 result.first_final_s = time.monotonic() - self.started_at
             if message.transcript or message.words:
-                result.finals.append(message)
+                # Only the latest full_transcript is kept (`note_final`): not one per final.
+                result.finals.append(replace(message, full_transcript=None))
         if message.is_last:
             if not self.end_sent.is_set():
                 # A terminal message before all the audio was sent: the rest would be lost.
@@ -467,6 +481,9 @@ async def run_session(
     except InvalidStatus as exc:
         raise _rejected(exc, scrubber) from None
     except ConnectionClosed as exc:
+        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            limit_mb = _MAX_MESSAGE_BYTES // 2**20
+            raise ProtocolViolation(f"the service sent a message over {limit_mb} MB") from None
         raise _lost(exc, scrubber, stream is not None and stream.took_audio) from None
     except InvalidHandshake as exc:
         raise Unreachable(f"handshake failed: {exc.__class__.__name__}") from None

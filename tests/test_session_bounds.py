@@ -141,6 +141,47 @@ async def test_many_large_finals_fail_the_item_and_memory_stays_flat(tmp_path: P
 
 
 @pytest.mark.anyio
+async def test_a_cumulative_full_transcript_counts_only_what_it_adds(tmp_path: Path) -> None:
+    # 100 finals, each repeating the whole transcript so far: 5 MB of frames for a 3 s
+    # file, five times its budget if counted whole, though only the latest is kept.
+    words = [f"{i:03d}" + "w" * 996 for i in range(100)]
+
+    async def cumulative(ws: ServerConnection) -> None:
+        await _until_end(ws)
+        for i, word in enumerate(words):
+            message = {"transcript": word, "is_final": True, "is_last": i == len(words) - 1,
+                       "full_transcript": " ".join(words[: i + 1])}  # fmt: skip
+            await ws.send(json.dumps(message))
+        await ws.wait_closed()
+
+    async with odd_server(cumulative) as url:
+        tone_files(tmp_path / "media", 1, BURSTS, 3.0)
+        manifest = write_manifest(tmp_path, run={"pace": 0, "max_attempts": 1},
+                                  pulse={"full_transcript": True})  # fmt: skip
+        point_at(manifest, url)
+        result = await run_job(load_manifest(manifest), RunOptions())
+    assert result.report["items"]["ok"] == 1, result.report["failures"]
+    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    [(full,)] = duckdb.sql(f"select full_transcript from {t}").fetchall()
+    assert full == " ".join(words)
+
+
+@pytest.mark.anyio
+async def test_a_message_over_4_mb_is_a_protocol_failure(tmp_path: Path) -> None:
+    async def huge(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await _until_end(ws)
+            await ws.send(_final("x" * 5_000_000, is_last=True))
+            await ws.wait_closed()
+
+    async with odd_server(huge) as url:
+        result = await _run(tmp_path, url, max_attempts=1)
+    assert result.report["items"]["failed"] == 1
+    [(status, kind, error, _)] = _rows(tmp_path / "out")
+    assert (status, kind) == ("failed", "protocol") and "a message over 4 MB" in error
+
+
+@pytest.mark.anyio
 async def test_a_flood_of_partials_ends_the_session(tmp_path: Path) -> None:
     partial = _final("a", is_final=False)
 

@@ -3,9 +3,11 @@
 A service that answers a 3 s file with gigabytes of finals, or floods partials, must not
 exhaust the client's memory or a core, nor produce a transcript no table can hold. Each
 session may receive at most ``chars_slack + chars_per_audio_s x audio sent`` characters
-of text frames (every frame counted as it arrives, before it is parsed: partials, events
-and finals alike) and ``messages_slack + messages_per_audio_s x audio sent`` messages.
-Past either, the session ends as a protocol failure of its item, which retries as usual.
+of text frames (partials, events and finals alike; each frame is at most 4 MB, refused
+beyond) and ``messages_slack + messages_per_audio_s x audio sent`` messages. A cumulative
+``full_transcript`` (the whole transcript so far, on every final) counts only what it adds,
+since only the latest is kept. Past either budget, the session ends as a protocol failure
+of its item, which retries as usual.
 
 The defaults are far above what a real service sends (finals with word times take a few
 hundred characters per second of speech; partials a few per second) and keep what one
