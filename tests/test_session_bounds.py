@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -261,13 +260,11 @@ def _client_sockets(port: int) -> list[str]:
 
 
 def _orphans(port: int) -> int:
-    """Sockets to ``port`` that no process holds any more (FIN-WAIT, closing, last-ack)."""
-    done = subprocess.run(
-        ["ss", "-tnH", "state", "fin-wait-1", "state", "fin-wait-2", "state", "closing",
-         "state", "last-ack", "dst", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return len(done.stdout.splitlines())
+    """Sockets to ``port`` still closing, held by any process or none (FIN-WAIT orphans)."""
+    closing = {psutil.CONN_FIN_WAIT1, psutil.CONN_FIN_WAIT2, psutil.CONN_CLOSING,
+               psutil.CONN_LAST_ACK}  # fmt: skip
+    connections = psutil.net_connections(kind="tcp")
+    return sum(1 for c in connections if c.raddr and c.raddr.port == port and c.status in closing)
 
 
 def test_a_peer_that_stops_reading_is_dropped_and_its_sockets_aborted(tmp_path: Path) -> None:
