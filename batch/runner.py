@@ -237,8 +237,8 @@ class ItemRunner:
         return None
 
     def _capped(self, error: NotStarted) -> None:
-        """The spend cap stops the run: nothing new starts; the item gets no row, so a
-        rerun does it."""
+        """The spend cap (or a signal) stops the run: nothing new starts; the item gets no
+        row, so a rerun does it."""
         if self.stats.status == "running":
             logger.warning("%s; starting nothing new", error)
             self.stats.status = "capped"
