@@ -256,11 +256,11 @@ class _Stream:
         self.meter = ReplyMeter(bounds)
         self._full_chars = 0  # the latest full_transcript's length
         self.audio_sent_s = 0.0
-        self.heard = False  # the service sent a transcript: it took audio
+        self.heard = False  # the service sent words: it took audio
 
     @property
     def took_audio(self) -> bool:
-        """The service heard audio (it answered with a transcript) or got all of it."""
+        """The service heard audio (it answered with words) or got all of it."""
         return self.heard or self.end_sent.is_set()
 
     async def _send(self, data: str | bytes) -> None:
@@ -357,7 +357,7 @@ class _Stream:
         if isinstance(message, protocol.Ignored):
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
-        self.heard = True
+        self.heard = self.heard or bool(message.transcript or message.words)
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()
