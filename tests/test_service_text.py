@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 
 from batch.cli import app
-from batch.credentials import REDACTED
+from batch.collect import TIME_MARGIN_S, Collected, time_quality
+from batch.credentials import REDACTED, Scrubber
 from batch.job import EXIT_ITEMS_FAILED, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
@@ -242,3 +243,31 @@ def test_a_key_echoed_json_escaped_is_stored_and_exported_nowhere(
     forms = {KEY, _escaped(KEY), _php(KEY), json.dumps(KEY)[1:-1], KEY[:12], KEY[-12:]}
     for form in forms:
         assert form.encode() not in written, form
+
+
+def test_parsing_scrubs_every_decoded_string_whatever_its_escaping() -> None:
+    scrub = Scrubber(KEY).scrub
+    for form in (KEY, _escaped(KEY), _php(KEY)):
+        final = protocol.parse_message(_echo_script(1)[0].replace(_escaped(KEY), form), scrub)
+        assert isinstance(final, protocol.Transcription)
+        assert KEY not in repr(final) and REDACTED in final.words[0].word
+        error = protocol.parse_message('{"error": {"message": "' + form + '"}}', scrub)
+        assert error == protocol.ServerError(REDACTED)
+        event = protocol.parse_message('{"type": "' + form + '"}', scrub)
+        assert event == protocol.Ignored(REDACTED)
+        with pytest.raises(protocol.InvalidField) as caught:  # its message quotes the value
+            protocol.parse_message('{"transcript": ["' + form + '"], "is_final": true}', scrub)
+        assert KEY not in str(caught.value) and REDACTED in str(caught.value)
+    unscrubbed = protocol.parse_message(_echo_script(1)[0])
+    assert isinstance(unscrubbed, protocol.Transcription) and unscrubbed.words[0].word == KEY
+
+
+def test_time_quality_allows_rounding_and_judges_utterances_too() -> None:
+    def row(end_s: float) -> dict[str, Any]:
+        return {"start_s": 0.0, "end_s": end_s}
+
+    rounded = Collected(words=[row(DURATION_S + TIME_MARGIN_S)], utterances=[row(DURATION_S)])
+    assert time_quality(rounded, DURATION_S) is None
+    late = Collected(words=[row(1.0)], utterances=[row(DURATION_S + TIME_MARGIN_S + 0.1)])
+    assert (time_quality(late, DURATION_S) or "").startswith("times_past_end: 1 utterances")
+    assert time_quality(late, 0.0) is None  # an unknown duration cannot be judged
