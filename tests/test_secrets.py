@@ -181,6 +181,11 @@ def test_credential_headers_and_fields_are_redacted_by_pattern() -> None:
         assert kept in redacted, redacted
     password = "p%2Fss-" + TOKEN[:12]  # a password in a URL is percent-encoded
     assert redact_credentials(f"wss://user:{password}@host/x") == f"wss://user:{REDACTED}@host/x"
+    from batch.output.store_errors import reason
+
+    url = f"https://acct.blob.core.windows.net/c/x.wav?sv=2024&sig={TOKEN}"
+    said = reason(f"503 ServerBusy reading {url}", "az://c/out")  # quoted whole
+    assert TOKEN not in said and "ServerBusy reading https://acct" in said
     plain = "the bearer of news; max_tokens=5; Signature: pending; host;x-amz-security-token"
     assert redact_credentials(plain) == plain
 
