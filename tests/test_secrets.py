@@ -232,3 +232,27 @@ def test_a_profile_session_token_never_reaches_a_verbose_log(
     assert "'X-Amz-Security-Token': b'[redacted]'" in logged
     assert TOKEN not in logged and TOKEN[:16] not in logged
     assert FAKE_SECRET not in logged
+
+
+def test_a_traceback_in_a_log_record_is_cleaned_too() -> None:
+    import io
+    import logging
+
+    from batch.credentials import RedactingFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(Scrubber(KEY)))
+    log = logging.getLogger("tests.redaction")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        raise RuntimeError(f"request failed: {{'x-amz-security-token': '{TOKEN}'}} key {KEY}")
+    except RuntimeError:
+        log.exception("store said %s", f"Authorization: Bearer {TOKEN}")
+    finally:
+        log.removeHandler(handler)
+    written = stream.getvalue()
+    assert "RuntimeError: request failed" in written and "Traceback" in written
+    assert TOKEN not in written and KEY not in written
+    assert "key [redacted]" in written and "Authorization: [redacted]" in written
