@@ -170,9 +170,11 @@ class DeltaBackend:
         if self.location.local is not None:  # a killed run's scratch files
             parquet.recover(self.location.local, job)
 
-    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]:
+    def run_guard(
+        self, job: str, run_id: str, label: str
+    ) -> contextlib.AbstractContextManager[None]:
         if self.location.local is not None:
-            return parquet.run_lock(self.location.local, job, run_id)
+            return parquet.run_lock(self.location.local, job, run_id, label)
         return contextlib.nullcontext()
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:

@@ -110,13 +110,26 @@ def _run_lock_path(root: Path, job: str, run_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path, job: str, run_id: str) -> Iterator[None]:
+def run_lock(root: Path, job: str, run_id: str, label: str) -> Iterator[None]:
     """Held by a run while it stages batches, so that `recover` (run by another process
-    writing another shard of the job) never touches a live run's work."""
+    writing another shard of the job) never touches a live run's work. Its note ends with
+    ``; <label>`` (what the run runs: `batch.output.locks.run_label`)."""
     path = _run_lock_path(root, job, run_id)
-    with layout.exclusive(path, layout.holder_note()):
+    # Waits: another run's `live_run_notes` may be testing this lock for a moment.
+    with layout.exclusive(path, f"{layout.holder_note()}; {label}", wait=True):
         yield
     path.unlink(missing_ok=True)
+
+
+def live_run_notes(root: Path, job: str) -> list[str]:
+    """The notes of the job's runs that are going (their process holds their run lock)."""
+    staging = root / "_staging" / job
+    notes = []
+    for path in sorted(staging.glob("*.lock")) if staging.is_dir() else []:
+        if layout.is_locked(path):
+            with contextlib.suppress(OSError):
+                notes.append(path.read_text().strip())
+    return notes
 
 
 def apply_plan(root: Path, batch_dir: Path) -> None:

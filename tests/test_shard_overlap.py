@@ -1,0 +1,87 @@
+"""Shards of one job with different counts never overlap; duplicate rows are reported by
+`status` and repaired by the next run; locks that were deleted stop a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from batch.cli import app
+from batch.errors import LockedError, ShardCountConflict
+from batch.job import JobResult, RunOptions, run_job
+from batch.manifest import load_manifest
+from batch.output import JobOutput, read_table
+from batch.shard import Shard
+from tests.conftest import TIME_UNIT_S, write_manifest
+from tests.media import Burst, tone_track, write_audio
+from tests.s3server import S3Bucket
+
+
+def _tones(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        track = tone_track([Burst(0.1, 0.2, 300 + 50 * k)], 0.5, 16000)
+        write_audio(folder / f"call-{k:02d}.wav", [track], 16000)
+
+
+async def _two_counts_at_once(manifest: Path) -> list[JobResult | BaseException]:
+    loaded = load_manifest(manifest)
+    results: list[JobResult | BaseException] = []
+
+    async def one(shard: Shard) -> None:
+        try:
+            results.append(await run_job(loaded, RunOptions(shard=shard)))
+        except LockedError as exc:
+            results.append(exc)
+
+    with anyio.fail_after(60 * TIME_UNIT_S):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(one, Shard(0, 1))
+            tasks.start_soon(one, Shard(0, 2))
+    return results
+
+
+@pytest.mark.anyio
+async def test_two_shard_counts_at_once_never_duplicate(tmp_path: Path) -> None:
+    _tones(tmp_path / "media", 12)
+    manifest = write_manifest(
+        tmp_path,
+        run={"concurrency": 2, "pace": 0, "max_attempts": 2},
+        output={"path": str(tmp_path / "out"), "commit_every_items": 1},
+    )
+    results = await _two_counts_at_once(manifest)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], ShardCountConflict), results
+    assert "shards of different counts would run some items twice" in str(refused[0])
+    ids = read_table(tmp_path / "out", "transcripts", "test-job", ["item_id"])["item_id"]
+    assert len(ids) == len(set(ids.to_pylist())) > 0
+
+
+@pytest.fixture(params=["parquet-on-disk", "delta-on-s3"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    if request.param == "parquet-on-disk":
+        return {"path": str(tmp_path / "out"), "format": "parquet"}
+    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    return {"path": bucket.url("lake").rstrip("/"), "format": "delta"}
+
+
+def _open(place: dict[str, str], shard: Shard | None) -> JobOutput:
+    return JobOutput.open(place["path"], "test-job", ["job"], place["format"], shard=shard)
+
+
+def test_another_shard_count_is_refused_with_exit_8(tmp_path: Path, place: dict[str, str]) -> None:
+    _tones(tmp_path / "media", 2)
+    manifest = write_manifest(tmp_path, output={**place, "partition_by": ["job"]})
+    with _open(place, Shard(1, 2)):
+        with pytest.raises(ShardCountConflict, match=r"as shard 1/2.*this is shard 0/3"):
+            _open(place, Shard(0, 3))
+        with _open(place, Shard(0, 2)):  # the same count runs beside it
+            pass
+        done = CliRunner().invoke(app, ["run", str(manifest), "--shard", "0/1"])
+        assert done.exit_code == 8, done.output
+        assert "run with --shard I/2" in done.output
+    with _open(place, Shard(0, 3)):  # free again once shard 1/2 is gone
+        pass
