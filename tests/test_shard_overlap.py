@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import anyio
@@ -11,9 +12,10 @@ from typer.testing import CliRunner
 
 from batch.cli import app
 from batch.errors import LockedError, ShardCountConflict
-from batch.job import JobResult, RunOptions, run_job
+from batch.job import EXIT_OUTPUT, JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
 from batch.output import JobOutput, read_table
+from batch.plan import Item
 from batch.shard import Shard
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
@@ -85,3 +87,53 @@ def test_another_shard_count_is_refused_with_exit_8(tmp_path: Path, place: dict[
         assert "run with --shard I/2" in done.output
     with _open(place, Shard(0, 3)):  # free again once shard 1/2 is gone
         pass
+
+
+class _Deleter(Observer):
+    """Deletes ``victim`` after the run's first commit, then starts a second run's open."""
+
+    def __init__(self, victim: Path, out: Path) -> None:
+        self.victim, self.out = victim, out
+        self.done = 0
+        self.second: BaseException | None = None
+
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
+        self.done += 1
+        if self.done != 1:
+            return
+        shutil.rmtree(self.victim)
+        try:
+            JobOutput.open(self.out, "test-job", ["job", "date"]).close()
+        except LockedError as exc:
+            self.second = exc
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("victim", ["_locks", "."])
+async def test_a_run_whose_locks_are_deleted_stops_and_commits_nothing_more(
+    tmp_path: Path, victim: str
+) -> None:
+    _tones(tmp_path / "media", 4)
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path,
+        run={"concurrency": 1, "pace": 0},
+        output={"path": str(out), "commit_every_items": 1, "partition_by": ["job", "date"]},
+    )
+    watcher = _Deleter(out / victim, out)
+    with anyio.fail_after(30 * TIME_UNIT_S):
+        result = await run_job(load_manifest(manifest), observer=watcher)
+    assert result.report["status"] == "failed_output"
+    assert exit_code(result.report) == EXIT_OUTPUT
+    if victim == "_locks":
+        assert "lock file was deleted or replaced" in result.report["abort_reason"]
+        # The second run saw the first one's run lock and did not start beside it.
+        assert isinstance(watcher.second, LockedError) and "gone" in str(watcher.second)
+        ids = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
+        assert len(ids) == 1  # the first commit only
+        assert (out / "_locks" / "README-DO-NOT-DELETE.txt").exists()  # the second open's
+    else:
+        assert "output folder was deleted or replaced" in result.report["abort_reason"]
+        # A fresh output was made by the second open; the first run wrote nothing into it.
+        assert read_table(out, "transcripts", "test-job").num_rows == 0
+        assert not (out / "_reports").exists()
