@@ -640,6 +640,8 @@ def status(
                 f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
                 f"{part.failed} failed, {part.not_run} not run yet"
             )
+        for problem in result.problems():
+            print(f"  {problem}")
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 

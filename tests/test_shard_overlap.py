@@ -4,17 +4,23 @@
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
+import pyarrow as pa
+import pyarrow.dataset as ds
 import pytest
+from deltalake import write_deltalake
 from typer.testing import CliRunner
 
 from batch.cli import app
 from batch.errors import LockedError, ShardCountConflict
 from batch.job import EXIT_OUTPUT, JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
-from batch.output import JobOutput, read_table
+from batch.output import TABLES, JobOutput, read_table
+from batch.output.delta import delta_options
+from batch.output.layout import Location
 from batch.plan import Item
 from batch.shard import Shard
 from tests.conftest import TIME_UNIT_S, write_manifest
@@ -62,10 +68,12 @@ async def test_two_shard_counts_at_once_never_duplicate(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids.to_pylist())) > 0
 
 
-@pytest.fixture(params=["parquet-on-disk", "delta-on-s3"])
+@pytest.fixture(params=["parquet-on-disk", "delta-on-disk", "delta-on-s3"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    if request.param == "parquet-on-disk":
-        return {"path": str(tmp_path / "out"), "format": "parquet"}
+    """Where the runs write: Parquet or Delta in a local folder, or Delta in a bucket of
+    the loopback S3 server."""
+    if request.param.endswith("on-disk"):
+        return {"path": str(tmp_path / "out"), "format": request.param.split("-")[0]}
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
     return {"path": bucket.url("lake").rstrip("/"), "format": "delta"}
 
@@ -137,3 +145,69 @@ async def test_a_run_whose_locks_are_deleted_stops_and_commits_nothing_more(
         # A fresh output was made by the second open; the first run wrote nothing into it.
         assert read_table(out, "transcripts", "test-job").num_rows == 0
         assert not (out / "_reports").exists()
+
+
+def _duplicate_every_row(place: dict[str, str]) -> None:
+    """What overlapping runs left before shard counts were locked: a second copy of every
+    row of the job, under another run id, finished a second later."""
+    for table in TABLES:
+        data = read_table(place["path"], table, "test-job")
+        if data.num_rows == 0:
+            continue
+        column = data.schema.get_field_index("run_id")
+        data = data.set_column(column, "run_id", pa.array(["overlap"] * data.num_rows))
+        if table == "transcripts":
+            later = [t + timedelta(seconds=1) for t in data["finished_at"].to_pylist()]
+            column = data.schema.get_field_index("finished_at")
+            kind = data.schema.field(column).type
+            data = data.set_column(column, "finished_at", pa.array(later, kind))
+        if place["format"] == "delta":
+            where = Location.of(place["path"])
+            write_deltalake(
+                where.child(table),
+                data,
+                mode="append",
+                partition_by=["job"],
+                schema_mode="merge",
+                storage_options=delta_options(where, {}),
+            )
+        else:
+            ds.write_dataset(
+                data,
+                Path(place["path"]) / table,
+                format="parquet",
+                partitioning=ds.partitioning(pa.schema([("job", pa.string())]), flavor="hive"),
+                basename_template="part-overlap-{i}.parquet",
+                existing_data_behavior="overwrite_or_ignore",
+            )
+
+
+def _run_ids(place: dict[str, str], table: str) -> list[tuple[str, str]]:
+    data = read_table(place["path"], table, "test-job", ["item_id", "run_id"])
+    return list(zip(data["item_id"].to_pylist(), data["run_id"].to_pylist(), strict=True))
+
+
+@pytest.mark.anyio
+async def test_duplicate_rows_fail_status_and_the_next_run_keeps_the_latest(
+    tmp_path: Path, place: dict[str, str]
+) -> None:
+    _tones(tmp_path / "media", 3)
+    manifest = write_manifest(tmp_path, output={**place, "partition_by": ["job"]})
+    first = await run_job(load_manifest(manifest))
+    assert exit_code(first.report) == 0
+    words = len(_run_ids(place, "words"))
+    _duplicate_every_row(place)
+    assert len(_run_ids(place, "transcripts")) == 6
+
+    told = CliRunner().invoke(app, ["status", place["path"], "--job", "test-job"])
+    assert told.exit_code == 1, told.output
+    assert "3 item(s) have more than one row" in told.output
+    assert "job test-job: incomplete" in told.output
+
+    again = await run_job(load_manifest(manifest))  # every item is ok: nothing to stream
+    assert again.nothing_to_do
+    for table in ("transcripts", "words"):
+        rows = _run_ids(place, table)
+        assert {run_id for _, run_id in rows} == {"overlap"}  # each item's latest result
+    assert len(_run_ids(place, "transcripts")) == 3 and len(_run_ids(place, "words")) == words
+    assert CliRunner().invoke(app, ["status", place["path"], "--job", "test-job"]).exit_code == 0

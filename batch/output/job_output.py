@@ -52,6 +52,8 @@ class Backend(Protocol):
 
     def scan(self, job: str) -> Scan: ...
 
+    def repair(self, job: str) -> int: ...
+
     def committer(self, job: str, run_id: str, index: Scan) -> _Committer: ...
 
     def run_guard(
@@ -71,6 +73,9 @@ class ParquetBackend:
 
     def scan(self, job: str) -> Scan:
         return parquet.scan(self.root, job)
+
+    def repair(self, job: str) -> int:
+        return parquet.repair(self.root, job)
 
     def committer(self, job: str, run_id: str, index: Scan) -> _Committer:
         return parquet.Committer(self.root, job, run_id, self.partition_by, index)
@@ -179,9 +184,22 @@ class JobOutput:
         self.close()
 
     def history(self) -> History:
-        """One scan of the job's rows: ok ids, failed ids (latest result of each), summary."""
+        """One scan of the job's rows: ok ids, failed ids (latest result of each), summary.
+        Items held more than once (runs that overlapped) are repaired first: each keeps
+        its latest result, with that run's words, segments and utterances."""
         with translated("read", self.location.url):
             self._index = self._backend.scan(self.job)
+        if self._index.duplicates():  # runs that overlapped (before shard counts were locked)
+            with translated("repair", self.location.url):
+                repaired = self._backend.repair(self.job)
+                self._index = self._backend.scan(self.job)
+            logger.warning(
+                "%s: %d item(s) of job %r had more than one row; kept the latest result of "
+                "each and removed the others",
+                self.location.url,
+                repaired,
+                self.job,
+            )
         return self._index.history()
 
     def job_so_far(self) -> dict[str, Any]:
