@@ -134,22 +134,33 @@ def live_run_notes(root: Path, job: str) -> list[str]:
 
 def apply_plan(root: Path, batch_dir: Path) -> None:
     """Carry out a committed batch's renames and deletes. Idempotent: safe to redo."""
-    plan = json.loads((batch_dir / "PLAN.json").read_text())
     touched: set[Path] = set()
-    for op in sorted(plan["ops"], key=_apply_order):
-        target = root / op["dst"]
-        if op["op"] == "move":
-            staged = batch_dir / op["src"]
-            if staged.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, target)
-                touched.add(target.parent)
-        elif target.exists():
-            target.unlink()
-            touched.add(target.parent)
+    for op in plan_steps(batch_dir):
+        touched |= apply_step(root, batch_dir, op)
     for folder in touched:
         layout.fsync_dir(folder)
     shutil.rmtree(batch_dir)
+
+
+def plan_steps(batch_dir: Path) -> list[dict[str, str]]:
+    """A committed batch's steps, in the order they are carried out (`_apply_order`)."""
+    plan = json.loads((batch_dir / "PLAN.json").read_text())
+    return sorted(plan["ops"], key=_apply_order)
+
+
+def apply_step(root: Path, batch_dir: Path, op: dict[str, str]) -> set[Path]:
+    """One rename or delete of a plan (done already: nothing); returns the folder touched."""
+    target = root / op["dst"]
+    if op["op"] == "move":
+        staged = batch_dir / op["src"]
+        if staged.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            return {target.parent}
+    elif target.exists():
+        target.unlink()
+        return {target.parent}
+    return set()
 
 
 def _apply_order(op: dict[str, str]) -> int:
