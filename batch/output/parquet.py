@@ -110,7 +110,7 @@ def _run_lock_path(root: Path, job: str, run_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path, job: str, run_id: str, label: str) -> Iterator[None]:
+def run_lock(root: Path, job: str, run_id: str, label: str = "whole job") -> Iterator[None]:
     """Held by a run while it stages batches, so that `recover` (run by another process
     writing another shard of the job) never touches a live run's work. Its note ends with
     ``; <label>`` (what the run runs: `batch.output.locks.run_label`)."""
