@@ -29,9 +29,31 @@ pure: it looks only at our own error types, so the retry policy is testable with
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+# Messages quote what they were given, and what they were given can be anything: a 10 MB
+# list cell, a value a YAML alias bomb expanded. Quotes and whole messages are bounded.
+QUOTE_MAX_CHARS = 200
+MESSAGE_MAX_CHARS = 4000
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_MAX_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def clip(text: str, limit: int = QUOTE_MAX_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def quoted(value: object, limit: int = QUOTE_MAX_CHARS) -> str:
+    """``repr(value)`` for a message, bounded in length and in the time it takes to make."""
+    return clip(_REPR.repr(value), limit)
 
 
 class PulseBatchError(Exception):
@@ -42,7 +64,7 @@ class ManifestError(PulseBatchError):
     """The manifest (or a list file it names) is invalid. Names the file and the key path."""
 
     def __init__(self, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(clip(f"{path}: {message}", MESSAGE_MAX_CHARS))
         self.path = str(path)
 
 
@@ -84,7 +106,7 @@ class InputError(PulseBatchError):
     """
 
     def __init__(self, kind: str, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(clip(f"{path}: {message}", MESSAGE_MAX_CHARS))
         self.kind = kind
         self.path = str(path)
 
