@@ -138,7 +138,14 @@ class S3Lease:
                 Bucket=self.bucket, Key=self.key, Body=self._mine(), **condition
             )
         except Exception as error:
-            if self._code(error) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            refused = (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+                "NoSuchKey",
+                "404",
+            )
+            if self._code(error) in refused:  # (If-Match on a deleted object: 404)
                 return False
             raise OutputError(self.url, "take the lock", self._reason(error)) from error
         self.etag = str(answer["ETag"])
@@ -186,7 +193,14 @@ class S3Lease:
         with self._guard:
             if self.etag is None:
                 return False
-            return self._put(IfMatch=self.etag)
+            if self._put(IfMatch=self.etag):
+                return True
+            if self._read() is None and self._put(IfNoneMatch="*"):
+                # Deleted (by a clean-up job?) and taken by nobody since: ours again, so a
+                # second run cannot start beside this one.
+                logger.warning("%s was deleted while held; wrote it again", self.url)
+                return True
+            return False
 
     def still_mine(self) -> bool:
         """Whether the lease object is still the one we wrote (not deleted, not taken over)."""
