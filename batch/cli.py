@@ -30,7 +30,7 @@ from batch import job as jobs
 from batch import output as outputs
 from batch import score as scoring
 from batch import storage
-from batch.credentials import Scrubber, scrubber_for_env
+from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import (
     InputError,
@@ -97,23 +97,6 @@ err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
 
 
-class _RedactSecrets(logging.Filter):
-    """Belt and braces: no log record, ours or a library's, may carry an API key (as
-    exported, or as normalised into the header)."""
-
-    def __init__(self, scrubber: Scrubber) -> None:
-        super().__init__()
-        self.scrubber = scrubber
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.scrubber:
-            text = record.getMessage()
-            cleaned = self.scrubber.scrub(text)
-            if cleaned != text:
-                record.msg, record.args = cleaned, None
-        return True
-
-
 def _label(item: Item) -> str:
     """The item as people know it: its file, and its channel when split."""
     if item.channel_name:
@@ -124,10 +107,11 @@ def _label(item: Item) -> str:
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The API key and the storage SDKs' secrets (a library's debug line must not show them).
+    # The API key and the storage SDKs' secrets by value, and any credential header or
+    # token by pattern (a library's debug line must not show them, whatever their source).
     api_key = scrubber_for_env(secret_env)
     storage_secrets = storage.credentials_in_env(os.environ)
-    handler.addFilter(_RedactSecrets(Scrubber(*api_key.secrets, *storage_secrets)))
+    handler.addFilter(RedactingFilter(Scrubber(*api_key.secrets, *storage_secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -575,7 +559,11 @@ def export_command(
             else "words (no speech, or pulse.word_timestamps was off: try --utterances)"
         )
         err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
+    for source, why in done.failed:
+        err.print(escape(f"error: {source} could not be exported ({why})"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
+    if done.failed:
+        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)  # the others were written
 
 
 @app.command("score", cls=_PlainCommand)

@@ -241,7 +241,7 @@ def document(
     """The text of one item's file in ``fmt`` (srt, vtt, json or txt)."""
     item_id = str(item["item_id"])
     if fmt == "txt":
-        return str(item.get("transcript") or "") + "\n"
+        return cuelib.clean_text(str(item.get("transcript") or "")) + "\n"  # no NUL, no CR
     if fmt == "json":
         body = {
             "item": {k: _plain(v) for k, v in item.items()},
@@ -265,6 +265,8 @@ class Exported:
     folder: Path
     files: list[Path]
     without_timings: list[str]  # sources of items with no words (or utterances) to cue
+    # (source, why) of items whose document could not be built; the others were written.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def export_job(
@@ -277,7 +279,11 @@ def export_job(
     item: str | None = None,
     from_utterances: bool = False,
 ) -> Exported:
-    """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``."""
+    """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``.
+
+    An item whose document cannot be built is left out and named in ``failed``; the other
+    files are still written. Raises `ExportError` for bad usage and `OSError` when the
+    folder cannot be written."""
     if fmt not in FORMATS:
         raise ExportError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     tables = load_job(location, job)
@@ -286,15 +292,24 @@ def export_job(
     chosen = select(tables.items, conditions, item)
     names = file_names(tables.items)  # over all items: a name never depends on the filter
     to_dir.mkdir(parents=True, exist_ok=True)
-    files, untimed = [], []
+    files, untimed, failed = [], [], []
     source_table = tables.utterances if from_utterances else tables.words
     for row in chosen:
         if fmt in ("srt", "vtt") and not source_table.get(row["item_id"]):
             untimed.append(str(row["source"]))
         path = to_dir / f"{names[row['item_id']]}.{fmt}"
-        text = document(fmt, row, tables, from_utterances=from_utterances)
+        try:
+            text = document(fmt, row, tables, from_utterances=from_utterances)
+        except Exception as exc:  # one item's odd rows must not stop the others' files
+            failed.append((str(row["source"]), f"{type(exc).__name__}: {_bounded(exc)}"))
+            continue
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
         files.append(path)
-    return Exported(to_dir, files, untimed)
+    return Exported(to_dir, files, untimed, failed)
+
+
+def _bounded(exc: Exception, limit: int = 300) -> str:
+    text = cuelib.clean_text(str(exc))
+    return text if len(text) <= limit else text[:limit] + "..."

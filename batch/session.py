@@ -302,7 +302,7 @@ class _Stream:
         # A service that echoes the key into a transcript or message must not get it stored.
         raw = self.scrubber.scrub_whole(raw)
         try:
-            message = protocol.parse_message(raw)
+            message = protocol.parse_message(raw, self.scrubber.scrub if self.scrubber else None)
         except protocol.MalformedMessage as exc:
             detail = self.scrubber.scrub(str(exc))
             raise ProtocolViolation(f"unreadable message from the service: {detail}") from None
