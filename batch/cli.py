@@ -3,7 +3,8 @@
 Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
 stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
 could not be written (disk full, read-only, permission denied); 6 the service refused
-everything; 130/143 after SIGINT/SIGTERM.
+everything; 7 the spend cap was reached; 8 shards of the job with another shard count are
+running; 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from batch import score as scoring
 from batch import storage
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError, OutputError
+from batch.errors import (
+    InputError,
+    LockedError,
+    ManifestError,
+    OutputError,
+    ShardCountConflict,
+)
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item, expand_sources
 from batch.pulse import protocol
@@ -121,11 +128,13 @@ def _fail(message: object, code: int, label: str = "error") -> NoReturn:
 @contextmanager
 def _exit_codes() -> Iterator[None]:
     """The library's usage, lock and output errors as a message and their exit code
-    (2, 4, 5: the table in `batch.errors`)."""
+    (2, 4, 5, 8: the table in `batch.errors`)."""
     try:
         yield
     except ManifestError as exc:
         _fail(exc, jobs.EXIT_USAGE)
+    except ShardCountConflict as exc:
+        _fail(exc, jobs.EXIT_SHARD_COUNT)
     except LockedError as exc:
         _fail(exc, jobs.EXIT_LOCKED)
     except OutputError as exc:
@@ -619,6 +628,8 @@ def status(
                 f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
                 f"{part.failed} failed, {part.not_run} not run yet"
             )
+        for problem in result.problems():
+            print(f"  {problem}")
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 

@@ -6,6 +6,7 @@
     ├── ManifestError            bad manifest or usage                  (exit 2)
     │   └── ShardError           inconsistent --shard / engine variables (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
+    │   └── ShardCountConflict   shards of another count hold the job   (exit 8)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
     │   └── InputUnavailable     its store failed for now: 5xx, throttled,
@@ -76,6 +77,12 @@ class ShardError(ManifestError):
 
 class LockedError(PulseBatchError):
     """Another live process is running the same job into the same output."""
+
+
+class ShardCountConflict(LockedError):
+    """Shards of the job with another shard count are running into the output: their
+    slices of the items differ, so both would run (and bill) some items. Retrying cannot
+    help until they finish or the counts agree."""
 
 
 class OutputError(PulseBatchError):

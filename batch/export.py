@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from batch import cues as cuelib
 from batch import output as outputs
-from batch.errors import ManifestError
+from batch.errors import ManifestError, OutputError
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
@@ -75,14 +75,30 @@ def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
 
 
+def _refuse_unfinished(location: str | Path, job: str) -> None:
+    """Finish what a killed run left half-committed (local Parquet), or refuse an output
+    where it cannot be (Delta: a run killed between its tables' commits left items whose
+    transcripts row has lost its words): exporting them would write empty documents."""
+    unfinished = sorted(outputs.read_history(location, job).unfinished)
+    if unfinished:
+        raise OutputError(
+            location,
+            "export",
+            f"{len(unfinished)} item(s) of job {job!r} were left half-committed by a killed "
+            f"run (e.g. {unfinished[0]}); run the job again to redo them, then export",
+        )
+
+
 def load_job(location: str | Path, job: str, *, with_details: bool = True) -> JobTables:
     """Read one job's ok items (and, with details, their words, utterances and segments).
 
     Raises `ExportError` naming the jobs present when the output has none of ``job``, and
-    `OutputError` when the output cannot be read.
+    `OutputError` when the output cannot be read or holds items a killed run left
+    half-committed (a local Parquet output's are finished first).
     """
     if outputs.detect_format(location) is None:
         raise ExportError(location, "no pulse-batch output here; give the job's output.path")
+    _refuse_unfinished(location, job)
     transcripts = _rows(location, "transcripts", job)
     if not transcripts:
         known = job_names(location)
