@@ -32,7 +32,9 @@ from batch.errors import (
     PulseBatchError,
     Scope,
     ServiceRefusing,
+    ServiceStalling,
     ServiceUnreachable,
+    SessionStalled,
     classify,
     error_kind,
     is_refusal,
@@ -538,6 +540,8 @@ class ItemRunner:
                 raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
             if is_refusal(error) and self.refusals.refused():
                 raise ServiceRefusing(self.refusals.count, error) from error
+            if isinstance(error, SessionStalled) and watch.stalled():
+                raise ServiceStalling(self.refusals.stalls, error) from error
             raise
         finally:
             watch.ended()

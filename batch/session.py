@@ -43,6 +43,7 @@ from batch.pulse import protocol
 from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
+from batch.stallwatch import DEFAULT_POLICY, LivenessPolicy, StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Timeouts:
     # Each send (an audio chunk, the end signal) must be taken by the peer within this: a
     # peer that stops reading fills the socket's buffers, and a send then waits forever.
     write_timeout_s: float = 30.0
+    liveness: LivenessPolicy = DEFAULT_POLICY  # when a silent service is stalled
 
     def grown_deadline_s(self, audio_sent_s: float) -> float:
         """The session deadline (seconds from its start) once ``audio_sent_s`` was sent."""
@@ -233,7 +235,7 @@ class _Stream:
         result: SessionResult,
         timeouts: Timeouts,
         generation: protocol.Generation,
-        diarize: bool,
+        options: protocol.PulseOptions,
         scrubber: Scrubber,
         deadline: anyio.CancelScope | None = None,
         label: str = "a session",
@@ -242,7 +244,8 @@ class _Stream:
         self.ws = ws
         self.label = label  # what is streamed (source, channel, piece), for log lines
         self.generation = generation
-        self.diarize = diarize
+        self.diarize = options.diarize
+        self.watch = StallWatch(timeouts.liveness, generation, options, label)
         self.scrubber = scrubber
         self.deadline = deadline  # the session's, moved later as audio is sent
         self.began = anyio.current_time()
@@ -293,7 +296,7 @@ class _Stream:
         """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
         if self.started_at is None:
             self.started_at = time.monotonic()
-        await self._send(chunk)
+        await self.watch.send(self._send, chunk, position_s)  # none once the service is silent
         self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:
@@ -358,6 +361,7 @@ class _Stream:
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
         self.heard = self.heard or bool(message.transcript or message.words)
+        self.watch.answered()
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()
@@ -459,14 +463,14 @@ async def run_session(
                     result,
                     timeouts,
                     endpoint.generation,
-                    options.diarize,
+                    options,
                     scrubber,
                     deadline,
                     label or "a session",
                     bounds,
                 )
                 try:
-                    await _stream_both(stream, audio, pace)
+                    await _stream_both(stream, stream.watch.wrap(audio), pace)
                 except BaseException:
                     _abort(ws)
                     raise
