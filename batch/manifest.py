@@ -261,8 +261,7 @@ class RunConfig(_Strict):
     chunk_bytes: int = Field(4096, ge=64, le=1 << 20)
     chunk_ms: int | None = Field(None, ge=10, le=5000)
     connect_timeout_s: float = Field(10.0, gt=0)
-    # Each message after the end signal must arrive within this.
-    final_timeout_s: float = Field(30.0, gt=0)
+    final_timeout_s: float = Field(30.0, gt=0)  # each message after the end signal
     # Each send must be taken by the service within this (a peer that stopped reading).
     write_timeout_s: float = Field(30.0, gt=0)
     # What one session's service may send, per second of audio sent (batch.pulse.bounds).
@@ -274,6 +273,7 @@ class RunConfig(_Strict):
     backoff_initial_s: float = Field(0.5, ge=0)
     # Also caps a Retry-After: a service asking for days waits this long.
     backoff_max_s: float = Field(30.0, ge=0)
+    stall_after_speech_s: float = Field(15.0, ge=0)  # fed unanswered: stalled (0: off)
     # The service refused this many sessions in a row with none of ours open: stop (exit 6).
     max_refusals_in_a_row: int = Field(30, ge=1)
     job_deadline_s: float | None = Field(None, gt=0)

@@ -144,6 +144,14 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    stall_after_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Sessions go silent after this many seconds of audio (keep reading, "
+            "never answer or close); fault_limit caps how many.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a local Pulse-compatible streaming speech-to-text server."""
@@ -169,6 +177,7 @@ def serve(
         "fault_limit": fault_limit,
         "retry_after_header": retry_after_header,
         "echo_authorization": echo_authorization,
+        "stall_after_s": stall_after_s,
     }
     faults = _fault_config(fault_config, flags)
     try:
