@@ -361,7 +361,7 @@ class _Stream:
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
         self.heard = self.heard or bool(message.transcript or message.words)
-        self.watch.answered()
+        self.watch.answered(message)
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()

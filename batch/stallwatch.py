@@ -2,7 +2,7 @@
 
 `batch.pulse.liveness` decides (pure); `batch.speech_gauge` measures speech off the event
 loop; this thin shell joins them to one session's sender: `wrap` the audio source, `send`
-each chunk through it, and call `answered` on every transcription.
+each chunk through it, and call `answered` with every transcription.
 When the verdict is to hold, no more audio is sent: the probe goes out (``finalize`` where
 the endpoint has it) and the sender waits ``answer_wait_s`` for an answer before raising
 `SessionStalled`, so a silent service is fed a bounded amount of speech, never the rest.
@@ -19,7 +19,7 @@ from batch.errors import SessionStalled
 from batch.pulse.liveness import DEFAULT_POLICY as DEFAULT_POLICY
 from batch.pulse.liveness import Liveness, Verdict, probe_message
 from batch.pulse.liveness import LivenessPolicy as LivenessPolicy
-from batch.pulse.protocol import Generation, PulseOptions
+from batch.pulse.protocol import Generation, PulseOptions, Transcription
 from batch.readahead import AudioSource
 from batch.speech_gauge import SpeechGauge
 
@@ -43,7 +43,7 @@ class StallWatch:
         self._gauge: SpeechGauge | None = None
         self._answer = anyio.Event()
         self._position_s = 0.0
-        self.probes = 0
+        self._probed = False
 
     def wrap(self, audio: AudioSource) -> AudioSource:
         """``audio`` measured for speech as it is read (itself when liveness is off)."""
@@ -76,9 +76,14 @@ class StallWatch:
             self.liveness.fed(position_s - self._position_s, self._gauge.take())
             self._position_s = position_s
 
-    def answered(self) -> None:
-        self.liveness.answered()
-        self._answer.set()
+    def answered(self, message: Transcription) -> None:
+        """A transcription came. Words answer; so does any final once probed (a live
+        service flushes an empty buffer into an empty final). Empty messages otherwise
+        do not: a service that sends them to speech transcribes nothing."""
+        if message.transcript or message.words or (message.is_final and self._probed):
+            self._probed = False
+            self.liveness.answered()
+            self._answer.set()
 
     async def before_chunk(self, send: Callable[[str | bytes], Awaitable[None]]) -> None:
         """Return when the next chunk may be sent; raises `SessionStalled` if none may."""
@@ -89,7 +94,7 @@ class StallWatch:
         wait_s = self.liveness.policy.answer_wait_s
         self._answer = anyio.Event()
         if self.probe is not None:
-            self.probes += 1
+            self._probed = True
             await send(self.probe)
         logger.info(
             "%s: no answer to %.1f s of speech; holding the audio for %g s",

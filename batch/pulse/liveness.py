@@ -65,8 +65,8 @@ class Liveness:
     """Audio fed and answers heard in, `Verdict` out. Pure; times are audio seconds.
 
     `fed` takes each chunk's audio seconds and the speech the detector heard in it (None:
-    not measured, counted in full). `answered` takes any transcription message, partial or
-    final, empty or not: a service that says anything is alive.
+    not measured, counted in full). `answered` takes an answer: words, partial or final
+    (`batch.stallwatch` says which messages are answers).
     """
 
     def __init__(self, policy: LivenessPolicy = LivenessPolicy()) -> None:
