@@ -238,3 +238,15 @@ async def test_every_session_stalling_stops_the_job_with_exit_6(tmp_path: Path) 
     assert report["status"] == "aborted" and "stalled" in str(report)
     assert server.stats.sessions_opened == 3  # the streak, then nothing more
     assert not any(s.completed for s in server.stats.sessions)
+
+
+@pytest.mark.anyio
+async def test_an_item_whose_sessions_all_stall_fails_as_stalled(tmp_path: Path) -> None:
+    _speech_file(tmp_path / "media", "talk.wav", 25.0)
+    async with local_server(engine="synthetic", faults=FaultConfig(stall_after_s=1.0)) as server:
+        manifest = _manifest(tmp_path, server.url, max_attempts=2)
+        result = await run_job(load_manifest(manifest), RunOptions())
+        await server.wait_idle()
+    [(_, status, kind, attempts, _)] = _rows(tmp_path / "out")
+    assert (status, kind, attempts) == ("failed", "stalled", 2)
+    assert exit_code(result.report) == 1 and "stalled" in str(result.report)
