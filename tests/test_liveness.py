@@ -216,7 +216,8 @@ async def test_a_live_service_answers_the_probe_even_when_it_hears_nothing(
 ) -> None:
     caplog.set_level(logging.INFO, logger="batch.stallwatch")
     _speech_file(tmp_path / "media", "talk.wav", 40.0)
-    async with local_server(engine=_Mute(), partial_interval_s=1e9) as server:  # answers finalize with empty finals
+    # It answers a finalize probe with an empty final: alive, though it hears nothing.
+    async with local_server(engine=_Mute(), partial_interval_s=1e9) as server:
         manifest = _manifest(tmp_path, server.current_url)
         await run_job(load_manifest(manifest), RunOptions())
         await server.wait_idle()
