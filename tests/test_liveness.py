@@ -25,7 +25,7 @@ from batch.server import FaultConfig, local_server
 from batch.server.engines import SyntheticEngine
 from batch.server.faults import FaultKind, draw_fault
 from batch.speech_gauge import SpeechGauge
-from tests.calls import RATE, demo_voices, hold_music
+from tests.calls import RATE, demo_voices, hold_music, make_call
 from tests.conftest import TIME_UNIT_S, point_at, write_manifest
 from tests.media import write_audio
 
@@ -251,3 +251,22 @@ async def test_an_item_whose_sessions_all_stall_fails_as_stalled(tmp_path: Path)
     [(_, status, kind, attempts, _)] = _rows(tmp_path / "out")
     assert (status, kind, attempts) == ("failed", "stalled", 2)
     assert exit_code(result.report) == 1 and "stalled" in str(result.report)
+
+
+@pytest.mark.whisper
+@pytest.mark.anyio
+async def test_whisper_on_a_call_with_a_minute_of_hold_music_is_not_a_stall(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="batch.stallwatch")
+    media = tmp_path / "media"
+    media.mkdir()
+    call = make_call(media / "call.wav", demo_voices(), turns=4, seed=3, music_s=60.0)
+    async with local_server(engine="whisper") as server:  # legacy path: no probe to lean on
+        manifest = _manifest(tmp_path, server.url, final_timeout_s=30.0 * TIME_UNIT_S)
+        await run_job(load_manifest(manifest), RunOptions())
+        await server.wait_idle(timeout_s=30.0)
+    [(_, status, kind, attempts, transcript)] = _rows(tmp_path / "out")
+    assert (status, kind, attempts) == ("ok", None, 1)
+    assert call.duration_s > 60.0 and "subscription" in transcript.lower()
+    assert "no answer to" not in caplog.text
