@@ -66,7 +66,8 @@ class StallWatch:
     ) -> None:
         """Send ``chunk`` (``position_s``: the audio sent with it) once it may be sent;
         raises `SessionStalled` when the service is silent and it may not."""
-        await self.before_chunk(send)
+        if self.liveness.verdict is Verdict.HOLD:  # checked here: no coroutine per chunk
+            await self._hold(send)
         await send(chunk)
         self.fed(position_s)
 
@@ -85,10 +86,8 @@ class StallWatch:
             self.liveness.answered()
             self._answer.set()
 
-    async def before_chunk(self, send: Callable[[str | bytes], Awaitable[None]]) -> None:
-        """Return when the next chunk may be sent; raises `SessionStalled` if none may."""
-        if self.liveness.verdict is Verdict.FEED:
-            return
+    async def _hold(self, send: Callable[[str | bytes], Awaitable[None]]) -> None:
+        """Probe and wait for an answer; raises `SessionStalled` when none comes."""
         speech_s = self.liveness.unanswered_speech_s
         audio_s = self.liveness.unanswered_audio_s
         wait_s = self.liveness.policy.answer_wait_s
