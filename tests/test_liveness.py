@@ -270,3 +270,18 @@ async def test_whisper_on_a_call_with_a_minute_of_hold_music_is_not_a_stall(
     assert (status, kind, attempts) == ("ok", None, 1)
     assert call.duration_s > 60.0 and "subscription" in transcript.lower()
     assert "no answer to" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_empty_finals_to_speech_are_no_answer_where_there_is_no_probe(
+    tmp_path: Path,
+) -> None:
+    _speech_file(tmp_path / "media", "talk.wav", 40.0)
+    # Alive, but it transcribes nothing: an empty final per utterance, on the legacy path.
+    async with local_server(engine=_Mute(), partial_interval_s=1e9) as server:
+        manifest = _manifest(tmp_path, server.url, max_attempts=1)
+        await run_job(load_manifest(manifest), RunOptions())
+        await server.wait_idle()
+    [(_, status, kind, attempts, _)] = _rows(tmp_path / "out")
+    assert (status, kind, attempts) == ("failed", "stalled", 1)
+    assert server.stats.sessions[0].audio_s < 30.0
