@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -11,8 +15,7 @@ import numpy as np
 import pytest
 
 from batch.decode import DecodedAudio, WireFormat, probe
-from batch.errors import InputError
-from tests.conftest import run_cli, write_manifest
+from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import (
     FORMATS,
     LOSSY,
@@ -257,13 +260,28 @@ def test_wav_recorded_as_a_stream_is_not_called_truncated(tmp_path: Path) -> Non
     assert sum(map(len, audio)) == 5 * 32000
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def _as_a_user_the_mode_binds() -> list[str]:
+    """A command prefix under which a file's mode binds. Root reads any file (its
+    DAC-override capabilities), so as root the child runs without them (setpriv,
+    util-linux); anyone else is bound already."""
+    if os.geteuid() != 0:
+        return []
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed to test this as root"
+    dropped = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", dropped, "--inh-caps", dropped]
+
+
 def test_unreadable_file_is_a_permission_error(tmp_path: Path) -> None:
+    """A child process, as root or not: what `probe` says of a file it may not read."""
     path = _make("wav_s16", tmp_path)
     path.chmod(0)
-    with pytest.raises(InputError) as caught:
-        probe(path)
-    assert caught.value.kind == "permission"
+    command = [*_as_a_user_the_mode_binds(), sys.executable, "-m", "batch", "probe", "--json"]
+    done = subprocess.run(
+        [*command, str(path)], capture_output=True, text=True, timeout=60 * TIME_UNIT_S
+    )
+    assert done.returncode == 1, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["error_kind"] == "permission" and str(path) in row["error"], row
 
 
 def test_probe_describes_streams(tmp_path: Path) -> None:

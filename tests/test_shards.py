@@ -189,7 +189,7 @@ def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
         whole = run_cli("run", str(manifest))
         assert whole.returncode == 4
         other = run_cli("run", str(manifest), "--shard", "1/2")
-        assert other.returncode in (0, 1), other.stderr  # runs beside shard 0
+        assert other.returncode == 0, other.stderr  # runs beside shard 0, its items all good
         assert "shard=1/2" in other.stdout
     with _held(output_place, None):
         refused = run_cli("run", str(manifest), "--shard", "0/2")
