@@ -16,11 +16,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import by_source
 
 BUCKET = "calls"
 
@@ -28,12 +28,6 @@ BUCKET = "calls"
 def _clip(path: Path) -> Path:
     track = tone_track([Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)], 2.5, 16000)
     return write_audio(path, [track], 16000)
-
-
-def _rows(folder: Path) -> dict[str, tuple[object, ...]]:
-    table = f"read_parquet('{folder}/out/transcripts/**/*.parquet', hive_partitioning=true)"
-    query = f"select source, status, error_kind, transcript, error from {table}"
-    return {str(r[0]): r[1:] for r in duckdb.sql(query).fetchall()}
 
 
 class GcsEmulator:
@@ -104,7 +98,7 @@ def _glob_and_missing_path(
     )
     done = run_cli("run", str(manifest), env=env)
     assert done.returncode == 1, done.stderr  # the missing object failed
-    assert _rows(tmp_path) == {
+    assert by_source(tmp_path / "out", "status, error_kind, transcript, error") == {
         f"{base}/gone.wav": (
             "failed",
             "not_found",

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -26,6 +25,7 @@ from tests.media import (
     write_video,
     write_wav_channels,
 )
+from tests.tables import sql
 
 BURSTS = [Burst(1.0, 0.4, 440), Burst(3.1, 0.3, 880)]
 VIDEO = {"mp4_video": "mp4", "mkv_video": "matroska", "mov_video": "mov"}
@@ -78,12 +78,13 @@ def test_runner_word_times_match_bursts_in_every_format(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, run={"concurrency": 4, "pace": 0})
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = duckdb.sql(
-        f"select t.source, w.word, w.start_s from "
-        f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true) w join "
-        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) t "
-        f"using (item_id) order by t.source, w.idx"
-    ).fetchall()
+    rows = sql(
+        tmp_path / "out",
+        "select t.source, w.word, w.start_s from "
+        "{words} w join "
+        "{transcripts} t "
+        "using (item_id) order by t.source, w.idx",
+    )
     by_kind = {kind: [(w, s) for src, w, s in rows if src == str(p)] for kind, p in paths.items()}
     for kind, words in by_kind.items():
         assert [w for w, _ in words] == ["tone440", "tone880"], (kind, words)
@@ -108,9 +109,7 @@ def test_every_wire_encoding_reaches_the_server_intact(
     )
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = duckdb.sql(
-        f"select word, start_s from read_parquet('{tmp_path}/out/words/**/*.parquet') order by idx"
-    ).fetchall()
+    rows = sql(tmp_path / "out", "select word, start_s from {words} order by idx")
     assert [w for w, _ in rows] == ["tone440", "tone880"]
     tolerance = 0.03 if encoding in ("opus", "ogg_opus") else 0.015
     for (_, start), burst in zip(rows, BURSTS, strict=True):
@@ -129,20 +128,18 @@ def test_split_channels_put_each_voice_on_its_channel(tmp_path: Path) -> None:
     )
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = duckdb.sql(
-        f"select source, channel, channel_name, transcript from "
-        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
-        f"order by source, channel"
-    ).fetchall()
+    rows = sql(
+        tmp_path / "out",
+        "select source, channel, channel_name, transcript from "
+        "{transcripts} "
+        "order by source, channel",
+    )
     assert [(Path(s).name, c, n, t) for s, c, n, t in rows] == [
         ("call.wav", 0, "agent", "tone440 tone440"),
         ("call.wav", 1, "customer", "tone880"),
         ("mono.wav", 0, None, "tone880"),  # a list names stereo channels, not mono
     ]
-    channels = duckdb.sql(
-        f"select distinct channel, word from "
-        f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true) order by 1"
-    ).fetchall()
+    channels = sql(tmp_path / "out", "select distinct channel, word from {words} order by 1")
     assert (0, "tone440") in channels and (1, "tone880") in channels
 
 
@@ -168,22 +165,19 @@ def test_files_with_many_channels_are_picked_split_and_mixed(tmp_path: Path) -> 
     )
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = duckdb.sql(
-        f"select source, language, channel, transcript from "
-        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
-        f"where transcript <> '' order by source, language, channel"
-    ).fetchall()
+    rows = sql(
+        tmp_path / "out",
+        "select source, language, channel, transcript from "
+        "{transcripts} "
+        "where transcript <> '' order by source, language, channel",
+    )
     assert [(Path(s).name, lang, c, t) for s, lang, c, t in rows] == [
         ("eight.wav", "en", 2, "tone880"),
         ("eight.wav", "en", 7, "tone440"),
         ("eight.wav", "es", 7, "tone440"),
         ("twenty.wav", "en", None, "tone660"),
     ]
-    items = duckdb.sql(
-        f"select count(*) from "
-        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) "
-        f"where status = 'ok'"
-    ).fetchall()
+    items = sql(tmp_path / "out", "select count(*) from {transcripts} where status = 'ok'")
     assert items == [(8 + 1 + 1,)]
 
 
@@ -234,10 +228,7 @@ def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
     )
     done = run_cli("run", str(manifest))
     assert done.returncode == 1
-    rows = duckdb.sql(
-        f"select source, status, error_kind, error from "
-        f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
-    ).fetchall()
+    rows = sql(tmp_path / "out", "select source, status, error_kind, error from {transcripts}")
     kinds = {Path(src).name: (status, kind, error) for src, status, kind, error in rows}
     assert kinds[good.name][:2] == ("ok", None)
     assert kinds["absent.wav"][1] == "not_found"

@@ -21,18 +21,15 @@ from tests.conftest import (
     start_cli,
     write_manifest,
 )
+from tests.media import CALL_BURSTS, tone_calls
 from tests.s3server import FAKE_SECRET, S3Bucket
-from tests.test_resume import BURSTS, _tone_files
+from tests.tables import counts
 
 
 def _counts(location: str, job: str = "test-job") -> tuple[int, int, int, int, int]:
     """(rows, distinct items, ok rows, word rows, distinct (item, idx) words) of a job."""
-    t = read_table(location, "transcripts", job, ["item_id", "status"])
-    w = read_table(location, "words", job, ["item_id", "idx"])
-    items = t["item_id"].to_pylist()
-    words = list(zip(w["item_id"].to_pylist(), w["idx"].to_pylist(), strict=True))
-    ok = t["status"].to_pylist().count("ok")
-    return len(items), len(set(items)), ok, len(words), len(set(words))
+    found = counts(location, job)
+    return found.rows, found.items, found.ok, found.words, found.distinct_words
 
 
 def _delta_manifest(tmp_path: Path, path: str, **run: object) -> Path:
@@ -45,7 +42,7 @@ def _delta_manifest(tmp_path: Path, path: str, **run: object) -> Path:
 def test_delta_output_in_a_bucket_keeps_one_row_per_item(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    files = _tone_files(tmp_path / "media", 4)
+    files = tone_calls(tmp_path / "media", 4)
     good = files[0].read_bytes()
     files[0].write_text("not audio")
     url = s3_bucket.url("lake")
@@ -77,7 +74,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
     count = 10
-    _tone_files(tmp_path / "media", count)
+    tone_calls(tmp_path / "media", count)
     url = s3_bucket.url("lake")
     manifest = _delta_manifest(tmp_path, url, concurrency=3, pace=1.0)
     manifest.write_text(
@@ -92,14 +89,14 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
     assert f"skipped={killed_at}" in rerun.stdout
-    assert _counts(url) == (count, count, count, count * len(BURSTS), count * len(BURSTS))
+    assert _counts(url) == (count, count, count, count * len(CALL_BURSTS), count * len(CALL_BURSTS))
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_two_jobs_write_one_delta_output_at_once(
     tmp_path: Path, where: str, s3_bucket: S3Bucket
 ) -> None:
-    _tone_files(tmp_path / "media", 6)
+    tone_calls(tmp_path / "media", 6)
     location = s3_bucket.url("shared") if where == "bucket" else str(tmp_path / "shared")
     manifests = []
     for job in ("alpha", "beta"):
@@ -119,7 +116,7 @@ def test_two_jobs_write_one_delta_output_at_once(
 
 
 def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Path) -> None:
-    _tone_files(tmp_path / "media", 5)
+    tone_calls(tmp_path / "media", 5)
     manifest = _delta_manifest(tmp_path, "out")
     assert run_cli("run", str(manifest)).returncode == 0
     assert run_cli("run", str(manifest), "--force").returncode == 0
@@ -145,7 +142,7 @@ def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Pa
 def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    _tone_files(tmp_path / "media", 1)
+    tone_calls(tmp_path / "media", 1)
     manifest = _delta_manifest(tmp_path, "s3://no-such-bucket-pulse/lake")
     done = run_cli("run", str(manifest))
     assert done.returncode == 5, done.stderr
@@ -179,7 +176,7 @@ def test_delta_with_credentials_the_store_refuses_says_what_to_set(
 ) -> None:
     from moto.core.authorization import enable_iam_authentication
 
-    _tone_files(tmp_path / "media", 1)
+    tone_calls(tmp_path / "media", 1)
     url = s3_bucket.url("lake")
     manifest = _delta_manifest(tmp_path, url)
     assert run_cli("run", str(manifest)).returncode == 0

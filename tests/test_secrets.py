@@ -13,6 +13,7 @@ from batch.errors import ManifestError
 from batch.server import FaultConfig
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
+from tests.tables import parquet
 
 KEY = "sk-live-7f3c9a2b4d6e8f10a1b2"
 ITEMS = 6
@@ -67,7 +68,7 @@ def test_key_echoed_in_503_bodies_and_error_messages_stays_out(tmp_path: Path) -
     assert stats.faults["refuse_5xx"] >= 1 and stats.faults["error"] >= 1
     assert done.returncode == 1, done.stdout + done.stderr
     _assert_nowhere(KEY, done, tmp_path)
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    t = parquet(tmp_path / "out", "transcripts")
     errors = duckdb.sql(f"select error_kind, error from {t} where status='failed'").fetchall()
     kinds = {kind for kind, _ in errors}
     assert {"http_503", "server_error"} <= kinds | {"connection_lost"}

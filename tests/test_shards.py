@@ -84,11 +84,18 @@ def output_place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, st
     return {"path": bucket.url("lake").rstrip("/"), "format": "delta"}
 
 
+@pytest.mark.parametrize(
+    ("count", "duration_s"),
+    [(9, 1.5), pytest.param(15, 3.0, marks=pytest.mark.slow)],
+    ids=["short", "long"],
+)
 def test_shards_started_at_once_one_killed_and_rerun(
-    tmp_path: Path, output_place: dict[str, str]
+    tmp_path: Path, output_place: dict[str, str], count: int, duration_s: float
 ) -> None:
-    count, shards, concurrency = 15, 3, 5
-    pitches = _distinct_tones(tmp_path / "media", count, duration_s=3.0)
+    """The short form has every case the long one has (a kill after the victim's first
+    commit with items left, survivors sharing the concurrency); the long one, more items."""
+    shards, concurrency = 3, 5
+    pitches = _distinct_tones(tmp_path / "media", count, duration_s=duration_s)
     manifest = write_manifest(
         tmp_path,
         run={"concurrency": concurrency, "pace": 1.0, "max_attempts": 2},
