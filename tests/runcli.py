@@ -63,6 +63,15 @@ def _process_state_kept() -> Iterator[None]:
         for lg, level, kept in saved_logging:
             lg.setLevel(level)
             lg.handlers[:] = kept
+        # A logger the CLI made from a placeholder (``batch.server``) gets no level of its own.
+        saved = {id(lg) for lg, _, _ in saved_logging}
+        for name, made in list(root.manager.loggerDict.items()):
+            if isinstance(made, logging.Logger) and id(made) not in saved and _ours(name):
+                made.setLevel(logging.NOTSET)
+
+
+def _ours(name: str) -> bool:
+    return name == "batch" or name.startswith("batch.")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
