@@ -20,6 +20,14 @@ from tests.s3server import S3Bucket, S3Server
 __all__ = ["TIME_UNIT_S", "run_cli", "run_cli_process", "start_cli"]  # the CLI, in tests/runcli
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``--dist loadgroup``), the tests of the real recognizer share one
+    worker: one model load, and no two whisper runs fighting for the same two cores."""
+    for item in items:
+        if item.get_closest_marker("whisper"):
+            item.add_marker(pytest.mark.xdist_group("whisper"))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -79,6 +87,14 @@ def write_manifest(folder: Path, **sections: Any) -> Path:
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def unpaced(manifest: Path) -> None:
+    """Stream a manifest's audio (paced, to give a kill or a signal time to land) at full
+    speed from now on; the items stay the same."""
+    text = manifest.read_text()
+    assert "pace: 1.0" in text, text
+    manifest.write_text(text.replace("pace: 1.0", "pace: 0"))
 
 
 def point_at(manifest: Path, url: str) -> None:

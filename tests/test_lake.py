@@ -19,6 +19,7 @@ from tests.conftest import (
     run_cli,
     server_in_thread,
     start_cli,
+    unpaced,
     write_manifest,
 )
 from tests.media import CALL_BURSTS, tone_calls
@@ -86,6 +87,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
         kill_when(process, lambda: len(read_history(url, "test-job").ok) >= 3, 60)
         killed_at = len(read_history(url, "test-job").ok)
         assert 3 <= killed_at < count, "the kill should land part-way"
+        unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
     assert f"skipped={killed_at}" in rerun.stdout

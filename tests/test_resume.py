@@ -18,6 +18,7 @@ from tests.conftest import (
     run_cli,
     server_in_thread,
     start_cli,
+    unpaced,
     wait_for,
     write_manifest,
 )
@@ -98,6 +99,7 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
         assert 3 <= _committed_items(out) < count, "the kill should land part-way"
         killed_at = _counts(out)[1]
 
+        unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
     assert f"skipped={killed_at}" in rerun.stdout
@@ -115,7 +117,7 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
 
 def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
     count = 8
-    tone_calls(tmp_path / "media", count, duration_s=2.0)
+    tone_calls(tmp_path / "media", count, duration_s=1.2)
     manifest = write_manifest(
         tmp_path,
         run={"concurrency": 2, "pace": 1.0},
@@ -135,6 +137,7 @@ def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
         assert 2 <= finished < count and report["items"]["not_run"] == count - finished
         assert _counts(out)[1] == finished  # everything completed was committed
 
+        unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
     assert _counts(out)[:2] == (count, count)

@@ -65,12 +65,13 @@ def _kill_one(
     return process.returncode == -signal.SIGKILL, committing
 
 
-# (--force, moment) per run, in order: a commit of a first run, then of --force runs (which
-# rewrite files to drop superseded rows), and random moments between (planning, streaming,
-# between batches). Delta commits each table on its own, so a random kill may fall between
-# a batch's words and its transcripts.
+# (--force, moment) per run, in order: commits of a first run, of --force runs (which
+# rewrite files to drop superseded rows) and of a rerun replacing failed rows; random
+# moments of --force runs (planning, streaming, between batches: a --force run redoes every
+# item, so it is long enough to be caught). Delta commits each table on its own, so a random
+# kill may fall between a batch's words and its transcripts.
 CHOSEN = {
-    "parquet": [(False, COMMIT), (True, COMMIT), (False, RANDOM), (True, COMMIT), (True, RANDOM)],
+    "parquet": [(False, COMMIT), (True, COMMIT), (True, RANDOM), (False, COMMIT), (True, RANDOM)],
     "delta": [(False, RANDOM), (True, RANDOM), (True, RANDOM)],
 }
 
@@ -118,14 +119,14 @@ def test_sigkills_leave_exactly_one_row_per_item(tmp_path: Path, fmt: str, form:
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.url)
         for force, moment in schedule:
-            for _ in range(3):  # bounded: a run, or its commit, may end before the kill
+            for _ in range(4):  # bounded: a run, or its commit, may end before the kill
                 killed, in_commit = _kill_one(manifest, out, rng, force, moment, whole_run_s)
                 if killed and (in_commit or moment == RANDOM):
                     break
             landed += killed
             committing += killed and in_commit
         final = run_cli("run", str(manifest))
-    assert landed == len(schedule)
+    assert landed == len(schedule), f"only {landed} of {len(schedule)} kills landed"
     assert final.returncode == 1, final.stderr  # broken.wav, and sessions the server failed
     wanted = sum(moment == COMMIT for _, moment in schedule)
     assert committing >= wanted, f"only {committing} of {wanted} kills landed during a commit"
