@@ -1,7 +1,7 @@
 """`pulse-batch ARGS` for tests: in this process (typer's CliRunner on `batch.cli.app`), or as
 a child process where a real process is the point (signals, SIGKILL, a fresh interpreter).
 
-Both return the same shape (``returncode``, ``stdout``, ``stderr``). The in-process runner
+`run_cli` returns what `subprocess.run` would (``returncode``, ``stdout``, ``stderr``), and
 puts back what the CLI changes for its own process: logging (its handler replaces the root
 logger's), signal handlers, the environment and the working directory.
 """
@@ -85,22 +85,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
         exc = done.exception
         stderr += "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return CliResult(done.exit_code, done.stdout, stderr)
-
-
-def run_cli_process(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
-) -> CliResult:
-    """``python -m batch ARGS`` as a child process, for the few tests where a fresh
-    interpreter is the point."""
-    done = subprocess.run(
-        [sys.executable, "-m", "batch", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s * TIME_UNIT_S,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-    return CliResult(done.returncode, done.stdout, done.stderr)
 
 
 def start_cli(*args: str, capture: bool = False) -> subprocess.Popen[str]:
