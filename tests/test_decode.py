@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,33 @@ def _make(kind: str, folder: Path) -> Path:
     return write_format(path, kind, [tone_track(BURSTS, 5.0, rate)], rate)
 
 
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Each kind of test media, made once per session on first use. Tests only read these;
+    one that changes a file changes a copy (`_copied`)."""
+    folder = tmp_path_factory.mktemp("media-kinds")
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = _make(kind, folder)
+        return cache[kind]
+
+    return get
+
+
+def _copied(path: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(path, folder))
+
+
 def _tolerance_s(kind: str) -> float:
     return 0.07 if kind in LOSSY else 0.02
 
 
 @pytest.mark.parametrize("kind", [*FORMATS, *VIDEO])
-def test_decoded_audio_lines_up_with_playback(kind: str, tmp_path: Path) -> None:
-    path = _make(kind, tmp_path)
+def test_decoded_audio_lines_up_with_playback(kind: str, made: Callable[[str], Path]) -> None:
+    path = made(kind)
     audio = DecodedAudio(path, WireFormat("linear16", 16000))
     pcm = b"".join(audio)
     assert abs(audio.duration_s - 5.0) < 0.05
@@ -57,8 +78,8 @@ def test_decoded_audio_lines_up_with_playback(kind: str, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("encoding", ["linear16", "linear32", "mulaw", "alaw"])
-def test_wire_encodings_have_the_declared_size(encoding: str, tmp_path: Path) -> None:
-    path = _make("flac_24", tmp_path)
+def test_wire_encodings_have_the_declared_size(encoding: str, made: Callable[[str], Path]) -> None:
+    path = made("flac_24")
     wire = WireFormat(encoding, 8000, chunk_bytes=4000)
     chunks = list(DecodedAudio(path, wire))
     assert all(len(c) == 4000 for c in chunks[:-1])
@@ -70,11 +91,11 @@ def test_chunk_size_by_milliseconds() -> None:
     assert wire.chunk_bytes == 3200
 
 
-def test_runner_word_times_match_bursts_in_every_format(tmp_path: Path) -> None:
-    media = tmp_path / "media"
-    media.mkdir()
+def test_runner_word_times_match_bursts_in_every_format(
+    tmp_path: Path, made: Callable[[str], Path]
+) -> None:
     kinds = [*FORMATS, *VIDEO]
-    paths = {kind: _make(kind, media) for kind in kinds}
+    paths = {kind: _copied(made(kind), tmp_path / "media") for kind in kinds}
     manifest = write_manifest(tmp_path, run={"concurrency": 4, "pace": 0})
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
@@ -99,11 +120,9 @@ def test_runner_word_times_match_bursts_in_every_format(tmp_path: Path) -> None:
      ("opus", 16000), ("opus", 48000), ("ogg_opus", 16000), ("ogg_opus", 24000)],
 )  # fmt: skip
 def test_every_wire_encoding_reaches_the_server_intact(
-    encoding: str, rate: int, tmp_path: Path
+    encoding: str, rate: int, tmp_path: Path, made: Callable[[str], Path]
 ) -> None:
-    media = tmp_path / "media"
-    media.mkdir()
-    _make("flac_24", media)
+    _copied(made("flac_24"), tmp_path / "media")
     manifest = write_manifest(
         tmp_path, pulse={"encoding": encoding, "sample_rate": rate}, run={"pace": 0}
     )
@@ -240,9 +259,11 @@ def test_each_bad_input_fails_alone_with_its_kind(tmp_path: Path) -> None:
     assert "looks truncated" in kinds["half.mp3"][2]
 
 
-def test_wav_recorded_as_a_stream_is_not_called_truncated(tmp_path: Path) -> None:
+def test_wav_recorded_as_a_stream_is_not_called_truncated(
+    tmp_path: Path, made: Callable[[str], Path]
+) -> None:
     """Recorders that write WAV as a stream leave 0xFFFFFFFF as the data size."""
-    path = _make("wav_s16", tmp_path)
+    path = _copied(made("wav_s16"), tmp_path)
     data = bytearray(path.read_bytes())
     data_at = data.index(b"data")
     data[data_at + 4 : data_at + 8] = b"\xff\xff\xff\xff"
@@ -262,9 +283,9 @@ def _as_a_user_the_mode_binds() -> list[str]:
     return ["setpriv", "--bounding-set", dropped, "--inh-caps", dropped]
 
 
-def test_unreadable_file_is_a_permission_error(tmp_path: Path) -> None:
+def test_unreadable_file_is_a_permission_error(tmp_path: Path, made: Callable[[str], Path]) -> None:
     """A child process, as root or not: what `probe` says of a file it may not read."""
-    path = _make("wav_s16", tmp_path)
+    path = _copied(made("wav_s16"), tmp_path)
     path.chmod(0)
     command = [*_as_a_user_the_mode_binds(), sys.executable, "-m", "batch", "probe", "--json"]
     done = subprocess.run(
@@ -275,9 +296,9 @@ def test_unreadable_file_is_a_permission_error(tmp_path: Path) -> None:
     assert row["error_kind"] == "permission" and str(path) in row["error"], row
 
 
-def test_probe_describes_streams(tmp_path: Path) -> None:
-    info = probe(_make("mp4_video", tmp_path))
+def test_probe_describes_streams(made: Callable[[str], Path]) -> None:
+    info = probe(made("mp4_video"))
     assert (info.codec, info.channels, info.video_streams, info.audio_streams) == ("aac", 1, 1, 1)
     assert info.duration_s is not None and abs(info.duration_s - 5.0) < 0.1
-    done = run_cli("probe", str(tmp_path / "mp4_video.mp4"), "--json")
+    done = run_cli("probe", str(made("mp4_video")), "--json")
     assert done.returncode == 0 and '"codec": "aac"' in done.stdout

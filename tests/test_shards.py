@@ -21,6 +21,7 @@ from tests.conftest import (
     run_cli,
     server_in_thread,
     start_cli,
+    unpaced,
     write_manifest,
 )
 from tests.media import Burst, tone_track, write_audio
@@ -138,6 +139,7 @@ def test_shards_started_at_once_one_killed_and_rerun(
         committed_before = {i for i, status, _ in _rows(out) if owner[i] == victim}
         assert 1 <= len(committed_before) < per_shard[victim], "the kill should land part-way"
 
+        unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest), "--shard", f"{victim}/{shards}")
         assert rerun.returncode == 0, rerun.stderr
         summary = _summary(rerun.stdout)
