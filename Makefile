@@ -1,40 +1,58 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What a user needs to run jobs and the demo: the local recognizer, cloud inputs, Delta outputs.
+EXTRAS := recognizer,s3,gcs,azure,http,delta
+# Stamps: what only the tests (and lint) or the docs need, installed on first use.
+TEST_DEPS := $(VENV)/.test-deps
+DOCS_DEPS := $(VENV)/.docs-deps
 AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+# Two workers (pytest-xdist), the whisper tests on one of them (tests/conftest.py).
+PYTEST := $(BIN)/pytest -q --durations=20 -n 2 --dist loadgroup
 
-.PHONY: install test lint run bench clean format
+.PHONY: install test test-all lint format docs run bench clean
 
 install: $(BIN)/pulse-batch
 
 $(BIN)/pulse-batch: pyproject.toml
-	@# espeak-ng (Debian) voices the skip-silence benchmark's calls (tests/calls.py espeak_voice)
-	@# and remakes the demo's payment clip (jobs/demo/make_clips.py). Without it those
-	@# benchmarks are skipped; the clip is committed, so `make run` never needs it.
-	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng) \
-		|| echo "espeak-ng unavailable: skip-silence benchmarks skipped, demo clip not remakable"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[recognizer,dev,s3,gcs,azure,http,delta]'
-	@# Azurite, Microsoft's Azure Storage emulator (npm), for the az:// input test
-	@# (tests/test_cloud_emulators.py); kept in the virtualenv's folder.
-	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm) \
-		|| echo "npm unavailable: the az:// emulator test will be skipped"
-	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
-		azurite@3.35.0 || echo "azurite unavailable: the az:// emulator test will be skipped"
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-test: install
-	$(BIN)/pytest -q
+# The dev extra (pytest, ruff, mypy, readers, emulators, the vendor SDK), and Azurite,
+# Microsoft's Azure Storage emulator (npm), for the az:// input test
+# (tests/test_cloud_emulators.py), kept in the virtualenv's folder. Any failure fails.
+$(TEST_DEPS): $(BIN)/pulse-batch
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS),dev]'
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
+		azurite@3.35.0
+	touch $@
 
-lint: install
+$(DOCS_DEPS): $(BIN)/pulse-batch
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS),docs]'
+	touch $@
+
+test: $(TEST_DEPS)
+	$(PYTEST)
+
+# The default suite plus the long forms marked `slow` (benchmarks stay in `make bench`).
+test-all: $(TEST_DEPS)
+	$(PYTEST) -m 'not bench'
+
+lint: $(TEST_DEPS)
 	$(BIN)/ruff check batch tests
 	$(BIN)/ruff format --check batch tests
 	$(BIN)/mypy
 
-format: install
+format: $(TEST_DEPS)
 	$(BIN)/ruff format batch tests
 	$(BIN)/ruff check --fix batch tests
+
+# The manual in docs/ as a website in site/; a broken link or a missing page fails.
+docs: $(DOCS_DEPS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 run: install
 	$(BIN)/pulse-batch run jobs/demo.yaml
@@ -45,11 +63,14 @@ run: install
 	@echo "subtitles:  $(CURDIR)/jobs/out/_exports/demo/srt/ (and vtt/)"
 	@echo "WER of the demo clips:  Accuracy section of $(CURDIR)/jobs/out/_reports/demo/latest.md"
 
-bench: install
-	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq ffmpeg) \
-		|| echo "ffmpeg unavailable: the decode benchmark runs without its CLI baseline"
+# espeak-ng (Debian) voices the skip-silence benchmark's calls (tests/calls.py espeak_voice)
+# and remakes the demo's payment clip (jobs/demo/make_clips.py); ffmpeg is the decode
+# benchmark's baseline. The runner itself needs neither.
+bench: $(TEST_DEPS)
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
+	command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq ffmpeg)
 	$(BIN)/pytest -q -m bench -p no:cacheprovider tests/bench -s
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info jobs/out
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info jobs/out site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,7 +3,8 @@
 Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
 stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
 could not be written (disk full, read-only, permission denied); 6 the service refused
-everything; 130/143 after SIGINT/SIGTERM.
+everything; 7 the spend cap was reached; 8 shards of the job with another shard count are
+running; 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from batch import job as jobs
 from batch import output as outputs
 from batch import score as scoring
 from batch import storage
-from batch.credentials import Scrubber, scrubber_for_env
+from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
-from batch.errors import InputError, LockedError, ManifestError, OutputError
+from batch.errors import (
+    InputError,
+    LockedError,
+    ManifestError,
+    OutputError,
+    ShardCountConflict,
+)
 from batch.manifest import LoadedManifest, load_manifest
 from batch.plan import Item, expand_sources
 from batch.pulse import protocol
@@ -90,23 +97,6 @@ err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
 
 
-class _RedactSecrets(logging.Filter):
-    """Belt and braces: no log record, ours or a library's, may carry an API key (as
-    exported, or as normalised into the header)."""
-
-    def __init__(self, scrubber: Scrubber) -> None:
-        super().__init__()
-        self.scrubber = scrubber
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.scrubber:
-            text = record.getMessage()
-            cleaned = self.scrubber.scrub(text)
-            if cleaned != text:
-                record.msg, record.args = cleaned, None
-        return True
-
-
 def _label(item: Item) -> str:
     """The item as people know it: its file, and its channel when split."""
     if item.channel_name:
@@ -117,10 +107,11 @@ def _label(item: Item) -> str:
 def _setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The API key and the storage SDKs' secrets (a library's debug line must not show them).
+    # The API key and the storage SDKs' secrets by value, and any credential header or
+    # token by pattern (a library's debug line must not show them, whatever their source).
     api_key = scrubber_for_env(secret_env)
     storage_secrets = storage.credentials_in_env(os.environ)
-    handler.addFilter(_RedactSecrets(Scrubber(*api_key.secrets, *storage_secrets)))
+    handler.addFilter(RedactingFilter(Scrubber(*api_key.secrets, *storage_secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -137,11 +128,13 @@ def _fail(message: object, code: int, label: str = "error") -> NoReturn:
 @contextmanager
 def _exit_codes() -> Iterator[None]:
     """The library's usage, lock and output errors as a message and their exit code
-    (2, 4, 5: the table in `batch.errors`)."""
+    (2, 4, 5, 8: the table in `batch.errors`)."""
     try:
         yield
     except ManifestError as exc:
         _fail(exc, jobs.EXIT_USAGE)
+    except ShardCountConflict as exc:
+        _fail(exc, jobs.EXIT_SHARD_COUNT)
     except LockedError as exc:
         _fail(exc, jobs.EXIT_LOCKED)
     except OutputError as exc:
@@ -566,7 +559,11 @@ def export_command(
             else "words (no speech, or pulse.word_timestamps was off: try --utterances)"
         )
         err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
+    for source, why in done.failed:
+        err.print(escape(f"error: {source} could not be exported ({why})"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
+    if done.failed:
+        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)  # the others were written
 
 
 @app.command("score", cls=_PlainCommand)
@@ -631,6 +628,8 @@ def status(
                 f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
                 f"{part.failed} failed, {part.not_run} not run yet"
             )
+        for problem in result.problems():
+            print(f"  {problem}")
     raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
 
 

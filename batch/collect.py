@@ -21,6 +21,8 @@ from batch.timemap import TimeMap
 MAX_WORDS_PER_S: Final = 6.0
 MIN_DURATION_FOR_RATE_S: Final = 2.0
 MAX_SAME_WORD_RUN: Final = 10
+# Services round times to their frames; a word ending this far past the audio is no rounding.
+TIME_MARGIN_S: Final = 1.0
 
 
 @dataclass
@@ -151,6 +153,23 @@ def quality(words: Sequence[str], duration_s: float) -> str | None:
     return None
 
 
+def time_quality(collected: Collected, duration_s: float) -> str | None:
+    """A warning when words or utterances end after the recording (beyond `TIME_MARGIN_S`
+    of rounding), else None; a duration of 0 (unknown) cannot be judged. Times before 0
+    never get here (`batch.pulse.responses` refuses them)."""
+    if duration_s <= 0:
+        return None
+    limit = duration_s + TIME_MARGIN_S
+    for table, rows in (("words", collected.words), ("utterances", collected.utterances)):
+        late = [row["end_s"] for row in rows if row["end_s"] > limit]
+        if late:
+            return (
+                f"times_past_end: {len(late)} {table} end after the recording "
+                f"(latest at {max(late):.1f} s; the recording is {duration_s:.1f} s)"
+            )
+    return None
+
+
 @dataclass
 class ItemRows:
     """One finished item's rows for each table (partition and bookkeeping columns included)."""
@@ -247,7 +266,8 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
         redacted_entities=collected.redacted_entities,
         # Null when off, whatever a service sends unasked.
         full_transcript=collected.full_transcript if item.options.full_transcript else None,
-        quality=quality(collected.transcript.split(), outcome.duration_s),
+        quality=time_quality(collected, outcome.duration_s)
+        or quality(collected.transcript.split(), outcome.duration_s),
         session_id=outcome.session_id,
         word_count=len(rows.words),
     )

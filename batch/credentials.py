@@ -8,6 +8,7 @@ print the key, not even part of it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -100,22 +101,29 @@ class Scrubber:
         return bool(self.secrets)
 
 
-def _scrub_pieces(text: str, secret: str) -> str:
-    """Replace every run of text that is a piece of ``secret`` (linear in the text: pieces
-    are found by their first `_MIN_PIECE` characters, then grown)."""
+@functools.lru_cache(maxsize=16)
+def _piece_starts(secret: str) -> re.Pattern[str]:
+    """Every `_MIN_PIECE`-long piece of ``secret``, as one pattern (searched in C: service
+    text can be long)."""
     size = min(_MIN_PIECE, len(secret))
-    starts = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    pieces = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    return re.compile("|".join(re.escape(piece) for piece in sorted(pieces)))
+
+
+def _scrub_pieces(text: str, secret: str) -> str:
+    """Replace every run of text that is a piece of ``secret`` (pieces are found by their
+    first `_MIN_PIECE` characters, then grown)."""
+    size = min(_MIN_PIECE, len(secret))
+    pattern = _piece_starts(secret)
     kept: list[str] = []
-    i = done = 0
-    while i <= len(text) - size:
-        if text[i : i + size] not in starts:
-            i += 1
-            continue
-        end = i + size
-        while end < len(text) and text[i : end + 1] in secret:
+    done = 0
+    while (match := pattern.search(text, done)) is not None:
+        start = match.start()
+        end = start + size
+        while end < len(text) and text[start : end + 1] in secret:
             end += 1
-        kept += [text[done:i], REDACTED]
-        i = done = end
+        kept += [text[done:start], REDACTED]
+        done = end
     return "".join(kept) + text[done:] if kept else text
 
 
@@ -128,3 +136,70 @@ def scrubber_for_env(name: str | None) -> Scrubber:
     # A key with inner whitespace is refused, but its words must not leak from logs either.
     pieces += [word for word in raw.split() if len(word) >= 8 and word.lower() != "bearer"]
     return Scrubber(*pieces)
+
+
+# --- credentials by pattern, whatever their source ----------------------------------
+# A storage SDK signs with whatever it found (a profile file, an instance role, web
+# identity, a SAS in a URL); its debug lines print the headers and the canonical request.
+# Values are not known in advance, so they are found by what surrounds them.
+_HEADER_NAMES = (
+    r"(?:proxy-)?authorization|x-amz-security-token|x-amz-signature|x-goog-signature"
+    r"|x-ms-(?:copy-source-)?authorization|x-api-key|api-key|cookie|set-cookie"
+)
+# ``'Authorization': b'AWS4-HMAC...'`` (a dict's repr), ``"X-Amz-Security-Token": "..."``
+_QUOTED_HEADER = re.compile(
+    rf"""(?i)(?<![\w-])((?:{_HEADER_NAMES})['"]?\s*[:=]\s*b?(['"]))(?:\\.|(?!\2).)*(\2)"""
+)
+# ``Authorization: Bearer ...`` on a line of its own, ``x-amz-security-token:...`` in
+# botocore's canonical request: the rest of the line.
+_PLAIN_HEADER = re.compile(rf"(?i)(?<![\w-])((?:{_HEADER_NAMES})\s*:)(?!\s*\[redacted\])[^\r\n]*")
+# Query or connection-string fields: presigned S3/GCS URLs, Azure SAS ``sig=``, ``AccountKey=``.
+_FIELD = re.compile(
+    r"(?i)(?<![\w-])((?:x-amz-security-token|x-amz-signature|x-goog-signature|sig|signature"
+    r"|access_token|id_token|refresh_token|token|accountkey|sharedaccesssignature|password)=)"
+    r"(?!\[redacted\])[^&\s'\";,#]+"
+)
+# A bearer token outside a header (an exception's text): long, and not a plain word.
+_BEARER_TOKEN = re.compile(r"(?i)\b(bearer\s+)(?=[\w\-.~+/]*[\d\-.~+/_])[\w\-.~+/]{12,}=*")
+# The signature botocore logs on the line after ``Signature:``.
+_SIGNATURE_LINE = re.compile(r"(?i)(\bsignature:\s*)[0-9a-f]{32,}")
+_USERINFO = re.compile(r"(://[^/\s:@'\"]+:)[^@/\s'\"]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with credential-bearing headers, query fields and tokens replaced by
+    ``[redacted]``, by pattern: the values need not be known (see `_HEADER_NAMES`)."""
+    text = _QUOTED_HEADER.sub(rf"\1{REDACTED}\3", text)
+    text = _PLAIN_HEADER.sub(rf"\1 {REDACTED}", text)
+    text = _FIELD.sub(rf"\1{REDACTED}", text)
+    text = _BEARER_TOKEN.sub(rf"\1{REDACTED}", text)
+    text = _SIGNATURE_LINE.sub(rf"\1{REDACTED}", text)
+    return _USERINFO.sub(rf"\1{REDACTED}@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """For a log handler: no record, ours or a library's, carries a known secret (the API
+    key as exported or normalised, the storage SDKs' secret variables) or a credential
+    found by pattern (`redact_credentials`). The message, a formatted traceback and stack
+    are all cleaned."""
+
+    def __init__(self, scrubber: Scrubber) -> None:
+        super().__init__()
+        self.scrubber = scrubber
+
+    def clean(self, text: str) -> str:
+        return redact_credentials(self.scrubber.scrub(text) if self.scrubber else text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        cleaned = self.clean(text)
+        if cleaned != text:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            # Formatted here (as the handler's formatter would) so the traceback is cleaned.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.clean(record.stack_info)
+        return True

@@ -5,19 +5,33 @@ the millisecond the formats carry: a cue starts when its first word starts and e
 last word ends. A new cue starts at a speaker change, at a pause of ``pause_s`` or more, after
 a sentence end, and whenever the next word would make the cue longer than ``max_duration_s``
 or too long for ``max_lines`` lines of ``max_chars`` characters.
+
+Service text is never markup and never breaks a file: `clean_text` makes each word one line
+of printable text (control characters, NUL and line breaks become spaces, so no blank line
+ends a cue early); `to_vtt` escapes ``&``, ``<`` and ``>`` (so no ``-->`` either); `to_srt`,
+which has no escapes, writes ``<`` as ``‹`` (players read ``<i>`` and ``<font>`` as tags)
+and ``-->`` as ``->``. Words are cued in time order whatever order they came in; cues are
+sorted by start, and each ends at or after its start.
 """
 
 from __future__ import annotations
 
+import html
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import srt
 import webvtt
 
 _SENTENCE_END = (".", "?", "!", "。", "？", "！", "…")
+# C0 and C1 controls (NUL, CR, LF, NEL, ...), DEL, and the Unicode line/paragraph separators.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SPACES: Final = re.compile(r"\s+")
+_ARROW: Final = re.compile(r"-{2,}>")
 
 
 @dataclass(frozen=True)
@@ -49,15 +63,34 @@ class Cue:
     speaker: str | None = None
 
 
+def clean_text(text: str) -> str:
+    """Service text as one line of printable text: control characters and line breaks
+    become spaces, runs of whitespace one space, no space at either end."""
+    return _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 def timed(rows: Iterable[Mapping[str, Any]], text_key: str = "word") -> list[TimedText]:
-    """Table rows (``words`` or ``utterances``) as timed text, in order, blanks dropped."""
+    """Table rows (``words`` or ``utterances``) as timed text in time order (by start, then
+    end; rows of equal times keep their order). Text is `clean_text`; rows left blank, or
+    without finite times, are dropped (they cannot be cued)."""
     out = []
     for row in rows:
-        text = str(row.get(text_key) or "").strip()
-        if text:
-            speaker = row.get("speaker")
-            out.append(TimedText(text, float(row["start_s"]), float(row["end_s"]), speaker or None))
-    return out
+        text = clean_text(str(row.get(text_key) or ""))
+        start, end = _seconds(row.get("start_s")), _seconds(row.get("end_s"))
+        if text and start is not None and end is not None:
+            speaker = clean_text(str(row.get("speaker") or "")) or None
+            out.append(TimedText(text, start, max(start, end), speaker))
+    return sorted(out, key=lambda t: (t.start_s, t.end_s))
 
 
 def layout(words: Sequence[str], max_chars: int, max_lines: int) -> tuple[str, ...] | None:
@@ -91,14 +124,20 @@ def _ms(seconds: float) -> float:
 
 
 def _cue(group: Sequence[TimedText], lines: tuple[str, ...]) -> Cue:
-    start = _ms(group[0].start_s)
-    return Cue(start, max(start, _ms(group[-1].end_s)), lines, group[0].speaker)
+    # Words come sorted by start; the last to end may not be the last to start.
+    start = _ms(min(w.start_s for w in group))
+    return Cue(start, max(start, _ms(max(w.end_s for w in group))), lines, group[0].speaker)
+
+
+def _in_time_order(cues: list[Cue]) -> list[Cue]:
+    return sorted(cues, key=lambda c: (c.start_s, c.end_s))  # stable: ties keep their order
 
 
 def cues_from_words(
     words: Sequence[TimedText], limits: CueLimits = CueLimits(), *, sentence_breaks: bool = True
 ) -> list[Cue]:
-    """Group words into cues within ``limits`` (see the module docstring)."""
+    """Group words (in time order, as `timed` gives them) into cues within ``limits`` (see
+    the module docstring)."""
     cues: list[Cue] = []
     group: list[TimedText] = []
     lines: tuple[str, ...] = ()
@@ -122,7 +161,7 @@ def cues_from_words(
         lines = layout([word.text], limits.max_chars, limits.max_lines) or (word.text,)
     if group:
         cues.append(_cue(group, lines))
-    return cues
+    return _in_time_order(cues)
 
 
 def cues_from_utterances(
@@ -151,7 +190,7 @@ def cues_from_utterances(
             pieces[0] = replace(pieces[0], start_s=_ms(utterance.start_s))
             pieces[-1] = replace(pieces[-1], end_s=_ms(utterance.end_s))
         cues.extend(pieces)
-    return cues
+    return _in_time_order(cues)  # utterances may overlap
 
 
 def _delta(seconds: float) -> timedelta:
@@ -166,6 +205,10 @@ def _vtt_time(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}.{ms:03d}"
 
 
+def _srt_text(text: str) -> str:
+    return _ARROW.sub("->", clean_text(text)).replace("<", "\u2039")
+
+
 def to_srt(cues: Sequence[Cue]) -> str:
     """SubRip text; a speaker label starts the cue's first line (``speaker_0: ...``)."""
     subtitles = [
@@ -173,7 +216,7 @@ def to_srt(cues: Sequence[Cue]) -> str:
             index=number,
             start=_delta(cue.start_s),
             end=_delta(cue.end_s),
-            content="\n".join(_labelled(cue)),
+            content="\n".join(_srt_text(line) for line in _labelled(cue)),
         )
         for number, cue in enumerate(cues, start=1)
     ]
@@ -187,20 +230,20 @@ def _labelled(cue: Cue) -> list[str]:
     return lines
 
 
+def _vtt_text(text: str) -> str:
+    # Escaping ">" too leaves no "-->" (which would end the cue's timing line early).
+    return html.escape(clean_text(text), quote=False)
+
+
 def to_vtt(cues: Sequence[Cue]) -> str:
     """WebVTT text; a speaker label is a voice span (``<v speaker_0>``), as the format
     intends, so players can style or hide it."""
     document = webvtt.WebVTT()
     for cue in cues:
-        lines = list(cue.lines)
+        lines = [_vtt_text(line) for line in cue.lines]
         if cue.speaker:
-            lines[0] = f"<v {_voice(cue.speaker)}>{lines[0]}"
+            lines[0] = f"<v {_vtt_text(cue.speaker)}>{lines[0]}"
         document.captions.append(
             webvtt.Caption(_vtt_time(cue.start_s), _vtt_time(cue.end_s), lines)
         )
     return str(document.content)
-
-
-def _voice(speaker: str) -> str:
-    # A voice annotation ends at ">"; keep the label inside it.
-    return speaker.replace(">", "").replace("\n", " ")

@@ -25,7 +25,8 @@ from typing import Any, Final, NoReturn
 import av
 import numpy as np
 
-from batch import storage
+from batch import plausible, storage
+from batch.chunker import Chunker
 from batch.errors import InputError
 from batch.pulse.protocol import OPUS_ENCODINGS, OPUS_FRAME_S, PCM_SAMPLE_BYTES
 
@@ -176,12 +177,12 @@ def probe(
     storage_options: Mapping[str, Any] | None = None,
 ) -> ProbeInfo:
     """Read container metadata only (for a URL: a few ranges near the start); raises
-    `InputError` for files we cannot use."""
+    `InputError` for files we cannot use, or whose header cannot be true (`plausible`)."""
     source = str(path)
-    with _opened(source, storage_options) as (container, _):
+    with _opened(source, storage_options) as (container, media):
         stream = _audio_stream(container, source, stream_index)
         ctx = stream.codec_context
-        return ProbeInfo(
+        info = ProbeInfo(
             path=source,
             format_name=str(container.format.name),
             duration_s=_duration_s(container, stream),
@@ -193,30 +194,9 @@ def probe(
             audio_streams=len(container.streams.audio),
             video_streams=len(container.streams.video),
         )
-
-
-class Chunker:
-    """Cuts a byte stream into fixed-size chunks without re-copying the tail each time."""
-
-    def __init__(self, chunk_bytes: int) -> None:
-        self._size = chunk_bytes
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        self._buffer += data
-        size = self._size
-        if len(self._buffer) < size:
-            return
-        whole = len(self._buffer) - len(self._buffer) % size
-        view = bytes(self._buffer[:whole])
-        del self._buffer[:whole]
-        for start in range(0, whole, size):
-            yield view[start : start + size]
-
-    def rest(self) -> Iterator[bytes]:
-        if self._buffer:
-            yield bytes(self._buffer)
-            self._buffer.clear()
+    size = os.path.getsize(source) if isinstance(media, str) else getattr(media, "size", None)
+    plausible.check(source, info.sample_rate, info.duration_s, size)
+    return info
 
 
 class _G711:

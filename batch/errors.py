@@ -6,14 +6,17 @@
     ├── ManifestError            bad manifest or usage                  (exit 2)
     │   └── ShardError           inconsistent --shard / engine variables (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
+    │   └── ShardCountConflict   shards of another count hold the job   (exit 8)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
     │   └── InputUnavailable     its store failed for now: 5xx, throttled,
     │                            connection dropped, timed out          (retry the item)
-    ├── SpendCapReached          the next session would pass the cap    (not started; exit 7)
+    ├── NotStarted               the run is stopping: session not started (no row)
+    │   └── SpendCapReached      the next session would pass the cap    (not started; exit 7)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
-        ├── ConnectionLost       socket ended before ``is_last``        (retry)
+        ├── ConnectionLost       socket ended before ``is_last``        (retry; a 1008
+        │                        before the service took audio: a refusal, not an attempt)
         │   └── Unreachable      no connection at all: refused, DNS, TLS (retry)
         ├── ServerReported       an error message from the service      (retry)
         ├── ProtocolViolation    a frame we cannot parse                (retry)
@@ -28,9 +31,31 @@ pure: it looks only at our own error types, so the retry policy is testable with
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+# Messages quote what they were given, and what they were given can be anything: a 10 MB
+# list cell, a value a YAML alias bomb expanded. Quotes and whole messages are bounded.
+QUOTE_MAX_CHARS = 200
+MESSAGE_MAX_CHARS = 4000
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_MAX_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def clip(text: str, limit: int = QUOTE_MAX_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def quoted(value: object, limit: int = QUOTE_MAX_CHARS) -> str:
+    """``repr(value)`` for a message, bounded in length and in the time it takes to make."""
+    return clip(_REPR.repr(value), limit)
 
 
 class PulseBatchError(Exception):
@@ -41,7 +66,7 @@ class ManifestError(PulseBatchError):
     """The manifest (or a list file it names) is invalid. Names the file and the key path."""
 
     def __init__(self, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(clip(f"{path}: {message}", MESSAGE_MAX_CHARS))
         self.path = str(path)
 
 
@@ -52,6 +77,12 @@ class ShardError(ManifestError):
 
 class LockedError(PulseBatchError):
     """Another live process is running the same job into the same output."""
+
+
+class ShardCountConflict(LockedError):
+    """Shards of the job with another shard count are running into the output: their
+    slices of the items differ, so both would run (and bill) some items. Retrying cannot
+    help until they finish or the counts agree."""
 
 
 class OutputError(PulseBatchError):
@@ -77,7 +108,7 @@ class InputError(PulseBatchError):
     """
 
     def __init__(self, kind: str, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(clip(f"{path}: {message}", MESSAGE_MAX_CHARS))
         self.kind = kind
         self.path = str(path)
 
@@ -91,7 +122,12 @@ class InputUnavailable(InputError):
         super().__init__("read_error", path, message)
 
 
-class SpendCapReached(PulseBatchError):
+class NotStarted(PulseBatchError):
+    """The run is stopping (a signal, the spend cap): the session was not started, the
+    item gets no row, and a rerun does it. Retrying in this run cannot help."""
+
+
+class SpendCapReached(NotStarted):
     """The next session would take the run past its spend cap; it was not started, and a
     rerun continues from there. Retrying in this run cannot help."""
 
@@ -116,13 +152,25 @@ class HandshakeRejected(SessionError):
 
 
 class ConnectionLost(SessionError):
-    """The socket closed or broke before the terminal ``is_last`` message."""
+    """The socket closed or broke before the terminal ``is_last`` message.
+
+    ``after_audio``: the service had taken audio (it answered with a transcript, or the end
+    signal was sent), so even a concurrency close code (1008) is a failed attempt.
+    """
 
     kind = "connection_lost"
 
-    def __init__(self, message: str, close_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, close_code: int | None = None, *, after_audio: bool = False
+    ) -> None:
         super().__init__(message)
         self.close_code = close_code
+        self.after_audio = after_audio
+
+    @property
+    def refused(self) -> bool:
+        """Closed for concurrency before the service took any audio."""
+        return self.close_code == _CONCURRENCY_CLOSE_CODE and not self.after_audio
 
 
 class Unreachable(ConnectionLost):
@@ -211,11 +259,11 @@ _CONCURRENCY_CLOSE_CODE = 1008
 
 
 def is_refusal(error: BaseException) -> bool:
-    """The service declined to run a session at all (at the handshake, or 1008), for a
-    reason a later attempt may not meet: what a `RefusalStreak` counts."""
+    """The service declined to run a session at all (at the handshake, or 1008 before it
+    took audio), for a reason a later attempt may not meet: what a `RefusalStreak` counts."""
     if isinstance(error, HandshakeRejected):
         return classify(error).retry
-    return isinstance(error, ConnectionLost) and error.close_code == _CONCURRENCY_CLOSE_CODE
+    return isinstance(error, ConnectionLost) and error.refused
 
 
 def is_unreachable(error: BaseException) -> bool:
@@ -239,8 +287,9 @@ def classify(error: BaseException) -> Verdict:
             return Verdict(True, Scope.ITEM, retry_after_s=error.retry_after_s)
         return Verdict(retry=False, scope=Scope.ITEM)
     if isinstance(error, ConnectionLost):
-        overloaded = error.close_code == _CONCURRENCY_CLOSE_CODE
-        return Verdict(retry=True, scope=Scope.ITEM, overloaded=overloaded)
+        # Only a refusal spares the item's attempts: a close after the service took the
+        # audio was billed, and may repeat forever.
+        return Verdict(retry=True, scope=Scope.ITEM, overloaded=error.refused)
     if isinstance(error, SessionError | InputUnavailable):
         return Verdict(retry=True, scope=Scope.ITEM)
     return Verdict(retry=False, scope=Scope.ITEM)

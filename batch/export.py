@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from batch import cues as cuelib
 from batch import output as outputs
-from batch.errors import ManifestError
+from batch.errors import ManifestError, OutputError
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
@@ -75,14 +75,30 @@ def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
 
 
+def _refuse_unfinished(location: str | Path, job: str) -> None:
+    """Finish what a killed run left half-committed (local Parquet), or refuse an output
+    where it cannot be (Delta: a run killed between its tables' commits left items whose
+    transcripts row has lost its words): exporting them would write empty documents."""
+    unfinished = sorted(outputs.read_history(location, job).unfinished)
+    if unfinished:
+        raise OutputError(
+            location,
+            "export",
+            f"{len(unfinished)} item(s) of job {job!r} were left half-committed by a killed "
+            f"run (e.g. {unfinished[0]}); run the job again to redo them, then export",
+        )
+
+
 def load_job(location: str | Path, job: str, *, with_details: bool = True) -> JobTables:
     """Read one job's ok items (and, with details, their words, utterances and segments).
 
     Raises `ExportError` naming the jobs present when the output has none of ``job``, and
-    `OutputError` when the output cannot be read.
+    `OutputError` when the output cannot be read or holds items a killed run left
+    half-committed (a local Parquet output's are finished first).
     """
     if outputs.detect_format(location) is None:
         raise ExportError(location, "no pulse-batch output here; give the job's output.path")
+    _refuse_unfinished(location, job)
     transcripts = _rows(location, "transcripts", job)
     if not transcripts:
         known = job_names(location)
@@ -225,7 +241,7 @@ def document(
     """The text of one item's file in ``fmt`` (srt, vtt, json or txt)."""
     item_id = str(item["item_id"])
     if fmt == "txt":
-        return str(item.get("transcript") or "") + "\n"
+        return cuelib.clean_text(str(item.get("transcript") or "")) + "\n"  # no NUL, no CR
     if fmt == "json":
         body = {
             "item": {k: _plain(v) for k, v in item.items()},
@@ -249,6 +265,8 @@ class Exported:
     folder: Path
     files: list[Path]
     without_timings: list[str]  # sources of items with no words (or utterances) to cue
+    # (source, why) of items whose document could not be built; the others were written.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def export_job(
@@ -261,7 +279,11 @@ def export_job(
     item: str | None = None,
     from_utterances: bool = False,
 ) -> Exported:
-    """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``."""
+    """Write one ``fmt`` file per selected ok item of ``job`` into ``to_dir``.
+
+    An item whose document cannot be built is left out and named in ``failed``; the other
+    files are still written. Raises `ExportError` for bad usage and `OSError` when the
+    folder cannot be written."""
     if fmt not in FORMATS:
         raise ExportError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
     tables = load_job(location, job)
@@ -270,15 +292,24 @@ def export_job(
     chosen = select(tables.items, conditions, item)
     names = file_names(tables.items)  # over all items: a name never depends on the filter
     to_dir.mkdir(parents=True, exist_ok=True)
-    files, untimed = [], []
+    files, untimed, failed = [], [], []
     source_table = tables.utterances if from_utterances else tables.words
     for row in chosen:
         if fmt in ("srt", "vtt") and not source_table.get(row["item_id"]):
             untimed.append(str(row["source"]))
         path = to_dir / f"{names[row['item_id']]}.{fmt}"
-        text = document(fmt, row, tables, from_utterances=from_utterances)
+        try:
+            text = document(fmt, row, tables, from_utterances=from_utterances)
+        except Exception as exc:  # one item's odd rows must not stop the others' files
+            failed.append((str(row["source"]), f"{type(exc).__name__}: {_bounded(exc)}"))
+            continue
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
         files.append(path)
-    return Exported(to_dir, files, untimed)
+    return Exported(to_dir, files, untimed, failed)
+
+
+def _bounded(exc: Exception, limit: int = 300) -> str:
+    text = cuelib.clean_text(str(exc))
+    return text if len(text) <= limit else text[:limit] + "..."

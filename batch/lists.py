@@ -10,14 +10,16 @@ fields); a header without a ``path`` column is refused with the columns that wer
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batch.errors import ManifestError
+from batch.errors import ManifestError, quoted
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +99,45 @@ def read_text(path: Path, *, what: str, latin1_ok: bool) -> str:
     return decode_text(read_local(path, what=what), path, what=what, latin1_ok=latin1_ok)
 
 
-def read_rows(location: str, data: bytes, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_rows(
+    location: str, data: bytes, name: str, metadata_columns: frozenset[str] = frozenset()
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each row of the CSV or JSONL list ``data`` read from
     ``location`` (``name``'s suffix tells the format); known column names are lower-cased.
-    Raises `ManifestError` naming the file and line."""
+    A column whose name is close to a known one (``langauge``) is refused unless it is in
+    ``metadata_columns``. Raises `ManifestError` naming the file and line."""
     text = decode_text(data, location, what="list file", latin1_ok=True)
     if Path(name).suffix.lower() in JSONL_SUFFIXES:
-        yield from _jsonl_rows(text, location)
+        checked: set[str] = set()
+        for number, row in _jsonl_rows(text, location):
+            for column in row.keys() - checked:
+                _check_column(column, metadata_columns, location, number)
+                checked.add(column)
+            yield number, row
     else:
-        yield from _csv_rows(text, location)
+        yield from _csv_rows(text, location, metadata_columns)
+
+
+def _check_column(name: str, declared: frozenset[str], path: str, line: int) -> None:
+    """Refuse a metadata column named almost like a column the runner reads: a misspelt
+    ``language`` would otherwise be kept as metadata and the row transcribed in the
+    manifest's language. Raises `ManifestError`."""
+    if name in KNOWN_COLUMNS or name.strip() in declared:
+        return
+    spelled = re.sub(r"[\s-]+", "_", name.strip().lower())
+    close = difflib.get_close_matches(spelled, KNOWN_COLUMNS, n=1, cutoff=_CLOSE)
+    if close:
+        raise ManifestError(
+            path,
+            f"line {line}: column {quoted(name, 60)} is not one the runner reads; did you mean "
+            f"{close[0]!r}? Rename it, or keep it as metadata by declaring it on the list "
+            f"input: metadata_columns: [{quoted(name.strip(), 60)}]",
+        )
+
+
+# How alike (difflib's ratio) a column name must be to a known one to be taken for a typo:
+# langauge, channel, references, reference-path are; lang, team, channel_name are not.
+_CLOSE = 0.8
 
 
 def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -121,7 +153,7 @@ def _jsonl_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         row = {_column(str(k)): _jsonl_value(k, v) for k, v in row.items()}
         if "path" not in row:
             raise ManifestError(
-                path, f"line {number}: no 'path' key; the object has keys {sorted(row)}"
+                path, f"line {number}: no 'path' key; the object has keys {quoted(sorted(row))}"
             )
         yield number, row
 
@@ -163,17 +195,33 @@ def _dialect(text: str, path: str) -> tuple[type[csv.Dialect] | csv.Dialect, lis
     shown = [n for n in names if n] or ["(none)"]
     raise ManifestError(
         path,
-        f"no 'path' column; the header has {len(shown)} column(s): {shown} "
+        f"no 'path' column; the header has {len(shown)} column(s): {quoted(shown)} "
         f"(separated by {getattr(sniffed, 'delimiter', ',')!r}). Name the column that holds "
         "the files 'path' (language, channels and any other columns are optional)",
     )
 
 
-def _csv_rows(text: str, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_rows(
+    text: str, path: str, metadata_columns: frozenset[str]
+) -> Iterator[tuple[int, dict[str, Any]]]:
     if not text.strip():
         return
+    # No cell can be longer than the text: a reference of a three-hour meeting is read,
+    # not refused by the csv module's 131,072-character default.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     dialect, names = _dialect(text, path)
+    header_line = next(n for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    for column in names:
+        _check_column(column, metadata_columns, path, header_line)
     reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    try:
+        yield from _csv_cells(reader, names, path)
+    except csv.Error as exc:
+        line = reader.line_num
+        raise ManifestError(path, f"line {line}: cannot be read as CSV ({exc})") from None
+
+
+def _csv_cells(reader: Any, names: list[str], path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for header in reader:  # the header, already read (after any blank lines)
         if any(field.strip() for field in header):
             break

@@ -6,10 +6,12 @@ file, the key path and what is allowed.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import (
@@ -25,7 +27,7 @@ from pydantic import (
 )
 
 from batch import storage
-from batch.errors import ManifestError
+from batch.errors import ManifestError, clip, quoted
 from batch.lists import read_text
 from batch.pulse import protocol
 from batch.pulse.protocol import PulseOptions
@@ -34,7 +36,9 @@ from batch.pulse.protocol import PulseOptions
 def _one_of(allowed: tuple[Any, ...], what: str) -> Any:
     def check(value: Any) -> Any:
         if value not in allowed:
-            raise ValueError(f"{value!r} is not a supported {what}; use one of {list(allowed)}")
+            raise ValueError(
+                f"{quoted(value)} is not a supported {what}; use one of {list(allowed)}"
+            )
         return value
 
     return check
@@ -102,6 +106,11 @@ class ListInput(_Strict):
     # For the list file, when it is a URL, and for every URL it lists.
     storage_options: StorageOptions = {}
     allow_empty: bool = False
+    # Where else reference_path may point (a folder or URL prefix); by default references
+    # are read only from under the list's own folder (for a list at a URL: its store).
+    reference_root: Location | None = None
+    # Columns kept as metadata although named like a column the runner reads (`channel`).
+    metadata_columns: builtins.list[str] = []  # `list` is the field above
 
 
 def _input_kind(value: Any) -> str | None:
@@ -126,6 +135,28 @@ Input = Annotated[
 # Query parameter names as the service spells them; never anything key-like.
 _PARAM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _SECRET_LIKE = re.compile(r"key|token|secret|auth|password|bearer", re.IGNORECASE)
+
+
+def _no_credentials_in(endpoint: str) -> None:
+    """Refuse a user, password or key-like query parameter in the endpoint URL: the URL is
+    written to reports and logs, and the key travels only in the Authorization header.
+    The message never repeats the URL (it would repeat the secret)."""
+    parts = urlsplit(endpoint)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "holds credentials (user:password@ before the host), which would be written to "
+            "reports and logs; remove them: the API key comes from the environment variable "
+            "named by pulse.api_key_env"
+        )
+    secret = [
+        k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_LIKE.search(k)
+    ]
+    if secret:
+        raise ValueError(
+            f"has a query parameter that looks like a credential ({quoted(secret[0], 40)}); "
+            "remove it: the API key comes from the environment variable named by "
+            "pulse.api_key_env and travels only in the Authorization header"
+        )
 
 
 class PulseConfig(_Strict):
@@ -168,6 +199,7 @@ class PulseConfig(_Strict):
     def _endpoint_shape(cls, value: str) -> str:
         if value != "local" and not value.startswith(("ws://", "wss://")):
             raise ValueError("must be 'local' or a ws:// or wss:// URL")
+        _no_credentials_in(value)
         return value
 
     @field_validator("extra_params")
@@ -231,6 +263,11 @@ class RunConfig(_Strict):
     connect_timeout_s: float = Field(10.0, gt=0)
     # Each message after the end signal must arrive within this.
     final_timeout_s: float = Field(30.0, gt=0)
+    # Each send must be taken by the service within this (a peer that stopped reading).
+    write_timeout_s: float = Field(30.0, gt=0)
+    # What one session's service may send, per second of audio sent (batch.pulse.bounds).
+    max_reply_chars_per_audio_s: float = Field(20_000.0, gt=0)
+    max_replies_per_audio_s: float = Field(50.0, gt=0)
     # Session deadline = audio/pace x factor + slack (audio/1 when unpaced).
     session_deadline_factor: float = Field(1.5, ge=1)
     session_deadline_slack_s: float = Field(60.0, ge=0)
@@ -249,6 +286,9 @@ class RunConfig(_Strict):
     skip_silence: bool = False
     skip_silence_pad_s: float = Field(0.3, ge=0, le=5)
     skip_silence_gap_s: float = Field(0.5, gt=0, le=10)
+    # What makes an item the same one run after run: its path, or its bytes (a recording
+    # moved inside the glob is not billed again; each file is read once more per run).
+    identity: Literal["path", "content"] = "path"
     # No new session starts once it could take the run's billed audio past this.
     max_billed_minutes: float | None = Field(None, gt=0)
 
@@ -387,26 +427,56 @@ def _describe(error: Any) -> str:
     location = ".".join(str(part) for part in loc) or "(top level)"
     kind = error["type"]
     if kind == "string_pattern_mismatch" and loc == ["job"]:
-        return f"job: use 1-128 letters, digits, - and _ only (got {error['input']!r})"
+        return f"job: use 1-128 letters, digits, - and _ only (got {quoted(error['input'])})"
     if kind == "extra_forbidden":
         return f"{location}: unknown key; check its spelling against the README's manifest table"
     message = str(error["msg"]).removeprefix("Value error, ")
-    quoted = _quoted_scalar(kind, error.get("input"))
-    if quoted is not None:
-        return f'{location}: "{quoted}" is quoted text; write {quoted} without quotes'
+    unquoted = _quoted_scalar(kind, error.get("input"))
+    if unquoted is not None:
+        return f'{location}: "{unquoted}" is quoted text; write {unquoted} without quotes'
     if kind == "value_error":
         # A whole-manifest check names its keys itself.
         return f"{location}: {message}" if loc else message
     message = message.replace("Input should be", "must be")
-    return f"{location}: {message} (got {error.get('input')!r})"
+    return f"{location}: {message} (got {quoted(error.get('input'))})"
+
+
+# A manifest is small: more values than this (counting every use of a YAML alias) is an
+# alias bomb, and validating it would take minutes and gigabytes.
+MAX_VALUES = 100_000
+_PROBLEMS_SHOWN = 20
+_PROBLEM_MAX_CHARS = 500
+
+
+def _check_size(data: Any, source: Path) -> None:
+    """Raise `ManifestError` when ``data`` expands to more than `MAX_VALUES` values.
+    Counts without recursing, and stops at the limit (an alias cycle ends too)."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ManifestError(
+                source,
+                f"expands to more than {MAX_VALUES:,} values (YAML aliases repeating a large "
+                "value?); a manifest needs far fewer: write the values out or use fewer aliases",
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def parse_manifest(data: Any, source: Path) -> Manifest:
+    _check_size(data, source)
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
-        lines = "\n  ".join(dict.fromkeys(problems))
+        problems = list(dict.fromkeys(clip(_describe(e), _PROBLEM_MAX_CHARS) for e in exc.errors()))
+        more = len(problems) - _PROBLEMS_SHOWN
+        shown = problems[:_PROBLEMS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
+        lines = "\n  ".join(shown)
         raise ManifestError(source, f"invalid manifest:\n  {lines}") from None
 
 
@@ -421,7 +491,9 @@ def load_manifest(path: Path | str) -> LoadedManifest:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ManifestError(source, f"not valid YAML: {exc}") from None
+        raise ManifestError(source, f"not valid YAML: {clip(str(exc), 1000)}") from None
+    except RecursionError:
+        raise ManifestError(source, "nests too deeply to be a manifest") from None
     if not isinstance(data, dict):
         raise ManifestError(source, "a manifest is a YAML mapping with version, job and inputs")
     manifest = parse_manifest(data, source)

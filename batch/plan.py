@@ -11,14 +11,11 @@ real folder twice, so a loop cannot hang planning.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import functools
-import glob
 import hashlib
 import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -26,13 +23,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batch import storage
+from batch import identity, reach, storage
 from batch.decode import ProbeInfo, probe
-from batch.errors import InputError, InputUnavailable, ManifestError
+from batch.errors import InputError, InputUnavailable, ManifestError, quoted
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.pulse.protocol import LANGUAGES, PulseOptions
 from batch.score import Reference, reference_of
+from batch.walk import walk_glob
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +56,11 @@ class Source:
     resolved: str | None = None
     problem: InputError | None = None
     reference: Reference | None = None  # the true transcript, for WER/CER
+    content: str | None = None  # a digest of the bytes, with run.identity: content
 
     @property
     def identity(self) -> str:
-        return self.resolved or self.path
+        return self.content or self.resolved or self.path
 
 
 @dataclass(frozen=True)
@@ -181,16 +180,20 @@ def read_list_rows(location: str) -> Iterator[dict[str, Any]]:
         yield {"__line__": number, **row}
 
 
-def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Source]:
+def _sources_from_list(
+    location: str, entry: ListInput, reference_root: str | None
+) -> Iterator[Source]:
     name = urlsplit(location).path if storage.is_url(location) else location
-    for number, row in read_rows(location, _list_bytes(location, options), name):
+    options = entry.storage_options
+    declared = frozenset(str(c).strip() for c in entry.metadata_columns)
+    for number, row in read_rows(location, _list_bytes(location, options), name, declared):
         where = f"line {number}"
         raw_path = row.pop("path", None)
         if raw_path is None or str(raw_path).strip() == "":
             raise ManifestError(location, f"{where}: the 'path' column is empty")
         language = str(row.pop("language", None) or "").strip() or None
         if language is not None and language not in LANGUAGES:
-            raise ManifestError(location, f"{where}: language {language!r} is not supported")
+            raise ManifestError(location, f"{where}: language {quoted(language)} is not supported")
         channels = _channels_value(row.pop("channels", None), where, location)
         reference = reference_of(row, functools.partial(_listed_location, _folder_of(location)))
         row.pop("reference", None)
@@ -204,6 +207,10 @@ def _sources_from_list(location: str, options: dict[str, Any]) -> Iterator[Sourc
         except ValueError as exc:
             raise ManifestError(location, f"{where}: {exc}") from None
         found = locate(str(raw_path), _folder_of(location))
+        refused = reach.refusal(location, found.path, reference, reference_root)
+        if refused is not None:
+            shown = storable(found.path)
+            found = Source(shown, problem=InputError("bad_path", shown, refused))
         yield replace(
             found,
             language=language,
@@ -242,7 +249,8 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             what = ""
         elif isinstance(entry, ListInput):
             location = locate(entry.list, base).path
-            found = list(_sources_from_list(location, entry.storage_options))
+            root = entry.reference_root
+            found = list(_sources_from_list(location, entry, root and locate(root, base).path))
             what = f"list {entry.list!r} has no rows"
         if not found and not getattr(entry, "allow_empty", False):
             raise ManifestError(
@@ -254,7 +262,20 @@ def expand_sources(loaded: LoadedManifest) -> list[Source]:
             logger.info("inputs.%d: %s (allow_empty)", index, what)
         sources.extend(found)
     _check_storage_clients(sources)
+    if loaded.manifest.run.identity == "content":
+        sources = [_by_content(source) for source in sources]
     return _unique(sources, loaded)
+
+
+def _by_content(source: Source) -> Source:
+    """``source`` known by a digest of its bytes; a file that cannot be read fails as
+    its probe would have (no path-based id is made for it: that would bill it twice)."""
+    if source.problem is not None:
+        return source
+    try:
+        return replace(source, content=identity.digest(source.path, source.storage_options))
+    except InputError as unreadable:
+        return replace(source, problem=unreadable)
 
 
 def _glob(pattern: str, base: str, options: dict[str, Any]) -> list[str]:
@@ -320,133 +341,6 @@ def _spec(source: Source, default: ChannelSpec) -> ChannelSpec:
 
 
 Prober = Callable[[str, int | None, storage.StorageOptions], ProbeInfo]
-
-
-def walk_glob(pattern: Path) -> list[Path]:
-    """Files matching ``pattern`` (``**`` spans folders), sorted, as reached through the
-    folders (symlinks not resolved). Symlinked folders are followed, but a folder already
-    walked (a symlink loop, or a second link to it) is not walked again, and each real file
-    is listed once: the walk always ends."""
-    parts = pattern.parts
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    root = Path(*parts[:fixed]) if fixed else Path(".")
-    if fixed == len(parts):
-        return [root] if root.is_file() else []
-    walk = _GlobWalk()
-    walk.expand(root, list(parts[fixed:]))
-    return sorted(walk.files)
-
-
-class _GlobWalk:
-    """One glob's walk: the real folders and files seen so far."""
-
-    def __init__(self) -> None:
-        self.files: list[Path] = []
-        self._real_files: set[tuple[int, int]] = set()
-        self._real_dirs: set[tuple[int, int]] = set()
-
-    def expand(self, folder: Path, parts: list[str]) -> None:
-        head, rest = parts[0], parts[1:]
-        if head == "**":
-            if not self._enter(folder):
-                return
-            if rest:
-                self._match(folder, rest)
-            else:  # a trailing ** matches every file below
-                for child in self._entries(folder):
-                    if not child.name.startswith("."):
-                        self._add_file(child)
-            # Real folders before symlinked ones: a file reachable both ways is listed
-            # under its real folder.
-            for child in sorted(self._entries(folder), key=lambda c: (c.is_symlink(), c.name)):
-                if not child.name.startswith(".") and _is_dir(child):
-                    self.expand(child, parts)
-        else:
-            self._match(folder, parts)
-
-    def _match(self, folder: Path, parts: list[str]) -> None:
-        head, rest = parts[0], parts[1:]
-        if head == "**":
-            self.expand(folder, parts)
-            return
-        if glob.has_magic(head):
-            hidden_ok = head.startswith(".")
-            children = [
-                c for c in self._entries(folder)
-                if fnmatch.fnmatchcase(c.name, head) and (hidden_ok or not c.name.startswith("."))
-            ]  # fmt: skip
-        else:
-            children = [folder / head]
-        for child in children:
-            if rest:
-                if _is_dir(child):
-                    self.expand(child, rest)
-            else:
-                self._add_file(child)
-
-    def _enter(self, folder: Path) -> bool:
-        """True the first time a real folder is reached; a repeat is logged, not walked."""
-        try:
-            info = folder.stat()
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            logger.warning("glob: skipped %s: %s", folder, exc.strerror or exc)
-            return False
-        key = (info.st_dev, info.st_ino)
-        if key in self._real_dirs:
-            logger.warning(
-                "glob: not walking %s again: it is a folder already walked (a symlink loop "
-                "or a second link to it)",
-                folder,
-            )
-            return False
-        self._real_dirs.add(key)
-        return True
-
-    def _entries(self, folder: Path) -> list[Path]:
-        try:
-            with os.scandir(folder) as entries:
-                return [folder / entry.name for entry in entries]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as exc:
-            logger.warning("glob: cannot list %s: %s", folder, exc.strerror or exc)
-            return []
-
-    def _add_file(self, path: Path) -> None:
-        try:
-            info = path.stat()
-        except OSError:
-            # A matching link whose target is missing (or loops) is listed all the same:
-            # `locate` makes it a failed item naming the link, as a listed path would be.
-            self._add_link(path)
-            return
-        if not stat.S_ISREG(info.st_mode):
-            return
-        key = (info.st_dev, info.st_ino)
-        if key in self._real_files:
-            logger.info("glob: %s is a file already matched through another path", path)
-            return
-        self._real_files.add(key)
-        self.files.append(path)
-
-    def _add_link(self, path: Path) -> None:
-        try:
-            info = path.lstat()
-        except OSError:  # gone since the folder was listed
-            return
-        key = (info.st_dev, info.st_ino)
-        if stat.S_ISLNK(info.st_mode) and key not in self._real_files:
-            self._real_files.add(key)
-            self.files.append(path)
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # a symlink loop, a name too long
-        return False
 
 
 def make_items(

@@ -17,8 +17,9 @@ from typing import Any, BinaryIO, Final
 
 import numpy as np
 
+from batch.chunker import Chunker
 from batch.collect import Collected, collect_finals, first_seen, join_segments
-from batch.decode import Chunker, DecodedAudio, WireFormat
+from batch.decode import DecodedAudio, WireFormat
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, Transcription
 from batch.timemap import TimeMap
 

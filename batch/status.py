@@ -48,10 +48,27 @@ class JobStatus:
     total: Tally
     shards: int | None = None  # the shard count the job last ran with, if sharded
     by_shard: dict[int, Tally] = field(default_factory=dict)
+    duplicates: int = 0  # items with more than one row: runs overlapped; never complete
+    unfinished: int = 0  # items a killed run committed some tables of (counted not run)
 
     @property
     def complete(self) -> bool:
-        return self.total.complete
+        return self.total.complete and not self.duplicates
+
+    def problems(self) -> list[str]:
+        """What keeps an output from being trusted as it is, and what to do."""
+        found = []
+        if self.duplicates:
+            found.append(
+                f"{self.duplicates} item(s) have more than one row (runs of the job "
+                "overlapped); the next `pulse-batch run` keeps the latest result of each"
+            )
+        if self.unfinished:
+            found.append(
+                f"{self.unfinished} item(s) have some of their tables only (a run was "
+                "killed mid-commit); the next `pulse-batch run` redoes them"
+            )
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +76,8 @@ class JobStatus:
             "manifest": self.manifest,
             "complete": self.complete,
             **self.total.as_dict(),
+            "duplicates": self.duplicates,
+            "unfinished": self.unfinished,
             "shards": self.shards,
             "by_shard": {f"{i}/{self.shards}": t.as_dict() for i, t in self.by_shard.items()},
         }
@@ -111,8 +130,9 @@ def _last_shard_count(out_dir: str | Path, job: str) -> int | None:
 
 
 def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> JobStatus:
-    """The job's planned items by latest result. Raises `ManifestError` (no manifest given
-    or recorded, wrong job, bad manifest)."""
+    """The job's planned items by latest result, and the items held more than once or
+    left unfinished by a killed run. Raises `ManifestError` (no manifest given or recorded,
+    wrong job, bad manifest), `OutputError`."""
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
@@ -121,6 +141,8 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
     done = frozenset(i for i, status in latest.items() if status == "ok")
     planned = sorted({item.item_id for item in plan_items(loaded, done)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest))
+    result.duplicates = len(history.duplicates)
+    result.unfinished = len(history.unfinished)
     count = _last_shard_count(out_dir, job)
     if count is not None:
         result.shards = count

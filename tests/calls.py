@@ -62,7 +62,7 @@ def demo_voices() -> list[tuple[str, np.ndarray]]:
 
 
 def espeak_voice(text: str, voice: str, folder: Path, rate: int = RATE) -> np.ndarray:
-    """``text`` spoken by espeak-ng's ``voice`` (a Debian package; `make install` adds it)."""
+    """``text`` spoken by espeak-ng's ``voice`` (a Debian package; `make bench` adds it)."""
     folder.mkdir(parents=True, exist_ok=True)
     wav = folder / f"{abs(hash((text, voice)))}.wav"
     subprocess.run(

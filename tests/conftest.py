@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from batch.server import FaultConfig, LocalServer, local_server
-from tests.runcli import TIME_UNIT_S, run_cli, start_cli
+from tests.runcli import TIME_UNIT_S, run_cli, run_cli_process, start_cli
 from tests.s3server import S3Bucket, S3Server
 
-__all__ = ["TIME_UNIT_S", "run_cli", "start_cli"]  # the CLI, in tests/runcli
+__all__ = ["TIME_UNIT_S", "run_cli", "run_cli_process", "start_cli"]  # the CLI: tests/runcli
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

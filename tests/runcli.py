@@ -87,6 +87,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
     return CliResult(done.exit_code, done.stdout, stderr)
 
 
+def run_cli_process(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> CliResult:
+    """``python -m batch ARGS`` as a child process: for benchmarks, whose numbers must not
+    share an interpreter with the test's servers."""
+    done = subprocess.run(
+        [sys.executable, "-m", "batch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s * TIME_UNIT_S,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
 def start_cli(*args: str, capture: bool = False) -> subprocess.Popen[str]:
     """``pulse-batch ARGS`` as a child process, for tests that signal or kill it; its
     output piped (``capture``, read it with ``communicate``) or discarded."""

@@ -1,5 +1,5 @@
 """gs:// and az:// inputs read through real storage APIs on loopback, both installed by
-`make install`: `gcp-storage-emulator` (a GCS JSON API in pure Python; gcsfs finds it by its
+`make test`: `gcp-storage-emulator` (a GCS JSON API in pure Python; gcsfs finds it by its
 own ``STORAGE_EMULATOR_HOST`` variable) and Azurite (Microsoft's Azure Storage emulator, from
 npm; adlfs finds it by ``AZURE_STORAGE_CONNECTION_STRING``). Each job runs as a CLI
 subprocess, so the cloud SDKs see that environment from their first import, and no request
@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.needs import missing, need_module
+from tests.runcli import CliResult
 from tests.tables import by_source
 
 BUCKET = "calls"
@@ -35,9 +37,7 @@ class GcsEmulator:
 
     def __init__(self) -> None:
         # A virtualenv made before this test came has no emulator: say how to get it.
-        server = pytest.importorskip(
-            "gcp_storage_emulator.server", reason="not installed here: run `make install`"
-        )
+        server = need_module("gcp_storage_emulator.server", "not installed here: run `make test`")
         self._server = server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
         self._server._api.daemon = True  # its thread must not outlive a failed test
         self.url = ""
@@ -87,7 +87,7 @@ def gcs() -> Iterator[GcsEmulator]:
 
 def _glob_and_missing_path(
     tmp_path: Path, upload: Callable[[Path, str], object], base: str, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
+) -> CliResult:
     """Upload three objects under ``base`` (two under media/, one outside it), run a glob of
     media/ beside a path to a missing object, and check every row; returns the run."""
     clip = _clip(tmp_path / "a.wav")
@@ -210,7 +210,7 @@ def _listening_url(process: subprocess.Popen[str], timeout_s: float) -> str:
 @pytest.fixture
 def azurite(tmp_path: Path) -> Iterator[Azurite]:
     if not (AZURITE / "azurite-blob").exists():
-        pytest.skip("azurite is not installed here: `make install` installs it with npm")
+        missing("azurite is not installed here: `make test` installs it with npm")
     folder = tmp_path / "azurite"
     folder.mkdir()
     with Azurite(folder) as emulator:

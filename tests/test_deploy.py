@@ -18,6 +18,7 @@ import yaml
 
 from batch.manifest import parse_manifest
 from batch.shard import Shard, from_environment
+from tests.needs import need_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -85,7 +86,7 @@ def test_dockerfile_installs_the_runner_with_its_extras_and_no_recognizer() -> N
 
 
 def test_aws_batch_job_definition_matches_the_batch_api() -> None:
-    botocore_session = pytest.importorskip("botocore.session")
+    botocore_session = need_module("botocore.session", "boto3 is in the dev extra: run `make test`")
     from botocore.validate import ParamValidator
 
     definition = json.loads((DEPLOY / "aws-batch" / "job-definition.json").read_text())

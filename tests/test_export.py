@@ -102,7 +102,8 @@ def test_srt_and_vtt_read_back_with_their_libraries() -> None:
     captions = webvtt.from_string(cuelib.to_vtt(cues)).captions
     assert [c.start_in_seconds for c in captions] == [0, 3]
     assert captions[1].end == "00:00:03.257"
-    assert captions[0].voice == "spk1" and captions[0].text == "Hi"
+    # The label whole, its ">" escaped inside the voice span (no markup can end it early).
+    assert captions[0].voice == "spk&gt;1" and captions[0].text == "Hi"
 
 
 def test_file_names_add_channel_and_only_collisions_get_an_id() -> None:
@@ -392,3 +393,45 @@ def test_without_word_times_the_warning_points_at_utterances(tmp_path: Path) -> 
     assert "warning" not in sentences.stderr
     cues = list(srt.parse((tmp_path / "u" / "talk.srt").read_text()))
     assert " ".join(c.content.replace("\n", " ") for c in cues).split() == ["tone440"] * 3
+
+
+def test_service_text_never_breaks_a_cue_or_becomes_markup() -> None:
+    rows = [
+        {"word": "a-->b", "start_s": 0.0, "end_s": 0.2, "speaker": "x>y&\n"},
+        {"word": "blank\n\nline\r\n", "start_s": 0.3, "end_s": 0.4, "speaker": "x>y&\n"},
+        {"word": "<i>&amp;\x00\x1b", "start_s": 0.5, "end_s": 0.6, "speaker": "x>y&\n"},
+        {"word": "\x00\u2028", "start_s": 0.7, "end_s": 0.8},  # nothing printable: dropped
+        {"word": "no time", "start_s": None, "end_s": 0.8},  # cannot be cued: dropped
+    ]
+    words = cuelib.timed(rows)
+    assert [w.text for w in words] == ["a-->b", "blank line", "<i>&amp;"]
+    cues = cuelib.cues_from_words(words)
+    vtt = cuelib.to_vtt(cues)
+    caption = webvtt.from_string(vtt).captions[0]
+    assert caption.voice == "x&gt;y&amp;"
+    assert caption.text == "a--&gt;b blank line &lt;i&gt;&amp;amp;"
+    assert "\x00" not in vtt and "\x1b" not in vtt
+    (subtitle,) = srt.parse(cuelib.to_srt(cues))
+    assert subtitle.content == "x>y&: a->b blank line ‹i>&amp;"
+
+
+def test_cues_run_forward_in_time_whatever_order_the_words_came_in() -> None:
+    rows = [
+        {"word": "third", "start_s": 2.0, "end_s": 2.3},
+        {"word": "first.", "start_s": 0.0, "end_s": 0.4},
+        {"word": "second", "start_s": 1.0, "end_s": 1.5},
+        {"word": "long", "start_s": 1.1, "end_s": 1.9},  # overlaps, ends after "second"
+    ]
+    cues = cuelib.cues_from_words(cuelib.timed(rows))
+    assert [c.lines for c in cues] == [("first.",), ("second long third",)]
+    assert [(c.start_s, c.end_s) for c in cues] == [(0.0, 0.4), (1.0, 2.3)]
+    utterances = [
+        cuelib.TimedText("later turn", 3.0, 4.0),
+        cuelib.TimedText("earlier turn", 1.0, 3.5),
+    ]
+    by_turn = cuelib.cues_from_utterances(
+        cuelib.timed(
+            [{"text": u.text, "start_s": u.start_s, "end_s": u.end_s} for u in utterances], "text"
+        )
+    )
+    assert [c.start_s for c in by_turn] == [1.0, 3.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import duckdb
@@ -23,6 +22,7 @@ from tests.conftest import (
     write_manifest,
 )
 from tests.media import CALL_BURSTS, tone_calls
+from tests.runcli import CliResult
 from tests.s3server import FAKE_SECRET, S3Bucket
 from tests.tables import counts
 
@@ -152,7 +152,7 @@ def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
     assert "Traceback" not in done.stderr and FAKE_SECRET not in done.stderr
 
 
-def _one_clean_line(done: subprocess.CompletedProcess[str], url: str) -> str:
+def _one_clean_line(done: CliResult, url: str) -> str:
     """The error is one line naming ``url``: no colour codes, no Rust error chain, no
     traceback, no secret."""
     assert done.returncode == 5, done.stdout + done.stderr

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from batch.errors import LockedError
+from batch.errors import LockedError, OutputError, ShardCountConflict
 from batch.output.lease import Holder, S3Lease, decide, job_lease, s3_client
 from batch.shard import Shard
+from tests.conftest import wait_for
 from tests.s3server import S3Bucket
 
 HOST = socket.gethostname()
@@ -126,4 +127,37 @@ def test_job_and_shard_leases_exclude_as_the_local_locks_do(s3_bucket: S3Bucket)
     ):
         pass
     with job_lease(out, "j", Shard(1, 2), client):  # released on leaving
+        pass
+
+
+def _exists(client: Any, bucket: str, key: str) -> bool:
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=key)
+    return bool(listed.get("Contents"))
+
+
+def test_a_deleted_or_taken_lease_fails_the_holders_check(s3_bucket: S3Bucket) -> None:
+    client = _client(s3_bucket)
+    out = s3_bucket.url("out").rstrip("/")
+    bucket, key = s3_bucket.url("out/_locks/j/job.lease").split("://", 1)[1].split("/", 1)
+    with job_lease(out, "j", None, client, ttl_s=0.4) as check:  # renewed every 0.1 s
+        check()  # ours: nothing raised
+        client.delete_object(Bucket=bucket, Key=key)
+        # Its holder writes it again at its next renewal: no second run can start now.
+        assert wait_for(lambda: _exists(client, bucket, key), 5)
+        check()
+        with pytest.raises(LockedError, match="already running"), job_lease(out, "j", None, client):
+            pass
+    with job_lease(out, "j", None, client) as check:  # renewed every 15 s
+        client.delete_object(Bucket=bucket, Key=key)
+        with pytest.raises(OutputError, match="lease was deleted or taken over"):
+            check()
+        with job_lease(out, "j", None, client) as thief_check:  # a second run could start
+            thief_check()
+            with pytest.raises(OutputError, match="nothing more is committed"):
+                check()  # but the first one's next commit is refused
+    with (
+        job_lease(out, "j", Shard(0, 2), client),
+        pytest.raises(ShardCountConflict, match="this is shard 1/3"),
+        job_lease(out, "j", Shard(1, 3), client),
+    ):
         pass

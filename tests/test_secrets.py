@@ -154,3 +154,106 @@ async def test_key_echoed_inside_a_transcript_is_not_stored() -> None:
     assert stream._handle(json.dumps(frame)) is False
     stored = json.dumps([repr(f) for f in result.finals])
     assert KEY not in stored and REDACTED in stored
+
+
+# --- storage credentials in logs, found by pattern ---------------------------------------
+
+TOKEN = "IQoJb3JpZ2luX2VjEPulseFakeSessionToken/4f7c+2a9e=="
+
+
+def test_credential_headers_and_fields_are_redacted_by_pattern() -> None:
+    from batch.credentials import redact_credentials
+
+    lines = {
+        "headers={'X-Amz-Security-Token': b'TOKEN', 'Authorization': b'AWS4-HMAC-SHA256 "
+        "Credential=ASIA/x, SignedHeaders=host, Signature=abc123'}": "'X-Amz-Security-Token'",
+        "CanonicalRequest:\nGET\n/\n\nx-amz-security-token:TOKEN\n\nhost;x-amz-date": "host;",
+        '{"authorization": "Bearer TOKEN", "a": 1}': '"a": 1',
+        "Authorization: SharedKey acct:TOKEN": "Authorization:",
+        "GET https://a.blob.core.windows.net/c/x.wav?sv=2024&sig=TOKEN&se=2026": "sv=2024",
+        "https://s3/x?X-Amz-Security-Token=TOKEN&X-Amz-Signature=TOKEN": "https://s3/x?",
+        "AccountName=a;AccountKey=TOKEN;EndpointSuffix=core": "EndpointSuffix",
+        "refused: Bearer TOKEN": "refused:",
+        "Signature:\n" + "ab12" * 16: "Signature:",
+    }
+    for line, kept in lines.items():
+        redacted = redact_credentials(line.replace("TOKEN", TOKEN))
+        assert TOKEN not in redacted and REDACTED in redacted, redacted
+        assert kept in redacted, redacted
+    password = "p%2Fss-" + TOKEN[:12]  # a password in a URL is percent-encoded
+    assert redact_credentials(f"wss://user:{password}@host/x") == f"wss://user:{REDACTED}@host/x"
+    from batch.output.store_errors import reason
+
+    url = f"https://acct.blob.core.windows.net/c/x.wav?sv=2024&sig={TOKEN}"
+    said = reason(f"503 ServerBusy reading {url}", "az://c/out")  # quoted whole
+    assert TOKEN not in said and "ServerBusy reading https://acct" in said
+    plain = "the bearer of news; max_tokens=5; Signature: pending; host;x-amz-security-token"
+    assert redact_credentials(plain) == plain
+
+
+@pytest.fixture
+def restored_logging() -> Any:
+    """The CLI replaces the root handler and levels; put them back for the next test."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("", "batch", "batch.server")]
+    saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
+    yield
+    for lg, handlers, level in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+
+
+def test_a_profile_session_token_never_reaches_a_verbose_log(
+    tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch, restored_logging: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from batch.cli import app
+    from tests.s3server import FAKE_KEY_ID, FAKE_SECRET
+
+    _media(tmp_path / "local")
+    url = s3_bucket.upload(tmp_path / "local" / "item-0.wav", "in/item-0.wav")
+    # Temporary credentials from a profile file, as a role or SSO login leaves them: no
+    # environment variable holds the token, so only its pattern can find it.
+    profile = tmp_path / "credentials"
+    profile.write_text(
+        f"[batch]\naws_access_key_id = {FAKE_KEY_ID}\n"
+        f"aws_secret_access_key = {FAKE_SECRET}\naws_session_token = {TOKEN}\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(profile))
+    monkeypatch.setenv("AWS_PROFILE", "batch")
+    manifest = write_manifest(tmp_path, inputs=[{"path": url}], run={"max_attempts": 1})
+    done = CliRunner().invoke(app, ["run", str(manifest), "-v"])
+    assert done.exit_code == 0, done.output
+    logged = done.stderr
+    assert "botocore.auth" in logged and "x-amz-security-token: [redacted]" in logged
+    assert "'X-Amz-Security-Token': b'[redacted]'" in logged
+    assert TOKEN not in logged and TOKEN[:16] not in logged
+    assert FAKE_SECRET not in logged
+
+
+def test_a_traceback_in_a_log_record_is_cleaned_too() -> None:
+    import io
+    import logging
+
+    from batch.credentials import RedactingFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(Scrubber(KEY)))
+    log = logging.getLogger("tests.redaction")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        raise RuntimeError(f"request failed: {{'x-amz-security-token': '{TOKEN}'}} key {KEY}")
+    except RuntimeError:
+        log.exception("store said %s", f"Authorization: Bearer {TOKEN}")
+    finally:
+        log.removeHandler(handler)
+    written = stream.getvalue()
+    assert "RuntimeError: request failed" in written and "Traceback" in written
+    assert TOKEN not in written and KEY not in written
+    assert "key [redacted]" in written and "Authorization: [redacted]" in written

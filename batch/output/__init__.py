@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from batch.errors import ManifestError
 from batch.output import layout, parquet, reports
-from batch.output.history import SCAN_COLUMNS, History, Scan
+from batch.output.history import History, Scan
 from batch.output.job_output import JobOutput, RunWriter
 from batch.output.layout import FORMATS, Location, translated
 from batch.output.schema import (
@@ -88,12 +88,24 @@ def read_table(
 def read_history(
     location: str | Path, job: str, storage_options: dict[str, str] | None = None
 ) -> History:
-    """What a job's output holds, read without its lock (for --dry-run and status)."""
-    rows = read_table(location, "transcripts", job, SCAN_COLUMNS, storage_options)
-    scan = Scan()
-    for values in zip(*(rows[c].to_pylist() for c in SCAN_COLUMNS), strict=True):
-        scan.note(*values)
-    return scan.history()
+    """What a job's output holds, read without its lock (for --dry-run, status and export):
+    each item's latest result, and the items held more than once (``duplicates``) or left
+    with some of their tables only by a killed run (``unfinished``, Delta: not counted as
+    done). In a local Parquet output, commits that killed runs left half-applied are
+    finished first. Raises `OutputError`."""
+    where = Location.of(location)
+    fmt = detect_format(location)
+    if fmt == "delta":
+        from batch.output import delta
+
+        with translated("read", where.child("transcripts")):
+            return delta.scan_unlocked(where, job, storage_options or {}).history()
+    if fmt is None or where.local is None:
+        return Scan().history()
+    with translated("finish the commit a killed run left in", where.url):
+        parquet.settle(where.local, job)
+    with translated("read", where.child("transcripts")):
+        return parquet.scan(where.local, job).history()
 
 
 def latest_report(location: str | Path, job: str | None = None) -> dict[str, Any]:

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 _COMMIT_ATTEMPTS: Final = 8
 _CHILD_TABLES: Final = tuple(t for t in TABLES if t != MAIN_TABLE)
+_REPAIR_CHUNK: Final = 500  # items per delete predicate
 
 
 def _require() -> None:
@@ -170,9 +171,11 @@ class DeltaBackend:
         if self.location.local is not None:  # a killed run's scratch files
             parquet.recover(self.location.local, job)
 
-    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]:
+    def run_guard(
+        self, job: str, run_id: str, label: str
+    ) -> contextlib.AbstractContextManager[None]:
         if self.location.local is not None:
-            return parquet.run_lock(self.location.local, job, run_id)
+            return parquet.run_lock(self.location.local, job, run_id, label)
         return contextlib.nullcontext()
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:
@@ -184,7 +187,7 @@ class DeltaBackend:
         out = Scan()
         main = self.read(MAIN_TABLE, job, [*SCAN_COLUMNS, "word_count"])
         for values in zip(*(main[c].to_pylist() for c in SCAN_COLUMNS), strict=True):
-            out.note(*values)
+            out.row(*values)
         word_counts = dict(
             zip(
                 zip(main["item_id"].to_pylist(), main["run_id"].to_pylist(), strict=True),
@@ -210,7 +213,39 @@ class DeltaBackend:
         for item in unfinished:
             logger.info("%s: rows of an unfinished commit; redoing", item)
             out.latest.pop(item, None)
+        out.unfinished = unfinished
         return out
+
+    def repair(self, job: str) -> int:
+        """Delete every row of items that transcripts holds more than once (runs that
+        overlapped wrote them) but of each one's latest result; transcripts first, so no
+        extra row is ever left without its words. Returns how many items were repaired."""
+        found = Scan()  # the transcripts rows alone: the other tables hold the extra runs too
+        main = self.read(MAIN_TABLE, job, SCAN_COLUMNS)
+        for values in zip(*(main[c].to_pylist() for c in SCAN_COLUMNS), strict=True):
+            found.row(*values)
+        keep = sorted((item, found.latest[item].run_id) for item in found.duplicates())
+        for start in range(0, len(keep), _REPAIR_CHUNK):
+            clauses = " OR ".join(
+                f"(item_id = {_quoted(item)} AND run_id <> {_quoted(run_id)})"
+                for item, run_id in keep[start : start + _REPAIR_CHUNK]
+            )
+            predicate = f"job = {_quoted(job)} AND ({clauses})"
+            for table in (MAIN_TABLE, *_CHILD_TABLES):
+                self._delete(table, predicate)
+        return len(keep)
+
+    def _delete(self, table: str, predicate: str) -> None:
+        uri = self._uri(table)
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                with _store_errors("repair", uri):
+                    self._open(table).delete(predicate)
+                return
+            except CommitFailedError as exc:  # another writer committed first: redo ours
+                logger.info("%s: concurrent commit (%s); retrying", uri, exc)
+                _pause(attempt)
+        raise OutputError(uri, "repair", "too many concurrent commits; try again")
 
     def committer(self, job: str, run_id: str, index: Scan) -> DeltaCommitter:
         return DeltaCommitter(self, job, run_id, index)
@@ -256,6 +291,8 @@ class DeltaCommitter:
         for row in rows:
             transcript = row.transcript
             self.index.latest.pop(row.item_id, None)
+            self.index.rows[row.item_id] = 1  # its earlier rows went with this commit
+            self.index.unfinished.discard(row.item_id)
             self.index.note(
                 row.item_id,
                 str(transcript["status"]),
@@ -334,6 +371,12 @@ def _read_schema(schema: pa.Schema, found: Any) -> pa.Schema:
     stored = pa.schema(found.schema().to_arrow())
     fields = [stored.field(f.name) if f.name in stored.names else f for f in schema]
     return pa.schema(fields)
+
+
+def scan_unlocked(location: Location, job: str, storage_options: dict[str, str]) -> Scan:
+    """`DeltaBackend.scan` for readers: creates nothing (a missing table reads empty)."""
+    _require()
+    return DeltaBackend(location, [], delta_options(location, storage_options)).scan(job)
 
 
 def compact(location: Location, storage_options: dict[str, str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,15 @@ class Latest:
 
 @dataclass(frozen=True)
 class History:
-    """Items whose latest result is ok or failed, and the job-so-far summary."""
+    """Items whose latest result is ok or failed, and the job-so-far summary; items with
+    more than one transcripts row (``duplicates``: runs that overlapped), and items left
+    out because a killed run committed some of their tables only (``unfinished``)."""
 
     ok: frozenset[str]
     failed: frozenset[str]
     summary: dict[str, Any]
+    duplicates: frozenset[str] = frozenset()
+    unfinished: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -32,6 +37,19 @@ class Scan:
 
     latest: dict[str, Latest] = field(default_factory=dict)
     files: dict[str, set[str]] = field(default_factory=dict)
+    rows: Counter[str] = field(default_factory=Counter)  # transcripts rows read, per item
+    unfinished: set[str] = field(default_factory=set)
+
+    def row(
+        self, item: str, status: str, finished_at: Any, duration_s: float | None, run_id: str
+    ) -> None:
+        """Take a row read from the table into account (counted: see `duplicates`)."""
+        self.rows[item] += 1
+        self.note(item, status, finished_at, duration_s, run_id)
+
+    def duplicates(self) -> frozenset[str]:
+        """Items the table holds more than one row of (it should hold one: the latest)."""
+        return frozenset(item for item, count in self.rows.items() if count > 1)
 
     def note(
         self, item: str, status: str, finished_at: Any, duration_s: float | None, run_id: str
@@ -55,6 +73,8 @@ class Scan:
                 "failed": len(latest) - len(ok),
                 "audio_s": round(sum(v.duration_s for v in ok), 3),
             },
+            duplicates=self.duplicates(),
+            unfinished=frozenset(self.unfinished),
         )
 
 

@@ -21,7 +21,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from batch.collect import ItemRows
 from batch.errors import ManifestError
-from batch.output import layout, lease, parquet, reports
+from batch.output import layout, lease, locks, parquet, reports
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
 from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
@@ -52,9 +52,13 @@ class Backend(Protocol):
 
     def scan(self, job: str) -> Scan: ...
 
+    def repair(self, job: str) -> int: ...
+
     def committer(self, job: str, run_id: str, index: Scan) -> _Committer: ...
 
-    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]: ...
+    def run_guard(
+        self, job: str, run_id: str, label: str
+    ) -> contextlib.AbstractContextManager[None]: ...
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table: ...
 
@@ -70,11 +74,16 @@ class ParquetBackend:
     def scan(self, job: str) -> Scan:
         return parquet.scan(self.root, job)
 
+    def repair(self, job: str) -> int:
+        return parquet.repair(self.root, job)
+
     def committer(self, job: str, run_id: str, index: Scan) -> _Committer:
         return parquet.Committer(self.root, job, run_id, self.partition_by, index)
 
-    def run_guard(self, job: str, run_id: str) -> contextlib.AbstractContextManager[None]:
-        return parquet.run_lock(self.root, job, run_id)
+    def run_guard(
+        self, job: str, run_id: str, label: str
+    ) -> contextlib.AbstractContextManager[None]:
+        return parquet.run_lock(self.root, job, run_id, label)
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:
         return parquet.read(self.root, table, job, columns)
@@ -98,13 +107,21 @@ class JobOutput:
     """
 
     def __init__(
-        self, location: Location, job: str, backend: Backend, stack: contextlib.ExitStack
+        self,
+        location: Location,
+        job: str,
+        backend: Backend,
+        stack: contextlib.ExitStack,
+        check: Callable[[], None] = lambda: None,
+        label: str = "whole job",
     ) -> None:
         self.location = location
         self.job = job
         self._backend = backend
         self._stack = stack
         self._index: Scan | None = None
+        self._check = check  # raises OutputError once the job's lock is no longer ours
+        self._label = label
 
     @classmethod
     def open(
@@ -136,15 +153,21 @@ class JobOutput:
                         "delta for object storage",
                     )
                 if where.local is not None:
-                    _prepare_local(where.local, parts, format, job, shard, stack)
+                    check = _prepare_local(where.local, parts, format, job, shard, stack)
                 else:
-                    stack.enter_context(_remote_lock(where, job, shard))
+                    check = stack.enter_context(_remote_lock(where, job, shard))
                 backend = _backend(where, parts, format, storage_options or {})
                 backend.recover(job)
         except BaseException:
             stack.close()
             raise
-        return cls(where, job, backend, stack)
+        return cls(where, job, backend, stack, check, locks.run_label(shard))
+
+    def check_lock(self) -> None:
+        """Raise `OutputError` if the job's lock is no longer this process's (its files,
+        or the output folder, were deleted or replaced; its lease was taken over)."""
+        with translated("check the lock of", self.location.url):
+            self._check()
 
     def close(self) -> None:
         self._stack.close()
@@ -161,9 +184,22 @@ class JobOutput:
         self.close()
 
     def history(self) -> History:
-        """One scan of the job's rows: ok ids, failed ids (latest result of each), summary."""
+        """One scan of the job's rows: ok ids, failed ids (latest result of each), summary.
+        Items held more than once (runs that overlapped) are repaired first: each keeps
+        its latest result, with that run's words, segments and utterances."""
         with translated("read", self.location.url):
             self._index = self._backend.scan(self.job)
+        if self._index.duplicates():  # runs that overlapped (before shard counts were locked)
+            with translated("repair", self.location.url):
+                repaired = self._backend.repair(self.job)
+                self._index = self._backend.scan(self.job)
+            logger.warning(
+                "%s: %d item(s) of job %r had more than one row; kept the latest result of "
+                "each and removed the others",
+                self.location.url,
+                repaired,
+                self.job,
+            )
         return self._index.history()
 
     def job_so_far(self) -> dict[str, Any]:
@@ -182,9 +218,11 @@ class JobOutput:
             self.history()
         assert self._index is not None
         committer = self._backend.committer(self.job, run_id, self._index)
-        writer = RunWriter(committer, self.location.url, commit_every_items, commit_every_s)
+        writer = RunWriter(
+            committer, self.location.url, commit_every_items, commit_every_s, self._check
+        )
         with translated("lock the run in", self.location.url):
-            guard = self._backend.run_guard(self.job, run_id)
+            guard = self._backend.run_guard(self.job, run_id, self._label)
             guard.__enter__()
         try:
             yield writer
@@ -212,7 +250,9 @@ class JobOutput:
 
     def write_report(self, report: dict[str, Any], *, latest: bool = True) -> str:
         """Write the run's report (JSON and Markdown, and with ``latest`` also ``latest.*``);
-        returns where the JSON went."""
+        returns where the JSON went. Raises `OutputError` when the job's lock is no longer
+        ours (another run may be writing there now)."""
+        self.check_lock()
         return reports.write(self.location, self.job, report, latest=latest)
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
@@ -222,16 +262,17 @@ class JobOutput:
 
 def _remote_lock(
     where: Location, job: str, shard: Shard | None
-) -> contextlib.AbstractContextManager[None]:
-    """The job (or shard) lock of an output on object storage: a lease on S3; other stores
-    have no conditional writes we use, so nothing stops an overlapping run there."""
+) -> contextlib.AbstractContextManager[Callable[[], None]]:
+    """The job (or shard) lock of an output on object storage, as the check to make before
+    each commit: a lease on S3; other stores have no conditional writes we use, so nothing
+    stops an overlapping run there."""
     if where.url.startswith(("s3://", "s3a://")):
         return lease.job_lease(where.url.replace("s3a://", "s3://", 1), job, shard)
     logger.warning(
         "%s: no job lock on this store; do not start the same job (or shard) twice at once",
         where.url,
     )
-    return contextlib.nullcontext()
+    return contextlib.nullcontext(lambda: None)
 
 
 def _prepare_local(
@@ -241,10 +282,11 @@ def _prepare_local(
     job: str,
     shard: Shard | None,
     stack: contextlib.ExitStack,
-) -> None:
-    """Marker, job (or shard) lock, and the in-place upgrade of a version-1 output."""
+) -> Callable[[], None]:
+    """Marker, job (or shard) lock, and the in-place upgrade of a version-1 output.
+    Returns the lock's check."""
     found = layout.check_layout(root, partition_by, fmt)
-    stack.enter_context(layout.job_lock(root, job, shard))
+    held = stack.enter_context(locks.job_lock(root, job, shard))
     if int(found.get("schema_version", 1)) < SCHEMA_VERSION:
         with layout.layout_lock(root):
             found = layout.read_marker(root) or found
@@ -257,6 +299,7 @@ def _prepare_local(
                     SCHEMA_VERSION,
                     dropped,
                 )
+    return held.check
 
 
 @dataclass
@@ -267,6 +310,7 @@ class RunWriter:
     where: str
     commit_every_items: int
     commit_every_s: float
+    check_lock: Callable[[], None] = lambda: None  # raises OutputError once the lock is lost
     uncommitted: int = 0  # finished items whose commit failed
     _buffer: list[ItemRows] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.monotonic)
@@ -313,4 +357,5 @@ class RunWriter:
 
     def _commit_blocking(self, batch: list[ItemRows]) -> None:
         with translated("commit a batch to", self.where):
+            self.check_lock()  # a run whose lock was lost commits nothing more
             self.committer.commit(batch)

@@ -4,8 +4,8 @@ Layout under ``output.path``::
 
     transcripts/ words/ utterances/    the tables (Parquet files, or Delta tables)
     _pulse_batch.json                  format, schema version and partitioning (local only)
-    _locks/<job>.lock                  one run per job at a time, shared by its shards (local)
-    _locks/<job>.shard-<I>-of-<N>.lock one run per shard at a time (local)
+    _locks/                            job and shard locks of local outputs (`batch.output.locks`;
+                                       they stay, with a README-DO-NOT-DELETE.txt beside them)
     _locks/<job>.commit.lock           held while a batch commits or recovery runs (Parquet)
     _locks/<job>/*.lease               job and shard locks on S3 (`batch.output.lease`)
     _staging/<job>/...                 batches being committed (local Parquet)
@@ -31,11 +31,10 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from batch.errors import LockedError, ManifestError, OutputError, PulseBatchError
+from batch.errors import ManifestError, OutputError, PulseBatchError
 from batch.output import store_errors
 from batch.output.schema import SCHEMA_VERSION
 from batch.output.store_errors import one_line
-from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +149,23 @@ class Busy(Exception):
     """Another process holds the lock (not an OSError: no output failure)."""
 
 
+FileId = tuple[int, int]  # (st_dev, st_ino): which file a name points at
+
+
+def file_id(path: Path) -> FileId | None:
+    """The identity of the file at ``path`` now, None if there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
 @contextlib.contextmanager
-def exclusive(path: Path, note: str | None, *, wait: bool = False) -> Iterator[None]:
-    """An OS lock on ``path`` for the block. Without ``wait``, raises `Busy` if another
-    process holds it. The kernel drops it when its process dies: a killed run leaves no
-    live lock."""
+def exclusive(path: Path, note: str | None, *, wait: bool = False) -> Iterator[FileId]:
+    """An OS lock on ``path`` for the block; yields the locked file's identity. Without
+    ``wait``, raises `Busy` if another process holds it. The kernel drops it when its
+    process dies: a killed run leaves no live lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -167,7 +178,8 @@ def exclusive(path: Path, note: str | None, *, wait: bool = False) -> Iterator[N
                 handle.truncate()
                 handle.write(note)
                 handle.flush()
-            yield
+            held = os.fstat(handle.fileno())
+            yield (held.st_dev, held.st_ino)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -185,7 +197,7 @@ def is_locked(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def shared(path: Path) -> Iterator[None]:
+def shared(path: Path) -> Iterator[FileId]:
     """A shared OS lock: any number of holders, but none while `exclusive` holds it.
     Raises `Busy` if an exclusive holder has it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,66 +207,19 @@ def shared(path: Path) -> Iterator[None]:
         except BlockingIOError:
             raise Busy(str(path)) from None
         try:
-            yield
+            held = os.fstat(handle.fileno())
+            yield (held.st_dev, held.st_ino)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _holder(path: Path, default: str) -> str:
-    try:
-        return path.read_text().strip() or default
-    except OSError:
-        return default
-
-
-@contextlib.contextmanager
-def job_lock(root: Path, job: str, shard: Shard | None = None) -> Iterator[None]:
-    """One run per job, or per shard of a job, in one output; an overlapping one is refused.
-
-    A whole-job run holds the job's lock exclusively. A shard holds it shared (so shards
-    of the job run side by side, but never beside a whole-job run) and its own shard lock
-    exclusively (so shard I runs once at a time)."""
-    path = root / "_locks" / f"{job}.lock"
-    if shard is None:
-        try:
-            with translated("lock", path), exclusive(path, holder_note()):
-                yield
-        except Busy:
-            raise LockedError(
-                f"job {job!r} is already running into {root} "
-                f"({_holder(path, 'shards of the job')}); "
-                "wait for it to finish, or use another output.path"
-            ) from None
-        return
-    shard_path = root / "_locks" / f"{job}.shard-{shard.index}-of-{shard.count}.lock"
-    with contextlib.ExitStack() as stack:
-        try:
-            with translated("lock", path):
-                stack.enter_context(shared(path))
-        except Busy:
-            raise LockedError(
-                f"job {job!r} is running unsharded into {root} "
-                f"({_holder(path, 'another process')}); a shard cannot run beside it: "
-                "wait for it to finish"
-            ) from None
-        try:
-            with translated("lock", shard_path):
-                stack.enter_context(exclusive(shard_path, holder_note()))
-        except Busy:
-            raise LockedError(
-                f"shard {shard.label} of job {job!r} is already running into {root} "
-                f"({_holder(shard_path, 'another process')}); wait for it to finish"
-            ) from None
-        yield
-
-
-def commit_lock(root: Path, job: str) -> contextlib.AbstractContextManager[None]:
+def commit_lock(root: Path, job: str) -> contextlib.AbstractContextManager[FileId]:
     """Held (waiting for it) while a batch of ``job`` commits, so that runs of one job's
     shards never rewrite the same file at once."""
     return exclusive(root / "_locks" / f"{job}.commit.lock", None, wait=True)
 
 
-def layout_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+def layout_lock(root: Path) -> contextlib.AbstractContextManager[FileId]:
     """Held (waiting for it) while the marker is created or the output upgraded."""
     return exclusive(root / "_locks" / "_layout.lock", holder_note(), wait=True)
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from batch.errors import LockedError, OutputError
+from batch.errors import LockedError, OutputError, ShardCountConflict
 from batch.output import store_errors
 from batch.shard import Shard
 
@@ -121,6 +122,7 @@ class S3Lease:
         self.clock = clock
         self.host = socket.gethostname()
         self.etag: str | None = None
+        self._guard = threading.Lock()  # the renewer thread and `still_mine` share etag
 
     def _mine(self) -> bytes:
         return Holder(self.host, os.getpid(), self.note, self.clock() + self.ttl_s).to_bytes()
@@ -136,7 +138,14 @@ class S3Lease:
                 Bucket=self.bucket, Key=self.key, Body=self._mine(), **condition
             )
         except Exception as error:
-            if self._code(error) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            refused = (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+                "NoSuchKey",
+                "404",
+            )
+            if self._code(error) in refused:  # (If-Match on a deleted object: 404)
                 return False
             raise OutputError(self.url, "take the lock", self._reason(error)) from error
         self.etag = str(answer["ETag"])
@@ -181,9 +190,25 @@ class S3Lease:
 
     def renew(self) -> bool:
         """Extend the lease; False if it is no longer ours (someone took over a lapsed one)."""
-        if self.etag is None:
+        with self._guard:
+            if self.etag is None:
+                return False
+            if self._put(IfMatch=self.etag):
+                return True
+            if self._read() is None and self._put(IfNoneMatch="*"):
+                # Deleted (by a clean-up job?) and taken by nobody since: ours again, so a
+                # second run cannot start beside this one.
+                logger.warning("%s was deleted while held; wrote it again", self.url)
+                return True
             return False
-        return self._put(IfMatch=self.etag)
+
+    def still_mine(self) -> bool:
+        """Whether the lease object is still the one we wrote (not deleted, not taken over)."""
+        with self._guard:
+            if self.etag is None:
+                return False
+            found = self._read()
+            return found is not None and found[1] == self.etag
 
     def release(self) -> None:
         if self.etag is None:
@@ -218,7 +243,11 @@ def held(lease: S3Lease) -> Iterator[S3Lease]:
         lease.release()
 
 
-def _live_shards(client: Any, url: str, job: str) -> list[Holder]:
+_SHARD_KEY: Final = re.compile(r"shard-(\d+)-of-(\d+)\.lease")
+
+
+def _live_shards(client: Any, url: str, job: str) -> list[tuple[Shard, Holder]]:
+    """The job's shards whose leases are held by live processes."""
     bucket, key = split_url(f"{url}/_locks/{job}/shard-")
     try:
         listed = client.list_objects_v2(Bucket=bucket, Prefix=key)
@@ -226,9 +255,12 @@ def _live_shards(client: Any, url: str, job: str) -> list[Holder]:
         raise OutputError(url, "list the locks", store_errors.reason(error, url)) from error
     live = []
     for entry in listed.get("Contents", []):
+        match = _SHARD_KEY.fullmatch(str(entry["Key"]).rsplit("/", 1)[-1])
+        if match is None:
+            continue
         holder = S3Lease(client, f"s3://{bucket}/{entry['Key']}", "").held_by()
         if holder is not None:
-            live.append(holder)
+            live.append((Shard(int(match[1]), int(match[2])), holder))
     return live
 
 
@@ -246,43 +278,77 @@ def lease_live(url: str, job: str, shard: Shard | None, client: Any = None) -> b
 @contextlib.contextmanager
 def job_lease(
     url: str, job: str, shard: Shard | None, client: Any = None, ttl_s: float = DEFAULT_TTL_S
-) -> Iterator[None]:
+) -> Iterator[Callable[[], None]]:
     """The job lock of an output at ``url`` (``s3://bucket/prefix``): a whole-job run holds
     ``_locks/<job>/job.lease``; shard I of N holds ``_locks/<job>/shard-I-of-N.lease``, and
-    refuses to start beside a whole-job run (and a whole-job run beside live shards).
-    Raises `LockedError`."""
+    refuses to start beside a whole-job run, beside shards of another count
+    (`ShardCountConflict`), and a whole-job run beside live shards. Each looks for the
+    others after taking its own lease, so of two starting at once neither misses the other.
+    Yields the check to make before each commit: it raises `OutputError` once the lease is
+    no longer ours. Raises `LockedError`."""
     client = client or s3_client()
     job_lock = S3Lease(client, _lease_url(url, job, None), f"job {job!r}", ttl_s)
     if shard is None:
-        live = _live_shards(client, url, job)
-        if live:
-            raise LockedError(
-                f"shards of job {job!r} are running into {url} ({live[0].describe()}); "
-                "wait for them to finish"
-            )
-        with _named(job_lock, f"job {job!r} is already running into {url}"):
-            yield
+        _refuse_shards(client, url, job)
+        with _named(job_lock, f"job {job!r} is already running into {url}") as mine:
+            _refuse_shards(client, url, job)
+            yield _checker(mine)
         return
+    _refuse_whole(job_lock, url, job)
+    what = f"shard {shard.label} of job {job!r}"
+    lease = S3Lease(client, _lease_url(url, job, shard), what, ttl_s)
+    with _named(lease, f"{what} is already running into {url}") as mine:
+        _refuse_whole(job_lock, url, job)
+        for other, holder in _live_shards(client, url, job):
+            if other.count != shard.count:
+                raise ShardCountConflict(
+                    f"job {job!r} is running into {url} as shard {other.label} "
+                    f"({holder.describe()}), but this is shard {shard.label}: shards of "
+                    "different counts would run some items twice. Wait for them to finish, "
+                    f"or run with --shard I/{other.count}"
+                )
+        yield _checker(mine)
+
+
+def _refuse_shards(client: Any, url: str, job: str) -> None:
+    live = _live_shards(client, url, job)
+    if live:
+        raise LockedError(
+            f"shards of job {job!r} are running into {url} ({live[0][1].describe()}); "
+            "wait for them to finish"
+        )
+
+
+def _refuse_whole(job_lock: S3Lease, url: str, job: str) -> None:
     whole = job_lock.held_by()
     if whole is not None:
         raise LockedError(
             f"job {job!r} is running unsharded into {url} ({whole.describe()}); a shard "
             "cannot run beside it: wait for it to finish"
         )
-    what = f"shard {shard.label} of job {job!r}"
-    mine = S3Lease(client, _lease_url(url, job, shard), what, ttl_s)
-    with _named(mine, f"{what} is already running into {url}"):
-        yield
+
+
+def _checker(lease: S3Lease) -> Callable[[], None]:
+    def check() -> None:
+        if not lease.still_mine():
+            raise OutputError(
+                lease.url,
+                "commit to",
+                "this run's lease was deleted or taken over by another process (another run "
+                "may have started beside it); stopped, nothing more is committed",
+            )
+
+    return check
 
 
 @contextlib.contextmanager
-def _named(lease: S3Lease, what: str) -> Iterator[None]:
+def _named(lease: S3Lease, what: str) -> Iterator[S3Lease]:
     try:
         context = held(lease)
         context.__enter__()
     except LockedError as exc:
         raise LockedError(f"{what}: {exc}; wait for it to finish") from None
     try:
-        yield
+        yield lease
     finally:
         context.__exit__(None, None, None)

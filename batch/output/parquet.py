@@ -87,7 +87,7 @@ def scan(root: Path, job: str) -> Scan:
         *(data[c].to_pylist() for c in wanted), strict=True
     ):
         out.files.setdefault(item, set()).add(Path(path).relative_to(base).as_posix())
-        out.note(item, status, finished, duration, run_id)
+        out.row(item, status, finished, duration, run_id)
     return out
 
 
@@ -110,33 +110,71 @@ def _run_lock_path(root: Path, job: str, run_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path, job: str, run_id: str) -> Iterator[None]:
+def run_lock(root: Path, job: str, run_id: str, label: str = "whole job") -> Iterator[None]:
     """Held by a run while it stages batches, so that `recover` (run by another process
-    writing another shard of the job) never touches a live run's work."""
+    writing another shard of the job) never touches a live run's work. Its note ends with
+    ``; <label>`` (what the run runs: `batch.output.locks.run_label`)."""
     path = _run_lock_path(root, job, run_id)
-    with layout.exclusive(path, layout.holder_note()):
+    # Waits: another run's `live_run_notes` may be testing this lock for a moment.
+    with layout.exclusive(path, f"{layout.holder_note()}; {label}", wait=True):
         yield
     path.unlink(missing_ok=True)
 
 
+def live_run_notes(root: Path, job: str) -> list[str]:
+    """The notes of the job's runs that are going (their process holds their run lock)."""
+    staging = root / "_staging" / job
+    notes = []
+    for path in sorted(staging.glob("*.lock")) if staging.is_dir() else []:
+        if layout.is_locked(path):
+            with contextlib.suppress(OSError):
+                notes.append(path.read_text().strip())
+    return notes
+
+
 def apply_plan(root: Path, batch_dir: Path) -> None:
     """Carry out a committed batch's renames and deletes. Idempotent: safe to redo."""
-    plan = json.loads((batch_dir / "PLAN.json").read_text())
     touched: set[Path] = set()
-    for op in plan["ops"]:
-        target = root / op["dst"]
-        if op["op"] == "move":
-            staged = batch_dir / op["src"]
-            if staged.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, target)
-                touched.add(target.parent)
-        elif target.exists():
-            target.unlink()
-            touched.add(target.parent)
+    for op in plan_steps(batch_dir):
+        touched |= apply_step(root, batch_dir, op)
     for folder in touched:
         layout.fsync_dir(folder)
     shutil.rmtree(batch_dir)
+
+
+def plan_steps(batch_dir: Path) -> list[dict[str, str]]:
+    """A committed batch's steps, in the order they are carried out (`_apply_order`)."""
+    plan = json.loads((batch_dir / "PLAN.json").read_text())
+    return sorted(plan["ops"], key=_apply_order)
+
+
+def apply_step(root: Path, batch_dir: Path, op: dict[str, str]) -> set[Path]:
+    """One rename or delete of a plan (done already: nothing); returns the folder touched."""
+    target = root / op["dst"]
+    if op["op"] == "move":
+        staged = batch_dir / op["src"]
+        if staged.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            return {target.parent}
+    elif target.exists():
+        target.unlink()
+        return {target.parent}
+    return set()
+
+
+def _apply_order(op: dict[str, str]) -> int:
+    """The order a plan's steps are carried out in (stable within each), so that a reader
+    (or a kill) between two steps never sees an ok row without its words, segments and
+    utterances: the new rows of the other tables first (no transcripts row points at them
+    yet), then transcripts (superseded rows out, then new ones in: never two rows of an
+    item), then the superseded rows of the other tables (no transcripts row points at them
+    any more)."""
+    main = op["dst"].startswith(f"{MAIN_TABLE}/")
+    new = op["op"] == "move" and not op["src"].startswith("rewrite")
+    if main:
+        return 2 if new else 1
+    return 0 if new else 3
 
 
 def run_alive(root: Path, job: str, run_id: str) -> bool:
@@ -151,6 +189,15 @@ def recover(root: Path, job: str) -> int:
     lock, so a shard's recovery never overlaps another shard's commit."""
     with layout.commit_lock(root, job):
         return _recover(root, job)
+
+
+def settle(root: Path, job: str) -> None:
+    """For readers (status, export): finish the commits that killed runs of ``job`` left
+    half-applied, so no item is read with some of its tables only. Does nothing (and
+    writes nothing) when there are none. Raises `OSError` when they cannot be finished."""
+    staging = root / "_staging" / job
+    if staging.is_dir() and any(staging.glob("*/PLAN.json")):
+        recover(root, job)
 
 
 def _recover(root: Path, job: str) -> int:
@@ -266,6 +313,7 @@ class Committer:
         for row in rows:
             self.index.files[row.item_id] = set(new_files.get(row.item_id, ()))
             self.index.latest.pop(row.item_id, None)
+            self.index.rows[row.item_id] = 1  # its earlier rows went with this batch
             transcript = row.transcript
             self.index.note(
                 row.item_id,
@@ -323,6 +371,54 @@ class Committer:
         staged = f"rewrite-{number:05d}.parquet"
         _write_file(batch_dir / staged, _stored(kept, table, self.partition_by))
         return [{"op": "move", "src": staged, "dst": target}]
+
+
+def repair(root: Path, job: str) -> int:
+    """Remove every row (in every table) of items that transcripts holds more than once
+    (runs that overlapped wrote them) but of each one's latest result, as one redo-log
+    batch under the commit lock. Returns how many items were repaired."""
+    with layout.commit_lock(root, job):
+        found = scan(root, job)
+        keep = {item: found.latest[item].run_id for item in found.duplicates()}
+        if not keep:
+            return 0
+        batch_dir = root / "_staging" / job / f"repair-{time.time_ns()}"
+        batch_dir.mkdir(parents=True)
+        ops: list[dict[str, str]] = []
+        for relative in sorted({f for item in keep for f in found.files.get(item, ())}):
+            for table in TABLES:
+                if (root / table / relative).exists():
+                    ops.extend(_drop_stale(root, table, relative, job, keep, batch_dir, ops))
+        layout.fsync_dir(batch_dir)
+        layout.write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
+        apply_plan(root, batch_dir)
+        return len(keep)
+
+
+def _drop_stale(
+    root: Path,
+    table: str,
+    relative: str,
+    job: str,
+    keep: dict[str, str],
+    batch_dir: Path,
+    ops: list[dict[str, str]],
+) -> list[dict[str, str]]:
+    """The step rewriting one file without the rows of ``keep``'s items that are not of
+    the run kept (item id -> run id)."""
+    data = _read_file(root, table, relative)
+    columns = (data[c].to_pylist() for c in ("job", "item_id", "run_id"))
+    mask = [not (j == job and keep.get(i, r) != r) for j, i, r in zip(*columns, strict=True)]
+    kept = data.filter(pa.array(mask, pa.bool_()))
+    target = f"{table}/{relative}"
+    if kept.num_rows == data.num_rows:
+        return []
+    if kept.num_rows == 0:
+        return [{"op": "delete", "dst": target}]
+    staged = f"rewrite-{len(ops):05d}.parquet"
+    partition_by = list(_partition_values(relative))  # in the order of its folders
+    _write_file(batch_dir / staged, _stored(kept, table, partition_by))
+    return [{"op": "move", "src": staged, "dst": target}]
 
 
 def _by_partition(

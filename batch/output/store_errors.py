@@ -5,7 +5,8 @@ an XML body with request ids. botocore raises a class name or an error code. `re
 turns either into one clause for an `OutputError` ("cannot read URL: <reason>"): missing or
 refused credentials say which variables to set, a missing bucket says so, anything else
 is the chain on one line. The values of the storage SDKs' secret variables are scrubbed,
-though no store should echo them.
+though no store should echo them, and so are credentials found by pattern (a SAS ``sig=``
+in a URL the error quotes).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 from typing import Final
 
-from batch.credentials import Scrubber
+from batch.credentials import Scrubber, redact_credentials
 from batch.storage import credentials_in_env, scheme
 
 _ANSI: Final = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -62,7 +63,7 @@ def one_line(text: str) -> str:
 def reason(error: BaseException | str, url: str) -> str:
     """Why the store at ``url`` refused, and what to set: one clause, no secret."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = Scrubber(*credentials_in_env(os.environ)).scrub_whole(text)
+    text = redact_credentials(Scrubber(*credentials_in_env(os.environ)).scrub_whole(text))
     family = _FAMILY.get(scheme(url) or "", scheme(url) or "")
     hint = _SET_CREDENTIALS.get(family)
     if hint is not None:

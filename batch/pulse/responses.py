@@ -20,6 +20,11 @@ Pure: one text frame in, one value out (`Transcription`, `ServerError` or `Ignor
   surrogates (valid JSON, invalid UTF-8) gets U+FFFD in their place.
 - **Ignore** (`Ignored`): events such as ``speech_started``/``speech_ended``, messages of a
   type we do not know that carry no transcript, and every unknown field.
+
+Given a ``scrub`` function, every string of the decoded message (values and keys, at any
+depth) goes through it before anything is read: a service that echoes the API key, however
+its JSON escapes it (``\\u0073k...``, ``\\/``), leaves none in the value returned or in the
+text of a `MalformedMessage`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -280,6 +285,8 @@ def _transcript_text(data: Mapping[str, Any]) -> str:
 def _error_in(data: Mapping[str, Any]) -> ServerError | None:
     """Every error shape the service has used: unified, older schema, top-level keys."""
     nested = data.get("error")
+    if nested is False or nested == "":  # ``"error": false`` on a final says "no error"
+        nested = None
     if data.get("type") == "error" or data.get("status") == "error" or nested is not None:
         if isinstance(nested, Mapping):
             message = nested.get("message") or json.dumps(nested)
@@ -304,8 +311,35 @@ def _ignorable(data: Mapping[str, Any]) -> str | None:
     return None
 
 
-def parse_message(text: str | bytes) -> Transcription | ServerError | Ignored:
-    """Decode and check one server text frame (see the module docstring for the rules).
+def scrub_strings(data: Any, scrub: Callable[[str], str]) -> Any:
+    """``data`` (fresh from `json.loads`) with ``scrub`` applied to every string in it, keys
+    included, in place. Iterative: as deep as the decoder allows, without recursion."""
+    if isinstance(data, str):
+        return scrub(data)
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            entries = list(node.items())
+            node.clear()
+            for key, value in entries:
+                node[scrub(key)] = scrub(value) if isinstance(value, str) else value
+                if isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                if isinstance(value, str):
+                    node[index] = scrub(value)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+    return data
+
+
+def parse_message(
+    text: str | bytes, scrub: Callable[[str], str] | None = None
+) -> Transcription | ServerError | Ignored:
+    """Decode and check one server text frame (see the module docstring for the rules);
+    ``scrub`` cleans every decoded string first.
 
     Raises `MalformedMessage` (or its `InvalidField`) for anything the transcript
     cannot be built from.
@@ -313,7 +347,10 @@ def parse_message(text: str | bytes) -> Transcription | ServerError | Ignored:
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # The decoder's message quotes no more than a position; nothing of the frame.
         raise MalformedMessage(f"not JSON: {exc}") from None
+    if scrub is not None:
+        data = scrub_strings(data, scrub)
     if not isinstance(data, dict):
         raise MalformedMessage("not a JSON object")
     error = _error_in(data)

@@ -28,6 +28,7 @@ from batch.speech import find_speech
 from tests.bench.results import publish
 from tests.calls import Call, espeak_voice, make_call
 from tests.conftest import server_in_thread, write_manifest
+from tests.needs import missing
 from tests.tables import sql
 
 pytestmark = pytest.mark.bench
@@ -60,7 +61,7 @@ def _report() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Call]:
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (make install adds it)")
+        missing("espeak-ng is not installed (`make bench` adds it)")
     root = tmp_path_factory.mktemp("corpus")
     media = root / "media"
     media.mkdir()

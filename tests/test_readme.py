@@ -1,0 +1,144 @@
+"""The README's quick start, run as written, so the front page cannot rot: its `make`
+commands exist, `make install` stays free of test tools, the demo `make run` runs (its
+`pulse-batch` lines, read from `make -n run`, in-process against the embedded server), and
+the README's DuckDB and Python snippets return rows from what the demo wrote."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from batch.cli import app
+from tests.needs import need_module
+
+pytestmark = pytest.mark.whisper
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def _blocks(section: str, language: str) -> list[str]:
+    """The fenced ``language`` code blocks under the README's ``## section`` heading."""
+    text = README.read_text(encoding="utf-8")
+    _, found, rest = text.partition(f"\n## {section}\n")
+    assert found, f"README.md has no '## {section}' section"
+    body = rest.split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", body, flags=re.MULTILINE | re.DOTALL)
+    return [code for lang, code in blocks if lang == language]
+
+
+def _make_dry_run(target: str) -> list[str]:
+    """The commands `make -n target` would run (make itself is the point here)."""
+    done = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"make -n {target}: {done.stderr}"
+    return done.stdout.splitlines()
+
+
+def test_the_quick_start_commands_are_make_targets() -> None:
+    (block,) = _blocks("Quick start", "bash")
+    assert re.findall(r"^make (\S+)", block, flags=re.MULTILINE) == ["install", "test", "run"]
+    named = set(re.findall(r"`make ([a-z-]+)`", README.read_text(encoding="utf-8")))
+    assert {"lint", "docs", "test-all", "bench", "clean"} <= named
+    for target in sorted(named | {"install", "test", "run"}):
+        assert _make_dry_run(target) is not None
+
+
+def test_make_install_installs_no_test_tools() -> None:
+    commands = "\n".join(_make_dry_run("install"))
+    assert "'.[recognizer,s3,gcs,azure,http,delta]'" in commands
+    for tool in ("npm", "node", "azurite", "apt-get", "espeak", "dev]", "dev,"):
+        assert tool not in commands, f"make install runs {tool}: a test tool"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of `jobs/` where `make run`'s own `pulse-batch` lines have run (unpaced, so
+    the demo's 27 s of audio take a few seconds); yields the folder they ran in."""
+    folder = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "jobs" / "demo", folder / "jobs" / "demo")
+    manifest = (ROOT / "jobs" / "demo.yaml").read_text(encoding="utf-8")
+    assert "pace: 1.0" in manifest
+    (folder / "jobs" / "demo.yaml").write_text(manifest.replace("pace: 1.0", "pace: 0"))
+    lines = [line for line in _make_dry_run("run") if line.startswith(".venv/bin/pulse-batch ")]
+    assert [shlex.split(line)[1] for line in lines] == ["run", "export", "export", "score"]
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        for line in lines:
+            done = CliRunner().invoke(app, shlex.split(line)[1:])
+            assert done.exit_code == 0, (line, done.output, done.exception)
+    finally:
+        os.chdir(before)
+    yield folder
+
+
+def test_the_demo_writes_what_make_run_says(demo: Path) -> None:
+    out = demo / "jobs" / "out"
+    assert len(list((out / "_exports" / "demo" / "srt").glob("*.srt"))) == 4
+    assert len(list((out / "_exports" / "demo" / "vtt").glob("*.vtt"))) == 4
+    assert "Accuracy" in (out / "_reports" / "demo" / "latest.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_queries_return_rows(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(demo)
+    (sql,) = _blocks("Reading the tables", "sql")
+    statements = [s for s in sql.split(";") if s.strip()]
+    assert len(statements) == 2
+    transcripts, words = (duckdb.sql(s).fetchall() for s in statements)
+    assert len(transcripts) == 4 and {row[1] for row in transcripts} == {"ok"}
+    assert len(words) > 30 and all(isinstance(row[2], str) for row in words)
+
+    polars_snippet, pandas_snippet = _blocks("Reading the tables", "python")
+    frames = _run_snippet(polars_snippet)
+    assert {name: len(frame) > 0 for name, frame in frames.items()} == {
+        "t": True,
+        "w": True,
+        "words_per_call": True,
+    }
+    assert frames["words_per_call"].height == 4
+    need_module("pandas", "the dev extra has it: run `make test`")
+    frames = _run_snippet(pandas_snippet)
+    assert list(frames) == ["transcripts"] and len(frames["transcripts"]) == 4
+
+
+def _run_snippet(snippet: str) -> dict[str, Any]:
+    """Run one of the README's Python snippets; the data frames it made, by name."""
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    return {
+        name: value
+        for name, value in namespace.items()
+        if type(value).__name__ == "DataFrame" and not name.startswith("_")
+    }
+
+
+def test_the_first_manifest_validates_and_plans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (manifest,) = _blocks("Your first manifest", "yaml")
+    (commands,) = _blocks("Your first manifest", "bash")
+    (tmp_path / "recordings").mkdir()
+    shutil.copy(ROOT / "jobs" / "demo" / "clips" / "cancel.wav", tmp_path / "recordings")
+    (tmp_path / "calls.yaml").write_text(manifest)
+    monkeypatch.chdir(tmp_path)
+    validate, dry_run = (shlex.split(line, comments=True) for line in commands.splitlines()[:2])
+    assert validate == ["pulse-batch", "validate", "calls.yaml"]
+    done = CliRunner().invoke(app, validate[1:])
+    assert done.exit_code == 0, done.output
+    assert "recordings/**/*.wav" in done.output and "cancel.wav" in done.output
+    assert dry_run == ["pulse-batch", "run", "calls.yaml", "--dry-run"]
+    done = CliRunner().invoke(app, dry_run[1:])
+    assert done.exit_code == 0, done.output
+    assert "cancel.wav" in done.output
