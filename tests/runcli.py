@@ -3,7 +3,8 @@ a child process where a real process is the point (signals, SIGKILL, a fresh int
 
 `run_cli` returns what `subprocess.run` would (``returncode``, ``stdout``, ``stderr``), and
 puts back what the CLI changes for its own process: logging (its handler replaces the root
-logger's), signal handlers, the environment and the working directory.
+logger's), signal handlers, the environment and the working directory; and each run starts
+without fsspec's cached filesystems, as a child would.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import fsspec
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -36,6 +38,22 @@ class CliResult:
     stdout: str
     stderr: str
 
+    @property
+    def output(self) -> str:
+        """Both streams, as a terminal shows them (stdout first)."""
+        return self.stdout + self.stderr
+
+
+def _fresh_filesystems() -> None:
+    """Forget fsspec's cached filesystems, as a new process starts without them: fsspec
+    keys an instance by its arguments, not by the environment its credentials came from."""
+    pending = [fsspec.AbstractFileSystem]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "_cache" in cls.__dict__:
+            cls.clear_instance_cache()
+
 
 @contextlib.contextmanager
 def _process_state_kept() -> Iterator[None]:
@@ -50,9 +68,11 @@ def _process_state_kept() -> Iterator[None]:
     console = cli.err
     # As a child's piped stderr is: no colour, no terminal, no wrapping.
     cli.err = Console(stderr=True, soft_wrap=True, color_system=None, force_terminal=False)
+    _fresh_filesystems()
     try:
         yield
     finally:
+        _fresh_filesystems()
         cli.err = console
         os.chdir(cwd)
         os.environ.clear()

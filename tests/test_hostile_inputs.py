@@ -15,16 +15,14 @@ import anyio
 import av
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from batch import job as jobs
 from batch import plausible
-from batch.cli import app
 from batch.decode import probe
 from batch.errors import InputError, ManifestError
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
-from tests.conftest import write_manifest
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import S3Bucket
 from tests.tables import by_source
@@ -39,8 +37,8 @@ def _manifest(folder: Path, text: str) -> Path:
 
 
 def _validate(manifest: Path) -> tuple[int, str]:
-    done = CliRunner().invoke(app, ["validate", str(manifest)])
-    return done.exit_code, done.output
+    done = run_cli("validate", str(manifest))
+    return done.returncode, done.output
 
 
 ALIAS_BOMB = """version: 1

@@ -19,16 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import srt
 import webvtt
-from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 
-from batch.cli import app
 from batch.collect import TIME_MARGIN_S, Collected, time_quality
 from batch.credentials import REDACTED, Scrubber
 from batch.job import EXIT_ITEMS_FAILED, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
-from tests.conftest import write_manifest
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.tables import parquet
 
@@ -93,9 +91,7 @@ def _last() -> str:
 
 
 def _export(out: Path, fmt: str, to: Path) -> Any:
-    return CliRunner().invoke(
-        app, ["export", str(out), "--job", "test-job", "--format", fmt, "--to", str(to)]
-    )
+    return run_cli("export", str(out), "--job", "test-job", "--format", fmt, "--to", str(to))
 
 
 # --- odd text and odd times --------------------------------------------------------------
@@ -123,7 +119,7 @@ def test_odd_service_text_exports_as_valid_escaped_cues_in_time_order(
     out = tmp_path / "out"
     for fmt in ("vtt", "srt", "json", "txt"):
         done = _export(out, fmt, tmp_path / fmt)
-        assert done.exit_code == 0, done.output
+        assert done.returncode == 0, done.output
         files = sorted((tmp_path / fmt).glob(f"*.{fmt}"))
         assert len(files) == 3
         assert all(b"\x00" not in f.read_bytes() and b"\x07" not in f.read_bytes() for f in files)
@@ -181,7 +177,7 @@ def test_one_item_that_cannot_be_exported_is_named_and_the_rest_are(
                 row["end_s"] = 1e300
         pq.write_table(type(table).from_pylist(rows, schema=table.schema), path)
     done = _export(out, "srt", tmp_path / "srt")
-    assert done.exit_code == EXIT_ITEMS_FAILED, done.output
+    assert done.returncode == EXIT_ITEMS_FAILED, done.output
     assert f"{victim[1]} could not be exported" in done.stderr
     assert "Traceback" not in done.output
     assert "2 srt file(s)" in done.stdout
@@ -225,7 +221,7 @@ def test_a_key_echoed_json_escaped_is_stored_and_exported_nowhere(
     assert counts == {**counts, "ok": 2, "failed": 1}, counts
     out = tmp_path / "out"
     for fmt in ("srt", "vtt", "json", "txt"):
-        assert _export(out, fmt, tmp_path / "exports" / fmt).exit_code == 0
+        assert _export(out, fmt, tmp_path / "exports" / fmt).returncode == 0
     t = parquet(out, "transcripts")
     ok = duckdb.sql(
         f"select transcript, full_transcript, redacted_entities from {t} where status='ok'"
