@@ -12,6 +12,7 @@ import pytest
 from batch.job import plan_items
 from batch.manifest import load_manifest
 from batch.output import JobOutput, read_table
+from batch.plan import Item
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
 from tests.conftest import (
@@ -28,12 +29,12 @@ from tests.media import Burst, tone_track, write_audio
 from tests.s3server import FAKE_SECRET, S3Bucket
 
 
-def _distinct_tones(folder: Path, count: int, duration_s: float) -> dict[str, int]:
-    """One file per item, each a tone of its own pitch, so the server's words say which
-    item a session carried. Returns file name -> Hz."""
+def _distinct_tones(folder: Path, count: int, duration_s: float, start: int = 0) -> dict[str, int]:
+    """One file per item (numbers ``start`` to ``count - 1``), each a tone of its own pitch,
+    so the server's words say which item a session carried. Returns file name -> Hz."""
     folder.mkdir(parents=True, exist_ok=True)
     pitches = {}
-    for k in range(count):
+    for k in range(start, count):
         hz = 300 + 100 * k
         track = tone_track([Burst(0.2, 0.3, hz)], duration_s, 16000)
         write_audio(folder / f"call-{k:02d}.wav", [track], 16000)
@@ -52,6 +53,13 @@ def _rows(out: str) -> list[tuple[str, str, str]]:
             strict=True,
         )
     )
+
+
+def _planned(manifest: Path, shards: int) -> tuple[list[Item], dict[str, int], list[int]]:
+    """The job's items, the shard of each, and how many each shard owns."""
+    items = plan_items(load_manifest(manifest))
+    owner = {i.item_id: shard_of(i.item_id, shards) for i in items}
+    return items, owner, [sum(1 for o in owner.values() if o == s) for s in range(shards)]
 
 
 def _summary(stdout: str) -> dict[str, str]:
@@ -103,11 +111,17 @@ def test_shards_started_at_once_one_killed_and_rerun(
         output={**output_place, "commit_every_items": 1},
     )
     out = output_place["path"]
-    items = plan_items(load_manifest(manifest))
-    owner = {i.item_id: shard_of(i.item_id, shards) for i in items}
+    # Items go to shards by a hash of their path (which holds tmp_path): add files until
+    # every shard has two or more, so each shard runs and reports (bounded).
+    items, owner, per_shard = _planned(manifest, shards)
+    while min(per_shard) < 2 and len(items) < 3 * count:
+        more = _distinct_tones(tmp_path / "media", len(items) + 1, duration_s, start=len(items))
+        pitches |= more
+        items, owner, per_shard = _planned(manifest, shards)
+    assert min(per_shard) >= 2, per_shard
+    count = len(items)
     hz_to_item = {pitches[Path(i.source).name]: i.item_id for i in items}
-    per_shard = [sum(1 for o in owner.values() if o == s) for s in range(shards)]
-    victim = per_shard.index(max(per_shard))  # at least 5 items: the kill lands part-way
+    victim = per_shard.index(max(per_shard))  # 3+ items, 2 sessions: the kill lands part-way
     with server_in_thread() as server:
         point_at(manifest, server.url)
         running = [
