@@ -61,10 +61,11 @@ def test_make_install_installs_no_test_tools() -> None:
         assert tool not in commands, f"make install runs {tool}: a test tool"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of `jobs/` where `make run`'s own `pulse-batch` lines have run (unpaced, so
-    the demo's 27 s of audio take a few seconds); yields the folder they ran in."""
+    the demo's 27 s of audio take a few seconds); yields the folder they ran in. Made once
+    per session: the tests only read it (and xdist may interleave other modules)."""
     folder = tmp_path_factory.mktemp("readme")
     shutil.copytree(ROOT / "jobs" / "demo", folder / "jobs" / "demo")
     manifest = (ROOT / "jobs" / "demo.yaml").read_text(encoding="utf-8")
