@@ -183,7 +183,7 @@ def _bursts(count: int, hz: float, first_s: float, step_s: float = 0.5) -> list[
     return [Burst(first_s + i * step_s, 0.3, hz) for i in range(count)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished synthetic job: two files with one stem in different folders, a stereo
     call split into named channels, and a file with a long pause."""

@@ -118,7 +118,7 @@ def _track(hz: list[int]) -> list[Burst]:
     return [Burst(0.2 + 0.5 * i, 0.3, f) for i, f in enumerate(hz)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scored_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic job from a CSV list with inline references, a reference file and metadata."""
     root = tmp_path_factory.mktemp("score")

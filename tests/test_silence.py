@@ -86,7 +86,7 @@ def _plain_and_skipped(
     return outs[0], outs[1], received[0], received[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def call(tmp_path_factory: pytest.TempPathFactory) -> Call:
     folder = tmp_path_factory.mktemp("calls") / "media"
     folder.mkdir()
