@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +39,7 @@ from batch.runner import ItemRunner, whole_units
 from batch.score import summarise
 from batch.session import Endpoint
 from batch.shard import Shard
+from batch.signals import watch_signals
 
 logger = logging.getLogger(__name__)
 
@@ -350,9 +350,8 @@ async def _stream_all(
         try:
             async with anyio.create_task_group() as tasks:
                 if opts.handle_signals:
-                    tasks.start_soon(
-                        _watch_signals, pool, tasks.cancel_scope, opts, observer, stats
-                    )
+                    watch = (pool, tasks.cancel_scope, opts.grace_s, stats, observer.signalled)
+                    tasks.start_soon(watch_signals, *watch)
                 with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
                     await pool.run(runner.process)
                 if scope.cancelled_caught:
@@ -392,30 +391,6 @@ def _key_hint(error: BaseException, api_key: str | None, loaded: LoadedManifest)
         name = loaded.manifest.pulse.api_key_env
         return f" (no key was sent: environment variable {name} is not set; export it)"
     return ""
-
-
-async def _watch_signals(
-    pool: Pool[Unit],
-    scope: anyio.CancelScope,
-    opts: RunOptions,
-    observer: Observer,
-    stats: RunStats,
-) -> None:
-    """First SIGINT/SIGTERM: start nothing new, give in-flight items ``grace_s``, then stop.
-    Second: stop at once. Committed rows are never at risk: commits are atomic."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            stats.status = "interrupted"
-            stats.abort_reason = f"received {name}"
-            stats.signal_name = name
-            observer.signalled(name)
-            if pool.stopping:
-                scope.cancel()
-                return
-            pool.stop_starting()
-            scope_deadline = anyio.current_time() + opts.grace_s
-            scope.deadline = min(scope.deadline, scope_deadline)
 
 
 def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobResult:
