@@ -13,6 +13,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,25 +50,20 @@ def item_audio(item: Item, wire: WireFormat, run: RunConfig) -> DecodedAudio:
     )
 
 
+@dataclass(eq=False)  # a part of the run, not a value
 class AudioCache:
     """Whole items decoded into ``folder``, one ``<item_id>.pcm`` file each."""
 
-    def __init__(
-        self,
-        folder: Path,
-        run: RunConfig,
-        wire: WireFormat,
-        backoff: Backoff,
-        rng: random.Random,
-    ) -> None:
-        self.folder = folder
-        self.run = run
-        self.wire = wire
-        self.backoff = backoff
-        self.rng = rng
-        # The detector is CPU work: one item per core at a time, first come first served,
-        # so the items next in line get their speech found first.
-        self._detectors = anyio.CapacityLimiter(os.cpu_count() or 1)
+    folder: Path
+    run: RunConfig
+    wire: WireFormat
+    backoff: Backoff  # between reads of a store that fails for now
+    rng: random.Random
+    # The detector is CPU work: one item per core at a time, first come first served,
+    # so the items next in line get their speech found first.
+    _detectors: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 1), init=False
+    )
 
     def path(self, item: Item) -> Path:
         return self.folder / f"{item.item_id}.pcm"

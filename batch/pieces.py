@@ -64,28 +64,19 @@ class PieceSet:
         return self.stopped or len(self.done) >= self.total
 
 
+@dataclass(eq=False)  # a part of the run, not a value
 class Pieces:
     """The run's long items, by piece: `split` and `queue_speech` queue them, `stream`
     streams one, and the last one to end writes the item's row."""
 
-    def __init__(
-        self,
-        run: RunConfig,
-        wire: WireFormat,
-        cache: AudioCache,
-        sessions: Sessions,
-        assembler: Assembler,
-        progress: Progress,
-        pool: Pool[Unit],
-    ) -> None:
-        self.run = run
-        self.wire = wire
-        self.cache = cache
-        self.sessions = sessions
-        self.assembler = assembler
-        self.progress = progress
-        self.pool = pool
-        self._items: dict[str, PieceSet] = {}
+    run: RunConfig
+    wire: WireFormat
+    cache: AudioCache
+    sessions: Sessions
+    assembler: Assembler
+    progress: Progress
+    pool: Pool[Unit]
+    _items: dict[str, PieceSet] = field(default_factory=dict, init=False)
 
     def _plan(self, duration_s: float) -> tuple[float, int]:
         """Piece length and count for a recording of ``duration_s``: enough pieces to fill
