@@ -359,7 +359,8 @@ async def _stream_all(
                     stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
                 tasks.cancel_scope.cancel()
         except* JobAborted as aborted:  # anything raised beside it still propagates
-            fatal = _first(aborted).__cause__ or _first(aborted)
+            first = _first(aborted)
+            fatal = first.__cause__ or first  # the service's answer
         if fatal is not None:
             stats.status = "aborted"
             stats.abort_reason = runner.scrubber.scrub(str(fatal)) + _key_hint(
