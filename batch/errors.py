@@ -156,8 +156,9 @@ class HandshakeRejected(SessionError):
 class ConnectionLost(SessionError):
     """The socket closed or broke before the terminal ``is_last`` message.
 
-    ``after_audio``: the service had taken audio (it answered with a transcript, or the end
-    signal was sent), so even a concurrency close code (1008) is a failed attempt.
+    ``after_audio``: the service had taken audio (it answered with a transcript, the end
+    signal was sent, or it read audio past the moment a refusal comes), so even a
+    concurrency close code (1008) is a failed attempt.
     """
 
     kind = "connection_lost"
