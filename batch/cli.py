@@ -40,7 +40,8 @@ from batch.errors import (
     ShardCountConflict,
 )
 from batch.manifest import LoadedManifest, load_manifest
-from batch.plan import Item, expand_sources
+from batch.model import Item
+from batch.plan import expand_sources
 from batch.pulse import protocol
 from batch.report import (
     accuracy_row,

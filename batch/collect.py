@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from batch.plan import Item
+from batch.model import Item, ItemRows
 from batch.pulse.protocol import Transcription
 from batch.timemap import TimeMap
 
@@ -168,33 +168,6 @@ def time_quality(collected: Collected, duration_s: float) -> str | None:
                 f"(latest at {max(late):.1f} s; the recording is {duration_s:.1f} s)"
             )
     return None
-
-
-@dataclass
-class ItemRows:
-    """One finished item's rows for each table (partition and bookkeeping columns included)."""
-
-    transcript: dict[str, Any]
-    words: list[dict[str, Any]] = field(default_factory=list)
-    utterances: list[dict[str, Any]] = field(default_factory=list)
-    segments: list[dict[str, Any]] = field(default_factory=list)
-
-    def by_table(self) -> dict[str, list[dict[str, Any]]]:
-        """Rows keyed by table name (the names of `batch.output.schema.COLUMNS`)."""
-        return {
-            "transcripts": [self.transcript],
-            "segments": self.segments,
-            "words": self.words,
-            "utterances": self.utterances,
-        }
-
-    @property
-    def item_id(self) -> str:
-        return str(self.transcript["item_id"])
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.transcript.get("status") == "ok")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from batch.errors import (
 )
 from batch.export import latest_ok
 from batch.manifest import LoadedManifest
+from batch.model import Item
 from batch.output import JobOutput, RunWriter, read_history
-from batch.plan import Item, expand_sources, longest_first, make_items
+from batch.plan import expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, failing_items

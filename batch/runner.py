@@ -39,8 +39,8 @@ from batch.errors import (
     is_unreachable,
 )
 from batch.manifest import LoadedManifest
+from batch.model import Item
 from batch.output import RunWriter
-from batch.plan import Item
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session

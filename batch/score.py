@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -36,6 +36,8 @@ from num2words import num2words
 
 from batch import storage
 from batch.errors import ManifestError
+from batch.model import Reference
+from batch.plan import read_list_rows, reference_of  # the same reader as job inputs use
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +46,6 @@ WORST_LISTED = 5
 _ORDINAL_EN = re.compile(r"\b(\d+)(st|nd|rd|th)\b")
 _THOUSANDS = re.compile(r"\b\d{1,3}(?:,\d{3})+\b")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The true transcript of an item: given inline, or as a text file to read."""
-
-    text: str | None = None
-    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,8 +210,6 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
     """A list file's references, by every spelling of its paths and by ``item_id``.
 
     Raises `ManifestError` (naming the file and line) for a row with no reference."""
-    from batch.plan import read_list_rows  # the same reader as job inputs use
-
     by_path: dict[str, Reference] = {}
     by_id: dict[str, Reference] = {}
     folder = list_path.parent
@@ -238,18 +230,6 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
         elif not row.get("item_id"):
             raise ManifestError(list_path, f"{where}: needs a 'path' (or 'item_id') column")
     return by_path, by_id
-
-
-def reference_of(row: Mapping[str, Any], resolve: Callable[[str], str]) -> Reference | None:
-    """The reference a list row gives, if any: ``reference`` text, or ``reference_path``
-    (``resolve`` turns it into a location: relative to the list file's folder)."""
-    text = row.get("reference")
-    if text is not None and str(text) != "":
-        return Reference(text=str(text))
-    raw = row.get("reference_path")
-    if raw is not None and str(raw) != "":
-        return Reference(path=resolve(str(raw)))
-    return None
 
 
 @dataclass(frozen=True)

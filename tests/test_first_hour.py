@@ -15,7 +15,7 @@ from rich.console import Console
 from batch.cli import _ConsoleObserver, app
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
-from batch.plan import Item
+from batch.model import Item
 from batch.pulse.protocol import PulseOptions
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio

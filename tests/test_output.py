@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.collect import ItemRows
 from batch.errors import LockedError, ManifestError
+from batch.model import ItemRows
 from batch.output import SCHEMA_VERSION, JobOutput, layout, parquet, read_history, read_table
 from batch.output.history import Scan
 from batch.output.schema import to_arrow

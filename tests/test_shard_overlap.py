@@ -18,10 +18,10 @@ from batch.cli import app
 from batch.errors import LockedError, ShardCountConflict
 from batch.job import EXIT_OUTPUT, JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
+from batch.model import Item
 from batch.output import TABLES, JobOutput, read_table
 from batch.output.delta import delta_options
 from batch.output.layout import Location
-from batch.plan import Item
 from batch.shard import Shard
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from batch.collect import ItemRows
 from batch.errors import ManifestError, OutputError
+from batch.model import ItemRows
 from batch.output import parquet, store_errors
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.layout import Location

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import anyio
 import pyarrow as pa
 
-from batch.collect import ItemRows
 from batch.errors import ManifestError
+from batch.model import ItemRows
 from batch.output import layout, lease, locks, parquet, reports
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated

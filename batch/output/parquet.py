@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from batch.collect import ItemRows
+from batch.model import ItemRows
 from batch.output import layout
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.schema import MAIN_TABLE, TABLES, file_schema, logical_schema, to_arrow
