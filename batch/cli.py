@@ -1,11 +1,7 @@
 """The `pulse-batch` command line: parse, call the library, map errors to exit codes.
 
-Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
-stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
-could not be written (disk full, read-only, permission denied); 6 the service refused
-everything; 7 the spend cap was reached; 8 shards of the job with another shard count are
-running; 130/143 after SIGINT/SIGTERM.
-"""
+Exit codes: `batch.errors.ExitCode` (their meanings in ``EXIT_MEANINGS``; ``--help`` shows
+them)."""
 
 from __future__ import annotations
 
@@ -33,11 +29,13 @@ from batch import storage
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import (
+    EXIT_MEANINGS,
+    ExitCode,
     InputError,
     LockedError,
     ManifestError,
     OutputError,
-    ShardCountConflict,
+    exit_code_for,
 )
 from batch.manifest import LoadedManifest, load_manifest
 from batch.model import Item
@@ -92,6 +90,8 @@ app = typer.Typer(
     # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
     rich_markup_mode=None,
     help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
+    epilog="Exit codes: "
+    + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
 err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
@@ -128,18 +128,14 @@ def _fail(message: object, code: int, label: str = "error") -> NoReturn:
 
 @contextmanager
 def _exit_codes() -> Iterator[None]:
-    """The library's usage, lock and output errors as a message and their exit code
-    (2, 4, 5, 8: the table in `batch.errors`)."""
+    """The library's usage, lock and output errors as a message and their exit code (the
+    table in `batch.errors`)."""
     try:
         yield
-    except ManifestError as exc:
-        _fail(exc, jobs.EXIT_USAGE)
-    except ShardCountConflict as exc:
-        _fail(exc, jobs.EXIT_SHARD_COUNT)
-    except LockedError as exc:
-        _fail(exc, jobs.EXIT_LOCKED)
-    except OutputError as exc:
-        _fail(exc, jobs.EXIT_OUTPUT, "output error")
+    except (ManifestError, LockedError, OutputError) as exc:
+        code = exit_code_for(exc)
+        assert code is not None
+        _fail(exc, code, "output error" if isinstance(exc, OutputError) else "error")
 
 
 def _load(manifest: Path) -> LoadedManifest:
@@ -316,7 +312,7 @@ def run(
             result = anyio.run(jobs.run_job, loaded, opts, observer)
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
-        raise typer.Exit(jobs.EXIT_SIGINT) from None
+        raise typer.Exit(ExitCode.SIGINT) from None
     finally:
         observer.close()
     if dry_run:
@@ -505,7 +501,7 @@ def report(
             )
         except (FileNotFoundError, ManifestError) as exc:
             hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-            _fail(f"{exc}{hint}", jobs.EXIT_USAGE)
+            _fail(f"{exc}{hint}", ExitCode.USAGE)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -552,7 +548,7 @@ def export_command(
                 output, job, fmt, folder, where=where, item=item, from_utterances=utterances
             )
         except OSError as exc:
-            _fail(f"cannot write to {folder}: {exc.strerror}", jobs.EXIT_OUTPUT)
+            _fail(f"cannot write to {folder}: {exc.strerror}", ExitCode.OUTPUT)
     for source in done.without_timings:
         what = (
             "utterances (turn on pulse.sentence_timestamps)"
@@ -564,7 +560,7 @@ def export_command(
         err.print(escape(f"error: {source} could not be exported ({why})"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
     if done.failed:
-        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)  # the others were written
+        raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
 
 
 @app.command("score", cls=_PlainCommand)
@@ -594,7 +590,7 @@ def score_command(
         print(json.dumps(body, indent=2))
         return
     if scored.summary is None:
-        _fail(f"no ok item of job {job!r} matched {references}", jobs.EXIT_ITEMS_FAILED)
+        _fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
     print("\n".join(render_accuracy(scored.summary, worst=False)))
     print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
     ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
@@ -631,7 +627,7 @@ def status(
             )
         for problem in result.problems():
             print(f"  {problem}")
-    raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
+    raise typer.Exit(ExitCode.OK if result.complete else ExitCode.ITEMS_FAILED)
 
 
 @app.command(cls=_PlainCommand)

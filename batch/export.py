@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from batch import cues as cuelib
 from batch import output as outputs
-from batch.errors import ManifestError, OutputError
+from batch.errors import ExportError, OutputError
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
@@ -30,10 +30,6 @@ _ID_SUFFIX_CHARS = 8
 _MAX_NAME_BYTES = 200
 # Columns every words/utterances row repeats from its transcript: left out of JSON documents.
 _BOOKKEEPING = frozenset({"job", "date", "language", "run_id", "item_id", "channel"})
-
-
-class ExportError(ManifestError):
-    """Bad usage of export/score (unknown job, bad filter): exit 2 with a message."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from batch.budget import SpendCap
 from batch.credentials import api_key_from_env
 from batch.decode import DecodedAudio
 from batch.errors import (
+    ExitCode,
     HandshakeRejected,
     InputError,
     ManifestError,
@@ -44,18 +45,6 @@ from batch.shard import Shard
 from batch.speech import find_speech
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1
-EXIT_USAGE = 2
-EXIT_FATAL_SERVICE = 3
-EXIT_LOCKED = 4
-EXIT_OUTPUT = 5
-EXIT_SERVICE_REFUSING = 6
-EXIT_SPEND_CAP = 7
-EXIT_SHARD_COUNT = 8
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 @dataclass(frozen=True)
@@ -513,22 +502,22 @@ def exit_code(
     3 for a fatal service answer; 5 when the output could not be written; 6 when the
     service refused everything or could not be reached; 130/143 after SIGINT/SIGTERM."""
     if report.get("status") == "failed_output":
-        return EXIT_OUTPUT
+        return ExitCode.OUTPUT
     if signal_name == "SIGINT":
-        return EXIT_SIGINT
+        return ExitCode.SIGINT
     if signal_name == "SIGTERM":
-        return EXIT_SIGTERM
+        return ExitCode.SIGTERM
     if report.get("status") == "aborted":
         if report.get("abort_kind") in ("service_refusing", "service_unreachable"):
-            return EXIT_SERVICE_REFUSING
-        return EXIT_FATAL_SERVICE
+            return ExitCode.SERVICE_REFUSING
+        return ExitCode.FATAL_SERVICE
     if report.get("status") == "capped":
-        return EXIT_SPEND_CAP
+        return ExitCode.SPEND_CAP
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job; the
     # summary line's `failing` is this same count.
     failed = failing_items(report)
     if max_failure_ratio is not None:  # a share of all the job's items, skipped ones included
         share = failed / max(1, int(items["total"]))
-        return EXIT_OK if share <= max_failure_ratio else EXIT_ITEMS_FAILED
-    return EXIT_OK if failed <= max_failures else EXIT_ITEMS_FAILED
+        return ExitCode.OK if share <= max_failure_ratio else ExitCode.ITEMS_FAILED
+    return ExitCode.OK if failed <= max_failures else ExitCode.ITEMS_FAILED

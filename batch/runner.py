@@ -28,7 +28,7 @@ from batch.errors import (
     HandshakeRejected,
     InputError,
     InputUnavailable,
-    PulseBatchError,
+    JobAborted,
     Scope,
     ServiceRefusing,
     ServiceUnreachable,
@@ -60,10 +60,6 @@ from batch.timemap import TimeMap
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class JobAborted(PulseBatchError):
-    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
 
 
 class Progress(Protocol):

@@ -35,7 +35,7 @@ import jiwer
 from num2words import num2words
 
 from batch import storage
-from batch.errors import ManifestError
+from batch.errors import ManifestError, ReferenceUnreadable
 from batch.model import Reference
 from batch.plan import read_list_rows, reference_of  # the same reader as job inputs use
 
@@ -54,12 +54,8 @@ class Scores:
     cer: float | None
 
 
-class ReferenceError(ValueError):
-    """A reference file cannot be read (the item stays ok; it is just not scored)."""
-
-
 def read_reference(reference: Reference) -> str:
-    """The reference text; raises `ReferenceError` naming the file if it cannot be read."""
+    """The reference text; raises `ReferenceUnreadable` naming the file if it cannot be read."""
     if reference.text is not None:
         return reference.text
     assert reference.path is not None
@@ -68,11 +64,11 @@ def read_reference(reference: Reference) -> str:
             return storage.read_bytes(reference.path, {}).decode("utf-8-sig")
         return Path(reference.path).read_text(encoding="utf-8-sig")
     except ManifestError as exc:  # storage's translation of a URL that cannot be read
-        raise ReferenceError(str(exc)) from None
+        raise ReferenceUnreadable(str(exc)) from None
     except FileNotFoundError:
-        raise ReferenceError(f"{reference.path}: reference file not found") from None
+        raise ReferenceUnreadable(f"{reference.path}: reference file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReferenceError(f"{reference.path}: cannot read reference text ({exc})") from None
+        raise ReferenceUnreadable(f"{reference.path}: cannot read reference text ({exc})") from None
 
 
 def columns(reference: Reference | None, transcript: str, language: str) -> dict[str, Any]:
@@ -82,7 +78,7 @@ def columns(reference: Reference | None, transcript: str, language: str) -> dict
         return {"reference": None, "wer": None, "cer": None}
     try:
         text = read_reference(reference)
-    except ReferenceError as exc:
+    except ReferenceUnreadable as exc:
         logger.warning("not scored: %s", exc)
         return {"reference": None, "wer": None, "cer": None}
     scores = score(text, transcript, language)
@@ -254,7 +250,7 @@ def score_job(location: str | Path, job: str, references: Path) -> JobScores:
             continue
         try:
             text = read_reference(reference)
-        except ReferenceError as exc:
+        except ReferenceUnreadable as exc:
             problems.append(str(exc))
             continue
         scores = score(text, str(item.get("transcript") or ""), str(item.get("language")))

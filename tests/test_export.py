@@ -16,7 +16,8 @@ import srt
 import webvtt
 
 from batch import cues as cuelib
-from batch.export import FORMATS, ExportError, file_names, parse_where, select
+from batch.errors import ExportError
+from batch.export import FORMATS, file_names, parse_where, select
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from tests.conftest import run_cli, write_manifest

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from batch.cli import app
-from batch.errors import OutputError
-from batch.job import EXIT_OUTPUT, RunOptions, exit_code, run_job
+from batch.errors import ExitCode, OutputError
+from batch.job import RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
 from batch.output import delta, parquet, read_table
 from tests.conftest import write_manifest
@@ -59,7 +59,7 @@ async def test_a_plan_left_pending_shows_no_ok_row_without_its_words_and_readers
     with monkeypatch.context() as patched:  # the disk fills just after the commit point
         patched.setattr(parquet, "apply_plan", _no_space)
         forced = await run_job(load_manifest(manifest), RunOptions(force=True))
-    assert exit_code(forced.report) == EXIT_OUTPUT
+    assert exit_code(forced.report) == ExitCode.OUTPUT
     (pending,) = (out / "_staging" / "test-job").glob("*/PLAN.json")
 
     walked = tmp_path / "walked"  # every state a kill between two steps could leave
@@ -119,12 +119,12 @@ async def test_a_killed_delta_force_run_is_refused_by_export_and_not_done_in_sta
     with monkeypatch.context() as patched:
         patched.setattr(delta.DeltaCommitter, "_replace", killed_before_transcripts)
         forced = await run_job(load_manifest(manifest), RunOptions(force=True))
-    assert exit_code(forced.report) == EXIT_OUTPUT
+    assert exit_code(forced.report) == ExitCode.OUTPUT
 
     docs = CliRunner().invoke(
         app, ["export", str(out), "--job", "test-job", "--to", str(tmp_path / "d")]
     )
-    assert docs.exit_code == EXIT_OUTPUT, docs.output
+    assert docs.exit_code == ExitCode.OUTPUT, docs.output
     assert "half-committed by a killed run" in docs.output and "run the job again" in docs.output
     told = CliRunner().invoke(app, ["status", str(out), "--job", "test-job"])
     assert told.exit_code == 1 and "2 item(s) have some of their tables only" in told.output

@@ -15,8 +15,8 @@ from deltalake import write_deltalake
 from typer.testing import CliRunner
 
 from batch.cli import app
-from batch.errors import LockedError, ShardCountConflict
-from batch.job import EXIT_OUTPUT, JobResult, Observer, RunOptions, exit_code, run_job
+from batch.errors import ExitCode, LockedError, ShardCountConflict
+from batch.job import JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
 from batch.model import Item
 from batch.output import TABLES, JobOutput, read_table
@@ -132,7 +132,7 @@ async def test_a_run_whose_locks_are_deleted_stops_and_commits_nothing_more(
     with anyio.fail_after(30 * TIME_UNIT_S):
         result = await run_job(load_manifest(manifest), observer=watcher)
     assert result.report["status"] == "failed_output"
-    assert exit_code(result.report) == EXIT_OUTPUT
+    assert exit_code(result.report) == ExitCode.OUTPUT
     if victim == "_locks":
         assert "lock file was deleted or replaced" in result.report["abort_reason"]
         # The second run saw the first one's run lock and did not start beside it.
