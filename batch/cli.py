@@ -38,7 +38,7 @@ from batch.errors import (
     exit_code_for,
 )
 from batch.manifest import LoadedManifest, load_manifest
-from batch.model import Item
+from batch.model import Item, RunStatus
 from batch.plan import expand_sources
 from batch.pulse import protocol
 from batch.report import (
@@ -327,16 +327,16 @@ def run(
         )
         if result.report_path is not None:
             print(f"latest report (unchanged): {result.report_path.removesuffix('.json')}.md")
-    elif report["status"] == "aborted":
+    elif report["status"] == RunStatus.ABORTED:
         err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
-    if report["status"] == "capped":
+    if report["status"] == RunStatus.CAPPED:
         left = report["left"]
         err.print(
             f"[yellow]stopped:[/yellow] {escape(str(report['abort_reason']))}; left"
             f" for the next run: {left['items']} item(s), {left['audio_s']} s of audio",
             highlight=False,
         )
-    if report["status"] == "failed_output":
+    if report["status"] == RunStatus.FAILED_OUTPUT:
         reason = escape(str(report["abort_reason"]))
         err.print(f"[red]output error:[/red] {reason}", highlight=False)
     if result.report_path is not None:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from batch.model import Item, ItemRows
+from batch.model import Item, ItemRows, ItemStatus
 from batch.pulse.protocol import Transcription
 from batch.timemap import TimeMap
 
@@ -220,7 +220,7 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
     collected = outcome.collected
     if collected is None:
         transcript.update(
-            status="failed",
+            status=ItemStatus.FAILED,
             error_kind=outcome.error_kind or "internal",
             error=outcome.error or "unknown failure",
             word_count=0,
@@ -230,7 +230,7 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
     rows.utterances = [{**common, **u} for u in collected.utterances]
     rows.segments = [{**common, **g} for g in collected.segments]
     transcript.update(
-        status="ok",
+        status=ItemStatus.OK,
         duration_s=outcome.duration_s,
         streamed_s=outcome.streamed_s,
         transcript=collected.transcript,

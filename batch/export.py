@@ -22,6 +22,7 @@ import pyarrow as pa
 from batch import cues as cuelib
 from batch import output as outputs
 from batch.errors import ExportError, OutputError
+from batch.model import ItemStatus
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
@@ -67,7 +68,7 @@ def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         seen = latest.get(row["item_id"])
         if seen is None or row["finished_at"] >= seen["finished_at"]:
             latest[row["item_id"]] = row
-    ok = [dict(r) for r in latest.values() if r["status"] == "ok"]
+    ok = [dict(r) for r in latest.values() if r["status"] == ItemStatus.OK]
     return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
 
 

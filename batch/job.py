@@ -32,7 +32,7 @@ from batch.errors import (
 )
 from batch.export import latest_ok
 from batch.manifest import LoadedManifest
-from batch.model import Item
+from batch.model import Item, RunStatus
 from batch.output import JobOutput, RunWriter, read_history
 from batch.plan import expand_sources, longest_first, make_items
 from batch.pool import Pool
@@ -244,7 +244,7 @@ async def run_job(
                     )
         except (OutputError, BaseExceptionGroup) as exc:
             failure = _output_error(exc)
-            stats.status = "failed_output"
+            stats.status = RunStatus.FAILED_OUTPUT
             stats.abort_reason = str(failure)
             if writer is not None and writer.uncommitted:
                 stats.abort_reason += (
@@ -297,7 +297,7 @@ def _write_report(output: JobOutput, report: dict[str, Any]) -> str | None:
     try:
         return output.write_report(report)
     except OutputError as exc:
-        if report["status"] != "failed_output":
+        if report["status"] != RunStatus.FAILED_OUTPUT:
             raise
         logger.error("the report could not be written either: %s", exc)
         return None
@@ -324,7 +324,7 @@ async def _stream_all(
     pool: Pool[Unit] = Pool(whole_units(todo), _workers(loaded, stats.concurrency))
     signal_name: str | None = None
     if not todo:
-        stats.status = "completed"
+        stats.status = RunStatus.COMPLETED
         return None
     async with _endpoint(loaded) as (endpoint, api_key):
         runner = ItemRunner(
@@ -340,20 +340,20 @@ async def _stream_all(
                 with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
                     await pool.run(runner.process)
                 if scope.cancelled_caught:
-                    stats.status = "interrupted"
+                    stats.status = RunStatus.INTERRUPTED
                     stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
                 tasks.cancel_scope.cancel()
         except BaseExceptionGroup:
             if runner.fatal is None:
                 raise
         if runner.fatal is not None:
-            stats.status = "aborted"
+            stats.status = RunStatus.ABORTED
             stats.abort_reason = runner.scrubber.scrub(str(runner.fatal)) + _key_hint(
                 runner.fatal, api_key, loaded
             )
             stats.abort_kind = _abort_kind(runner.fatal)
-        elif stats.status == "running":
-            stats.status = "completed"
+        elif stats.status == RunStatus.RUNNING:
+            stats.status = RunStatus.COMPLETED
         signal_name = stats.signal_name
         stats.max_open_sessions = runner.limit.max_open
         stats.lowest_pool_size = runner.limit.lowest
@@ -391,7 +391,7 @@ async def _watch_signals(
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            stats.status = "interrupted"
+            stats.status = RunStatus.INTERRUPTED
             stats.abort_reason = f"received {name}"
             stats.signal_name = name
             observer.signalled(name)
@@ -501,17 +501,17 @@ def exit_code(
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
     3 for a fatal service answer; 5 when the output could not be written; 6 when the
     service refused everything or could not be reached; 130/143 after SIGINT/SIGTERM."""
-    if report.get("status") == "failed_output":
+    if report.get("status") == RunStatus.FAILED_OUTPUT:
         return ExitCode.OUTPUT
     if signal_name == "SIGINT":
         return ExitCode.SIGINT
     if signal_name == "SIGTERM":
         return ExitCode.SIGTERM
-    if report.get("status") == "aborted":
+    if report.get("status") == RunStatus.ABORTED:
         if report.get("abort_kind") in ("service_refusing", "service_unreachable"):
             return ExitCode.SERVICE_REFUSING
         return ExitCode.FATAL_SERVICE
-    if report.get("status") == "capped":
+    if report.get("status") == RunStatus.CAPPED:
         return ExitCode.SPEND_CAP
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job; the

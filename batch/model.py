@@ -10,12 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from batch.errors import InputError
 from batch.pulse.protocol import PulseOptions
 
 ChannelSpec = str | int  # "mix", "split" or a channel index
+
+
+class ItemStatus(StrEnum):
+    """An item's result in the tables' ``status`` column."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class RunStatus(StrEnum):
+    """How a run ended, in its report's ``status`` (``running`` until it ends)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"  # SIGINT / SIGTERM
+    ABORTED = "aborted"  # a fatal answer, or the service refusing or unreachable
+    CAPPED = "capped"  # the spend cap was reached
+    FAILED_OUTPUT = "failed_output"  # the output could not be written
 
 
 @dataclass(frozen=True)
@@ -104,4 +123,4 @@ class ItemRows:
 
     @property
     def ok(self) -> bool:
-        return bool(self.transcript.get("status") == "ok")
+        return bool(self.transcript.get("status") == ItemStatus.OK)

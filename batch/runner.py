@@ -39,7 +39,7 @@ from batch.errors import (
     is_unreachable,
 )
 from batch.manifest import LoadedManifest
-from batch.model import Item
+from batch.model import Item, RunStatus
 from batch.output import RunWriter
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
@@ -234,9 +234,9 @@ class ItemRunner:
     def _capped(self, error: SpendCapReached) -> None:
         """The spend cap stops the run: nothing new starts; the item gets no row, so a
         rerun does it."""
-        if self.stats.status == "running":
+        if self.stats.status == RunStatus.RUNNING:
             logger.warning("%s; starting nothing new", error)
-            self.stats.status = "capped"
+            self.stats.status = RunStatus.CAPPED
             self.stats.abort_reason = str(error)
         self.pool.stop_starting()
 

@@ -36,7 +36,7 @@ from num2words import num2words
 
 from batch import storage
 from batch.errors import ManifestError, ReferenceUnreadable
-from batch.model import Reference
+from batch.model import ItemStatus, Reference
 from batch.plan import read_list_rows, reference_of  # the same reader as job inputs use
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The accuracy section of a report, from transcript rows holding ``reference``,
     ``transcript``, ``language``, ``wer`` and ``cer``: pooled over the job, per language and
     per channel, and the worst items. None when no row has a reference."""
-    scored = [r for r in rows if r.get("reference") is not None and r.get("status") == "ok"]
+    scored = [
+        r for r in rows if r.get("reference") is not None and r.get("status") == ItemStatus.OK
+    ]
     if not scored:
         return None
 

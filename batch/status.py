@@ -15,6 +15,7 @@ from typing import Any
 from batch.errors import ManifestError
 from batch.export import job_names
 from batch.manifest import LoadedManifest, load_manifest
+from batch.model import ItemStatus
 from batch.output import latest_report, read_history
 from batch.shard import shard_of
 
@@ -90,7 +91,7 @@ def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None 
     for item_id in planned:
         result.planned += 1
         status = latest.get(item_id)
-        if status == "ok":
+        if status == ItemStatus.OK:
             result.ok += 1
         elif status is None:
             result.not_run += 1
@@ -137,8 +138,8 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
 
     loaded = _manifest_of(out_dir, job, manifest)
     history = read_history(out_dir, job, loaded.manifest.output.storage_options)
-    latest = {item: "ok" for item in history.ok} | {item: "failed" for item in history.failed}
-    done = frozenset(i for i, status in latest.items() if status == "ok")
+    latest = {i: ItemStatus.OK for i in history.ok} | {i: ItemStatus.FAILED for i in history.failed}
+    done = frozenset(i for i, status in latest.items() if status == ItemStatus.OK)
     planned = sorted({item.item_id for item in plan_items(loaded, done)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest))
     result.duplicates = len(history.duplicates)

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from batch.errors import ManifestError, OutputError
-from batch.model import ItemRows
+from batch.model import ItemRows, ItemStatus
 from batch.output import parquet, store_errors
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.layout import Location
@@ -208,7 +208,7 @@ class DeltaBackend:
             if table == "words":  # a dead run's commit may also have removed words, adding none
                 for item, known in out.latest.items():
                     expected = word_counts.get((item, known.run_id)) or 0
-                    if known.status == "ok" and pairs[(item, known.run_id)] < expected:
+                    if known.status == ItemStatus.OK and pairs[(item, known.run_id)] < expected:
                         unfinished.add(item)
         for item in unfinished:
             logger.info("%s: rows of an unfinished commit; redoing", item)

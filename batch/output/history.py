@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch.model import ItemStatus
+
 
 @dataclass
 class Latest:
@@ -62,10 +64,10 @@ class Scan:
 
     def history(self) -> History:
         latest = self.latest
-        ok = [v for v in latest.values() if v.status == "ok"]
+        ok = [v for v in latest.values() if v.status == ItemStatus.OK]
         return History(
-            ok=frozenset(i for i, v in latest.items() if v.status == "ok"),
-            failed=frozenset(i for i, v in latest.items() if v.status != "ok"),
+            ok=frozenset(i for i, v in latest.items() if v.status == ItemStatus.OK),
+            failed=frozenset(i for i, v in latest.items() if v.status != ItemStatus.OK),
             summary={
                 "runs_with_rows": len({v.run_id for v in latest.values()}),
                 "items": len(latest),
