@@ -39,11 +39,11 @@ from batch.errors import (
 )
 from batch.manifest import LoadedManifest, load_manifest
 from batch.model import Item, RunStatus
+from batch.output import OutputReader
 from batch.plan import expand_sources
 from batch.pulse import protocol
 from batch.report import (
     accuracy_row,
-    job_runs,
     render_accuracy,
     render_job,
     render_markdown,
@@ -480,9 +480,9 @@ def report(
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
-    jobs_here: list[str] = []
+    reader = OutputReader(output)
     with _exit_codes():
-        jobs_here = exports.job_names(output)  # inside: an unreadable store is exit 5
+        jobs_here = reader.job_names()  # inside: an unreadable store is exit 5
         if job is None and len(jobs_here) > 1:
             err.print(
                 escape(
@@ -492,20 +492,14 @@ def report(
                 highlight=False,
             )
         try:
-            data = outputs.latest_report(output, job)
-            name = str(data["job"])
-            data["job_so_far"] = outputs.read_history(output, name).summary
-            data["runs"] = job_runs(
-                outputs.run_reports(output, name),
-                lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
-            )
+            data = reader.full_report(job)
         except (FileNotFoundError, ManifestError) as exc:
             hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
             _fail(f"{exc}{hint}", ExitCode.USAGE)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        err.print(escape(f"job {name}, run {data['run_id']}"), highlight=False)
+        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
         print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
 
 
@@ -637,7 +631,7 @@ def compact(
     """Compact a Delta output: rewrite small files into large ones (optimize), then delete
     files no table version needs (vacuum, keeping the default 7 days of history)."""
     with _exit_codes():
-        lines = outputs.compact(output)
+        lines = OutputReader(output).compact()
     for line in lines:
         print(line)
 

@@ -30,10 +30,9 @@ from batch.errors import (
     ServiceRefusing,
     ServiceUnreachable,
 )
-from batch.export import latest_ok
 from batch.manifest import LoadedManifest
 from batch.model import Item, RunStatus
-from batch.output import JobOutput, RunWriter, read_history
+from batch.output import JobOutput, OutputReader, RunWriter, latest_ok
 from batch.plan import expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
@@ -257,7 +256,7 @@ async def run_job(
         report = build_report(stats, job_so_far=output.job_so_far(), accuracy=_accuracy(output))
         if not todo:
             # Nothing was streamed: the last real report stays `latest`.
-            return JobResult(report, _latest_report_path(output), nothing_to_do=True)
+            return JobResult(report, output.latest_report_path(), nothing_to_do=True)
         path = _write_report(output, report)
     return JobResult(report, path, signal_name)
 
@@ -266,15 +265,6 @@ def _accuracy(output: JobOutput) -> dict[str, Any] | None:
     """WER/CER of the job's items, by each item's latest ok result."""
     rows = output.read_table("transcripts")
     return summarise(latest_ok(rows.to_pylist()))
-
-
-def _latest_report_path(output: JobOutput) -> str | None:
-    """Where the job's latest report is, if it has one."""
-    local = output.location.local
-    if local is None:
-        return output.location.child("_reports", output.job, "latest.json")
-    path = local / "_reports" / output.job / "latest.json"
-    return str(path) if path.exists() else None
 
 
 def _output_error(exc: BaseException) -> OutputError:
@@ -407,7 +397,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     """What ``run`` with the same options would stream and bill (``--force`` and
     ``--no-retry-failed`` included), opening no session."""
     out = loaded.manifest.output
-    history = read_history(loaded.output_location, loaded.manifest.job, out.storage_options)
+    history = OutputReader(loaded.output_location, out.storage_options).history(loaded.manifest.job)
     done = set(history.ok)
     failed_before = set(history.failed) if not opts.retry_failed else set()
     items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)

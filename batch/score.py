@@ -15,7 +15,8 @@ the normalised text, spaces included (as jiwer counts them). A reference that no
 nothing cannot be scored: its scores are null. Summaries pool edits over items (jiwer's
 corpus-level figure: total edits / total reference words), not a mean of ratios.
 
-All pure but `read_reference` and `score_job` (which reads an output and a list file).
+All pure but `read_reference` and `score_job` (which reads an output, through
+`batch.output.OutputReader`, and a list file).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from num2words import num2words
 from batch import storage
 from batch.errors import ManifestError, ReferenceUnreadable
 from batch.model import ItemStatus, Reference
+from batch.output import OutputReader
 from batch.plan import read_list_rows, reference_of  # the same reader as job inputs use
 
 logger = logging.getLogger(__name__)
@@ -240,10 +242,8 @@ class JobScores:
 
 def score_job(location: str | Path, job: str, references: Path) -> JobScores:
     """Score every ok item of ``job`` that ``references`` covers. Writes nothing."""
-    from batch.export import load_job
-
     by_path, by_id = references_from_list(references)
-    tables = load_job(location, job, with_details=False)
+    tables = OutputReader(location).job_tables(job, with_details=False)
     rows, problems, unmatched = [], [], 0
     for item in tables.items:
         reference = by_id.get(item["item_id"]) or by_path.get(str(item["source"]))

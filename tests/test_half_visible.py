@@ -17,7 +17,7 @@ from batch.cli import app
 from batch.errors import ExitCode, OutputError
 from batch.job import RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
-from batch.output import delta, parquet, read_table
+from batch.output import OutputReader, delta, parquet
 from tests.conftest import write_manifest
 from tests.media import Burst, tone_track, write_audio
 
@@ -31,8 +31,10 @@ def _tones(folder: Path, count: int) -> None:
 
 def _half_visible(out: Path) -> list[str]:
     """Items shown more than once, or ok without every one of their words."""
-    main = read_table(out, "transcripts", "test-job", ["item_id", "status", "run_id", "word_count"])
-    words = read_table(out, "words", "test-job", ["item_id", "run_id"])
+    main = OutputReader(out).table(
+        "transcripts", "test-job", ["item_id", "status", "run_id", "word_count"]
+    )
+    words = OutputReader(out).table("words", "test-job", ["item_id", "run_id"])
     have = Counter(zip(words["item_id"].to_pylist(), words["run_id"].to_pylist(), strict=True))
     shown = Counter(main["item_id"].to_pylist())
     wrong = [item for item, count in shown.items() if count > 1]
@@ -70,9 +72,9 @@ async def test_a_plan_left_pending_shows_no_ok_row_without_its_words_and_readers
         assert _half_visible(walked) == [], step
         parquet.apply_step(walked, batch_dir, step)
     assert _half_visible(walked) == []
-    assert set(read_table(walked, "words", "test-job", ["run_id"])["run_id"].to_pylist()) == {
-        forced.report["run_id"]
-    }
+    assert set(
+        OutputReader(walked).table("words", "test-job", ["run_id"])["run_id"].to_pylist()
+    ) == {forced.report["run_id"]}
 
     exported = tmp_path / "exported"
     shutil.copytree(out, exported)

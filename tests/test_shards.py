@@ -11,7 +11,7 @@ import pytest
 
 from batch.job import plan_items
 from batch.manifest import load_manifest
-from batch.output import JobOutput, read_table
+from batch.output import JobOutput, OutputReader
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
 from tests.conftest import (
@@ -42,7 +42,7 @@ def _distinct_tones(folder: Path, count: int, duration_s: float) -> dict[str, in
 
 def _rows(out: str) -> list[tuple[str, str, str]]:
     """(item_id, status, run_id) of every transcripts row of the job."""
-    table = read_table(out, "transcripts", "test-job", ["item_id", "status", "run_id"])
+    table = OutputReader(out).table("transcripts", "test-job", ["item_id", "status", "run_id"])
     return list(
         zip(
             table["item_id"].to_pylist(),

@@ -255,6 +255,10 @@ class JobOutput:
         self.check_lock()
         return reports.write(self.location, self.job, report, latest=latest)
 
+    def latest_report_path(self) -> str | None:
+        """Where the job's latest report is, if it has one."""
+        return reports.latest_path(self.location, self.job)
+
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         with translated("read", self.location.child(table)):
             return self._backend.read(table, self.job, columns)
