@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,15 +17,12 @@ import anyio
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from typer.core import TyperArgument, TyperCommand
 
+from batch import console, storage
 from batch import export as exports
 from batch import job as jobs
-from batch import output as outputs
 from batch import score as scoring
-from batch import storage
-from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import (
     EXIT_MEANINGS,
@@ -38,17 +34,8 @@ from batch.errors import (
     exit_code_for,
 )
 from batch.manifest import LoadedManifest, load_manifest
-from batch.model import Item, RunStatus
 from batch.output import OutputReader
-from batch.plan import expand_sources
 from batch.pulse import protocol
-from batch.report import (
-    accuracy_row,
-    render_accuracy,
-    render_job,
-    render_markdown,
-    summary_line,
-)
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
@@ -98,29 +85,6 @@ err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
 
 
-def _label(item: Item) -> str:
-    """The item as people know it: its file, and its channel when split."""
-    if item.channel_name:
-        return f"{item.source} [{item.channel_name}]"
-    return item.source if item.channel is None else f"{item.source} [ch{item.channel}]"
-
-
-def _setup_logging(verbose: bool, secret_env: str | None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The API key and the storage SDKs' secrets by value, and any credential header or
-    # token by pattern (a library's debug line must not show them, whatever their source).
-    api_key = scrubber_for_env(secret_env)
-    storage_secrets = storage.credentials_in_env(os.environ)
-    handler.addFilter(RedactingFilter(Scrubber(*api_key.secrets, *storage_secrets)))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # The embedded server's own chatter is noise in a job's log unless debugging.
-    logging.getLogger("batch.server").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 def _fail(message: object, code: int, label: str = "error") -> NoReturn:
     err.print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
     raise typer.Exit(code) from None
@@ -142,98 +106,6 @@ def _load(manifest: Path) -> LoadedManifest:
     with _exit_codes():
         loaded = load_manifest(manifest)
     return loaded
-
-
-class _ConsoleObserver(jobs.Observer):
-    """A live progress bar on a terminal; plain log lines for cron and CI."""
-
-    def __init__(self, live: bool, console: Console | None = None) -> None:
-        self.live = live
-        self.console = console or err
-        self.done = 0
-        self.total = 0
-        self.failed = 0
-        self.audio_s = 0.0
-        self.open = 0
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
-        self.pieces: dict[str, TaskID] = {}  # a row per long item being streamed in pieces
-
-    def planned(self, items: int, audio_s: float, skipped: int) -> None:
-        self.total = items
-        logger.info(
-            "planned %d item(s), %.1f s of audio; skipping %d already ok", items, audio_s, skipped
-        )
-        if self.live and items:
-            # The bar and its ETA follow audio, not item count: one long file is not one tick.
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[detail]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
-            self.task = self.progress.add_task("transcribing", total=max(audio_s, 1e-9), detail="")
-            self._refresh()
-            self.progress.start()
-
-    def sessions_open(self, count: int) -> None:
-        self.open = count
-        self._refresh()
-
-    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        self.audio_s += audio_s
-        self._drop_pieces(item)
-        label = _label(item)
-        if self.progress is None:
-            if ok:
-                logger.info("[%d/%d] ok %s (%.1f s audio)", self.done, self.total, label, audio_s)
-            else:
-                logger.warning("[%d/%d] failed %s: %s", self.done, self.total, label, failure)
-        elif not ok:  # above the bar, as it happens
-            self.progress.console.print(
-                f"[red]failed[/red] {escape(label)}: {escape(str(failure))}", highlight=False
-            )
-        self._refresh()
-
-    def pieces_done(self, item: Item, done: int, total: int | None) -> None:
-        of = f"{done}/{total}" if total is not None else f"{done}/?"
-        if self.progress is None:
-            logger.info("%s: piece %s done", _label(item), of)
-            return
-        # A row of its own under the main bar while a long item streams in pieces.
-        task = self.pieces.get(item.item_id)
-        detail = f"{of} pieces"
-        if task is None:
-            name = f"  {Path(item.source).name}"
-            task = self.progress.add_task(name, total=total, completed=done, detail=detail)
-            self.pieces[item.item_id] = task
-        else:
-            self.progress.update(task, total=total, completed=done, detail=detail)
-
-    def _drop_pieces(self, item: Item) -> None:
-        task = self.pieces.pop(item.item_id, None)
-        if task is not None and self.progress is not None:
-            self.progress.remove_task(task)
-
-    def _refresh(self) -> None:
-        if self.progress is not None and self.task is not None:
-            total = self.progress.tasks[0].total or 0.0
-            detail = (
-                f"{self.done}/{self.total} items  {self.audio_s:.0f}/{total:.0f} s audio  "
-                f"{self.open} open  [red]{self.failed} failed[/red]"
-            )
-            self.progress.update(self.task, completed=self.audio_s, detail=detail)
-
-    def signalled(self, name: str) -> None:
-        logger.warning("%s received: starting no new items, finishing those in flight", name)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 _JobOutput = Annotated[
@@ -296,8 +168,8 @@ def run(
     with _exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
-    _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
-    observer = _ConsoleObserver(live=err.is_terminal and not verbose)
+    console.setup_logging(verbose, loaded.manifest.pulse.api_key_env)
+    observer = console.ConsoleObserver(err.is_terminal and not verbose, err)
     opts = jobs.RunOptions(
         force=force,
         retry_failed=retry_failed,
@@ -319,30 +191,7 @@ def run(
         print(json.dumps(result.report, indent=2))
         return
     report = result.report
-    if result.nothing_to_do:
-        items = report["items"]
-        print(
-            f"nothing to do: all {items['total']} item(s) of job {report['job']} are already "
-            "done (ok, or failed and left alone); --force redoes them"
-        )
-        if result.report_path is not None:
-            print(f"latest report (unchanged): {result.report_path.removesuffix('.json')}.md")
-    elif report["status"] == RunStatus.ABORTED:
-        err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
-    if report["status"] == RunStatus.CAPPED:
-        left = report["left"]
-        err.print(
-            f"[yellow]stopped:[/yellow] {escape(str(report['abort_reason']))}; left"
-            f" for the next run: {left['items']} item(s), {left['audio_s']} s of audio",
-            highlight=False,
-        )
-    if report["status"] == RunStatus.FAILED_OUTPUT:
-        reason = escape(str(report["abort_reason"]))
-        err.print(f"[red]output error:[/red] {reason}", highlight=False)
-    if result.report_path is not None:
-        print(f"report: {result.report_path}")
-        print(f"        {result.report_path.removesuffix('.json')}.md")
-    print(summary_line(report))
+    console.show_run(result, err)
     raise typer.Exit(
         jobs.exit_code(
             report,
@@ -361,36 +210,7 @@ def validate(
     loaded = _load(manifest)
     with _exit_codes():
         items = jobs.plan_items(loaded)
-    bad = [i for i in items if i.error is not None]
-    audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
-    print(f"{manifest}: valid (job {loaded.manifest.job!r})")
-    for number, entry in enumerate(loaded.manifest.inputs):
-        _show_input(loaded, number, entry)
-    with_refs = len([i for i in items if i.reference is not None])
-    print(
-        f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad"
-        + (f"; {with_refs} with a reference (scored)" if with_refs else "")
-    )
-    for item in bad:
-        print(f"  bad: {item.error}")
-    for warning in jobs.engine_warnings(loaded, items):
-        print(f"  warning: {warning}")
-    print(f"  output: {loaded.output_location}")
-
-
-_SHOWN_PER_INPUT = 3
-
-
-def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
-    """One input entry: what it is, how many files it resolves to, and the first few."""
-    kind = next(k for k in ("glob", "path", "list") if hasattr(entry, k))
-    one = loaded.manifest.model_copy(update={"inputs": [entry]})
-    sources = expand_sources(loaded.model_copy(update={"manifest": one}))
-    print(f"  inputs[{number}] {kind} {getattr(entry, kind)!r}: {len(sources)} file(s)")
-    for source in sources[:_SHOWN_PER_INPUT]:
-        print(f"    {source.path}")
-    if len(sources) > _SHOWN_PER_INPUT:
-        print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
+    console.show_plan(manifest, loaded, items, jobs.engine_warnings(loaded, items))
 
 
 @app.command("probe", cls=_PlainCommand)
@@ -408,14 +228,7 @@ def probe_command(
         raise typer.BadParameter(f"use one of {protocol.ENCODINGS}", param_hint="--encoding")
     if sample_rate not in protocol.SAMPLE_RATES:
         raise typer.BadParameter(f"use one of {protocol.SAMPLE_RATES}", param_hint="--sample-rate")
-    wire = WireFormat(encoding, sample_rate)
-    if wire.is_opus:
-        will_send = f"mono {encoding} at {sample_rate} Hz (20 ms Opus frames)"
-    else:
-        will_send = (
-            f"mono {encoding} at {sample_rate} Hz "
-            f"({wire.bytes_per_second} bytes/s, {wire.chunk_bytes}-byte chunks)"
-        )
+    will_send = console.will_send(WireFormat(encoding, sample_rate))
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
@@ -428,14 +241,7 @@ def probe_command(
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
         rows.append({**info.__dict__, "will_send": will_send})
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['path']}:")
-            for key, value in row.items():
-                if key != "path":
-                    print(f"  {key}: {value}")
+    console.show_rows(rows, as_json)
     if any("error_kind" in row for row in rows):
         raise typer.Exit(1)
 
@@ -446,61 +252,7 @@ def schema(
     markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
-    tables = {
-        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in outputs.COLUMNS[table]]
-        for table in outputs.TABLES
-    }
-    if as_json:
-        print(json.dumps({"schema_version": outputs.SCHEMA_VERSION, "tables": tables}, indent=2))
-        return
-    if markdown:
-        for table, columns in tables.items():
-            print(f"\n`{table}/`\n\n| column | type | meaning |\n| --- | --- | --- |")
-            for col in columns:
-                print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
-        return
-    print(
-        f"schema version {outputs.SCHEMA_VERSION}; "
-        f"partition columns from {outputs.PARTITION_CHOICES}"
-    )
-    for table, columns in tables.items():
-        print(f"\n{table}/")
-        for col in columns:
-            print(f"  {col['column']:<20} {col['type']:<28} {col['meaning']}")
-
-
-@app.command(cls=_PlainCommand)
-def report(
-    output: _JobOutput,
-    job: Annotated[
-        str | None, typer.Option(help="Job name, when the output holds several.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
-) -> None:
-    """Print the latest run report of a job, then the job so far: every run and shard, when
-    it ran and what it did, and the items by their latest result. Names the job it shows and,
-    when the output holds several, lists them."""
-    reader = OutputReader(output)
-    with _exit_codes():
-        jobs_here = reader.job_names()  # inside: an unreadable store is exit 5
-        if job is None and len(jobs_here) > 1:
-            err.print(
-                escape(
-                    f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the "
-                    "one run most recently (pick one with --job)"
-                ),
-                highlight=False,
-            )
-        try:
-            data = reader.full_report(job)
-        except (FileNotFoundError, ManifestError) as exc:
-            hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-            _fail(f"{exc}{hint}", ExitCode.USAGE)
-    if as_json:
-        print(json.dumps(data, indent=2))
-    else:
-        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
-        print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
+    console.show_schema(as_json, markdown)
 
 
 @app.command("export", cls=_PlainCommand)
@@ -585,11 +337,7 @@ def score_command(
         return
     if scored.summary is None:
         _fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
-    print("\n".join(render_accuracy(scored.summary, worst=False)))
-    print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
-    ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
-    for row in ranked:
-        print(accuracy_row(row))
+    console.show_scores(scored)
 
 
 @app.command(cls=_PlainCommand)
@@ -608,19 +356,7 @@ def status(
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        word = "complete" if result.complete else "incomplete"
-        total = result.total
-        print(
-            f"job {job}: {word}: {total.ok}/{total.planned} planned item(s) ok, "
-            f"{total.failed} failed, {total.not_run} not run yet ({result.manifest})"
-        )
-        for index, part in result.by_shard.items():
-            print(
-                f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
-                f"{part.failed} failed, {part.not_run} not run yet"
-            )
-        for problem in result.problems():
-            print(f"  {problem}")
+        console.show_status(job, result)
     raise typer.Exit(ExitCode.OK if result.complete else ExitCode.ITEMS_FAILED)
 
 
