@@ -255,6 +255,40 @@ def schema(
     console.show_schema(as_json, markdown)
 
 
+@app.command(cls=_PlainCommand)
+def report(
+    output: _JobOutput,
+    job: Annotated[
+        str | None, typer.Option(help="Job name, when the output holds several.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+) -> None:
+    """Print the latest run report of a job, then the job so far: every run and shard, when
+    it ran and what it did, and the items by their latest result. Names the job it shows and,
+    when the output holds several, lists them."""
+    reader = OutputReader(output)
+    with _exit_codes():
+        jobs_here = reader.job_names()  # inside: an unreadable store is exit 5
+        if job is None and len(jobs_here) > 1:
+            err.print(
+                escape(
+                    f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the "
+                    "one run most recently (pick one with --job)"
+                ),
+                highlight=False,
+            )
+        try:
+            data = reader.full_report(job)
+        except (FileNotFoundError, ManifestError) as exc:
+            hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
+            _fail(f"{exc}{hint}", ExitCode.USAGE)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
+        console.show_report(data)
+
+
 @app.command("export", cls=_PlainCommand)
 def export_command(
     output: _JobOutput,

@@ -23,7 +23,13 @@ from batch.manifest import LoadedManifest
 from batch.model import Item, RunStatus
 from batch.output import COLUMNS, PARTITION_CHOICES, SCHEMA_VERSION, TABLES
 from batch.plan import expand_sources
-from batch.report import accuracy_row, render_accuracy, summary_line
+from batch.report import (
+    accuracy_row,
+    render_accuracy,
+    render_job,
+    render_markdown,
+    summary_line,
+)
 from batch.score import JobScores
 from batch.status import JobStatus
 
@@ -188,6 +194,12 @@ def show_run(result: JobResult, err: Console) -> None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.removesuffix('.json')}.md")
     print(summary_line(report))
+
+
+def show_report(data: dict[str, Any]) -> None:
+    """A run report in Markdown, then the job so far (``data`` from
+    `OutputReader.full_report`)."""
+    print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
 
 
 def show_plan(
