@@ -289,17 +289,7 @@ class DeltaCommitter:
             data = to_arrow(table, [r for item in rows for r in item.by_table()[table]])
             self._replace(table, data, predicate)
         for row in rows:
-            transcript = row.transcript
-            self.index.latest.pop(row.item_id, None)
-            self.index.rows[row.item_id] = 1  # its earlier rows went with this commit
-            self.index.unfinished.discard(row.item_id)
-            self.index.note(
-                row.item_id,
-                str(transcript["status"]),
-                transcript.get("finished_at"),
-                transcript.get("duration_s"),
-                self.run_id,
-            )
+            self.index.committed(row, self.run_id)
 
     def _replace(self, table: str, data: pa.Table, predicate: str) -> None:
         uri = self.backend._uri(table)

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch.model import ItemStatus
+from batch.model import ItemRows, ItemStatus
 
 
 @dataclass
@@ -52,6 +52,21 @@ class Scan:
     def duplicates(self) -> frozenset[str]:
         """Items the table holds more than one row of (it should hold one: the latest)."""
         return frozenset(item for item, count in self.rows.items() if count > 1)
+
+    def committed(self, rows: ItemRows, run_id: str) -> None:
+        """``rows`` of run ``run_id`` were committed in place of the item's earlier rows
+        (which went with the commit): they are now its one row and latest result."""
+        transcript = rows.transcript
+        self.latest.pop(rows.item_id, None)
+        self.rows[rows.item_id] = 1
+        self.unfinished.discard(rows.item_id)
+        self.note(
+            rows.item_id,
+            str(transcript["status"]),
+            transcript.get("finished_at"),
+            transcript.get("duration_s"),
+            run_id,
+        )
 
     def note(
         self, item: str, status: str, finished_at: Any, duration_s: float | None, run_id: str
