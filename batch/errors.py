@@ -13,11 +13,13 @@
     │   └── InputUnavailable     its store failed for now: 5xx, throttled,
     │                            connection dropped, timed out          (retry the item)
     ├── ReferenceUnreadable      a reference text cannot be read        (item stays ok, unscored)
-    ├── SpendCapReached          the next session would pass the cap    (not started; exit 7)
+    ├── NotStarted               the run is stopping: session not started (no row)
+    │   └── SpendCapReached      the next session would pass the cap    (not started; exit 7)
     ├── JobAborted               a fatal answer for the whole job       (stop the job, exit 3)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
-        ├── ConnectionLost       socket ended before ``is_last``        (retry)
+        ├── ConnectionLost       socket ended before ``is_last``        (retry; a 1008
+        │                        before the service took audio: a refusal, not an attempt)
         │   └── Unreachable      no connection at all: refused, DNS, TLS (retry)
         ├── ServerReported       an error message from the service      (retry)
         ├── ProtocolViolation    a frame we cannot parse                (retry)
@@ -139,7 +141,12 @@ class JobAborted(PulseBatchError):
     """A fatal answer for the whole job (bad key, forbidden, bad request)."""
 
 
-class SpendCapReached(PulseBatchError):
+class NotStarted(PulseBatchError):
+    """The run is stopping (a signal, the spend cap): the session was not started, the
+    item gets no row, and a rerun does it. Retrying in this run cannot help."""
+
+
+class SpendCapReached(NotStarted):
     """The next session would take the run past its spend cap; it was not started, and a
     rerun continues from there. Retrying in this run cannot help."""
 
@@ -164,13 +171,25 @@ class HandshakeRejected(SessionError):
 
 
 class ConnectionLost(SessionError):
-    """The socket closed or broke before the terminal ``is_last`` message."""
+    """The socket closed or broke before the terminal ``is_last`` message.
+
+    ``after_audio``: the service had taken audio (it answered with a transcript, or the end
+    signal was sent), so even a concurrency close code (1008) is a failed attempt.
+    """
 
     kind = "connection_lost"
 
-    def __init__(self, message: str, close_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, close_code: int | None = None, *, after_audio: bool = False
+    ) -> None:
         super().__init__(message)
         self.close_code = close_code
+        self.after_audio = after_audio
+
+    @property
+    def refused(self) -> bool:
+        """Closed for concurrency before the service took any audio."""
+        return self.close_code == _CONCURRENCY_CLOSE_CODE and not self.after_audio
 
 
 class Unreachable(ConnectionLost):
@@ -310,11 +329,11 @@ _CONCURRENCY_CLOSE_CODE = 1008
 
 
 def is_refusal(error: BaseException) -> bool:
-    """The service declined to run a session at all (at the handshake, or 1008), for a
-    reason a later attempt may not meet: what a `RefusalStreak` counts."""
+    """The service declined to run a session at all (at the handshake, or 1008 before it
+    took audio), for a reason a later attempt may not meet: what a `RefusalStreak` counts."""
     if isinstance(error, HandshakeRejected):
         return classify(error).retry
-    return isinstance(error, ConnectionLost) and error.close_code == _CONCURRENCY_CLOSE_CODE
+    return isinstance(error, ConnectionLost) and error.refused
 
 
 def is_unreachable(error: BaseException) -> bool:
@@ -338,8 +357,9 @@ def classify(error: BaseException) -> Verdict:
             return Verdict(True, Scope.ITEM, retry_after_s=error.retry_after_s)
         return Verdict(retry=False, scope=Scope.ITEM)
     if isinstance(error, ConnectionLost):
-        overloaded = error.close_code == _CONCURRENCY_CLOSE_CODE
-        return Verdict(retry=True, scope=Scope.ITEM, overloaded=overloaded)
+        # Only a refusal spares the item's attempts: a close after the service took the
+        # audio was billed, and may repeat forever.
+        return Verdict(retry=True, scope=Scope.ITEM, overloaded=error.refused)
     if isinstance(error, SessionError | InputUnavailable):
         return Verdict(retry=True, scope=Scope.ITEM)
     return Verdict(retry=False, scope=Scope.ITEM)

@@ -263,6 +263,11 @@ class RunConfig(_Strict):
     connect_timeout_s: float = Field(10.0, gt=0)
     # Each message after the end signal must arrive within this.
     final_timeout_s: float = Field(30.0, gt=0)
+    # Each send must be taken by the service within this (a peer that stopped reading).
+    write_timeout_s: float = Field(30.0, gt=0)
+    # What one session's service may send, per second of audio sent (batch.pulse.bounds).
+    max_reply_chars_per_audio_s: float = Field(20_000.0, gt=0)
+    max_replies_per_audio_s: float = Field(50.0, gt=0)
     # Session deadline = audio/pace x factor + slack (audio/1 when unpaced).
     session_deadline_factor: float = Field(1.5, ge=1)
     session_deadline_slack_s: float = Field(60.0, ge=0)

@@ -29,21 +29,22 @@ from batch.errors import (
     InputError,
     InputUnavailable,
     JobAborted,
+    NotStarted,
     Scope,
     ServiceRefusing,
     ServiceUnreachable,
-    SpendCapReached,
     classify,
     error_kind,
     is_refusal,
     is_unreachable,
 )
+from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import LoadedManifest
 from batch.model import Item, RunStatus
 from batch.output import RunWriter
 from batch.pool import AdaptiveLimit, Attempts, Backoff, Pool, RefusalStreak, with_retries
 from batch.report import Failure, RunStats
-from batch.session import AudioSource, Endpoint, SessionResult, Timeouts, run_session
+from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.speech import FoundSpeech, find_speech
 from batch.split import (
     CachedSlice,
@@ -225,15 +226,15 @@ class ItemRunner:
             return await self._stream(item, make_audio, record, duration_s, recorded_s)
         except JobAborted:
             raise
-        except SpendCapReached as error:
+        except NotStarted as error:
             self._capped(error)
         except Exception as error:
             await self._finish(item, started, attempts=record.count, error=error)
         return None
 
-    def _capped(self, error: SpendCapReached) -> None:
-        """The spend cap stops the run: nothing new starts; the item gets no row, so a
-        rerun does it."""
+    def _capped(self, error: NotStarted) -> None:
+        """The spend cap (or a signal) stops the run: nothing new starts; the item gets no
+        row, so a rerun does it."""
         if self.stats.status == RunStatus.RUNNING:
             logger.warning("%s; starting nothing new", error)
             self.stats.status = RunStatus.CAPPED
@@ -419,7 +420,7 @@ class ItemRunner:
             )
         except JobAborted:
             raise
-        except SpendCapReached as error:
+        except NotStarted as error:
             state.capped = True
             self._capped(error)
         except Exception as error:
@@ -499,18 +500,6 @@ class ItemRunner:
             self.stats.attempts += record.count
             self.stats.retries += max(0, record.count - 1)
 
-    def _timeouts(self, duration_s: float | None) -> Timeouts:
-        audio_s = duration_s if duration_s is not None else 6 * 3600.0
-        deadline = audio_s / (self.run.pace or 1.0) * self.run.session_deadline_factor
-        return Timeouts(
-            self.run.connect_timeout_s,
-            self.run.final_timeout_s,
-            deadline + self.run.session_deadline_slack_s,
-            # The probe may understate the audio: the deadline follows what is really sent.
-            deadline_per_audio_s=self.run.session_deadline_factor / (self.run.pace or 1.0),
-            deadline_slack_s=self.run.session_deadline_slack_s,
-        )
-
     async def _attempt(
         self,
         item: Item,
@@ -519,6 +508,8 @@ class ItemRunner:
         recorded_s: float | None,
         label: str,
     ) -> SessionResult:
+        if self.pool.stopping:  # a signal or the cap came while this waited for a slot
+            raise NotStarted("the run is stopping: the session was not started")
         reserved_s = duration_s or 0.0
         self.cap.admit(reserved_s)
         self.progress.sessions_open(self.limit.open_now)
@@ -530,10 +521,11 @@ class ItemRunner:
                 audio,
                 api_key=self.api_key,
                 pace=self.run.pace,
-                timeouts=self._timeouts(duration_s),
+                timeouts=session_timeouts(self.run, duration_s),
                 user_agent=self.user_agent,
                 on_open=watch.opened,
                 label=label,
+                bounds=reply_bounds(self.run),
             )
         except Exception as error:
             if isinstance(error, HandshakeRejected):

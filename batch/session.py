@@ -7,13 +7,16 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -22,6 +25,7 @@ import anyio
 import anyio.lowlevel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
 from batch.credentials import Scrubber
@@ -36,6 +40,7 @@ from batch.errors import (
     Unreachable,
 )
 from batch.pulse import protocol
+from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
 
@@ -70,7 +75,12 @@ _wire_logger = logging.getLogger("batch.session.wire")
 _wire_filter = _ScrubAuthorization()
 _wire_logger.addFilter(_wire_filter)
 
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Far above any real message (a final's words for a long utterance, or a three-hour
+# full_transcript, are a few hundred KB); a larger one fails the session as `protocol`.
+_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Messages websockets may hold unread (each up to the size above): with its default of 16,
+# a flood of large frames could pin 64 MB per session before our budget sees them.
+_MAX_QUEUED_MESSAGES = 4
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -114,6 +124,9 @@ class Timeouts:
     # Xing header probes short) is never timed out for that. 0: the deadline is fixed.
     deadline_per_audio_s: float = 0.0
     deadline_slack_s: float = 0.0
+    # Each send (an audio chunk, the end signal) must be taken by the peer within this: a
+    # peer that stops reading fills the socket's buffers, and a send then waits forever.
+    write_timeout_s: float = 30.0
 
     def grown_deadline_s(self, audio_sent_s: float) -> float:
         """The session deadline (seconds from its start) once ``audio_sent_s`` was sent."""
@@ -181,12 +194,15 @@ def _rejected(exc: InvalidStatus, scrubber: Scrubber) -> HandshakeRejected:
     return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
 
 
-def _lost(exc: ConnectionClosed, phase: str, scrubber: Scrubber) -> ConnectionLost:
+def _lost(exc: ConnectionClosed, scrubber: Scrubber, took_audio: bool) -> ConnectionLost:
     code = exc.rcvd.code if exc.rcvd is not None else None
     reason = scrubber.scrub(exc.rcvd.reason) if exc.rcvd is not None else ""
     described = f"close code {code}" if code is not None else "no close frame"
     detail = f" ({reason})" if reason else ""
-    return ConnectionLost(f"connection ended {phase} before is_last: {described}{detail}", code)
+    # Once the service took the audio, a close is a failed attempt, not a refusal to start.
+    phase = "after the service took the audio" if took_audio else "while streaming"
+    message = f"connection ended {phase} before is_last: {described}{detail}"
+    return ConnectionLost(message, code, after_audio=took_audio)
 
 
 def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -221,6 +237,7 @@ class _Stream:
         scrubber: Scrubber,
         deadline: anyio.CancelScope | None = None,
         label: str = "a session",
+        bounds: ReplyBounds = DEFAULT_BOUNDS,
     ) -> None:
         self.ws = ws
         self.label = label  # what is streamed (source, channel, piece), for log lines
@@ -236,6 +253,21 @@ class _Stream:
         self.started_at: float | None = None
         self.end_sent_at = 0.0
         self._waiting: anyio.CancelScope | None = None
+        self.meter = ReplyMeter(bounds)
+        self._full_chars = 0  # the latest full_transcript's length
+        self.audio_sent_s = 0.0
+        self.heard = False  # the service sent words: it took audio
+
+    @property
+    def took_audio(self) -> bool:
+        """The service heard audio (it answered with words) or got all of it."""
+        return self.heard or self.end_sent.is_set()
+
+    async def _send(self, data: str | bytes) -> None:
+        with anyio.move_on_after(self.timeouts.write_timeout_s) as scope:
+            await self.ws.send(data)
+        if scope.cancelled_caught:
+            raise SessionTimeout("write_timeout_s", self.timeouts.write_timeout_s)
 
     async def send(self, audio: AudioSource, pace: float) -> None:
         # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
@@ -251,7 +283,7 @@ class _Stream:
                             await self._send_chunk(chunk, position_s, pace)
         finally:
             reader.close()
-        await self.ws.send(protocol.end_message(self.generation))
+        await self._send(protocol.end_message(self.generation))
         self.end_sent_at = time.monotonic()
         self.end_sent.set()
         if self._waiting is not None:  # a wait begun before the end signal is now bounded too
@@ -261,7 +293,8 @@ class _Stream:
         """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
         if self.started_at is None:
             self.started_at = time.monotonic()
-        await self.ws.send(chunk)
+        await self._send(chunk)
+        self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:
             due = self.started_at + position_s / pace
@@ -297,6 +330,15 @@ class _Stream:
                     "%s: the service sent an odd %s value; stored as null", self.label, name
                 )
 
+    def _repeated(self, message: object) -> int:
+        """Characters of a cumulative ``full_transcript`` the budget already counted: it
+        repeats the transcript so far on every final, and only the latest is kept."""
+        if not isinstance(message, protocol.Transcription) or not message.full_transcript:
+            return 0
+        repeated = min(len(message.full_transcript), self._full_chars)
+        self._full_chars = len(message.full_transcript)
+        return repeated
+
     def _handle(self, raw: str) -> bool:
         """Record one message; True when it is the terminal one."""
         # A service that echoes the key into a transcript or message must not get it stored.
@@ -306,12 +348,16 @@ class _Stream:
         except protocol.MalformedMessage as exc:
             detail = self.scrubber.scrub(str(exc))
             raise ProtocolViolation(f"unreadable message from the service: {detail}") from None
+        over = self.meter.take(len(raw) - self._repeated(message), self.audio_sent_s)
+        if over is not None:
+            raise ProtocolViolation(over)
         if isinstance(message, protocol.ServerError):
             code = self.scrubber.scrub(message.code) if message.code else None
             raise ServerReported(self.scrubber.scrub(message.message), code)
         if isinstance(message, protocol.Ignored):
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
+        self.heard = self.heard or bool(message.transcript or message.words)
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()
@@ -323,7 +369,8 @@ class _Stream:
             if result.first_final_s is None and self.started_at is not None:
                 result.first_final_s = time.monotonic() - self.started_at
             if message.transcript or message.words:
-                result.finals.append(message)
+                # Only the latest full_transcript is kept (`note_final`): not one per final.
+                result.finals.append(replace(message, full_transcript=None))
         if message.is_last:
             if not self.end_sent.is_set():
                 # A terminal message before all the audio was sent: the rest would be lost.
@@ -331,6 +378,31 @@ class _Stream:
             result.end_to_last_s = time.monotonic() - self.end_sent_at
             return True
         return False
+
+
+def _abort(ws: ClientConnection) -> None:
+    """Drop an abandoned connection (a failure, the deadline, a stop) at once.
+
+    A close from a cancelled scope never runs, and a plain close of a socket whose peer
+    stopped reading leaves an orphan in FIN-WAIT holding the queued audio for minutes: a
+    zero linger makes the kernel reset it and free its queues now.
+    """
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
+    """Send and receive at once until ``is_last``; the error that explains a failure."""
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stream.send, audio, pace)
+            await stream.receive()
+            tasks.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
 
 
 async def run_session(
@@ -344,12 +416,14 @@ async def run_session(
     user_agent: str | None = None,
     on_open: Callable[[], None] | None = None,
     label: str | None = None,
+    bounds: ReplyBounds = DEFAULT_BOUNDS,
 ) -> SessionResult:
     """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
     ``on_open`` is called once the service has accepted the session (the upgrade passed).
 
     ``label`` names what is streamed (the source, its channel, its piece) in the session's
-    log lines. ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
+    log lines. ``bounds`` limits what the service may send (`batch.pulse.bounds`).
+    ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
     shard, for anyone reading the service's logs). Complete only at ``is_last``. Raises
     `SessionError` subclasses (see `batch.errors`) and `InputError` if the audio source
     fails while streaming.
@@ -359,6 +433,7 @@ async def run_session(
     if api_key:
         _wire_filter.remember(api_key)
     result = SessionResult()
+    stream: _Stream | None = None
     began = time.monotonic()
     begun = anyio.current_time()
     try:
@@ -370,6 +445,7 @@ async def run_session(
                 compression=None,  # deflate costs 6-35x throughput on PCM
                 open_timeout=timeouts.connect_timeout_s,
                 max_size=_MAX_MESSAGE_BYTES,
+                max_queue=_MAX_QUEUED_MESSAGES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
                 logger=_wire_logger,
@@ -387,14 +463,13 @@ async def run_session(
                     scrubber,
                     deadline,
                     label or "a session",
+                    bounds,
                 )
                 try:
-                    async with anyio.create_task_group() as tasks:
-                        tasks.start_soon(stream.send, audio, pace)
-                        await stream.receive()
-                        tasks.cancel_scope.cancel()
-                except BaseExceptionGroup as group:
-                    raise _unwrap(group) from None
+                    await _stream_both(stream, audio, pace)
+                except BaseException:
+                    _abort(ws)
+                    raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:
         if result.connect_s == 0.0:
@@ -406,7 +481,10 @@ async def run_session(
     except InvalidStatus as exc:
         raise _rejected(exc, scrubber) from None
     except ConnectionClosed as exc:
-        raise _lost(exc, "while streaming", scrubber) from None
+        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            limit_mb = _MAX_MESSAGE_BYTES // 2**20
+            raise ProtocolViolation(f"the service sent a message over {limit_mb} MB") from None
+        raise _lost(exc, scrubber, stream is not None and stream.took_audio) from None
     except InvalidHandshake as exc:
         raise Unreachable(f"handshake failed: {exc.__class__.__name__}") from None
     except OSError as exc:

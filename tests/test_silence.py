@@ -39,12 +39,19 @@ def _run(folder: Path, server: LocalServer, run: dict[str, Any], **sections: Any
 
 
 def _words(out: Path) -> list[tuple[Any, ...]]:
-    return duckdb.sql(
+    """Words by channel and time, each as the word alone: a piece that ends at a cut may
+    end its sentence there, so whisper's punctuation and case on it are no difference."""
+    rows = duckdb.sql(
         f"select t.channel, w.word, w.start_s, w.end_s, w.time_adjusted "
         f"from read_parquet('{out}/words/**/*.parquet', hive_partitioning=true) w "
         f"join read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) t "
         f"using (item_id) order by t.channel, w.start_s"
     ).fetchall()
+    return [(row[0], _bare(row[1]), *row[2:]) for row in rows]
+
+
+def _bare(word: str) -> str:
+    return "".join(c for c in word if c.isalnum() or c == "'").lower()
 
 
 def _transcripts(out: Path) -> list[tuple[Any, ...]]:

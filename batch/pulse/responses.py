@@ -285,6 +285,8 @@ def _transcript_text(data: Mapping[str, Any]) -> str:
 def _error_in(data: Mapping[str, Any]) -> ServerError | None:
     """Every error shape the service has used: unified, older schema, top-level keys."""
     nested = data.get("error")
+    if nested is False or nested == "":  # ``"error": false`` on a final says "no error"
+        nested = None
     if data.get("type") == "error" or data.get("status") == "error" or nested is not None:
         if isinstance(nested, Mapping):
             message = nested.get("message") or json.dumps(nested)

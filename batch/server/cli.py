@@ -108,6 +108,13 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    late_1008_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of sessions closed 1008 (no is_last) after the client's end signal.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     odd_value_kinds: Annotated[
         str | None,
         typer.Option(
@@ -154,6 +161,7 @@ def serve(
         "stall_rate": stall_rate,
         "early_last_rate": early_last_rate,
         "odd_values_rate": odd_values_rate,
+        "late_1008_rate": late_1008_rate,
         "odd_value_kinds": None
         if odd_value_kinds is None
         else tuple(k.strip() for k in odd_value_kinds.split(",") if k.strip()),

@@ -17,6 +17,8 @@ stall         the server stops sending: no more transcripts, no ``is_last``;
               the socket stays open until the client gives up.
 early_last    the server ends the session early: finals for what it has, ``is_last``
               and close 1000 while the client is still sending (a truncated result).
+late_1008     at the end signal, after finals for what it heard: close 1008 (policy,
+              the code the service uses for too many sessions) with no ``is_last``.
 odd_values    the next final (with words, for word-level variants) carries one odd
               field value (`batch.server.odd`): NaN or reversed times, ``"word":
               null``, ``"is_final": "false"``, ``"language": 5``, ... The variant is
@@ -60,6 +62,7 @@ class FaultKind(StrEnum):
     STALL = "stall"
     EARLY_LAST = "early_last"
     ODD_VALUES = "odd_values"
+    LATE_1008 = "late_1008"
 
     @property
     def at_handshake(self) -> bool:
@@ -88,6 +91,7 @@ class FaultConfig:
     stall_rate: float = 0.0
     early_last_rate: float = 0.0
     odd_values_rate: float = 0.0
+    late_1008_rate: float = 0.0
     odd_value_kinds: tuple[str, ...] = ()
     max_sessions: int | None = None
     fault_limit: int | None = None
@@ -142,6 +146,7 @@ class FaultConfig:
             FaultKind.STALL: self.stall_rate,
             FaultKind.EARLY_LAST: self.early_last_rate,
             FaultKind.ODD_VALUES: self.odd_values_rate,
+            FaultKind.LATE_1008: self.late_1008_rate,
         }
 
     @classmethod

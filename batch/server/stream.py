@@ -66,6 +66,7 @@ class Outcome(Enum):
     DROP = "drop"  # injected: abort the TCP connection, no close frame
     ERROR = "error"  # injected: error message, close 1011
     STALL = "stall"  # injected: say nothing more, keep reading until the client leaves
+    LATE_1008 = "late_1008"  # injected: finals for what was heard, then close 1008
 
 
 _FAULT_OUTCOMES: Final = {
@@ -131,7 +132,7 @@ class StreamSession:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._work, self._jobs_out)
                 outcome = await self._receive()
-                if outcome is Outcome.END:
+                if outcome in (Outcome.END, Outcome.LATE_1008):
                     self._jobs_in.close()  # the worker drains the queue, then stops
                 else:
                     tg.cancel_scope.cancel()
@@ -234,6 +235,8 @@ class StreamSession:
         fault = self._settings.fault
         if fault is None or fault.kind.at_handshake or self._fault_fired:
             return None
+        if fault.kind is FaultKind.LATE_1008 and not at_end:
+            return None  # fires only once the service has all the audio
         if not at_end and self._record.audio_s < fault.trigger_s:
             return None
         self._fault_fired = True
@@ -247,6 +250,9 @@ class StreamSession:
         if fault.kind is FaultKind.EARLY_LAST:
             self._queue_flush(is_last=True)  # as if the end signal had come now
             return Outcome.END
+        if fault.kind is FaultKind.LATE_1008:
+            self._queue_flush(is_last=False)  # finals for everything, but no is_last
+            return Outcome.LATE_1008
         return _FAULT_OUTCOMES[fault.kind]
 
     # --- worker ----------------------------------------------------------------
@@ -356,6 +362,8 @@ class StreamSession:
             await self._fail("injected fault: internal server error", "internal_error", 1011)
         elif outcome is Outcome.PROTOCOL_ERROR:
             await self._fail(self._problem, "bad_request", 1003)
+        elif outcome is Outcome.LATE_1008:
+            await self._close(1008, "too many sessions", drain=True)
         elif outcome is Outcome.STALL:
             await self._drain()  # read and ignore: the socket stays healthy but silent
 
