@@ -243,7 +243,7 @@ def probe_command(
         rows.append({**info.__dict__, "will_send": will_send})
     console.show_rows(rows, as_json)
     if any("error_kind" in row for row in rows):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.ITEMS_FAILED)
 
 
 @app.command(cls=_PlainCommand)

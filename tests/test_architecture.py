@@ -9,6 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from batch import errors
 from batch.cli import app
 from batch.errors import EXIT_MEANINGS, ExitCode
 
@@ -122,3 +123,26 @@ def test_the_docs_and_the_help_show_every_exit_code_and_no_other() -> None:
     assert _codes_in_table(text, "| exit | what happened | what to do |") == codes
     shown = CliRunner().invoke(app, ["--help"], terminal_width=1000).output
     assert all(f"{code} {EXIT_MEANINGS[code]}" in shown for code in ExitCode), shown
+
+
+def test_the_error_drawing_and_exit_code_for_agree() -> None:
+    """Every error the drawing in errors.py gives an exit code gets it from `exit_code_for`
+    (what the CLI uses)."""
+    made = {
+        "ManifestError": errors.ManifestError("m.yaml", "bad"),
+        "ShardError": errors.ShardError("--shard", "bad"),
+        "ExportError": errors.ExportError("--where", "bad"),
+        "LockedError": errors.LockedError("held"),
+        "ShardCountConflict": errors.ShardCountConflict("held"),
+        "OutputError": errors.OutputError("out", "write", "full"),
+        "SpendCapReached": errors.SpendCapReached("cap"),
+        "JobAborted": errors.JobAborted("401"),
+        "ServiceRefusing": errors.ServiceRefusing(3, RuntimeError("429")),
+        "ServiceUnreachable": errors.ServiceUnreachable(3, RuntimeError("refused"), "h:1"),
+    }
+    drawn = {
+        name: int(code)
+        for name, code in re.findall(r"(\w+) {2,}[^\n]*?exit (\d+)", errors.__doc__ or "")
+    }
+    assert set(drawn) == set(made)
+    assert {name: errors.exit_code_for(made[name]) for name in drawn} == drawn
