@@ -289,24 +289,22 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
 }
 
 
+# The errors that end a command, most specific first (a subclass before its base).
+_EXIT_BY_ERROR: tuple[tuple[type[PulseBatchError], ExitCode], ...] = (
+    (ShardCountConflict, ExitCode.SHARD_COUNT),
+    (LockedError, ExitCode.LOCKED),
+    (ManifestError, ExitCode.USAGE),
+    (OutputError, ExitCode.OUTPUT),
+    (ServiceRefusing, ExitCode.SERVICE_REFUSING),
+    (JobAborted, ExitCode.FATAL_SERVICE),
+    (SpendCapReached, ExitCode.SPEND_CAP),
+)
+
+
 def exit_code_for(error: PulseBatchError) -> ExitCode | None:
     """The exit code the CLI gives for an error that ends a command (None: not one of
     those; the caller decides)."""
-    if isinstance(error, ShardCountConflict):
-        return ExitCode.SHARD_COUNT
-    if isinstance(error, LockedError):
-        return ExitCode.LOCKED
-    if isinstance(error, ManifestError):
-        return ExitCode.USAGE
-    if isinstance(error, OutputError):
-        return ExitCode.OUTPUT
-    if isinstance(error, ServiceRefusing):
-        return ExitCode.SERVICE_REFUSING
-    if isinstance(error, JobAborted):
-        return ExitCode.FATAL_SERVICE
-    if isinstance(error, SpendCapReached):
-        return ExitCode.SPEND_CAP
-    return None
+    return next((code for kind, code in _EXIT_BY_ERROR if isinstance(error, kind)), None)
 
 
 class Scope(Enum):
