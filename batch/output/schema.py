@@ -1,7 +1,7 @@
 """The tables' columns, declared once; and the check that one item's rows fit them.
 
 Adding a column: append a line to its table below (additively; readers of older files see
-null). Adding a table: a new key in `COLUMNS` and a field of `ItemRows` (see `batch.collect`).
+null). Adding a table: a new key in `COLUMNS` and a field of `ItemRows` (see `batch.model`).
 """
 
 from __future__ import annotations
