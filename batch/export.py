@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 from urllib.parse import urlparse
 
+import pyarrow as pa
+
 from batch import cues as cuelib
 from batch.errors import ExportError
 from batch.output import COLUMNS, JobTables, OutputReader
@@ -27,6 +29,10 @@ _ID_SUFFIX_CHARS = 8
 _MAX_NAME_BYTES = 200
 # Columns every words/utterances row repeats from its transcript: left out of JSON documents.
 _BOOKKEEPING = frozenset({"job", "date", "language", "run_id", "item_id", "channel"})
+# Columns pyarrow returns as a list of (key, value) pairs.
+_MAP_COLUMNS: Final = frozenset(
+    name for table in COLUMNS.values() for name, kind, _ in table if pa.types.is_map(kind)
+)
 
 
 # --- choosing items -----------------------------------------------------------------
@@ -123,16 +129,18 @@ def file_names(items: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 # --- documents ----------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
+def _plain(column: str, value: Any) -> Any:
+    """A value as JSON has it. Only a map column's (key, value) pairs become an object: an
+    empty list column stays ``[]``."""
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+    if column in _MAP_COLUMNS and isinstance(value, list):
         return dict(value)  # a map column as pyarrow returns it
     return value
 
 
 def _detail(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: _plain(v) for k, v in r.items() if k not in _BOOKKEEPING} for r in rows]
+    return [{k: _plain(k, v) for k, v in r.items() if k not in _BOOKKEEPING} for r in rows]
 
 
 def document(
@@ -149,7 +157,7 @@ def document(
         return cuelib.clean_text(str(item.get("transcript") or "")) + "\n"  # no NUL, no CR
     if fmt == "json":
         body = {
-            "item": {k: _plain(v) for k, v in item.items()},
+            "item": {k: _plain(k, v) for k, v in item.items()},
             "segments": _detail(tables.segments.get(item_id, [])),
             "words": _detail(tables.words.get(item_id, [])),
             "utterances": _detail(tables.utterances.get(item_id, [])),

@@ -29,6 +29,7 @@ from pydantic import (
 from batch import storage
 from batch.errors import ManifestError, clip, quoted
 from batch.lists import read_text
+from batch.manifest_errors import describe
 from batch.pulse import protocol
 from batch.pulse.protocol import PulseOptions
 
@@ -400,47 +401,6 @@ class LoadedManifest(BaseModel):
         return str(self.output_dir)
 
 
-_WANTS_NUMBER = frozenset({"int_type", "float_type", "int_parsing", "float_parsing"})
-
-
-def _quoted_scalar(kind: str, value: Any) -> str | None:
-    """``concurrency: "4"`` or ``diarize: "true"``: the value is right but quoted (strict
-    models take no text for numbers or booleans). Returns the value to write unquoted."""
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if kind in _WANTS_NUMBER:
-        try:
-            float(text)
-        except ValueError:
-            return None
-        return text
-    if kind == "bool_type" and text.lower() in ("true", "false"):
-        return text.lower()
-    return None
-
-
-def _describe(error: Any) -> str:
-    loc = list(error["loc"])
-    if len(loc) > 2 and loc[0] == "inputs" and loc[2] in ("glob", "path", "list"):
-        del loc[2]  # the discriminator's tag, not a key of the file
-    location = ".".join(str(part) for part in loc) or "(top level)"
-    kind = error["type"]
-    if kind == "string_pattern_mismatch" and loc == ["job"]:
-        return f"job: use 1-128 letters, digits, - and _ only (got {quoted(error['input'])})"
-    if kind == "extra_forbidden":
-        return f"{location}: unknown key; check its spelling against the README's manifest table"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    unquoted = _quoted_scalar(kind, error.get("input"))
-    if unquoted is not None:
-        return f'{location}: "{unquoted}" is quoted text; write {unquoted} without quotes'
-    if kind == "value_error":
-        # A whole-manifest check names its keys itself.
-        return f"{location}: {message}" if loc else message
-    message = message.replace("Input should be", "must be")
-    return f"{location}: {message} (got {quoted(error.get('input'))})"
-
-
 # A manifest is small: more values than this (counting every use of a YAML alias) is an
 # alias bomb, and validating it would take minutes and gigabytes.
 MAX_VALUES = 100_000
@@ -473,7 +433,9 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = list(dict.fromkeys(clip(_describe(e), _PROBLEM_MAX_CHARS) for e in exc.errors()))
+        problems = list(
+            dict.fromkeys(clip(describe(e, Manifest), _PROBLEM_MAX_CHARS) for e in exc.errors())
+        )
         more = len(problems) - _PROBLEMS_SHOWN
         shown = problems[:_PROBLEMS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
         lines = "\n  ".join(shown)

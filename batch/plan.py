@@ -1,8 +1,8 @@
 """Plan a job: expand inputs into items with stable ids, and order the work.
 
 `expand_sources` is file-system I/O (globs, list files); `make_items` is pure (the ids
-are `batch.model.item_id`). A listed path that does not exist, is a symlink loop or a link to a missing file,
-holds a NUL byte or is too long is not a crash: it becomes an item that fails
+are `batch.model.item_id`). A listed path that does not exist, is a symlink loop or a link
+to a missing file, holds a NUL byte or is too long is not a crash: it becomes an item that fails
 (``not_found``, ``symlink_loop``, ``bad_path``) without opening a session; so does such a
 link matched by a glob. Globs follow symlinked folders but never walk a
 real folder twice, so a loop cannot hang planning.

@@ -17,9 +17,11 @@ import webvtt
 
 from batch import cues as cuelib
 from batch.errors import ExportError
-from batch.export import FORMATS, file_names, parse_where, select
+from batch.export import FORMATS, export_job, file_names, parse_where, select
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
+from batch.model import ItemRows
+from batch.output import JobOutput
 from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
@@ -433,3 +435,35 @@ def test_cues_run_forward_in_time_whatever_order_the_words_came_in() -> None:
         )
     )
     assert [c.start_s for c in by_turn] == [1.0, 3.0]
+
+
+def test_json_keeps_empty_lists_as_lists_and_maps_as_objects(tmp_path: Path) -> None:
+    """An empty list column (languages, redacted_entities) is ``[]`` in JSON, not ``{}``;
+    a map column (metadata) is an object, empty or not. Written as a real Parquet output."""
+    common = {"job": "j", "date": "2026-11-24", "language": "en", "run_id": "r1", "channel": None}
+
+    def item(item_id: str, metadata: dict[str, str]) -> ItemRows:
+        transcript = {
+            **common, "item_id": item_id, "source": f"/{item_id}.wav", "status": "ok",
+            "transcript": "hello", "languages": [], "redacted_entities": [],
+            "metadata": metadata, "word_count": 1,
+        }  # fmt: skip
+        segment = {**common, "item_id": item_id, "segment": 0, "text": "hello"}
+        segment["redacted_entities"] = []
+        word = {**common, "item_id": item_id, "segment": 0, "idx": 0, "word": "hello"}
+        return ItemRows(transcript, [word], segments=[segment])
+
+    async def write() -> None:
+        with JobOutput.open(tmp_path / "out", "j", ["job", "date"], "parquet") as output:
+            async with output.run("r1", commit_every_items=10) as writer:
+                await writer.add(item("bare", {}))
+                await writer.add(item("tagged", {"team": "sales"}))
+
+    anyio.run(write)
+    export_job(tmp_path / "out", "j", "json", tmp_path / "json")
+    bare = json.loads((tmp_path / "json" / "bare.json").read_text())
+    assert bare["item"]["languages"] == [] and bare["item"]["redacted_entities"] == []
+    assert bare["item"]["metadata"] == {}
+    assert bare["segments"][0]["redacted_entities"] == []
+    tagged = json.loads((tmp_path / "json" / "tagged.json").read_text())
+    assert tagged["item"]["metadata"] == {"team": "sales"}

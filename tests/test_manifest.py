@@ -96,6 +96,43 @@ def test_bad_manifest_names_file_and_key(
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("concurrency: 8", "concurency: 8"),
+            "run.concurency: unknown key; did you mean `concurrency`?",
+        ),
+        (("run:", "runn:"), "runn: unknown key; did you mean `run`?"),
+        (
+            ("  numerals: true", "  languag: en"),
+            "pulse.languag: unknown key; did you mean `language`?",
+        ),
+        (
+            ('- glob: "recordings/**/*.wav"', '- glob: "recordings/**/*.wav"\n    recursiv: true'),
+            "inputs.0.recursiv: unknown key; the keys here are allow_empty, channels, glob, "
+            "language, storage_options\n",
+        ),
+        (('- path: "extra/call-17.mp3"', '- pth: "x.mp3"'), "did you mean `path` (not `pth`)?"),
+        (("job: support-calls\n", ""), "job: required; add `job:` under the top level"),
+        (("path: out", "path: out\n  currency: dollars"), "output.currency: use a three-letter"),
+        (("run:\n  concurrency: 8", "run: 8"), "run: must be a mapping of keys"),
+        (('- list: "batch.csv"', "- list: {path: x}"), "inputs.2.list: must be a valid string"),
+    ],
+)
+def test_manifest_errors_speak_plainly(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    """A typo gets the closest key; pydantic's own words and the manifest's text stay out."""
+    path = _write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    message = f"{caught.value}\n"
+    assert expected in message
+    for leak in ("Field required", "should match pattern", "instance of", "support-calls", "{'"):
+        assert leak not in message
+
+
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no such manifest"):
         load_manifest(tmp_path / "nope.yaml")

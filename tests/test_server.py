@@ -28,9 +28,11 @@ import av
 import numpy as np
 import numpy.typing as npt
 import pytest
+from typer.testing import CliRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from batch.cli import app as cli_app
 from batch.pulse.protocol import MalformedMessage, ServerError, parse_message
 from batch.server import (
     FaultConfig,
@@ -41,6 +43,7 @@ from batch.server import (
     local_server,
 )
 from batch.server.audio import ALAW_TABLE, MULAW_TABLE
+from batch.server.cli import is_loopback
 from batch.server.handshake import bearer_matches
 from batch.server.vad import Segmenter
 from tests.conftest import TIME_UNIT_S
@@ -628,3 +631,31 @@ def test_cli_refuses_a_port_out_of_range() -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60 * UNIT_S, check=False)
     assert done.returncode == 2, done.stderr  # a usage error, not a traceback
     assert "--port" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "pulse.example"])
+def test_cli_refuses_an_open_server_on_a_reachable_host(host: str) -> None:
+    """No key on a host other machines reach: exit 2 before binding, saying why and how."""
+    done = CliRunner().invoke(cli_app, ["serve", "--host", host, "--engine", "synthetic"])
+    assert done.exit_code == 2, done.output
+    assert f"--host {host} is reachable from other machines" in done.stderr
+    assert "--api-key-env" in done.stderr and "--allow-open" in done.stderr
+
+
+@pytest.mark.parametrize("flags", [["--allow-open"], ["--api-key-env", "PULSE_TEST_KEY"]])
+def test_cli_lets_a_keyed_or_knowingly_open_server_through(
+    flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the guard, the server tries to bind: 192.0.2.1 (TEST-NET-1) is no address of
+    this machine, so the bind fails (exit 1) and nothing listens beyond loopback."""
+    monkeypatch.setenv("PULSE_TEST_KEY", KEY)
+    args = ["serve", "--host", "192.0.2.1", "--port", "0", "--engine", "synthetic", *flags]
+    done = CliRunner().invoke(cli_app, args)
+    assert done.exit_code == 1, done.output
+    assert "cannot listen on 192.0.2.1:0" in done.stderr
+    assert "reachable from other machines" not in done.stderr
+
+
+def test_loopback_hosts() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "", "10.0.0.1", "box.local"]))

@@ -23,7 +23,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pyarrow as pa
@@ -118,6 +118,9 @@ class DeltaBackend:
     location: Location
     partition_by: list[str]
     options: dict[str, str]
+    # Each table's stored type of `date`: date32 in tables created since it became a date,
+    # text in older ones (kept: Delta does not change a column's type in place).
+    date_types: dict[str, pa.DataType] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -149,7 +152,7 @@ class DeltaBackend:
                 try:
                     DeltaTable.create(
                         self._uri(table),
-                        logical_schema(table),
+                        created_schema(table),
                         mode="ignore",
                         partition_by=self.partition_by or None,
                         storage_options=self.options,
@@ -164,6 +167,7 @@ class DeltaBackend:
                     f"Delta table is partitioned by {columns}; this manifest asks "
                     f"{self.partition_by}. Use a new output.path.",
                 )
+            self.date_types[table] = pa.schema(found.schema().to_arrow()).field("date").type
             return
         raise OutputError(self._uri(table), "create", "the table could not be created")
 
@@ -287,9 +291,15 @@ class DeltaCommitter:
         predicate = f"job = {_quoted(self.job)} AND item_id IN ({', '.join(map(_quoted, items))})"
         for table in (*_CHILD_TABLES, MAIN_TABLE):
             data = to_arrow(table, [r for item in rows for r in item.by_table()[table]])
-            self._replace(table, data, predicate)
+            self._replace(table, self._fitted(table, data), predicate)
         for row in rows:
             self.index.committed(row, self.run_id)
+
+    def _fitted(self, table: str, data: pa.Table) -> pa.Table:
+        """``data`` with `date` in the type the table stores it in."""
+        stored = self.backend.date_types.get(table, pa.string())
+        index = data.schema.get_field_index("date")
+        return data.set_column(index, pa.field("date", stored), data["date"].cast(stored))
 
     def _replace(self, table: str, data: pa.Table, predicate: str) -> None:
         uri = self.backend._uri(table)
@@ -341,11 +351,14 @@ def read(
         base = uri.split("://", 1)[1]
     else:
         base = uri
-    partitioning = ds.partitioning(pa.schema([schema.field(p) for p in partitions]), flavor="hive")
+    read_schema = _read_schema(schema, found)
+    partitioning = ds.partitioning(
+        pa.schema([read_schema.field(p) for p in partitions]), flavor="hive"
+    )
     # Files written before a column was added lack it: the table schema reads them as null.
     dataset = ds.dataset(
         files,
-        schema=_read_schema(schema, found),
+        schema=read_schema,
         format="parquet",
         filesystem=filesystem,
         partitioning=partitioning if partitions else None,
@@ -354,6 +367,14 @@ def read(
     expression = (ds.field("job") == job) if job is not None else None
     data = dataset.to_table(columns=columns, filter=expression)
     return data.cast(pa.schema([schema.field(n) for n in data.column_names]))
+
+
+def created_schema(table: str) -> pa.Schema:
+    """A new Delta table's columns: `date` as a date, so that Polars, Spark and DuckDB read
+    it as one (partition values of text type read as text). Rows are still built with the
+    text date; `DeltaCommitter` casts, and `read` gives text back."""
+    schema = logical_schema(table)
+    return schema.set(schema.get_field_index("date"), pa.field("date", pa.date32()))
 
 
 def _read_schema(schema: pa.Schema, found: Any) -> pa.Schema:

@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batch.model import ItemRows
-from batch.output import layout
+from batch.output import empty_tables, layout
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.schema import MAIN_TABLE, TABLES, file_schema, logical_schema, to_arrow
 
@@ -298,6 +298,7 @@ class Committer:
                 batch_dir.mkdir(parents=True)
                 new_files, ops = self._stage_tables(rows, batch_dir, f"part-{name}.parquet")
                 ops += self._stage_supersede(items, batch_dir)
+                ops += empty_tables.steps(self.root, ops, self.partition_by, batch_dir)
                 layout.fsync_dir(batch_dir)
                 layout.write_atomic(batch_dir / "PLAN.json", json.dumps({"ops": ops}).encode())
             except BaseException:

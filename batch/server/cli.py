@@ -3,13 +3,15 @@
 Register on a typer app with ``app.command("serve")(serve)``. Fault flags override
 the same settings from ``--fault-config`` (a YAML or JSON mapping of `FaultConfig`
 fields). The API key is read from the environment variable named by
-``--api-key-env``, never from the command line, and is never printed or logged.
+``--api-key-env``, never from the command line, and is never printed or logged. A host
+other than loopback needs ``--api-key-env`` (or ``--allow-open``, said knowingly).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -144,9 +146,26 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    allow_open: Annotated[
+        bool,
+        typer.Option(
+            "--allow-open",
+            help="Listen on a non-loopback --host without --api-key-env: anyone who can "
+            "reach the port can use the server.",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a local Pulse-compatible streaming speech-to-text server."""
+    if api_key_env is None and not allow_open and not is_loopback(host):
+        # Before binding: an open server on a shared network takes anyone's audio and CPU.
+        typer.echo(
+            f"error: --host {host} is reachable from other machines and no --api-key-env "
+            "is set, so anyone could use this server. Set --api-key-env VAR (clients send "
+            "the key in VAR), or pass --allow-open to serve without a key knowingly.",
+            err=True,
+        )
+        raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     api_key = _api_key(api_key_env)
     flags = {
@@ -179,6 +198,18 @@ def serve(
     except EngineUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``).
+    Any other name, and the wildcards ``0.0.0.0``, ``::`` and ``""``, can be reached from
+    other machines (a name is not resolved: it may point anywhere tomorrow)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _api_key(env_name: str | None) -> str | None:
