@@ -7,7 +7,8 @@ EXTRAS := recognizer,s3,gcs,azure,http,delta
 TEST_DEPS := $(VENV)/.test-deps
 DOCS_DEPS := $(VENV)/.docs-deps
 AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
-PYTEST := $(BIN)/pytest -q --durations=20
+# Two workers (pytest-xdist), the whisper tests on one of them (tests/conftest.py).
+PYTEST := $(BIN)/pytest -q --durations=20 -n 2 --dist loadgroup
 
 .PHONY: install test test-all lint format docs run bench clean
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,13 +17,14 @@ from typing import Any
 
 import anyio
 
+from batch.attempts import Unit
 from batch.budget import SpendCap
 from batch.credentials import api_key_from_env
-from batch.decode import DecodedAudio
+from batch.dryrun import dry_run_report
 from batch.errors import (
     ExitCode,
     HandshakeRejected,
-    InputError,
+    JobAborted,
     ManifestError,
     OutputError,
     ServiceRefusing,
@@ -37,11 +37,11 @@ from batch.plan import expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, failing_items
-from batch.runner import ItemRunner, Unit, whole_units, wire_format
+from batch.runner import ItemRunner, whole_units
 from batch.score import summarise
 from batch.session import Endpoint
 from batch.shard import Shard
-from batch.speech import find_speech
+from batch.signals import watch_signals
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +275,16 @@ def _output_error(exc: BaseException) -> OutputError:
     found, rest = exc.split(OutputError)
     if found is None or rest is not None:
         raise exc
-    first: BaseException = found
+    first = _first(found)
+    assert isinstance(first, OutputError)
+    return first
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first error of a (maybe nested) group."""
+    first: BaseException = group
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
-    assert isinstance(first, OutputError)
     return first
 
 
@@ -321,27 +327,27 @@ async def _stream_all(
             loaded, stats, writer, endpoint, api_key, observer, pool, cache_dir, cap
         )
         deadline = loaded.manifest.run.job_deadline_s
+        fatal: BaseException | None = None
         try:
             async with anyio.create_task_group() as tasks:
                 if opts.handle_signals:
-                    tasks.start_soon(
-                        _watch_signals, pool, tasks.cancel_scope, opts, observer, stats
-                    )
+                    watch = (pool, tasks.cancel_scope, opts.grace_s, stats, observer.signalled)
+                    tasks.start_soon(watch_signals, *watch)
                 with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
                     await pool.run(runner.process)
                 if scope.cancelled_caught:
                     stats.status = RunStatus.INTERRUPTED
                     stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
                 tasks.cancel_scope.cancel()
-        except BaseExceptionGroup:
-            if runner.fatal is None:
-                raise
-        if runner.fatal is not None:
+        except* JobAborted as aborted:  # anything raised beside it still propagates
+            first = _first(aborted)
+            fatal = first.__cause__ or first  # the service's answer
+        if fatal is not None:
             stats.status = RunStatus.ABORTED
-            stats.abort_reason = runner.scrubber.scrub(str(runner.fatal)) + _key_hint(
-                runner.fatal, api_key, loaded
+            stats.abort_reason = runner.scrubber.scrub(str(fatal)) + _key_hint(
+                fatal, api_key, loaded
             )
-            stats.abort_kind = _abort_kind(runner.fatal)
+            stats.abort_kind = _abort_kind(fatal)
         elif stats.status == RunStatus.RUNNING:
             stats.status = RunStatus.COMPLETED
         signal_name = stats.signal_name
@@ -369,30 +375,6 @@ def _key_hint(error: BaseException, api_key: str | None, loaded: LoadedManifest)
     return ""
 
 
-async def _watch_signals(
-    pool: Pool[Unit],
-    scope: anyio.CancelScope,
-    opts: RunOptions,
-    observer: Observer,
-    stats: RunStats,
-) -> None:
-    """First SIGINT/SIGTERM: start nothing new, give in-flight items ``grace_s``, then stop.
-    Second: stop at once. Committed rows are never at risk: commits are atomic."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            stats.status = RunStatus.INTERRUPTED
-            stats.abort_reason = f"received {name}"
-            stats.signal_name = name
-            observer.signalled(name)
-            if pool.stopping:
-                scope.cancel()
-                return
-            pool.stop_starting()
-            scope_deadline = anyio.current_time() + opts.grace_s
-            scope.deadline = min(scope.deadline, scope_deadline)
-
-
 def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobResult:
     """What ``run`` with the same options would stream and bill (``--force`` and
     ``--no-retry-failed`` included), opening no session."""
@@ -402,83 +384,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     failed_before = set(history.failed) if not opts.retry_failed else set()
     items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
     chosen = {i.item_id for i in _todo(items, done, opts, failed_before)}
-    todo = [i for i in items if i.item_id in chosen and i.error is None]
-    audio_s = sum(i.duration_s or 0.0 for i in todo)
-    price = loaded.manifest.output.price_per_minute
-    heard = _detect_speech(loaded, todo) if loaded.manifest.run.skip_silence else {}
-    streamed = {i.item_id: heard.get(i.item_id, i.duration_s or 0.0) for i in todo}
-    streamed_s = sum(streamed.values())
-    cap = stats.cap_minutes
-    report = {
-        "job": stats.job,
-        "shard": stats.shard,
-        "dry_run": True,
-        "items": {
-            "total": len(items),
-            "already_ok": len([i for i in items if i.item_id in done and i.item_id not in chosen]),
-            "to_stream": len(todo),
-            "known_bad": len([i for i in items if i.error is not None]),
-        },
-        "audio_s": round(audio_s, 3),
-        "streamed_s": round(streamed_s, 3),
-        "skipped_s": round(audio_s - streamed_s, 3),
-        "currency": loaded.manifest.output.currency,
-        "billed_audio_minutes": round(streamed_s / 60, 4),
-        "estimated_cost": round(streamed_s / 60 * price, 4),
-        "billed_audio_minutes_without_skipping": round(audio_s / 60, 4),
-        "estimated_cost_without_skipping": round(audio_s / 60 * price, 4),
-        "cap_billed_minutes": cap,
-        # Whether the run as planned fits its spend cap (null: no cap); a run that does not
-        # stops with exit 7 and the rerun continues.
-        "fits_cap": None if cap is None else streamed_s / 60 <= cap,
-        "plan": [
-            {
-                "item_id": i.item_id,
-                "source": i.source,
-                "channel": i.channel,
-                "duration_s": i.duration_s,
-                "streamed_s": streamed.get(i.item_id),
-                "action": _dry_action(i, chosen, done, no_speech=heard.get(i.item_id) == 0),
-            }
-            for i in items
-        ],
-    }
-    return JobResult(report, None)
-
-
-def _dry_action(item: Item, chosen: set[str], done: set[str], *, no_speech: bool) -> str:
-    """``no_speech``: the detector heard none (only with skip_silence; an empty file
-    streamed whole still opens its session)."""
-    if item.item_id not in chosen:
-        return "skip" if item.item_id in done else "skip: failed before (--no-retry-failed)"
-    if item.error:
-        return f"fail: {item.error}"
-    return "no speech: ok without a session" if no_speech else "stream"
-
-
-def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float]:
-    """Seconds each item would stream with its silence skipped, from the speech detector
-    alone (decoded, never streamed). Items that cannot be decoded are left out."""
-    run = loaded.manifest.run
-    wire = wire_format(loaded)
-    estimates = {}
-    for item in items:
-        audio = DecodedAudio(
-            item.open_path or item.source,
-            wire,
-            channel=item.channel,
-            stream_index=run.stream_index,
-            storage_options=item.storage_options,
-        )
-        try:
-            found = find_speech(
-                audio, None, pad_s=run.skip_silence_pad_s, gap_s=run.skip_silence_gap_s
-            )
-        except InputError as exc:
-            logger.warning("%s", exc)
-            continue
-        estimates[item.item_id] = round(found.timemap.streamed_s, 3)
-    return estimates
+    return JobResult(dry_run_report(loaded, stats, items, done, chosen), None)
 
 
 def exit_code(

@@ -147,11 +147,18 @@ class _AttemptBudget(stop_base):
         return self.failures >= self.max_attempts or self.overloads > self.max_overloads
 
 
-@dataclass
-class Attempts:
-    """How many sessions one item attempted."""
+@dataclass(frozen=True)
+class Tried(Generic[R]):
+    """What retrying one piece of work came to: its ``value``, or the last ``error`` (not
+    worth retrying, or the budget ran out); and how many ``attempts`` that took."""
 
-    count: int = 0
+    attempts: int
+    value: R | None = None
+    error: Exception | None = None
+
+
+def _no_count(attempt: int) -> None:
+    """The default `on_attempt`: nothing to count."""
 
 
 async def with_retries(
@@ -161,11 +168,13 @@ async def with_retries(
     max_attempts: int,
     backoff: Backoff,
     rng: random.Random,
-    record: Attempts,
+    on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
-) -> R:
+) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
-    the budget runs out; re-raises the last error. Each attempt holds a pool slot."""
+    the budget runs out; the last error is returned, not raised (cancellation is raised).
+    Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
+    (before its slot: a run cancelled meanwhile still counts it)."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -189,18 +198,23 @@ async def with_retries(
         sleep=anyio.sleep,
         before_sleep=before_sleep,
     )
-    async for trial in retrying:
-        with trial:
-            record.count += 1
-            async with limit:
-                try:
-                    result = await attempt()
-                except Exception as error:
-                    if classify(error).overloaded:
-                        limit.refused()
-                    raise
-            limit.succeeded()
-            return result
+    attempts = 0
+    try:
+        async for trial in retrying:
+            with trial:
+                attempts += 1
+                on_attempt(attempts)
+                async with limit:
+                    try:
+                        result = await attempt()
+                    except Exception as error:
+                        if classify(error).overloaded:
+                            limit.refused()
+                        raise
+                limit.succeeded()
+                return Tried(attempts, value=result)
+    except Exception as error:  # tenacity re-raised the last attempt's error
+        return Tried(attempts, error=error)
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,10 +14,18 @@ import pytest
 import yaml
 
 from batch.server import FaultConfig, LocalServer, local_server
+from tests.runcli import TIME_UNIT_S, run_cli, run_cli_process, start_cli
 from tests.s3server import S3Bucket, S3Server
 
-# One unit for every wait in the tests; raise it on a slow machine.
-TIME_UNIT_S = float(os.environ.get("PULSE_BATCH_TEST_TIME_UNIT", "1.0"))
+__all__ = ["TIME_UNIT_S", "run_cli", "run_cli_process", "start_cli"]  # the CLI: tests/runcli
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``--dist loadgroup``), the tests of the real recognizer share one
+    worker: one model load, and no two whisper runs fighting for the same two cores."""
+    for item in items:
+        if item.get_closest_marker("whisper"):
+            item.add_marker(pytest.mark.xdist_group("whisper"))
 
 
 @pytest.fixture
@@ -83,31 +89,17 @@ def write_manifest(folder: Path, **sections: Any) -> Path:
     return path
 
 
+def unpaced(manifest: Path) -> None:
+    """Stream a manifest's audio (paced, to give a kill or a signal time to land) at full
+    speed from now on; the items stay the same."""
+    text = manifest.read_text()
+    assert "pace: 1.0" in text, text
+    manifest.write_text(text.replace("pace: 1.0", "pace: 0"))
+
+
 def point_at(manifest: Path, url: str) -> None:
     """Send a manifest written by `write_manifest` to the server at ``url``."""
     manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batch", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s * TIME_UNIT_S,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-def start_cli(*args: str, capture: bool = False) -> subprocess.Popen[str]:
-    """``pulse-batch ARGS`` as a child process, for tests that signal or kill it; its
-    output piped (``capture``, read it with ``communicate``) or discarded."""
-    out = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "batch", *args], stdout=out, stderr=out, text=True
-    )
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:

@@ -96,10 +96,26 @@ def tone_files(
     rate: int = 16000,
 ) -> list[Path]:
     """``count`` mono WAV files of one tone track in ``folder`` (made if missing), named
-    ``name.format(i)``."""
+    ``name.format(i)``: encoded once, copied."""
     folder.mkdir(parents=True, exist_ok=True)
-    track = tone_track(bursts, duration_s, rate)
-    return [write_audio(folder / name.format(i), [track], rate) for i in range(count)]
+    paths = [folder / name.format(i) for i in range(count)]
+    if paths:
+        write_audio(paths[0], [tone_track(bursts, duration_s, rate)], rate)
+        data = paths[0].read_bytes()
+        for path in paths[1:]:
+            path.write_bytes(data)
+    return paths
+
+
+# Three short tones: a call whose three words the synthetic engine names.
+CALL_BURSTS = [Burst(0.2, 0.15, 440), Burst(0.6, 0.15, 660), Burst(1.0, 0.15, 880)]
+
+
+def tone_calls(
+    folder: Path, count: int, duration_s: float = 1.4, bursts: Sequence[Burst] = CALL_BURSTS
+) -> list[Path]:
+    """``count`` calls ``call-0000.wav``... of ``bursts`` (three words by default)."""
+    return tone_files(folder, count, bursts, duration_s, "call-{:04d}.wav")
 
 
 def write_wav_channels(path: Path, channels: Sequence[np.ndarray], rate: int) -> Path:

@@ -150,6 +150,14 @@ class _Recorder:
             self.log.append(request)
 
 
+class _QuietRequestHandler(MotoRequestHandler):
+    """No access-log line per request (the recorder keeps the log): werkzeug's lines would
+    land in the log of a CLI run in this process, as no child's log ever showed them."""
+
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 class _RecordingMotoServer(ThreadedMotoServer):
     """``ThreadedMotoServer`` with its WSGI app wrapped by ``_Recorder``."""
 
@@ -163,7 +171,7 @@ class _RecordingMotoServer(ThreadedMotoServer):
             self._port,
             self.recorder,
             True,
-            request_handler=MotoRequestHandler,
+            request_handler=_QuietRequestHandler,
         )
         self._server_ready_event.set()
         self._server.serve_forever()

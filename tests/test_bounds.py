@@ -41,7 +41,7 @@ def _run(tmp_path: Path, faults: FaultConfig, **run: Any) -> tuple[Any, dict[str
     manifest = write_manifest(tmp_path, run=settings)
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.url)
-        done = run_cli("run", str(manifest), timeout_s=60)
+        done = run_cli("run", str(manifest))
         stats = server.stats
     assert "report: " in done.stdout, done.stdout + done.stderr
     report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
@@ -169,9 +169,7 @@ def _run_against(tmp_path: Path, endpoint: str, **run: Any) -> tuple[Any, dict[s
         pulse={"endpoint": endpoint, "local_engine": "synthetic"},
         run={**FAST_RETRIES, **run},
     )
-    done = run_cli(
-        "run", str(manifest), timeout_s=60, env={"SMALLEST_API_KEY": "sk-unreach-5ecret"}
-    )
+    done = run_cli("run", str(manifest), env={"SMALLEST_API_KEY": "sk-unreach-5ecret"})
     return done, _report(done)
 
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import av
-import duckdb
 import numpy as np
 
 from tests.conftest import (
@@ -21,6 +20,7 @@ from tests.conftest import (
     write_manifest,
 )
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import sql
 
 
 def _media(folder: Path, count: int = 3, seconds: float = 1.0) -> None:
@@ -114,10 +114,9 @@ def test_partition_by_language(tmp_path: Path) -> None:
     assert run_cli("run", str(manifest)).returncode == 0
     folders = {p.parent.name for p in (tmp_path / "out" / "transcripts").rglob("*.parquet")}
     assert folders == {"language=de", "language=en"}
-    rows = duckdb.sql(
-        f"select language, metadata['ticket'] from read_parquet("
-        f"'{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true) order by 1"
-    ).fetchall()
+    rows = sql(
+        tmp_path / "out", "select language, metadata['ticket'] from {transcripts} order by 1"
+    )
     assert rows == [("de", "T-1"), ("en", None)]
     changed = write_manifest(tmp_path, output={"path": "out", "partition_by": ["job"]})
     refused = run_cli("run", str(changed))
@@ -178,7 +177,5 @@ def test_default_audio_stream_or_the_one_asked_for(tmp_path: Path) -> None:
         (folder / "media").symlink_to(media)
         manifest = write_manifest(folder, run={"stream_index": index, "pace": 0})
         assert run_cli("run", str(manifest)).returncode == 0
-        text = duckdb.sql(
-            f"select transcript from read_parquet('{folder}/out/transcripts/**/*.parquet')"
-        ).fetchall()
+        text = sql(folder / "out", "select transcript from {transcripts}")
         assert text == [(word,)]

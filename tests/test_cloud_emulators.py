@@ -16,12 +16,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.needs import missing, need_module
+from tests.runcli import CliResult
+from tests.tables import by_source
 
 BUCKET = "calls"
 
@@ -29,12 +30,6 @@ BUCKET = "calls"
 def _clip(path: Path) -> Path:
     track = tone_track([Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)], 2.5, 16000)
     return write_audio(path, [track], 16000)
-
-
-def _rows(folder: Path) -> dict[str, tuple[object, ...]]:
-    table = f"read_parquet('{folder}/out/transcripts/**/*.parquet', hive_partitioning=true)"
-    query = f"select source, status, error_kind, transcript, error from {table}"
-    return {str(r[0]): r[1:] for r in duckdb.sql(query).fetchall()}
 
 
 class GcsEmulator:
@@ -92,7 +87,7 @@ def gcs() -> Iterator[GcsEmulator]:
 
 def _glob_and_missing_path(
     tmp_path: Path, upload: Callable[[Path, str], object], base: str, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
+) -> CliResult:
     """Upload three objects under ``base`` (two under media/, one outside it), run a glob of
     media/ beside a path to a missing object, and check every row; returns the run."""
     clip = _clip(tmp_path / "a.wav")
@@ -103,7 +98,7 @@ def _glob_and_missing_path(
     )
     done = run_cli("run", str(manifest), env=env)
     assert done.returncode == 1, done.stderr  # the missing object failed
-    assert _rows(tmp_path) == {
+    assert by_source(tmp_path / "out", "status, error_kind, transcript, error") == {
         f"{base}/gone.wav": (
             "failed",
             "not_found",

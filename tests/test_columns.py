@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import numpy as np
 import pytest
 
@@ -20,20 +19,13 @@ from batch.server import local_server
 from batch.session import Endpoint, Timeouts, run_session
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import DEMO_CLIPS, Burst, tone_track, write_audio
+from tests.tables import sql
 
 pytestmark = pytest.mark.anyio
 RATE = 16000
 # Three segments (gaps over the server's 0.6 s end-of-segment silence), one language each
 # for the multilingual test engine: 440 Hz English, 660 Hz Spanish, 880 Hz Japanese.
 BURSTS = [Burst(0.3, 0.3, 440), Burst(1.6, 0.3, 660), Burst(2.9, 0.3, 880)]
-
-
-def sql(out: Path, query: str) -> list[tuple[Any, ...]]:
-    tables = {
-        name: f"read_parquet('{out}/{name}/**/*.parquet', hive_partitioning=true)"
-        for name in ("transcripts", "segments", "words", "utterances")
-    }
-    return duckdb.sql(query.format(**tables)).fetchall()
 
 
 async def _run(tmp_path: Path, pulse: dict[str, Any], **sections: Any) -> Path:

@@ -14,6 +14,7 @@ from batch.manifest import load_manifest
 from batch.session import Timeouts
 from tests.conftest import write_manifest
 from tests.media import Burst, tone_track, write_mp3_probed_short
+from tests.tables import parquet
 
 RATE = 44100
 
@@ -41,8 +42,8 @@ def test_file_longer_than_its_header_is_not_timed_out(tmp_path: Path) -> None:
     result = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert result.report["items"]["ok"] == 1, result.report["failures"]
     assert result.report["attempts"] == 1  # no attempt timed out and was billed for nothing
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
-    w = f"read_parquet('{tmp_path}/out/words/**/*.parquet', hive_partitioning=true)"
+    t = parquet(tmp_path / "out", "transcripts")
+    w = parquet(tmp_path / "out", "words")
     ((duration,),) = duckdb.sql(f"select duration_s from {t}").fetchall()
     assert abs(duration - 21.0) < 0.2  # decoded, not probed
     starts = [s for (s,) in duckdb.sql(f"select start_s from {w} order by idx").fetchall()]

@@ -7,11 +7,11 @@ import re
 import shutil
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import DEMO_CLIPS, SPEECH
+from tests.tables import sql
 
 pytestmark = pytest.mark.whisper
 
@@ -28,14 +28,6 @@ def _word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, start=1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
     return row[-1] / max(1, len(ref))
-
-
-def _query(out: Path, sql: str) -> list[tuple[object, ...]]:
-    tables = {
-        name: f"read_parquet('{out}/{name}/**/*.parquet', hive_partitioning=true)"
-        for name in ("transcripts", "words", "utterances")
-    }
-    return duckdb.sql(sql.format(**tables)).fetchall()
 
 
 def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
@@ -58,9 +50,7 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
 
     assert done.returncode == 1, done.stderr
     out = tmp_path / "out"
-    rows = _query(
-        out, "select source, status, error_kind, transcript, duration_s from {transcripts}"
-    )
+    rows = sql(out, "select source, status, error_kind, transcript, duration_s from {transcripts}")
     by_name = {Path(str(r[0])).name: r for r in rows}
     assert set(by_name) == {*SPEECH, "corrupt.mp3", "call-17.wav"}
     for name, reference in SPEECH.items():
@@ -70,19 +60,19 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
     assert by_name["corrupt.mp3"][1:3] == ("failed", "not_media")
     assert by_name["call-17.wav"][1:3] == ("failed", "not_found")
 
-    outside = _query(
+    outside = sql(
         out,
         "select count(*) from {words} w join {transcripts} t using (item_id)"
         " where w.start_s < 0 or w.end_s > t.duration_s + 0.01 or w.start_s > w.end_s",
     )
     assert outside == [(0,)]
-    in_order = _query(
+    in_order = sql(
         out,
         "select item_id, list(start_s order by idx) = list(start_s order by start_s)"
         " from {words} group by item_id",
     )
     assert all(ok for _, ok in in_order) and len(in_order) == 3
-    assert _query(out, "select count(distinct item_id) from {utterances}") == [(3,)]
+    assert sql(out, "select count(distinct item_id) from {utterances}") == [(3,)]
 
     summary = done.stdout.strip().splitlines()[-1]
     assert "ok=3 failed=2" in summary
@@ -108,7 +98,7 @@ def test_demo_manifest_runs_offline(tmp_path: Path) -> None:
     manifest.write_text(text.replace("pace: 1.0", "pace: 4.0"))
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
-    rows = _query(
+    rows = sql(
         tmp_path / "out",
         "select source, status, transcript, reference, wer, redacted_entities from {transcripts}",
     )

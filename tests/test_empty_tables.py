@@ -18,8 +18,9 @@ from batch.output import TABLES, JobOutput, OutputReader, parquet
 from batch.output.delta import delta_options
 from batch.output.layout import Location
 from batch.output.schema import logical_schema
+from tests import tables as read_back
 from tests.conftest import S3Bucket
-from tests.test_output import rows, write
+from tests.rows import rows, write
 
 CHILDREN = [t for t in TABLES if t != "transcripts"]
 
@@ -29,9 +30,8 @@ def _counts_by_glob(out: Path, *tables: str) -> dict[str, tuple[int, int, int]]:
     counts = {}
     for table in tables or TABLES:
         glob = f"{out}/{table}/**/*.parquet"
-        in_duckdb = duckdb.sql(
-            f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true)"
-        ).fetchall()[0][0]
+        files = read_back.parquet(out, table)
+        in_duckdb = duckdb.sql(f"SELECT count(*) FROM {files}").fetchall()[0][0]
         in_polars = pl.scan_parquet(glob, hive_partitioning=True).collect().height
         in_arrow = ds.dataset(out / table, format="parquet", partitioning="hive").count_rows()
         counts[table] = (in_duckdb, in_polars, in_arrow)
@@ -43,9 +43,7 @@ def test_a_job_whose_items_all_failed_reads_as_empty_tables(tmp_path: Path) -> N
     counts = _counts_by_glob(tmp_path)
     assert counts == {"transcripts": (2, 2, 2), **{t: (0, 0, 0) for t in CHILDREN}}
     # The columns are the table's, partition columns from the folders as usual.
-    words = duckdb.sql(
-        f"SELECT * FROM read_parquet('{tmp_path}/words/**/*.parquet', hive_partitioning=true)"
-    )
+    words = duckdb.sql(f"SELECT * FROM {read_back.parquet(tmp_path, 'words')}")
     assert {"job", "date", "item_id", "word", "start_s"} <= set(words.columns)
     history = OutputReader(tmp_path).history("j")
     assert (history.ok, history.failed) == (set(), {"a", "b"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import anyio
 import pytest
 
 from batch.errors import (
@@ -20,7 +21,7 @@ from batch.errors import (
     error_kind,
     is_unreachable,
 )
-from batch.pool import Backoff
+from batch.pool import AdaptiveLimit, Backoff, Tried, with_retries
 from batch.session import Endpoint
 
 
@@ -87,3 +88,38 @@ def test_backoff_grows_is_capped_and_respects_retry_after() -> None:
     assert backoff.delay_s(1, 3.5, rng) == 3.5  # Retry-After wins when longer,
     assert backoff.delay_s(1, 9.0, rng) == 4.0  # up to the cap
     assert backoff.delay_s(1, 1e8, rng) == 4.0
+
+
+def test_retries_say_what_came_of_them() -> None:
+    """`with_retries` returns its value or its last error, with the attempts it took."""
+
+    async def tries(errors: list[Exception], max_attempts: int = 3) -> tuple[Tried[str], list[int]]:
+        heard: list[int] = []
+
+        async def attempt() -> str:
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+
+        tried = await with_retries(
+            attempt,
+            limit=AdaptiveLimit(1),
+            max_attempts=max_attempts,
+            backoff=Backoff(initial_s=0.001, max_s=0.001),
+            rng=random.Random(0),
+            on_attempt=heard.append,
+        )
+        return tried, heard
+
+    async def main() -> None:
+        transient = [ConnectionLost("dropped"), SessionTimeout("final_timeout_s", 1)]
+        tried, heard = await tries(transient)
+        assert (tried.value, tried.error, tried.attempts, heard) == ("ok", None, 3, [1, 2, 3])
+        fatal = HandshakeRejected(401)
+        tried, heard = await tries([fatal, ConnectionLost("never reached")])
+        assert (tried.value, tried.error, tried.attempts, heard) == (None, fatal, 1, [1])
+        last = ConnectionLost("again")
+        tried, _ = await tries([ConnectionLost("first"), last, ConnectionLost("x")], 2)
+        assert (tried.error, tried.attempts) == (last, 2)  # the budget ran out: the last error
+
+    anyio.run(main)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import pytest
 import srt
 import webvtt
@@ -24,6 +23,7 @@ from batch.model import ItemRows
 from batch.output import JobOutput
 from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import sql
 
 RATE = 16000
 
@@ -184,7 +184,7 @@ def _bursts(count: int, hz: float, first_s: float, step_s: float = 0.5) -> list[
     return [Burst(first_s + i * step_s, 0.3, hz) for i in range(count)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished synthetic job: two files with one stem in different folders, a stereo
     call split into named channels, and a file with a long pause."""
@@ -210,12 +210,13 @@ def job_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _words(out: Path) -> dict[str, list[tuple[str, float, float]]]:
-    rows = duckdb.sql(
-        f"""SELECT t.source, t.channel_name, w.word, w.start_s, w.end_s
-        FROM read_parquet('{out}/words/**/*.parquet', hive_partitioning=true) w
-        JOIN read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) t
-        USING (job, item_id) ORDER BY t.source, t.channel, w.idx"""
-    ).fetchall()
+    rows = sql(
+        out,
+        """SELECT t.source, t.channel_name, w.word, w.start_s, w.end_s
+        FROM {words} w
+        JOIN {transcripts} t
+        USING (job, item_id) ORDER BY t.source, t.channel, w.idx""",
+    )
     by_file: dict[str, list[tuple[str, float, float]]] = {}
     for source, channel_name, word, start, end in rows:
         key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
@@ -231,10 +232,11 @@ def _export(out: Path, *options: str) -> str:
 
 
 def _expected_names(out: Path) -> dict[str, str]:
-    ids = duckdb.sql(
-        f"""SELECT source, channel_name, item_id FROM
-        read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"""
-    ).fetchall()
+    ids = sql(
+        out,
+        """SELECT source, channel_name, item_id FROM
+        {transcripts}""",
+    )
     names = {}
     for source, channel_name, item_id in ids:
         key = f"{Path(source).parent.name}/{Path(source).stem}.{channel_name or 'ch0'}"
@@ -292,10 +294,11 @@ def test_where_and_item_pick_the_files(job_output: Path, tmp_path: Path) -> None
     where = tmp_path / "w"
     _export(job_output, "--format", "txt", "--to", str(where), "--where", "channel_name=customer")
     assert [p.name for p in where.iterdir()] == ["call.customer.txt"]
-    item_id = duckdb.sql(
-        f"""SELECT item_id FROM read_parquet('{job_output}/transcripts/**/*.parquet',
-        hive_partitioning=true) WHERE channel_name = 'agent' AND source LIKE '%call.wav'"""
-    ).fetchall()[0]
+    item_id = sql(
+        job_output,
+        "SELECT item_id FROM {transcripts}"
+        " WHERE channel_name = 'agent' AND source LIKE '%call.wav'",
+    )[0]
     _export(job_output, "--format", "vtt", "--to", str(tmp_path / "i"), "--item", item_id[0][:10])
     assert [p.name for p in (tmp_path / "i").iterdir()] == ["call.agent.vtt"]
     # Default folder: under the output's _exports (readers ignore `_` folders).

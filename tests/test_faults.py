@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 from batch.server import FaultConfig
 from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
+from tests.tables import counts, sql
 
 ITEMS = 8
 BURSTS = [Burst(0.3, 0.2, 440), Burst(0.9, 0.2, 660), Burst(1.5, 0.2, 880)]
@@ -41,13 +41,10 @@ def _run_against(
 
 
 def _assert_complete_and_unique(out: Path) -> None:
-    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    w = f"read_parquet('{out}/words/**/*.parquet', hive_partitioning=true)"
-    rows = duckdb.sql(f"select count(*), count(distinct item_id) from {t} where status='ok'")
-    assert rows.fetchall() == [(ITEMS, ITEMS)]
-    words = duckdb.sql(f"select count(*), count(distinct (item_id, idx)) from {w}").fetchall()
-    assert words == [(ITEMS * len(BURSTS), ITEMS * len(BURSTS))]
-    texts = duckdb.sql(f"select distinct transcript from {t}").fetchall()
+    found = counts(out)
+    assert (found.ok, found.ok_items) == (ITEMS, ITEMS)
+    assert found.words == found.distinct_words == ITEMS * len(BURSTS)
+    texts = sql(out, "select distinct transcript from {transcripts}")
     assert texts == [("tone440 tone660 tone880",)]
 
 

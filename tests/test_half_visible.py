@@ -11,14 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from batch.cli import app
 from batch.errors import ExitCode, OutputError
 from batch.job import RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
 from batch.output import OutputReader, delta, parquet
-from tests.conftest import write_manifest
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
 
@@ -78,26 +76,23 @@ async def test_a_plan_left_pending_shows_no_ok_row_without_its_words_and_readers
 
     exported = tmp_path / "exported"
     shutil.copytree(out, exported)
-    docs = CliRunner().invoke(
-        app,
-        [
-            "export",
-            str(exported),
-            "--job",
-            "test-job",
-            "--format",
-            "json",
-            "--to",
-            str(tmp_path / "docs"),
-        ],
+    docs = run_cli(
+        "export",
+        str(exported),
+        "--job",
+        "test-job",
+        "--format",
+        "json",
+        "--to",
+        str(tmp_path / "docs"),
     )
-    assert docs.exit_code == 0, docs.output
+    assert docs.returncode == 0, docs.output
     for document in (tmp_path / "docs").glob("*.json"):
         assert json.loads(document.read_text())["words"], document.name
     assert not list((exported / "_staging" / "test-job").glob("*/PLAN.json"))
 
-    told = CliRunner().invoke(app, ["status", str(out), "--job", "test-job"])
-    assert told.exit_code == 0, told.output  # the plan was finished: all three ok
+    told = run_cli("status", str(out), "--job", "test-job")
+    assert told.returncode == 0, told.output  # the plan was finished: all three ok
     assert not pending.exists() and _half_visible(out) == []
 
 
@@ -123,17 +118,13 @@ async def test_a_killed_delta_force_run_is_refused_by_export_and_not_done_in_sta
         forced = await run_job(load_manifest(manifest), RunOptions(force=True))
     assert exit_code(forced.report) == ExitCode.OUTPUT
 
-    docs = CliRunner().invoke(
-        app, ["export", str(out), "--job", "test-job", "--to", str(tmp_path / "d")]
-    )
-    assert docs.exit_code == ExitCode.OUTPUT, docs.output
+    docs = run_cli("export", str(out), "--job", "test-job", "--to", str(tmp_path / "d"))
+    assert docs.returncode == ExitCode.OUTPUT, docs.output
     assert "half-committed by a killed run" in docs.output and "run the job again" in docs.output
-    told = CliRunner().invoke(app, ["status", str(out), "--job", "test-job"])
-    assert told.exit_code == 1 and "2 item(s) have some of their tables only" in told.output
+    told = run_cli("status", str(out), "--job", "test-job")
+    assert told.returncode == 1 and "2 item(s) have some of their tables only" in told.output
 
     assert exit_code((await run_job(load_manifest(manifest))).report) == 0  # redoes them
-    docs = CliRunner().invoke(
-        app, ["export", str(out), "--job", "test-job", "--to", str(tmp_path / "d")]
-    )
-    assert docs.exit_code == 0, docs.output
-    assert CliRunner().invoke(app, ["status", str(out), "--job", "test-job"]).exit_code == 0
+    docs = run_cli("export", str(out), "--job", "test-job", "--to", str(tmp_path / "d"))
+    assert docs.returncode == 0, docs.output
+    assert run_cli("status", str(out), "--job", "test-job").returncode == 0

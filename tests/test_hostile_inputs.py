@@ -13,21 +13,19 @@ from pathlib import Path
 
 import anyio
 import av
-import duckdb
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from batch import job as jobs
 from batch import plausible
-from batch.cli import app
 from batch.decode import probe
 from batch.errors import InputError, ManifestError
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
-from tests.conftest import write_manifest
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import S3Bucket
+from tests.tables import by_source
 
 ENDPOINT = "wss://waves-api.smallest.ai/api/v1/pulse/get_text"
 
@@ -39,8 +37,8 @@ def _manifest(folder: Path, text: str) -> Path:
 
 
 def _validate(manifest: Path) -> tuple[int, str]:
-    done = CliRunner().invoke(app, ["validate", str(manifest)])
-    return done.exit_code, done.output
+    done = run_cli("validate", str(manifest))
+    return done.returncode, done.output
 
 
 ALIAS_BOMB = """version: 1
@@ -195,9 +193,7 @@ def _clip(path: Path, hz: int = 440) -> Path:
 
 
 def _transcripts(out: Path) -> dict[str, tuple[object, ...]]:
-    table = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    query = f"select source, status, error_kind, error, reference from {table}"
-    return {Path(str(r[0])).name: r[1:] for r in duckdb.sql(query).fetchall()}
+    return by_source(out, "status, error_kind, error, reference", name_only=True)
 
 
 def test_a_local_list_reads_references_only_under_its_folder(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import duckdb
@@ -19,20 +18,19 @@ from tests.conftest import (
     run_cli,
     server_in_thread,
     start_cli,
+    unpaced,
     write_manifest,
 )
+from tests.media import CALL_BURSTS, tone_calls
+from tests.runcli import CliResult
 from tests.s3server import FAKE_SECRET, S3Bucket
-from tests.test_resume import BURSTS, _tone_files
+from tests.tables import counts
 
 
 def _counts(location: str, job: str = "test-job") -> tuple[int, int, int, int, int]:
     """(rows, distinct items, ok rows, word rows, distinct (item, idx) words) of a job."""
-    t = OutputReader(location).table("transcripts", job, ["item_id", "status"])
-    w = OutputReader(location).table("words", job, ["item_id", "idx"])
-    items = t["item_id"].to_pylist()
-    words = list(zip(w["item_id"].to_pylist(), w["idx"].to_pylist(), strict=True))
-    ok = t["status"].to_pylist().count("ok")
-    return len(items), len(set(items)), ok, len(words), len(set(words))
+    found = counts(location, job)
+    return found.rows, found.items, found.ok, found.words, found.distinct_words
 
 
 def _delta_manifest(tmp_path: Path, path: str, **run: object) -> Path:
@@ -45,7 +43,7 @@ def _delta_manifest(tmp_path: Path, path: str, **run: object) -> Path:
 def test_delta_output_in_a_bucket_keeps_one_row_per_item(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    files = _tone_files(tmp_path / "media", 4)
+    files = tone_calls(tmp_path / "media", 4)
     good = files[0].read_bytes()
     files[0].write_text("not audio")
     url = s3_bucket.url("lake")
@@ -77,7 +75,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
     count = 10
-    _tone_files(tmp_path / "media", count)
+    tone_calls(tmp_path / "media", count)
     url = s3_bucket.url("lake")
     manifest = _delta_manifest(tmp_path, url, concurrency=3, pace=1.0)
     manifest.write_text(
@@ -89,17 +87,18 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
         kill_when(process, lambda: len(OutputReader(url).history("test-job").ok) >= 3, 60)
         killed_at = len(OutputReader(url).history("test-job").ok)
         assert 3 <= killed_at < count, "the kill should land part-way"
+        unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
     assert f"skipped={killed_at}" in rerun.stdout
-    assert _counts(url) == (count, count, count, count * len(BURSTS), count * len(BURSTS))
+    assert _counts(url) == (count, count, count, count * len(CALL_BURSTS), count * len(CALL_BURSTS))
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_two_jobs_write_one_delta_output_at_once(
     tmp_path: Path, where: str, s3_bucket: S3Bucket
 ) -> None:
-    _tone_files(tmp_path / "media", 6)
+    tone_calls(tmp_path / "media", 6)
     location = s3_bucket.url("shared") if where == "bucket" else str(tmp_path / "shared")
     manifests = []
     for job in ("alpha", "beta"):
@@ -119,7 +118,7 @@ def test_two_jobs_write_one_delta_output_at_once(
 
 
 def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Path) -> None:
-    _tone_files(tmp_path / "media", 5)
+    tone_calls(tmp_path / "media", 5)
     manifest = _delta_manifest(tmp_path, "out")
     assert run_cli("run", str(manifest)).returncode == 0
     assert run_cli("run", str(manifest), "--force").returncode == 0
@@ -145,7 +144,7 @@ def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Pa
 def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
-    _tone_files(tmp_path / "media", 1)
+    tone_calls(tmp_path / "media", 1)
     manifest = _delta_manifest(tmp_path, "s3://no-such-bucket-pulse/lake")
     done = run_cli("run", str(manifest))
     assert done.returncode == 5, done.stderr
@@ -153,7 +152,7 @@ def test_a_delta_output_in_a_missing_bucket_is_an_output_error(
     assert "Traceback" not in done.stderr and FAKE_SECRET not in done.stderr
 
 
-def _one_clean_line(done: subprocess.CompletedProcess[str], url: str) -> str:
+def _one_clean_line(done: CliResult, url: str) -> str:
     """The error is one line naming ``url``: no colour codes, no Rust error chain, no
     traceback, no secret."""
     assert done.returncode == 5, done.stdout + done.stderr
@@ -179,7 +178,7 @@ def test_delta_with_credentials_the_store_refuses_says_what_to_set(
 ) -> None:
     from moto.core.authorization import enable_iam_authentication
 
-    _tone_files(tmp_path / "media", 1)
+    tone_calls(tmp_path / "media", 1)
     url = s3_bucket.url("lake")
     manifest = _delta_manifest(tmp_path, url)
     assert run_cli("run", str(manifest)).returncode == 0

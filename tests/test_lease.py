@@ -3,6 +3,7 @@ loopback S3 server (moto server mode)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -79,12 +80,28 @@ def test_a_lapsed_lease_is_taken_over_once_and_its_old_holder_cannot_renew(
 
 
 def test_an_orphaned_lease_of_this_host_is_taken_at_once(s3_bucket: S3Bucket) -> None:
+    """A lease far from running out whose holder on this host is gone is taken over at once;
+    the same lease held by a live process of this host is not."""
     client = _client(s3_bucket)
     url = s3_bucket.url("out/_locks/j/shard-1-of-2.lease")
-    dead = Holder(HOST, _gone_pid(), "shard 1/2 of a killed run", expires_at=4e9)
     bucket, key = url.removeprefix("s3://").split("/", 1)
+
+    def holder_now() -> Holder | None:
+        return Holder.from_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    live = Holder(HOST, os.getppid(), "shard 1/2 of a live run", expires_at=4e9)
+    client.put_object(Bucket=bucket, Key=key, Body=live.to_bytes())
+    with pytest.raises(LockedError, match="shard 1/2 of a live run"):
+        S3Lease(client, url, "rerun").acquire()
+    assert holder_now() == live
+
+    dead = Holder(HOST, _gone_pid(), "shard 1/2 of a killed run", expires_at=4e9)
     client.put_object(Bucket=bucket, Key=key, Body=dead.to_bytes())
-    S3Lease(client, url, "rerun").acquire()
+    rerun = S3Lease(client, url, "rerun")
+    rerun.acquire()
+    taken = holder_now()
+    assert taken is not None and (taken.host, taken.pid, taken.note) == (HOST, os.getpid(), "rerun")
+    assert rerun.renew()  # the lease is the rerun's now
 
 
 def test_job_and_shard_leases_exclude_as_the_local_locks_do(s3_bucket: S3Bucket) -> None:

@@ -22,6 +22,7 @@ from batch.plan import expand_sources, make_items
 from batch.score import read_reference
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import parquet
 
 
 def _loaded(tmp_path: Path, inputs: list[dict[str, Any]], **run: Any) -> LoadedManifest:
@@ -77,7 +78,7 @@ def test_bad_listed_paths_become_failed_rows(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, inputs=[{"list": "list.jsonl"}])
     result = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert result.report["items"]["ok"] == 1 and result.report["items"]["failed"] == 4
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    t = parquet(tmp_path / "out", "transcripts")
     kinds = duckdb.sql(f"select error_kind, source from {t} order by source").fetchall()
     by_kind = sorted(kind or "ok" for kind, _ in kinds)
     assert by_kind == ["bad_path", "bad_path", "not_found", "ok", "symlink_loop"]
@@ -93,7 +94,7 @@ def test_a_dangling_symlink_a_glob_matches_is_a_failed_row_naming_it(tmp_path: P
     manifest = write_manifest(tmp_path, inputs=[{"glob": "media/*.wav"}])
     result = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert result.report["items"]["ok"] == 1 and result.report["items"]["failed"] == 2
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    t = parquet(tmp_path / "out", "transcripts")
     rows = duckdb.sql(f"select source, status, error_kind, error from {t} order by source")
     by_name = {
         Path(source).name: (status, kind, error) for source, status, kind, error in rows.fetchall()

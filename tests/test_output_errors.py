@@ -14,7 +14,7 @@ import pytest
 
 from batch.output import OutputReader, store_errors
 from tests.conftest import run_cli, write_manifest
-from tests.test_resume import _tone_files
+from tests.media import tone_calls
 
 
 def _mount(target: Path, *options: str) -> None:
@@ -68,10 +68,10 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
 ) -> None:
     out = tmp_path / "out"
     with small_disk(out):
-        _tone_files(tmp_path / "media", 3)
+        tone_calls(tmp_path / "media", 3)
         manifest = write_manifest(tmp_path, output={"path": "out", "commit_every_items": 1})
         assert run_cli("run", str(manifest)).returncode == 0
-        for path in _tone_files(tmp_path / "more", 10):  # new work for the next runs
+        for path in tone_calls(tmp_path / "more", 10):  # new work for the next runs
             path.rename(tmp_path / "media" / f"more-{path.name}")
         filler = _fill(out)
 

@@ -34,6 +34,7 @@ from batch.server.odd import ODD_VALUES
 from batch.session import Endpoint, SessionResult, Timeouts, run_session
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import parquet
 
 pytestmark = pytest.mark.anyio
 RATE = 16000
@@ -361,8 +362,8 @@ async def test_odd_values_fail_only_their_item_and_nothing_odd_is_stored(tmp_pat
         )
         result = await run_job(load_manifest(manifest))
     out = tmp_path / "out"
-    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    w = f"read_parquet('{out}/words/**/*.parquet', hive_partitioning=true)"
+    t = parquet(out, "transcripts")
+    w = parquet(out, "words")
     by_status = dict(duckdb.sql(f"select status, count(*) from {t} group by 1").fetchall())
     assert by_status == {"ok": items - failing, "failed": failing}
     kinds = duckdb.sql(f"select distinct error_kind from {t} where status='failed'").fetchall()

@@ -16,9 +16,8 @@ from typing import Any
 
 import duckdb
 import pytest
-from typer.testing import CliRunner
 
-from batch.cli import app
+from tests.conftest import run_cli
 from tests.needs import need_module
 
 pytestmark = pytest.mark.whisper
@@ -62,10 +61,11 @@ def test_make_install_installs_no_test_tools() -> None:
         assert tool not in commands, f"make install runs {tool}: a test tool"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of `jobs/` where `make run`'s own `pulse-batch` lines have run (unpaced, so
-    the demo's 27 s of audio take a few seconds); yields the folder they ran in."""
+    the demo's 27 s of audio take a few seconds); yields the folder they ran in. Made once
+    per session: the tests only read it (and xdist may interleave other modules)."""
     folder = tmp_path_factory.mktemp("readme")
     shutil.copytree(ROOT / "jobs" / "demo", folder / "jobs" / "demo")
     manifest = (ROOT / "jobs" / "demo.yaml").read_text(encoding="utf-8")
@@ -77,8 +77,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.chdir(folder)
     try:
         for line in lines:
-            done = CliRunner().invoke(app, shlex.split(line)[1:])
-            assert done.exit_code == 0, (line, done.output, done.exception)
+            done = run_cli(*shlex.split(line)[1:])
+            assert done.returncode == 0, (line, done.output)
     finally:
         os.chdir(before)
     yield folder
@@ -135,10 +135,10 @@ def test_the_first_manifest_validates_and_plans(
     monkeypatch.chdir(tmp_path)
     validate, dry_run = (shlex.split(line, comments=True) for line in commands.splitlines()[:2])
     assert validate == ["pulse-batch", "validate", "calls.yaml"]
-    done = CliRunner().invoke(app, validate[1:])
-    assert done.exit_code == 0, done.output
+    done = run_cli(*validate[1:])
+    assert done.returncode == 0, done.output
     assert "recordings/**/*.wav" in done.output and "cancel.wav" in done.output
     assert dry_run == ["pulse-batch", "run", "calls.yaml", "--dry-run"]
-    done = CliRunner().invoke(app, dry_run[1:])
-    assert done.exit_code == 0, done.output
+    done = run_cli(*dry_run[1:])
+    assert done.returncode == 0, done.output
     assert "cancel.wav" in done.output

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import pytest
 
 from batch.decode import DecodedAudio, WireFormat
@@ -27,19 +26,16 @@ from batch.storage import read_failure, store_answer
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import FAKE_SECRET, Fault, S3Bucket
+from tests.tables import by_source
 
 BURSTS = [Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)]
+
+ROW = "status, error_kind, error, attempts, transcript"  # a transcripts row, by source
 
 
 def _clip(path: Path, seconds: float = 2.5) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_audio(path, [tone_track(BURSTS, seconds, 16000)], 16000)
-
-
-def _rows(out: Path) -> dict[str, tuple[object, ...]]:
-    table = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    query = f"select source, status, error_kind, error, attempts, transcript from {table}"
-    return {str(r[0]): r[1:] for r in duckdb.sql(query).fetchall()}
 
 
 class _Watch(Observer):
@@ -86,7 +82,7 @@ def test_a_stalled_read_does_not_hold_up_another_session(
     assert watch.fault.released == [True], "the stall ran to its bound: the loop was blocked"
     assert watch.order == [quick, slow]
     assert result.report["items"]["ok"] == 2, result.report["failures"]
-    rows = _rows(tmp_path / "out")
+    rows = by_source(tmp_path / "out", ROW)
     assert rows[slow][4] == "tone440 tone880" and rows[quick][4] == "tone440 tone880"
 
 
@@ -204,7 +200,7 @@ def test_throttled_reads_are_retried_and_a_missing_object_is_not(
         run={"concurrency": 3, "max_attempts": 2, "backoff_initial_s": 0.05},
     )
     result = anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
-    rows = _rows(tmp_path / "out")
+    rows = by_source(tmp_path / "out", ROW)
     status, kind, error, attempts, transcript = rows[urls["throttled.wav"]]
     assert (status, attempts, transcript) == ("ok", 2, "tone440 tone880"), error
     assert faults["throttled"].applied == S3FileSystem.retries
@@ -237,7 +233,7 @@ def test_a_denied_object_is_a_permission_failure_without_retry(
         run={"max_attempts": 3},
     )
     anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
-    status, kind, error, attempts, _ = _rows(tmp_path / "out")[url]
+    status, kind, error, attempts, _ = by_source(tmp_path / "out", ROW)[url]
     assert (status, kind, attempts) == ("failed", "permission", 1)
     assert str(error).startswith(f"{url}: access denied")
     assert sum(f.applied for f in denied) >= 1
@@ -322,6 +318,6 @@ def test_the_speech_search_reads_again_when_throttled(s3_bucket: S3Bucket, tmp_p
         run={"skip_silence": True, "max_attempts": 2},
     )
     anyio.run(run_job, load_manifest(manifest), RunOptions(), _ArmAfterPlanning(arm))
-    status, kind, error, _, _ = _rows(tmp_path / "out")[url]
+    status, kind, error, _, _ = by_source(tmp_path / "out", ROW)[url]
     assert (status, kind) == ("ok", None), error
     assert faults[0].applied == S3FileSystem.retries  # the first pass failed, the second read

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import anyio
-import duckdb
 import jiwer
 import pytest
 
@@ -18,8 +17,11 @@ from batch.manifest import load_manifest
 from batch.score import normalise, score, summarise
 from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import by_source
 
 RATE = 16000
+
+ROW = "language, transcript, reference, wer, cer, metadata"  # by file name
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ def _track(hz: list[int]) -> list[Burst]:
     return [Burst(0.2 + 0.5 * i, 0.3, f) for i, f in enumerate(hz)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scored_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic job from a CSV list with inline references, a reference file and metadata."""
     root = tmp_path_factory.mktemp("score")
@@ -140,16 +142,8 @@ def scored_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _rows(out: Path) -> dict[str, tuple[object, ...]]:
-    rows = duckdb.sql(
-        f"""SELECT source, language, transcript, reference, wer, cer, metadata
-        FROM read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"""
-    ).fetchall()
-    return {Path(str(r[0])).name: r[1:] for r in rows}
-
-
 def test_run_stores_wer_and_cer_equal_to_jiwer(scored_job: Path) -> None:
-    rows = _rows(scored_job / "out")
+    rows = by_source(scored_job / "out", ROW, name_only=True)
     for name in ("a.wav", "b.wav", "c.wav"):
         language, transcript, reference, wer, cer, metadata = rows[name]
         ref, hyp = (
@@ -201,7 +195,7 @@ def test_score_command_after_the_fact_gives_the_same_figures(scored_job: Path) -
     )
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout)
-    stored = _rows(scored_job / "out")
+    stored = by_source(scored_job / "out", ROW, name_only=True)
     by_name = {Path(i["source"]).name: i for i in body["items"]}
     assert set(by_name) == {"a.wav", "b.wav", "c.wav"}
     for name, item in by_name.items():

@@ -13,6 +13,7 @@ from batch.errors import ManifestError
 from batch.server import FaultConfig
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
+from tests.tables import parquet
 
 KEY = "sk-live-7f3c9a2b4d6e8f10a1b2"
 ITEMS = 6
@@ -67,7 +68,7 @@ def test_key_echoed_in_503_bodies_and_error_messages_stays_out(tmp_path: Path) -
     assert stats.faults["refuse_5xx"] >= 1 and stats.faults["error"] >= 1
     assert done.returncode == 1, done.stdout + done.stderr
     _assert_nowhere(KEY, done, tmp_path)
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
+    t = parquet(tmp_path / "out", "transcripts")
     errors = duckdb.sql(f"select error_kind, error from {t} where status='failed'").fetchall()
     kinds = {kind for kind, _ in errors}
     assert {"http_503", "server_error"} <= kinds | {"connection_lost"}
@@ -190,25 +191,9 @@ def test_credential_headers_and_fields_are_redacted_by_pattern() -> None:
     assert redact_credentials(plain) == plain
 
 
-@pytest.fixture
-def restored_logging() -> Any:
-    """The CLI replaces the root handler and levels; put them back for the next test."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("", "batch", "batch.server")]
-    saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
-    yield
-    for lg, handlers, level in saved:
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-
-
 def test_a_profile_session_token_never_reaches_a_verbose_log(
-    tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch, restored_logging: Any
+    tmp_path: Path, s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from typer.testing import CliRunner
-
-    from batch.cli import app
     from tests.s3server import FAKE_KEY_ID, FAKE_SECRET
 
     _media(tmp_path / "local")
@@ -225,8 +210,8 @@ def test_a_profile_session_token_never_reaches_a_verbose_log(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(profile))
     monkeypatch.setenv("AWS_PROFILE", "batch")
     manifest = write_manifest(tmp_path, inputs=[{"path": url}], run={"max_attempts": 1})
-    done = CliRunner().invoke(app, ["run", str(manifest), "-v"])
-    assert done.exit_code == 0, done.output
+    done = run_cli("run", str(manifest), "-v")
+    assert done.returncode == 0, done.stdout + done.stderr
     logged = done.stderr
     assert "botocore.auth" in logged and "x-amz-security-token: [redacted]" in logged
     assert "'X-Amz-Security-Token': b'[redacted]'" in logged

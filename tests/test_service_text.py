@@ -19,18 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 import srt
 import webvtt
-from typer.testing import CliRunner
 from websockets.asyncio.server import ServerConnection, serve
 
-from batch.cli import app
 from batch.collect import TIME_MARGIN_S, Collected, time_quality
 from batch.credentials import REDACTED, Scrubber
 from batch.errors import ExitCode
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
-from tests.conftest import write_manifest
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
+from tests.tables import parquet
 
 RATE = 16000
 DURATION_S = 3.0
@@ -93,13 +92,7 @@ def _last() -> str:
 
 
 def _export(out: Path, fmt: str, to: Path) -> Any:
-    return CliRunner().invoke(
-        app, ["export", str(out), "--job", "test-job", "--format", fmt, "--to", str(to)]
-    )
-
-
-def _table(out: Path, table: str) -> str:
-    return f"read_parquet('{out}/{table}/**/*.parquet', hive_partitioning=true)"
+    return run_cli("export", str(out), "--job", "test-job", "--format", fmt, "--to", str(to))
 
 
 # --- odd text and odd times --------------------------------------------------------------
@@ -127,7 +120,7 @@ def test_odd_service_text_exports_as_valid_escaped_cues_in_time_order(
     out = tmp_path / "out"
     for fmt in ("vtt", "srt", "json", "txt"):
         done = _export(out, fmt, tmp_path / fmt)
-        assert done.exit_code == 0, done.output
+        assert done.returncode == 0, done.output
         files = sorted((tmp_path / fmt).glob(f"*.{fmt}"))
         assert len(files) == 3
         assert all(b"\x00" not in f.read_bytes() and b"\x07" not in f.read_bytes() for f in files)
@@ -158,7 +151,7 @@ def test_words_past_the_end_of_the_recording_set_quality(tmp_path: Path) -> None
     counts = _run(tmp_path, _late_script, items=2)
     assert counts["ok"] == 2, counts
     rows = duckdb.sql(
-        f"select word_count, quality from {_table(tmp_path / 'out', 'transcripts')} "
+        f"select word_count, quality from {parquet(tmp_path / 'out', 'transcripts')} "
         "order by word_count"
     ).fetchall()
     assert rows[0] == (1, None)  # a clean item stays clean
@@ -175,7 +168,7 @@ def test_one_item_that_cannot_be_exported_is_named_and_the_rest_are(
     out = tmp_path / "out"
     # A words row no subtitle time can hold (as a table written by another tool may have).
     victim = duckdb.sql(
-        f"select item_id, source from {_table(out, 'transcripts')} order by source limit 1"
+        f"select item_id, source from {parquet(out, 'transcripts')} order by source limit 1"
     ).fetchall()[0]
     for path in (out / "words").rglob("*.parquet"):
         table = pq.read_table(path)
@@ -185,7 +178,7 @@ def test_one_item_that_cannot_be_exported_is_named_and_the_rest_are(
                 row["end_s"] = 1e300
         pq.write_table(type(table).from_pylist(rows, schema=table.schema), path)
     done = _export(out, "srt", tmp_path / "srt")
-    assert done.exit_code == ExitCode.ITEMS_FAILED, done.output
+    assert done.returncode == ExitCode.ITEMS_FAILED, done.output
     assert f"{victim[1]} could not be exported" in done.stderr
     assert "Traceback" not in done.output
     assert "2 srt file(s)" in done.stdout
@@ -229,8 +222,8 @@ def test_a_key_echoed_json_escaped_is_stored_and_exported_nowhere(
     assert counts == {**counts, "ok": 2, "failed": 1}, counts
     out = tmp_path / "out"
     for fmt in ("srt", "vtt", "json", "txt"):
-        assert _export(out, fmt, tmp_path / "exports" / fmt).exit_code == 0
-    t = _table(out, "transcripts")
+        assert _export(out, fmt, tmp_path / "exports" / fmt).returncode == 0
+    t = parquet(out, "transcripts")
     ok = duckdb.sql(
         f"select transcript, full_transcript, redacted_entities from {t} where status='ok'"
     ).fetchall()
@@ -238,7 +231,7 @@ def test_a_key_echoed_json_escaped_is_stored_and_exported_nowhere(
     assert ok[0][2][0] == REDACTED and REDACTED in ok[0][2][1]
     errors = duckdb.sql(f"select error from {t} where status='failed'").fetchall()
     assert len(errors) == 1 and REDACTED in errors[0][0]
-    words = duckdb.sql(f"select distinct word from {_table(out, 'words')}").fetchall()
+    words = duckdb.sql(f"select distinct word from {parquet(out, 'words')}").fetchall()
     assert words == [(REDACTED,)]
     written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     forms = {KEY, _escaped(KEY), _php(KEY), json.dumps(KEY)[1:-1], KEY[:12], KEY[-12:]}

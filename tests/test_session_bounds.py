@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import psutil
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -33,14 +32,13 @@ from batch.pulse.bounds import ReplyBounds, ReplyMeter
 from batch.server import FaultConfig
 from tests.conftest import TIME_UNIT_S, point_at, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
+from tests.tables import sql
 
 BURSTS = [Burst(0.3, 0.2, 440), Burst(1.2, 0.2, 660)]
 
 
 def _rows(out: Path) -> list[tuple[Any, ...]]:
-    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    query = f"select status, error_kind, error, attempts from {t} order by source"
-    return duckdb.sql(query).fetchall()
+    return sql(out, "select status, error_kind, error, attempts from {transcripts} order by source")
 
 
 # --- the budget, pure ------------------------------------------------------------
@@ -160,8 +158,7 @@ async def test_a_cumulative_full_transcript_counts_only_what_it_adds(tmp_path: P
         point_at(manifest, url)
         result = await run_job(load_manifest(manifest), RunOptions())
     assert result.report["items"]["ok"] == 1, result.report["failures"]
-    t = f"read_parquet('{tmp_path}/out/transcripts/**/*.parquet', hive_partitioning=true)"
-    [(full,)] = duckdb.sql(f"select full_transcript from {t}").fetchall()
+    [(full,)] = sql(tmp_path / "out", "select full_transcript from {transcripts}")
     assert full == " ".join(words)
 
 

@@ -12,9 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from deltalake import write_deltalake
-from typer.testing import CliRunner
 
-from batch.cli import app
 from batch.errors import ExitCode, LockedError, ShardCountConflict
 from batch.job import JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
@@ -23,7 +21,7 @@ from batch.output import TABLES, JobOutput, OutputReader
 from batch.output.delta import delta_options
 from batch.output.layout import Location
 from batch.shard import Shard
-from tests.conftest import TIME_UNIT_S, write_manifest
+from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import S3Bucket
 
@@ -90,8 +88,8 @@ def test_another_shard_count_is_refused_with_exit_8(tmp_path: Path, place: dict[
             _open(place, Shard(0, 3))
         with _open(place, Shard(0, 2)):  # the same count runs beside it
             pass
-        done = CliRunner().invoke(app, ["run", str(manifest), "--shard", "0/1"])
-        assert done.exit_code == 8, done.output
+        done = run_cli("run", str(manifest), "--shard", "0/1")
+        assert done.returncode == 8, done.output
         assert "run with --shard I/2" in done.output
     with _open(place, Shard(0, 3)):  # free again once shard 1/2 is gone
         pass
@@ -199,8 +197,8 @@ async def test_duplicate_rows_fail_status_and_the_next_run_keeps_the_latest(
     _duplicate_every_row(place)
     assert len(_run_ids(place, "transcripts")) == 6
 
-    told = CliRunner().invoke(app, ["status", place["path"], "--job", "test-job"])
-    assert told.exit_code == 1, told.output
+    told = run_cli("status", place["path"], "--job", "test-job")
+    assert told.returncode == 1, told.output
     assert "3 item(s) have more than one row" in told.output
     assert "job test-job: incomplete" in told.output
 
@@ -210,4 +208,4 @@ async def test_duplicate_rows_fail_status_and_the_next_run_keeps_the_latest(
         rows = _run_ids(place, table)
         assert {run_id for _, run_id in rows} == {"overlap"}  # each item's latest result
     assert len(_run_ids(place, "transcripts")) == 3 and len(_run_ids(place, "words")) == words
-    assert CliRunner().invoke(app, ["status", place["path"], "--job", "test-job"]).exit_code == 0
+    assert run_cli("status", place["path"], "--job", "test-job").returncode == 0

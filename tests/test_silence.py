@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import numpy as np
 import pytest
 
@@ -21,6 +20,7 @@ from batch.server import LocalServer
 from tests.calls import Call, demo_voices, hold_music, make_call
 from tests.conftest import run_cli, server_in_thread, write_manifest
 from tests.media import DEMO_CLIPS, Burst, tone_track, write_audio
+from tests.tables import sql
 
 RATE = 16000
 WITHIN_S = 0.02 + 1e-9  # 20 ms (whisper's own time step), with float rounding
@@ -41,12 +41,11 @@ def _run(folder: Path, server: LocalServer, run: dict[str, Any], **sections: Any
 def _words(out: Path) -> list[tuple[Any, ...]]:
     """Words by channel and time, each as the word alone: a piece that ends at a cut may
     end its sentence there, so whisper's punctuation and case on it are no difference."""
-    rows = duckdb.sql(
-        f"select t.channel, w.word, w.start_s, w.end_s, w.time_adjusted "
-        f"from read_parquet('{out}/words/**/*.parquet', hive_partitioning=true) w "
-        f"join read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) t "
-        f"using (item_id) order by t.channel, w.start_s"
-    ).fetchall()
+    rows = sql(
+        out,
+        "select t.channel, w.word, w.start_s, w.end_s, w.time_adjusted"
+        " from {words} w join {transcripts} t using (item_id) order by t.channel, w.start_s",
+    )
     return [(row[0], _bare(row[1]), *row[2:]) for row in rows]
 
 
@@ -55,11 +54,12 @@ def _bare(word: str) -> str:
 
 
 def _transcripts(out: Path) -> list[tuple[Any, ...]]:
-    return duckdb.sql(
-        f"select channel, status, duration_s, streamed_s, word_count "
-        f"from read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) "
-        f"order by channel"
-    ).fetchall()
+    return sql(
+        out,
+        "select channel, status, duration_s, streamed_s, word_count "
+        "from {transcripts} "
+        "order by channel",
+    )
 
 
 def _received_s(server: LocalServer) -> float:
@@ -86,7 +86,7 @@ def _plain_and_skipped(
     return outs[0], outs[1], received[0], received[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def call(tmp_path_factory: pytest.TempPathFactory) -> Call:
     folder = tmp_path_factory.mktemp("calls") / "media"
     folder.mkdir()
@@ -124,9 +124,7 @@ def test_skipping_keeps_every_sound_at_its_time_and_streams_far_less(
         # The clips' own quiet lead-ins and tails go too; their sound all stays (above).
         assert streamed_s > 0.7 * call.speech_s(channel)
     if split:
-        pieces = duckdb.sql(
-            f"select min(pieces) from read_parquet('{skipped}/transcripts/**/*.parquet')"
-        ).fetchall()
+        pieces = sql(skipped, "select min(pieces) from {transcripts}")
         assert pieces[0][0] == 2
 
 
@@ -265,10 +263,7 @@ def test_spend_cap_stops_the_run_and_the_rerun_finishes(tmp_path: Path) -> None:
     manifest.write_text(manifest.read_text().replace("max_billed_minutes: 0.45", ""))
     third = run_cli("run", str(manifest))
     assert third.returncode == 0, third.stderr
-    sources = duckdb.sql(
-        f"select source from read_parquet('{tmp_path}/out/transcripts/**/*.parquet') "
-        "where status = 'ok'"
-    ).fetchall()
+    sources = sql(tmp_path / "out", "select source from {transcripts} where status = 'ok'")
     assert sorted(Path(str(s[0])).name for s in sources) == [f"call{n}.wav" for n in range(5)]
 
 

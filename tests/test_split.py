@@ -6,12 +6,12 @@ import itertools
 import random
 from pathlib import Path
 
-import duckdb
 import numpy as np
 
 from batch.split import FRAME_S, choose_cuts
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_format
+from tests.tables import sql
 
 RATE = 16000
 
@@ -43,12 +43,6 @@ def test_cuts_land_in_the_quietest_place_near_the_target() -> None:
     assert all(b > a for a, b in itertools.pairwise(cuts))
 
 
-def _query(out: Path, sql: str) -> list[tuple[object, ...]]:
-    t = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    w = f"read_parquet('{out}/words/**/*.parquet', hive_partitioning=true)"
-    return duckdb.sql(sql.format(t=t, w=w)).fetchall()
-
-
 def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
@@ -77,7 +71,9 @@ def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
         assert server.stats.max_open <= 4
         pieces_seen = server.stats.sessions_opened
     out = tmp_path / "out"
-    rows = _query(out, "select source, pieces, duration_s, word_count from {t} order by source")
+    rows = sql(
+        out, "select source, pieces, duration_s, word_count from {transcripts} order by source"
+    )
     (long_src, pieces, long_duration, count), (_, short_pieces, _, _) = rows
     assert Path(str(long_src)).name == "board-meeting.flac"
     assert int(str(pieces)) >= 6 and short_pieces == 1
@@ -85,9 +81,10 @@ def test_long_file_streams_in_pieces_with_exact_times(tmp_path: Path) -> None:
     assert abs(float(str(long_duration)) - duration) < 0.001
     assert count == len(truth)
 
-    words = _query(
+    words = sql(
         out,
-        "select w.start_s, w.end_s, w.piece, w.idx from {w} w join {t} t using (item_id)"
+        "select w.start_s, w.end_s, w.piece, w.idx from {words} w"
+        " join {transcripts} t using (item_id)"
         " where t.source like '%board-meeting.flac' order by w.idx",
     )
     assert [int(str(w[3])) for w in words] == list(range(len(truth)))
@@ -119,10 +116,11 @@ def test_split_channels_and_long_files_together(tmp_path: Path) -> None:
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
-    per_channel = _query(
+    per_channel = sql(
         out,
-        "select channel, count(*), count(distinct word), min(pieces) from {w} w join {t} t "
-        "using (item_id, channel) group by channel order by channel",
+        "select channel, count(*), count(distinct word), min(pieces)"
+        " from {words} w join {transcripts} t using (item_id, channel)"
+        " group by channel order by channel",
     )
     assert per_channel == [
         (0, len(left), 1, per_channel[0][3]),
@@ -152,7 +150,7 @@ def test_cuts_find_short_pauses_between_dense_sounds(tmp_path: Path) -> None:
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
-    words = _query(out, "select start_s, piece from {w} order by idx")
+    words = sql(out, "select start_s, piece from {words} order by idx")
     assert len({w[1] for w in words}) >= 3
     assert len(words) == len(bursts)
     for (start, _), burst in zip(words, bursts, strict=True):
@@ -184,7 +182,7 @@ def test_a_failed_piece_fails_the_item_and_counts_every_attempt(tmp_path: Path) 
         done = run_cli("run", str(manifest))
         opened = server.stats.sessions_opened
     assert done.returncode == 1
-    rows = _query(tmp_path / "out", "select status, error_kind, error, attempts from {t}")
+    rows = sql(tmp_path / "out", "select status, error_kind, error, attempts from {transcripts}")
     assert len(rows) == 1
     status, kind, error, attempts = rows[0]
     assert (status, kind) == ("failed", "connection_lost")

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from batch.decode import DecodedAudio, WireFormat, probe
@@ -24,19 +23,16 @@ from batch.storage import BLOCK_BYTES
 from tests.conftest import run_cli, write_manifest
 from tests.media import DEMO_CLIPS, SPEECH, Burst, onsets_s, tone_track, write_audio
 from tests.s3server import FAKE_KEY_ID, FAKE_SECRET, S3Bucket
+from tests.tables import by_source
 
 BURSTS = [Burst(0.5, 0.3, 440), Burst(1.5, 0.3, 880)]
+
+ROW = "status, error_kind, transcript, item_id"  # a transcripts row, by source
 
 
 def _clip(path: Path, seconds: float = 2.5, rate: int = 16000) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_audio(path, [tone_track(BURSTS, seconds, rate)], rate)
-
-
-def _rows(out: Path) -> dict[str, tuple[object, ...]]:
-    table = f"read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true)"
-    rows = duckdb.sql(f"select source, status, error_kind, transcript, item_id from {table}")
-    return {str(r[0]): r[1:] for r in rows.fetchall()}
 
 
 def _loaded(folder: Path, inputs: list[dict[str, object]]) -> LoadedManifest:
@@ -66,7 +62,7 @@ def test_glob_a_bucket_end_to_end(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     # The endpoint and keys reach the subprocess only through the standard AWS_* variables.
     done = run_cli("run", "-v", str(manifest), env=s3_bucket.env)
     assert done.returncode == 1, done.stderr  # two items failed
-    rows = _rows(tmp_path / "out")
+    rows = by_source(tmp_path / "out", ROW)
     url = f"s3://{bucket}/media/"
     assert {s: r[:2] for s, r in rows.items()} == {
         f"{url}a.wav": ("ok", None),
@@ -83,7 +79,7 @@ def test_glob_a_bucket_end_to_end(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     again = run_cli("run", str(manifest), env=s3_bucket.env)
     summary = again.stdout.splitlines()[-1]
     assert " ok=0 failed=2 skipped=2 " in summary, summary  # bad inputs are tried again
-    assert _rows(tmp_path / "out") == rows
+    assert by_source(tmp_path / "out", ROW) == rows
     _assert_no_secret(done.stdout, done.stderr, again.stdout, again.stderr, folder=tmp_path)
 
 
@@ -307,7 +303,7 @@ def test_a_web_url_is_one_item_read_in_ranges(
     manifest = write_manifest(tmp_path, inputs=[{"path": f"{base}/{name}"} for name in names])
     done = run_cli("run", str(manifest))
     assert done.returncode == 1, done.stderr
-    rows = _rows(tmp_path / "out")
+    rows = by_source(tmp_path / "out", ROW)
     assert {s: r[:3] for s, r in rows.items()} == {
         f"{base}/call.wav": ("ok", None, "tone440 tone880"),
         f"{base}/gone.wav": ("failed", "not_found", None),
@@ -333,7 +329,7 @@ def test_real_speech_from_a_bucket(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     )
     done = run_cli("run", str(manifest), env=s3_bucket.env)
     assert done.returncode == 0, done.stderr
-    (status, _, transcript, _) = _rows(tmp_path / "out")[url]
+    (status, _, transcript, _) = by_source(tmp_path / "out", ROW)[url]
     assert status == "ok"
     assert str(transcript).lower().strip(" .") == SPEECH[name]
     _assert_no_secret(done.stdout, done.stderr, folder=tmp_path)

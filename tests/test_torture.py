@@ -1,5 +1,9 @@
-"""Kill torture: many SIGKILLs at random moments (some in the middle of a commit), mixing
---force runs and failing sessions; afterwards every item has exactly one row."""
+"""Kill torture: SIGKILLs at chosen moments (some in the middle of a commit), mixing --force
+runs and failing sessions; afterwards every item has exactly one row.
+
+The default suite kills a few times at moments chosen to cover each case: in a commit of a
+first run and of a --force run (rows superseded), and mid-run at random. The long forms
+(30 and 8 kills at random moments) are marked ``slow`` (`make test-all`)."""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ import pytest
 from batch.output import OutputReader
 from batch.server import FaultConfig
 from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
-from tests.media import Burst
-from tests.test_resume import _tone_files
+from tests.media import Burst, tone_files
 
-KILLS = 30
 ITEMS = 16
+COMMIT = "commit"  # a kill as soon as a batch is being committed
+RANDOM = "random"  # a kill at a random moment of the run
 
 
 def _staged_batches(out: Path) -> list[Path]:
@@ -30,13 +34,9 @@ def _staged_batches(out: Path) -> list[Path]:
 
 
 def _kill_one(
-    manifest: Path,
-    out: Path,
-    rng: random.Random,
-    force: bool,
-    staged: bool,
+    manifest: Path, out: Path, rng: random.Random, force: bool, moment: str,
     whole_run_s: dict[bool, float],
-) -> tuple[bool, bool]:
+) -> tuple[bool, bool]:  # fmt: skip
     """Start a run and SIGKILL it: at a random moment, or as soon as a batch is being
     committed. Returns whether it was killed (not finished first), and whether a commit
     was in progress at the kill. ``whole_run_s`` remembers how long an unkilled run of each
@@ -44,7 +44,7 @@ def _kill_one(
     args = [sys.executable, "-m", "batch", "run", str(manifest), *(["--force"] if force else [])]
     started = time.monotonic()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    in_commit = staged and rng.random() < 0.5
+    in_commit = moment == COMMIT
     # A run starts committing a second or two in (interpreter start, planning).
     if in_commit:
         wait_s = 6.0 * TIME_UNIT_S
@@ -65,16 +65,46 @@ def _kill_one(
     return process.returncode == -signal.SIGKILL, committing
 
 
+# (--force, moment) per run, in order: commits of a first run, of --force runs (which
+# rewrite files to drop superseded rows) and of a rerun replacing failed rows; random
+# moments of --force runs (planning, streaming, between batches: a --force run redoes every
+# item, so it is long enough to be caught). Delta commits each table on its own, so a random
+# kill may fall between a batch's words and its transcripts.
+CHOSEN = {
+    "parquet": [(False, COMMIT), (True, COMMIT), (True, RANDOM), (False, COMMIT), (True, RANDOM)],
+    "delta": [(False, RANDOM), (True, RANDOM), (True, RANDOM)],
+}
+
+
+def _schedule(fmt: str, form: str) -> list[tuple[bool, str]]:
+    """The chosen kills, or the long form: 30 (Parquet, half in a commit) or 8 (Delta) at
+    random, every third run --force."""
+    if form == "chosen":
+        return CHOSEN[fmt]
+    rng = random.Random(7)
+    kills = 30 if fmt == "parquet" else 8
+    return [
+        (n % 3 == 0, COMMIT if fmt == "parquet" and rng.random() < 0.5 else RANDOM)
+        for n in range(kills)
+    ]
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("fmt", "kills"), [("parquet", KILLS), ("delta", 8)])
-def test_random_sigkills_leave_exactly_one_row_per_item(
-    tmp_path: Path, fmt: str, kills: int
-) -> None:
-    """Parquet: 30 kills, half of them as soon as a batch is being staged. Delta (one
-    commit per table, so a kill can fall between a batch's words and its transcripts):
-    fewer, at random moments."""
+@pytest.mark.parametrize(
+    ("fmt", "form"),
+    [
+        ("parquet", "chosen"),
+        ("delta", "chosen"),
+        pytest.param("parquet", "random", marks=pytest.mark.slow),
+        pytest.param("delta", "random", marks=pytest.mark.slow),
+    ],
+)
+def test_sigkills_leave_exactly_one_row_per_item(tmp_path: Path, fmt: str, form: str) -> None:
+    """Parquet: kills in commits (one redo-log batch each) and at random moments. Delta (one
+    commit per table, so a kill can fall between a batch's words and its transcripts): at
+    random moments."""
     rng = random.Random(11)
-    _tone_files(tmp_path / "media", ITEMS, duration_s=0.4, bursts=[Burst(0.05, 0.1, 440)])
+    tone_files(tmp_path / "media", ITEMS, [Burst(0.05, 0.1, 440)], 0.4, "call-{:04d}.wav")
     (tmp_path / "media" / "broken.wav").write_text("not audio")  # fails in every run
     manifest = write_manifest(
         tmp_path,
@@ -83,24 +113,23 @@ def test_random_sigkills_leave_exactly_one_row_per_item(
     )
     out = tmp_path / "out"
     faults = FaultConfig(seed=5, error_rate=0.2, fault_at_max_s=0.2)  # some items fail
+    schedule = _schedule(fmt, form)
     landed = committing = 0
     whole_run_s: dict[bool, float] = {}
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.url)
-        for attempt in range(4 * kills):  # bounded: a run may finish before its kill
-            force = attempt % 3 == 0
-            killed, in_commit = _kill_one(
-                manifest, out, rng, force, staged=fmt == "parquet", whole_run_s=whole_run_s
-            )
+        for force, moment in schedule:
+            for _ in range(4):  # bounded: a run, or its commit, may end before the kill
+                killed, in_commit = _kill_one(manifest, out, rng, force, moment, whole_run_s)
+                if killed and (in_commit or moment == RANDOM):
+                    break
             landed += killed
             committing += killed and in_commit
-            if landed == kills:
-                break
         final = run_cli("run", str(manifest))
-    assert landed == kills
+    assert landed == len(schedule), f"only {landed} of {len(schedule)} kills landed"
     assert final.returncode == 1, final.stderr  # broken.wav, and sessions the server failed
-    if fmt == "parquet":
-        assert committing >= 3, f"only {committing} kills landed during a commit"
+    wanted = sum(moment == COMMIT for _, moment in schedule)
+    assert committing >= wanted, f"only {committing} of {wanted} kills landed during a commit"
 
     transcripts = OutputReader(out).table("transcripts", "test-job").to_pylist()
     items = [r["item_id"] for r in transcripts]

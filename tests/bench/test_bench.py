@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.bench.results import publish
-from tests.conftest import run_cli, server_in_thread, write_manifest
+from tests.conftest import run_cli_process, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio, write_format
 
 pytestmark = pytest.mark.bench
@@ -75,7 +75,7 @@ def _makespan(tmp: Path, media: Path, name: str, **run: Any) -> float:
     with server_in_thread() as server:
         text = manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
         manifest.write_text(text)
-        done = run_cli("run", str(manifest), timeout_s=900)
+        done = run_cli_process("run", str(manifest), timeout_s=900)
     assert done.returncode == 0, done.stderr
     report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
     return float(report["wall_s"])
@@ -297,7 +297,7 @@ def test_force_with_small_commits_costs_at_most_twice_a_normal_run(tmp_path: Pat
             manifest.read_text().replace("endpoint: local", f"endpoint: {server.url}")
         )
         for args in ([], ["--force"]):
-            done = run_cli("run", str(manifest), *args, timeout_s=900)
+            done = run_cli_process("run", str(manifest), *args, timeout_s=900)
             assert done.returncode == 0, done.stderr
             report = json.loads(Path(done.stdout.split("report: ")[1].split()[0]).read_text())
             assert report["items"]["ok"] == 300

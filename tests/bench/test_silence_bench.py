@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import duckdb
 import numpy as np
 import pytest
 
@@ -30,6 +29,7 @@ from tests.bench.results import publish
 from tests.calls import Call, espeak_voice, make_call
 from tests.conftest import server_in_thread, write_manifest
 from tests.needs import missing
+from tests.tables import sql
 
 pytestmark = pytest.mark.bench
 RESULTS: dict[str, Any] = {}
@@ -172,12 +172,11 @@ def _errors(reference: list[str], hypothesis: list[str]) -> int:
 
 
 def _per_channel(out: Path) -> dict[tuple[str, int], list[tuple[str, float, float]]]:
-    rows = duckdb.sql(
-        f"select t.source, t.channel, w.word, w.start_s, w.end_s "
-        f"from read_parquet('{out}/words/**/*.parquet', hive_partitioning=true) w "
-        f"join read_parquet('{out}/transcripts/**/*.parquet', hive_partitioning=true) t "
-        f"using (item_id) order by t.source, t.channel, w.idx"
-    ).fetchall()
+    rows = sql(
+        out,
+        "select t.source, t.channel, w.word, w.start_s, w.end_s from {words} w"
+        " join {transcripts} t using (item_id) order by t.source, t.channel, w.idx",
+    )
     words: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
     for source, channel, word, start, end in rows:
         words.setdefault((Path(source).name, channel), []).append((word, start, end))

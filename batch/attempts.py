@@ -1,0 +1,193 @@
+"""One attempt path: any unit of work streamed through Pulse sessions, retried.
+
+A *unit* is one session's worth of work: a whole item, or one piece of a long one. `Sessions`
+streams a unit's audio with retries (`pool.with_retries`) inside the pool's adaptive limit,
+the spend cap and the refusal streak, and says what came of it (a `Tried[Streamed]`). The
+one thing it raises is `JobAborted`, for an answer no item can get past (from that answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from batch import __version__
+from batch.budget import SpendCap
+from batch.errors import (
+    HandshakeRejected,
+    JobAborted,
+    NotStarted,
+    Scope,
+    ServiceRefusing,
+    ServiceUnreachable,
+    classify,
+    is_refusal,
+    is_unreachable,
+)
+from batch.limits import reply_bounds, session_timeouts
+from batch.manifest import RunConfig
+from batch.model import Item
+from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_retries
+from batch.report import RunStats
+from batch.session import AudioSource, Endpoint, SessionResult, run_session
+from batch.timemap import TimeMap
+
+logger = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    def item_done(
+        self, item: Item, ok: bool, audio_s: float, failure: str | None = None
+    ) -> None: ...
+
+    def pieces_done(self, item: Item, done: int, total: int | None) -> None: ...
+
+    def sessions_open(self, count: int) -> None: ...
+
+
+class StreamedAudio(AudioSource, Protocol):
+    """What a session streams, and afterwards how much audio it holds."""
+
+    @property
+    def duration_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One session's worth of work. ``piece`` None: the whole item; a piece streams what
+    its ``timemap`` says from the item's cache."""
+
+    item: Item
+    piece: int | None = None
+    timemap: TimeMap | None = None
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A session that worked: what it returned, and the seconds of audio it streamed."""
+
+    session: SessionResult
+    audio_s: float
+
+
+class Sessions:
+    """The run's sessions: where they go, how many at once, when to stop trying."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        stats: RunStats,
+        endpoint: Endpoint,
+        api_key: str | None,
+        progress: Progress,
+        pool: Pool[Unit],
+        cap: SpendCap,
+    ) -> None:
+        self.run = run
+        self.stats = stats
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.progress = progress
+        self.pool = pool
+        self.cap = cap
+        # A shard opens only its share of run.concurrency (stats.concurrency).
+        self.limit = AdaptiveLimit(stats.concurrency)
+        self.refusals = RefusalStreak(run.max_refusals_in_a_row)
+        self.backoff = Backoff(run.backoff_initial_s, run.backoff_max_s)
+        self.rng = random.Random()
+        shard = f" shard/{stats.shard}" if stats.shard else ""
+        self.user_agent = f"pulse-batch/{__version__}{shard}"
+
+    async def stream(
+        self,
+        unit: Unit,
+        make_audio: Callable[[], StreamedAudio],
+        duration_s: float | None,
+        recorded_s: float | None = None,
+    ) -> Tried[Streamed]:
+        """Stream the audio ``make_audio`` makes (afresh for each attempt) until a session
+        works or retrying cannot help. ``duration_s``: the audio each attempt streams (None:
+        not known before); ``recorded_s``: the recording's audio it stands for (what
+        streaming it all would bill; by default the same).
+
+        Raises `JobAborted` (from the answer) when no item could get past it."""
+        label = session_label(unit.item, unit.piece)
+        tried = await with_retries(
+            lambda: self._attempt(unit.item, make_audio(), duration_s, recorded_s, label),
+            limit=self.limit,
+            max_attempts=self.run.max_attempts,
+            backoff=self.backoff,
+            rng=self.rng,
+            on_attempt=self._counted,
+        )
+        if tried.error is not None and classify(tried.error).scope is Scope.JOB:
+            raise JobAborted(str(tried.error)) from tried.error
+        return tried
+
+    def _counted(self, attempt: int) -> None:
+        self.stats.attempts += 1
+        if attempt > 1:
+            self.stats.retries += 1
+
+    async def _attempt(
+        self,
+        item: Item,
+        audio: StreamedAudio,
+        duration_s: float | None,
+        recorded_s: float | None,
+        label: str,
+    ) -> Streamed:
+        if self.pool.stopping:  # a signal or the cap came while this waited for a slot
+            raise NotStarted("the run is stopping: the session was not started")
+        reserved_s = duration_s or 0.0
+        self.cap.admit(reserved_s)
+        self.progress.sessions_open(self.limit.open_now)
+        watch = self.refusals.watch()
+        try:
+            result = await run_session(
+                self.endpoint,
+                item.options,
+                audio,
+                api_key=self.api_key,
+                pace=self.run.pace,
+                timeouts=session_timeouts(self.run, duration_s),
+                user_agent=self.user_agent,
+                on_open=watch.opened,
+                label=label,
+                bounds=reply_bounds(self.run),
+            )
+        except Exception as error:
+            if isinstance(error, HandshakeRejected):
+                self.stats.refused_handshakes += 1
+            if is_unreachable(error) and self.refusals.refused():
+                raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
+            if is_refusal(error) and self.refusals.refused():
+                raise ServiceRefusing(self.refusals.count, error) from error
+            raise
+        finally:
+            watch.ended()
+            self.cap.settle(reserved_s, audio.duration_s)
+            self.stats.billed_audio_s += audio.duration_s
+            unskipped = recorded_s if recorded_s is not None else audio.duration_s
+            self.stats.billed_unskipped_s += unskipped
+        self.stats.busy_session_s += result.busy_s
+        self.stats.connect_s.append(result.connect_s)
+        if result.first_final_s is not None:
+            self.stats.first_final_s.append(result.first_final_s)
+        self.stats.end_to_last_s.append(result.end_to_last_s)
+        return Streamed(result, audio.duration_s)
+
+
+def session_label(item: Item, piece: int | None = None) -> str:
+    """What a session streams, for its log lines: the source, then its channel (and the
+    channel's name) and piece when it has them."""
+    parts = [item.source]
+    if item.channel is not None:
+        named = f" ({item.channel_name})" if item.channel_name else ""
+        parts.append(f"channel {item.channel}{named}")
+    if piece is not None:
+        parts.append(f"piece {piece}")
+    return ", ".join(parts)
