@@ -22,7 +22,9 @@ from batch.errors import (
     NotStarted,
     Scope,
     ServiceRefusing,
+    ServiceStalling,
     ServiceUnreachable,
+    SessionStalled,
     classify,
     is_refusal,
     is_unreachable,
@@ -166,6 +168,8 @@ class Sessions:
                 raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
             if is_refusal(error) and self.refusals.refused():
                 raise ServiceRefusing(self.refusals.count, error) from error
+            if isinstance(error, SessionStalled) and watch.stalled():
+                raise ServiceStalling(self.refusals.stalls, error) from error
             raise
         finally:
             watch.ended()

@@ -24,8 +24,10 @@
         ├── ServerReported       an error message from the service      (retry)
         ├── ProtocolViolation    a frame we cannot parse                (retry)
         ├── SessionTimeout       a named wait ran out                   (retry)
+        ├── SessionStalled       fed speech, answered nothing (liveness) (retry)
         └── ServiceRefusing      refused N times in a row, none open    (stop the job, exit 6)
-            └── ServiceUnreachable  could not connect N times in a row  (stop the job, exit 6)
+            ├── ServiceUnreachable  could not connect N times in a row  (stop the job, exit 6)
+            └── ServiceStalling  N sessions in a row stalled, none ended (stop the job, exit 6)
 
 Every exit code the command line gives is in `ExitCode`, and its meaning in `EXIT_MEANINGS`
 (the table docs/resilience.md shows, checked by a test); `exit_code_for` maps the errors the
@@ -224,6 +226,26 @@ class SessionTimeout(SessionError):
         self.seconds = seconds
 
 
+class SessionStalled(SessionError):
+    """The service took audio and stopped answering: ``speech_s`` seconds of speech (by
+    the detector) went unanswered, and then ``waited_s`` seconds with no more audio (after
+    a ``finalize`` probe where the endpoint has one) brought no answer either. The session
+    was aborted; the rest of the recording was not fed to it (`batch.pulse.liveness`)."""
+
+    kind = "stalled"
+
+    def __init__(self, speech_s: float, audio_s: float, waited_s: float, probed: bool) -> None:
+        probe = " and a finalize probe" if probed else ""
+        super().__init__(
+            f"the service stopped answering: nothing for {speech_s:.1f} s of speech "
+            f"({audio_s:.1f} s of audio){probe}, nor in {waited_s:g} s of waiting; "
+            "aborted the session (run.stall_after_speech_s sets the bound)"
+        )
+        self.speech_s = speech_s
+        self.audio_s = audio_s
+        self.waited_s = waited_s
+
+
 class ServiceRefusing(SessionError):
     """The service refused ``refusals`` sessions in a row while none of ours was open: it
     accepts nothing now, and grinding on would take days. Stops the job."""
@@ -256,6 +278,23 @@ class ServiceUnreachable(ServiceRefusing):
         )
         self.refusals = failures
         self.host = host
+
+
+class ServiceStalling(ServiceRefusing):
+    """``stalls`` sessions in a row stalled (took audio, answered nothing) and none ended
+    otherwise: the service is up but transcribes nothing. Stops the job."""
+
+    kind = "service_stalling"
+
+    def __init__(self, stalls: int, last: BaseException) -> None:
+        SessionError.__init__(
+            self,
+            f"{stalls} sessions in a row stalled: the service took audio and answered nothing "
+            f"(last: {last}); stopped rather than retry every item for hours. Check the "
+            "service's status, then rerun (run.max_refusals_in_a_row sets how many stalls "
+            "in a row stop a job)",
+        )
+        self.refusals = stalls
 
 
 class ExitCode(IntEnum):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from batch.manifest import RunConfig
 from batch.pulse.bounds import ReplyBounds
+from batch.pulse.liveness import LivenessPolicy
 from batch.session import Timeouts
 
 # An attempt whose audio length is unknown before it streams gets a deadline for this much.
@@ -25,6 +26,8 @@ def session_timeouts(run: RunConfig, duration_s: float | None) -> Timeouts:
         deadline_per_audio_s=run.session_deadline_factor / (run.pace or 1.0),
         deadline_slack_s=run.session_deadline_slack_s,
         write_timeout_s=run.write_timeout_s,
+        # The probe is answered like the end signal is: the same wait (batch.pulse.liveness).
+        liveness=LivenessPolicy(run.stall_after_speech_s, answer_wait_s=run.final_timeout_s),
     )
 
 

@@ -275,6 +275,7 @@ class RunConfig(_Strict):
     backoff_initial_s: float = Field(0.5, ge=0)
     # Also caps a Retry-After: a service asking for days waits this long.
     backoff_max_s: float = Field(30.0, ge=0)
+    stall_after_speech_s: float = Field(15.0, ge=0)  # fed unanswered: stalled (0: off)
     # The service refused this many sessions in a row with none of ours open: stop (exit 6).
     max_refusals_in_a_row: int = Field(30, ge=1)
     job_deadline_s: float | None = Field(None, gt=0)

@@ -92,13 +92,16 @@ class RefusalStreak:
     pool shrinks to it); only refusals with nothing open count, and any session that opens
     resets the count. Failed connections (nothing listening, DNS, TLS) count the same way:
     an endpoint that cannot be reached refuses everything too. `refused` says when
-    ``limit`` is reached.
+    ``limit`` is reached. Stalls (a session that took audio and answered nothing) are
+    counted apart, in a row of attempts that ended (`SessionWatch.stalled`): a service
+    that stalls every session refuses everything as surely as one that says no.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
         self.open_now = 0
+        self.stalls = 0
 
     def refused(self) -> bool:
         if self.open_now == 0:
@@ -116,6 +119,13 @@ class SessionWatch:
     def __init__(self, streak: RefusalStreak) -> None:
         self._streak = streak
         self._open = False
+        self._stalled = False
+
+    def stalled(self) -> bool:
+        """This attempt stalled; True when stalls in a row reached the limit."""
+        self._stalled = True
+        self._streak.stalls += 1
+        return self._streak.stalls >= self._streak.limit
 
     def opened(self) -> None:
         self._open = True
@@ -126,6 +136,8 @@ class SessionWatch:
         if self._open:
             self._open = False
             self._streak.open_now -= 1
+            if not self._stalled:  # any other end (an answer, another failure) breaks a row
+                self._streak.stalls = 0
 
 
 class _AttemptBudget(stop_base):

@@ -7,13 +7,10 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import logging
 import math
 import re
-import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
+from batch import hangup
 from batch.credentials import Scrubber
 from batch.errors import (
     ConnectionLost,
@@ -39,10 +37,12 @@ from batch.errors import (
     SessionTimeout,
     Unreachable,
 )
+from batch.hangup import ResettingConnection
 from batch.pulse import protocol
 from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
+from batch.stallwatch import DEFAULT_POLICY, LivenessPolicy, StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Timeouts:
     # Each send (an audio chunk, the end signal) must be taken by the peer within this: a
     # peer that stops reading fills the socket's buffers, and a send then waits forever.
     write_timeout_s: float = 30.0
+    liveness: LivenessPolicy = DEFAULT_POLICY  # when a silent service is stalled
 
     def grown_deadline_s(self, audio_sent_s: float) -> float:
         """The session deadline (seconds from its start) once ``audio_sent_s`` was sent."""
@@ -233,7 +234,7 @@ class _Stream:
         result: SessionResult,
         timeouts: Timeouts,
         generation: protocol.Generation,
-        diarize: bool,
+        options: protocol.PulseOptions,
         scrubber: Scrubber,
         deadline: anyio.CancelScope | None = None,
         label: str = "a session",
@@ -242,7 +243,8 @@ class _Stream:
         self.ws = ws
         self.label = label  # what is streamed (source, channel, piece), for log lines
         self.generation = generation
-        self.diarize = diarize
+        self.diarize = options.diarize
+        self.watch = StallWatch(timeouts.liveness, generation, options, label)
         self.scrubber = scrubber
         self.deadline = deadline  # the session's, moved later as audio is sent
         self.began = anyio.current_time()
@@ -293,7 +295,7 @@ class _Stream:
         """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
         if self.started_at is None:
             self.started_at = time.monotonic()
-        await self._send(chunk)
+        await self.watch.send(self._send, chunk, position_s)  # none once the service is silent
         self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:
@@ -358,6 +360,7 @@ class _Stream:
             logger.debug("ignored a %r message from the service", self.scrubber.scrub(message.kind))
             return False
         self.heard = self.heard or bool(message.transcript or message.words)
+        self.watch.answered(message)
         self._note_coerced(message.dropped)
         if not self.diarize:
             message = message.without_speakers()
@@ -378,20 +381,6 @@ class _Stream:
             result.end_to_last_s = time.monotonic() - self.end_sent_at
             return True
         return False
-
-
-def _abort(ws: ClientConnection) -> None:
-    """Drop an abandoned connection (a failure, the deadline, a stop) at once.
-
-    A close from a cancelled scope never runs, and a plain close of a socket whose peer
-    stopped reading leaves an orphan in FIN-WAIT holding the queued audio for minutes: a
-    zero linger makes the kernel reset it and free its queues now.
-    """
-    sock = ws.transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    ws.transport.abort()
 
 
 async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
@@ -448,6 +437,7 @@ async def run_session(
                 max_queue=_MAX_QUEUED_MESSAGES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
+                create_connection=ResettingConnection,  # no FIN-WAIT orphans
                 logger=_wire_logger,
             ) as ws:
                 opened = time.monotonic()
@@ -459,16 +449,16 @@ async def run_session(
                     result,
                     timeouts,
                     endpoint.generation,
-                    options.diarize,
+                    options,
                     scrubber,
                     deadline,
                     label or "a session",
                     bounds,
                 )
                 try:
-                    await _stream_both(stream, audio, pace)
+                    await _stream_both(stream, stream.watch.wrap(audio), pace)
                 except BaseException:
-                    _abort(ws)
+                    hangup.abort(ws)
                     raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:

@@ -136,6 +136,7 @@ def test_the_error_drawing_and_exit_code_for_agree() -> None:
         "JobAborted": errors.JobAborted("401"),
         "ServiceRefusing": errors.ServiceRefusing(3, RuntimeError("429")),
         "ServiceUnreachable": errors.ServiceUnreachable(3, RuntimeError("refused"), "h:1"),
+        "ServiceStalling": errors.ServiceStalling(3, RuntimeError("silent")),
     }
     drawn = {
         name: int(code)

@@ -37,9 +37,10 @@ def _blocks(section: str, language: str) -> list[str]:
 
 
 def _make_dry_run(target: str) -> list[str]:
-    """The commands `make -n target` would run (make itself is the point here)."""
+    """The commands `make -n -B target` would run, whether or not its stamps are fresh (make
+    itself is the point here)."""
     done = subprocess.run(
-        ["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, timeout=60
+        ["make", "-n", "-B", "-C", str(ROOT), target], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, f"make -n {target}: {done.stderr}"
     return done.stdout.splitlines()

@@ -144,7 +144,7 @@ async def test_key_echoed_inside_a_transcript_is_not_stored() -> None:
         result,
         Timeouts(),
         protocol.Generation.LEGACY,
-        False,
+        protocol.PulseOptions(),
         Scrubber(KEY),
     )
     frame = {"session_id": "s", "transcript": f"your key is {KEY}", "is_final": True,

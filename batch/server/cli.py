@@ -146,6 +146,14 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    stall_after_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Sessions go silent after this many seconds of audio (keep reading, "
+            "never answer or close); fault_limit caps how many.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     allow_open: Annotated[
         bool,
         typer.Option(
@@ -188,6 +196,7 @@ def serve(
         "fault_limit": fault_limit,
         "retry_after_header": retry_after_header,
         "echo_authorization": echo_authorization,
+        "stall_after_s": stall_after_s,
     }
     faults = _fault_config(fault_config, flags)
     try:

@@ -23,6 +23,10 @@ odd_values    the next final (with words, for word-level variants) carries one o
               field value (`batch.server.odd`): NaN or reversed times, ``"word":
               null``, ``"is_final": "false"``, ``"language": 5``, ... The variant is
               drawn per session from ``odd_value_kinds`` (empty: all of them).
+silent        ``stall_after_s`` (not a rate: every session the draw leaves unfaulted,
+              up to ``fault_limit``): after that much audio the server sends nothing
+              more, not even for ``finalize`` or the end signal, while it keeps reading
+              (and counting, in its stats) the audio; it never closes.
 ============  ===============================================================
 
 Mid-stream kinds fire once the session has received ``trigger_s`` seconds of audio
@@ -63,6 +67,7 @@ class FaultKind(StrEnum):
     EARLY_LAST = "early_last"
     ODD_VALUES = "odd_values"
     LATE_1008 = "late_1008"
+    SILENT = "silent"
 
     @property
     def at_handshake(self) -> bool:
@@ -98,6 +103,7 @@ class FaultConfig:
     fault_at_max_s: float = 2.0
     retry_after_header: str | None = None
     echo_authorization: bool = False
+    stall_after_s: float | None = None
 
     def __post_init__(self) -> None:
         rates = self.rates()
@@ -120,6 +126,9 @@ class FaultConfig:
                 raise FaultConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if not isinstance(self.fault_at_max_s, int | float) or self.fault_at_max_s < 0:
             raise FaultConfigError(f"fault_at_max_s must be >= 0, got {self.fault_at_max_s!r}")
+        after = self.stall_after_s
+        if after is not None and (not isinstance(after, int | float) or after < 0):
+            raise FaultConfigError(f"stall_after_s must be >= 0 seconds, got {after!r}")
         header = self.retry_after_header
         if header is not None and (not isinstance(header, str) or "\n" in header or "\r" in header):
             raise FaultConfigError(f"retry_after_header must be one line of text, got {header!r}")
@@ -198,4 +207,6 @@ def draw_fault(config: FaultConfig, session_index: int) -> FaultDraw | None:
             if kind is FaultKind.ODD_VALUES:
                 return FaultDraw(kind, trigger_s, odd_value)
             return FaultDraw(kind, 0.0 if kind.at_handshake else trigger_s)
+    if config.stall_after_s is not None:
+        return FaultDraw(FaultKind.SILENT, float(config.stall_after_s))
     return None

@@ -122,6 +122,7 @@ class StreamSession:
         self._redactor = Redactor(pci=options.redact_pci, pii=options.redact_pii)
         self._hotwords = " ".join(k.rpartition(":")[0] for k in options.keywords) or None
         self._fault_fired = False
+        self._silent = False  # the silent fault fired: read on, say nothing
         self._odd_pending: OddValue | None = None  # to put into the next fitting final
         self._problem = ""
 
@@ -159,9 +160,12 @@ class StreamSession:
 
     async def _on_audio(self, data: bytes) -> Outcome | None:
         samples = self._decoder.decode(data)
-        for segment in self._segmenter.push(samples):
-            self._queue_final(segment)
+        segments = self._segmenter.push(samples)
         self._note_audio()
+        if self._silent:
+            return None
+        for segment in segments:
+            self._queue_final(segment)
         self._maybe_queue_partial()
         return await self._maybe_fault(at_end=False)
 
@@ -179,9 +183,11 @@ class StreamSession:
         except json.JSONDecodeError:
             return self._protocol_error("text frames must be JSON control messages")
         kind = data.get("type") if isinstance(data, dict) else None
+        if self._silent:
+            return None  # no finalize, no end: a socket that reads and never answers
         if kind == self._end_type:
             outcome = await self._maybe_fault(at_end=True)
-            if outcome is not None:
+            if outcome is not None or self._silent:
                 return outcome
             self._queue_flush(is_last=True)
             return Outcome.END
@@ -253,6 +259,9 @@ class StreamSession:
         if fault.kind is FaultKind.LATE_1008:
             self._queue_flush(is_last=False)  # finals for everything, but no is_last
             return Outcome.LATE_1008
+        if fault.kind is FaultKind.SILENT:
+            self._silent = True  # even results already queued are never sent
+            return None
         return _FAULT_OUTCOMES[fault.kind]
 
     # --- worker ----------------------------------------------------------------
@@ -351,7 +360,8 @@ class StreamSession:
         return json.dumps(message)
 
     async def _send(self, text: str) -> None:
-        await self._ws.send(text)
+        if not self._silent:
+            await self._ws.send(text)
 
     # --- ending ----------------------------------------------------------------
 
