@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from batch import __version__
 from batch.budget import SpendCap
 from batch.errors import (
     HandshakeRejected,
@@ -36,6 +35,7 @@ from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_
 from batch.report import RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
+from batch.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ them)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand
 
-from batch import console, storage
+from batch import api, console, storage
 from batch import export as exports
 from batch import job as jobs
 from batch import score as scoring
@@ -170,18 +171,23 @@ def run(
     loaded = _load(manifest)
     console.setup_logging(verbose, loaded.manifest.pulse.api_key_env)
     observer = console.ConsoleObserver(err.is_terminal and not verbose, err)
-    opts = jobs.RunOptions(
+    call = functools.partial(
+        api.run_job_async,
+        loaded,
         force=force,
         retry_failed=retry_failed,
         dry_run=dry_run,
-        handle_signals=True,
-        grace_s=grace_s,
+        max_failures=max_failures,
+        max_failure_ratio=max_failure_ratio,
         max_cost=max_cost,
         shard=this_shard,
+        grace_s=grace_s,
+        handle_signals=True,
+        observer=observer,
     )
     try:
         with _exit_codes():
-            result = anyio.run(jobs.run_job, loaded, opts, observer)
+            result = anyio.run(call)
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(ExitCode.SIGINT) from None
@@ -190,16 +196,8 @@ def run(
     if dry_run:
         print(json.dumps(result.report, indent=2))
         return
-    report = result.report
     console.show_run(result, err)
-    raise typer.Exit(
-        jobs.exit_code(
-            report,
-            max_failures=max_failures or 0,
-            max_failure_ratio=max_failure_ratio,
-            signal_name=result.signal_name,
-        )
-    )
+    raise typer.Exit(result.exit_code)
 
 
 @app.command(cls=_PlainCommand)

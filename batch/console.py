@@ -16,9 +16,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import storage
+from batch.api import RunResult
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat
-from batch.job import JobResult, Observer
+from batch.job import Observer
 from batch.manifest import LoadedManifest
 from batch.model import Item, RunStatus
 from batch.output import COLUMNS, PARTITION_CHOICES, SCHEMA_VERSION, TABLES
@@ -166,7 +167,7 @@ def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
         print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
 
 
-def show_run(result: JobResult, err: Console) -> None:
+def show_run(result: RunResult, err: Console) -> None:
     """A run's outcome: why it stopped (on ``err``), where its report is, and the summary
     line."""
     report = result.report

@@ -16,6 +16,8 @@
     ├── NotStarted               the run is stopping: session not started (no row)
     │   └── SpendCapReached      the next session would pass the cap    (not started; exit 7)
     ├── JobAborted               a fatal answer for the whole job       (stop the job, exit 3)
+    ├── RunFailed                `RunResult.check()`: a library run did not succeed
+    │                            (carries the result and its exit_code)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
         ├── ConnectionLost       socket ended before ``is_last``        (retry; a 1008
@@ -141,6 +143,16 @@ class ReferenceUnreadable(PulseBatchError):
 
 class JobAborted(PulseBatchError):
     """A fatal answer for the whole job (bad key, forbidden, bad request)."""
+
+
+class RunFailed(PulseBatchError):
+    """A run through the library call ended with a non-zero exit code; raised by
+    `batch.RunResult.check()` so an orchestrator's task fails. ``result`` is the run's
+    `RunResult` (its ``exit_code``, ``status``, ``report_path``)."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class NotStarted(PulseBatchError):
