@@ -40,6 +40,7 @@ from batch.pulse import protocol
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
+from batch.version import __version__
 
 
 class _PlainCommand(TyperCommand):
@@ -84,6 +85,24 @@ app = typer.Typer(
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
 err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
 logger = logging.getLogger("batch")
+
+
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        print(f"pulse-batch {__version__}")
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Batch transcription jobs for the Pulse streaming speech-to-text service."""
 
 
 def _fail(message: object, code: int, label: str = "error") -> NoReturn:
@@ -208,7 +227,8 @@ def validate(
     loaded = _load(manifest)
     with _exit_codes():
         items = jobs.plan_items(loaded)
-    console.show_plan(manifest, loaded, items, jobs.engine_warnings(loaded, items))
+    warnings = jobs.key_warnings(loaded) + jobs.engine_warnings(loaded, items)
+    console.show_plan(manifest, loaded, items, warnings)
 
 
 @app.command("probe", cls=_PlainCommand)
@@ -366,10 +386,10 @@ def score_command(
     body = {"job": job, "accuracy": scored.summary, "items": scored.items}
     if as_json:
         print(json.dumps(body, indent=2))
-        return
-    if scored.summary is None:
+    if scored.summary is None:  # exit 1 with --json too: nothing was scored
         _fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
-    console.show_scores(scored)
+    if not as_json:
+        console.show_scores(scored)
 
 
 @app.command(cls=_PlainCommand)

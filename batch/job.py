@@ -104,6 +104,16 @@ def _remote(loaded: LoadedManifest) -> tuple[Endpoint, str | None] | None:
     return endpoint, key
 
 
+def key_warnings(loaded: LoadedManifest) -> list[str]:
+    """What ``run`` would refuse about the API key (unset, unusable), as warnings for
+    ``validate``: a manifest is valid before the key is exported, but not runnable."""
+    try:
+        _remote(loaded)
+    except ManifestError as exc:
+        return [f"{exc} (run refuses to start until then)"]
+    return []
+
+
 @contextlib.asynccontextmanager
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
     remote = _remote(loaded)

@@ -1,0 +1,50 @@
+"""Small frictions a new user met (issue 24, items 5 and 6), each checked on the real thing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import batch
+from batch.version import __version__
+from tests.conftest import run_cli, write_manifest
+from tests.media import tone_calls
+
+SERVICE = "wss://api.smallest.ai/waves/v1/pulse/get_text"
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"pulse-batch {__version__}")
+
+
+def test_validate_warns_when_a_remote_endpoints_key_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tone_calls(tmp_path / "media", 1)
+    manifest = write_manifest(
+        tmp_path, pulse={"endpoint": SERVICE, "api_key_env": "PULSE_TEST_KEY_UNSET"}
+    )
+    monkeypatch.delenv("PULSE_TEST_KEY_UNSET", raising=False)
+    done = run_cli("validate", str(manifest))
+    assert done.returncode == 0, done.stderr
+    assert "valid" in done.stdout
+    warning = next(line for line in done.stdout.splitlines() if "warning:" in line)
+    assert "PULSE_TEST_KEY_UNSET is not set" in warning and "run refuses" in warning
+    fine = run_cli("validate", str(manifest), env={"PULSE_TEST_KEY_UNSET": "k-123456"})
+    assert fine.returncode == 0 and "warning" not in fine.stdout
+
+
+def test_score_exits_1_when_no_reference_matches_json_or_not(tmp_path: Path) -> None:
+    tone_calls(tmp_path / "media", 1)
+    assert batch.run_job(write_manifest(tmp_path)).ok == 1
+    refs = tmp_path / "refs.csv"
+    refs.write_text("path,reference\nelsewhere/call-0000.wav,hello\n")
+    args = ("score", str(tmp_path / "out"), "--job", "test-job", "--references", str(refs))
+    for extra in ((), ("--json",)):
+        done = run_cli(*args, *extra)
+        assert done.returncode == 1, done.stderr
+        assert "no ok item of job 'test-job' matched" in done.stderr
+    assert json.loads(done.stdout)["accuracy"] is None
