@@ -129,6 +129,15 @@ class Sessions:
             raise JobAborted(str(tried.error)) from tried.error
         return tried
 
+    def unreachable(self) -> ServiceUnreachable | None:
+        """`ServiceUnreachable` when no session of the run opened and its last failed
+        attempt could not connect: a job too small to reach ``max_refusals_in_a_row`` ends
+        as a big one does (exit 6, naming the host), not as items that lost a connection."""
+        streak = self.refusals
+        if streak.ever_opened or streak.last_unreachable is None:
+            return None
+        return ServiceUnreachable(streak.count, streak.last_unreachable, self.endpoint.host)
+
     def _counted(self, attempt: int) -> None:
         self.stats.attempts += 1
         if attempt > 1:
@@ -164,6 +173,7 @@ class Sessions:
         except Exception as error:
             if isinstance(error, HandshakeRejected):
                 self.stats.refused_handshakes += 1
+            self.refusals.last_unreachable = error if is_unreachable(error) else None
             if is_unreachable(error) and self.refusals.refused():
                 raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
             if is_refusal(error) and self.refusals.refused():

@@ -352,6 +352,8 @@ async def _stream_all(
         except* JobAborted as aborted:  # anything raised beside it still propagates
             first = _first(aborted)
             fatal = first.__cause__ or first  # the service's answer
+        if fatal is None and stats.status == RunStatus.RUNNING:
+            fatal = runner.sessions.unreachable()  # a small job, every attempt unconnected
         if fatal is not None:
             stats.status = RunStatus.ABORTED
             stats.abort_reason = runner.scrubber.scrub(str(fatal)) + _key_hint(

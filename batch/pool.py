@@ -102,6 +102,8 @@ class RefusalStreak:
         self.count = 0
         self.open_now = 0
         self.stalls = 0
+        self.ever_opened = False  # any session of the run opened
+        self.last_unreachable: BaseException | None = None  # the last failure, if it was one
 
     def refused(self) -> bool:
         if self.open_now == 0:
@@ -129,6 +131,7 @@ class SessionWatch:
 
     def opened(self) -> None:
         self._open = True
+        self._streak.ever_opened = True
         self._streak.open_now += 1
         self._streak.count = 0
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 import batch
+from batch.errors import ExitCode
 from batch.version import __version__
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
@@ -48,3 +50,30 @@ def test_score_exits_1_when_no_reference_matches_json_or_not(tmp_path: Path) -> 
         assert done.returncode == 1, done.stderr
         assert "no ok item of job 'test-job' matched" in done.stderr
     assert json.loads(done.stdout)["accuracy"] is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_small_job_against_an_unreachable_endpoint_exits_6_naming_the_host(
+    tmp_path: Path,
+) -> None:
+    """Two items, two attempts each: far fewer failures than max_refusals_in_a_row (30),
+    yet the same ending as a big job: aborted, exit 6, the host and port named."""
+    tone_calls(tmp_path / "media", 2)
+    port = _closed_port()
+    manifest = write_manifest(
+        tmp_path,
+        pulse={"endpoint": f"ws://127.0.0.1:{port}/api/v1/pulse/get_text"},
+        run={"max_attempts": 2},
+    )
+    result = batch.run_job(manifest)
+    assert (result.status, result.exit_code) == ("aborted", ExitCode.SERVICE_REFUSING)
+    assert result.report["abort_kind"] == "service_unreachable"
+    assert f"cannot reach the service at 127.0.0.1:{port}" in result.report["abort_reason"]
+    done = run_cli("run", str(manifest), env={"SMALLEST_API_KEY": "k-123456"})
+    assert done.returncode == ExitCode.SERVICE_REFUSING
+    assert f"job stopped: cannot reach the service at 127.0.0.1:{port}" in done.stderr
