@@ -124,6 +124,7 @@ class Sessions:
             backoff=self.backoff,
             rng=self.rng,
             on_attempt=self._counted,
+            label=label,
         )
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:
             raise JobAborted(str(tried.error)) from tried.error

@@ -172,6 +172,14 @@ class Tried(Generic[R]):
     error: Exception | None = None
 
 
+def retry_line(label: str, attempt: int, error: BaseException | None, delay_s: float) -> str:
+    """The log line of a retry: what is streamed (unless the error names it already), the
+    attempt, why it failed, when it is tried again. Pure."""
+    text = str(error)
+    where = f"{label}: " if label and label not in text else ""
+    return f"{where}attempt {attempt} failed ({text}); retrying in {delay_s:.1f} s"
+
+
 def _no_count(attempt: int) -> None:
     """The default `on_attempt`: nothing to count."""
 
@@ -185,11 +193,13 @@ async def with_retries(
     rng: random.Random,
     on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
+    label: str = "",
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
     Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
-    (before its slot: a run cancelled meanwhile still counts it)."""
+    (before its slot: a run cancelled meanwhile still counts it). ``label`` names what is
+    streamed (the file) in the retry log lines."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -203,7 +213,8 @@ async def with_retries(
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        logger.info("attempt %d failed (%s); retrying", state.attempt_number, error)
+        delay_s = state.next_action.sleep if state.next_action else 0.0
+        logger.info("%s", retry_line(label, state.attempt_number, error, delay_s))
 
     retrying = AsyncRetrying(
         stop=_AttemptBudget(max_attempts, max_overloads),

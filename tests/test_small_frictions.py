@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
 import pytest
 
 import batch
-from batch.errors import ExitCode
+from batch.errors import ConnectionLost, ExitCode, ServerReported
+from batch.pool import retry_line
 from batch.version import __version__
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
@@ -77,3 +79,27 @@ def test_a_small_job_against_an_unreachable_endpoint_exits_6_naming_the_host(
     done = run_cli("run", str(manifest), env={"SMALLEST_API_KEY": "k-123456"})
     assert done.returncode == ExitCode.SERVICE_REFUSING
     assert f"job stopped: cannot reach the service at 127.0.0.1:{port}" in done.stderr
+
+
+def test_retry_lines_name_the_file_once() -> None:
+    error = ServerReported("overloaded", "busy")
+    line = retry_line("/calls/a.wav, channel 1", 2, error, 1.25)
+    assert line == (
+        "/calls/a.wav, channel 1: attempt 2 failed (service error busy: overloaded); "
+        "retrying in 1.2 s"
+    )
+    named = ConnectionLost("/calls/a.wav: cannot reach the service")
+    assert retry_line("/calls/a.wav", 1, named, 0.5).startswith("attempt 1 failed (/calls/a.wav:")
+
+
+def test_a_retry_is_logged_with_its_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tone_calls(tmp_path / "media", 1)
+    manifest = write_manifest(
+        tmp_path,
+        pulse={"endpoint": f"ws://127.0.0.1:{_closed_port()}/api/v1/pulse/get_text"},
+        run={"max_attempts": 2},
+    )
+    with caplog.at_level(logging.INFO, logger="batch"):
+        batch.run_job(manifest)
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 1 and "call-0000.wav" in retries[0], retries
