@@ -200,7 +200,9 @@ def show_run(result: RunResult, err: Console) -> None:
 def show_report(data: dict[str, Any]) -> None:
     """A run report in Markdown, then the job so far (``data`` from
     `OutputReader.full_report`)."""
-    print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
+    # The job so far once: as its own section, not also as the run report's closing line.
+    run = {**data, "job_so_far": None}
+    print(render_markdown(run) + render_job(data["job_so_far"], data["runs"]))
 
 
 def show_plan(

@@ -103,3 +103,17 @@ def test_a_retry_is_logged_with_its_file(tmp_path: Path, caplog: pytest.LogCaptu
         batch.run_job(manifest)
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and "call-0000.wav" in retries[0], retries
+
+
+def test_report_prints_each_section_once(tmp_path: Path) -> None:
+    tone_calls(tmp_path / "media", 1)
+    (tmp_path / "media" / "bad.wav").write_text("not audio")
+    manifest = write_manifest(tmp_path)
+    batch.run_job(manifest)
+    batch.run_job(manifest)
+    shown = run_cli("report", str(tmp_path / "out"))
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.lower()
+    for heading in ("# pulse-batch report", "## failures", "| items | count |"):
+        assert text.count(heading) == 1, heading
+    assert text.count("job so far") == 1 and "## the job so far" in text
