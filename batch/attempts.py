@@ -25,6 +25,7 @@ from batch.errors import (
     ServiceUnreachable,
     SessionStalled,
     classify,
+    error_kind,
     is_refusal,
     is_unreachable,
 )
@@ -125,6 +126,7 @@ class Sessions:
             rng=self.rng,
             on_attempt=self._counted,
             label=label,
+            on_retry=self._retried,
         )
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:
             raise JobAborted(str(tried.error)) from tried.error
@@ -138,6 +140,11 @@ class Sessions:
         if streak.ever_opened or streak.last_unreachable is None:
             return None
         return ServiceUnreachable(streak.count, streak.last_unreachable, self.endpoint.host)
+
+    def _retried(self, error: BaseException) -> None:
+        kinds = self.stats.retries_by_kind
+        kind = error_kind(error)
+        kinds[kind] = kinds.get(kind, 0) + 1
 
     def _counted(self, attempt: int) -> None:
         self.stats.attempts += 1

@@ -194,12 +194,14 @@ async def with_retries(
     on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
     label: str = "",
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
     Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
     (before its slot: a run cancelled meanwhile still counts it). ``label`` names what is
-    streamed (the file) in the retry log lines."""
+    streamed (the file) in the retry log lines; ``on_retry`` hears the error each retry
+    follows."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -215,6 +217,8 @@ async def with_retries(
         error = state.outcome.exception() if state.outcome else None
         delay_s = state.next_action.sleep if state.next_action else 0.0
         logger.info("%s", retry_line(label, state.attempt_number, error, delay_s))
+        if on_retry is not None and error is not None:
+            on_retry(error)
 
     retrying = AsyncRetrying(
         stop=_AttemptBudget(max_attempts, max_overloads),

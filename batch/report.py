@@ -51,6 +51,7 @@ class RunStats:
     not_run: int = 0
     attempts: int = 0
     retries: int = 0
+    retries_by_kind: dict[str, int] = field(default_factory=dict)  # the failure retried
     refused_handshakes: int = 0  # attempts the service refused before opening a session
     audio_s: float = 0.0  # audio of items that ended ok
     streamed_s: float = 0.0  # what was streamed for the items that ended ok
@@ -123,6 +124,7 @@ def build_report(
         },
         "attempts": stats.attempts,
         "retries": stats.retries,
+        "retries_by_kind": dict(sorted(stats.retries_by_kind.items(), key=lambda kv: -kv[1])),
         "refused_handshakes": stats.refused_handshakes,
         "audio_s": round(stats.audio_s, 3),
         "wall_s": round(wall, 3),
@@ -194,6 +196,12 @@ def summary_line(report: dict[str, Any]) -> str:
     return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+def _reasons(report: dict[str, Any]) -> str:
+    """`` (timeout 2, connection_lost 1)``: what the retries retried, by error kind."""
+    kinds = report.get("retries_by_kind") or {}
+    return f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else ""
+
+
 def _share(report: dict[str, Any]) -> str:
     total = report["pool"].get("job_concurrency")
     return f" (this shard's share of {total})" if report.get("shard") and total else ""
@@ -219,7 +227,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Audio transcribed: {report['audio_s']} s in {report['wall_s']} s wall "
         f"= **{report['throughput_x_realtime']}x real time**",
         f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
-        f" the handshake), {report['retries']} retries; pool "
+        f" the handshake), {report['retries']} retries{_reasons(report)}; pool "
         f"{pool['concurrency']} configured{_share(report)}, "
         f"{pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",

@@ -92,7 +92,9 @@ def test_retry_lines_name_the_file_once() -> None:
     assert retry_line("/calls/a.wav", 1, named, 0.5).startswith("attempt 1 failed (/calls/a.wav:")
 
 
-def test_a_retry_is_logged_with_its_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_retry_is_logged_with_its_file_and_reported_by_kind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tone_calls(tmp_path / "media", 1)
     manifest = write_manifest(
         tmp_path,
@@ -100,9 +102,13 @@ def test_a_retry_is_logged_with_its_file(tmp_path: Path, caplog: pytest.LogCaptu
         run={"max_attempts": 2},
     )
     with caplog.at_level(logging.INFO, logger="batch"):
-        batch.run_job(manifest)
+        result = batch.run_job(manifest)
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and "call-0000.wav" in retries[0], retries
+    # The report says what was retried, by kind, in JSON and in Markdown.
+    assert result.report["retries_by_kind"] == {"connection_lost": 1}
+    markdown = Path(str(result.report_path).removesuffix(".json") + ".md").read_text()
+    assert "1 retries (connection_lost 1)" in markdown
 
 
 def test_report_prints_each_section_once(tmp_path: Path) -> None:
