@@ -140,6 +140,14 @@ def run(
     retry_failed: Annotated[
         bool, typer.Option(help="Retry items whose last result failed.")
     ] = True,
+    retry_failed_input: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed-input",
+            help="Also retry files that failed to decode (empty, not media, corrupt) and "
+            "have not changed since.",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
@@ -195,6 +203,7 @@ def run(
         loaded,
         force=force,
         retry_failed=retry_failed,
+        retry_failed_input=retry_failed_input,
         dry_run=dry_run,
         max_failures=max_failures,
         max_failure_ratio=max_failure_ratio,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow as pa
 
 from batch.attempts import Unit
 from batch.budget import SpendCap
@@ -40,6 +41,7 @@ from batch.report import RunStats, build_report, failing_items
 from batch.runner import ItemRunner, whole_units
 from batch.score import summarise
 from batch.session import Endpoint
+from batch.settled import local_changed_at, settled_failures
 from batch.shard import Shard
 from batch.signals import watch_signals
 
@@ -50,6 +52,8 @@ logger = logging.getLogger(__name__)
 class RunOptions:
     force: bool = False  # redo items already ok
     retry_failed: bool = True  # redo items whose latest result failed
+    # ...even those whose input failed to decode and has not changed since (batch.settled)
+    retry_failed_input: bool = False
     dry_run: bool = False
     handle_signals: bool = False  # SIGINT/SIGTERM: stop starting, finish, commit
     grace_s: float = 30.0  # in-flight items get this long after the first signal
@@ -168,13 +172,26 @@ def plan_items(
     return longest_first(items) if loaded.manifest.run.order == "longest_first" else items
 
 
+_FAILURE_COLUMNS = ["item_id", "source", "status", "error_kind", "finished_at"]
+
+
+def _left_alone(failed: frozenset[str], opts: RunOptions, read: Callable[[], pa.Table]) -> set[str]:
+    """The failed items this run does not redo: all of them with ``retry_failed`` off;
+    else those whose input would fail the same way again (`batch.settled`), unless
+    ``retry_failed_input``. ``read`` reads the job's transcripts (only when needed)."""
+    if not opts.retry_failed:
+        return set(failed)
+    if opts.retry_failed_input or not failed:
+        return set()
+    return settled_failures(read().to_pylist(), local_changed_at) & failed
+
+
 def _todo(items: list[Item], done: set[str], opts: RunOptions, failed: set[str]) -> list[Item]:
+    """The items to stream: all with ``force``; else those not ok, but ``failed`` (failed
+    items left alone, `_left_alone`)."""
     if opts.force:
         return items
-    todo = [i for i in items if i.item_id not in done]
-    if not opts.retry_failed:
-        todo = [i for i in todo if i.item_id not in failed]
-    return todo
+    return [i for i in items if i.item_id not in done and i.item_id not in failed]
 
 
 async def run_job(
@@ -229,7 +246,9 @@ async def run_job(
         stats.warnings = engine_warnings(loaded, items)
         for warning in stats.warnings:
             logger.warning("%s", warning)
-        failed_before = set(history.failed) if not opts.retry_failed else set()
+        failed_before = _left_alone(
+            history.failed, opts, lambda: output.read_table("transcripts", _FAILURE_COLUMNS)
+        )
         todo = _todo(items, done, opts, failed_before)
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
@@ -391,9 +410,14 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     """What ``run`` with the same options would stream and bill (``--force`` and
     ``--no-retry-failed`` included), opening no session."""
     out = loaded.manifest.output
-    history = OutputReader(loaded.output_location, out.storage_options).history(loaded.manifest.job)
+    reader = OutputReader(loaded.output_location, out.storage_options)
+    history = reader.history(loaded.manifest.job)
     done = set(history.ok)
-    failed_before = set(history.failed) if not opts.retry_failed else set()
+    failed_before = _left_alone(
+        history.failed,
+        opts,
+        lambda: reader.table("transcripts", loaded.manifest.job, _FAILURE_COLUMNS),
+    )
     items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
     chosen = {i.item_id for i in _todo(items, done, opts, failed_before)}
     return JobResult(dry_run_report(loaded, stats, items, done, chosen), None)

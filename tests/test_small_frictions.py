@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 import batch
 from batch.errors import ConnectionLost, ExitCode, ServerReported
 from batch.pool import retry_line
+from batch.settled import local_changed_at, settled_failures
 from batch.version import __version__
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
@@ -123,3 +126,45 @@ def test_report_prints_each_section_once(tmp_path: Path) -> None:
     for heading in ("# pulse-batch report", "## failures", "| items | count |"):
         assert text.count(heading) == 1, heading
     assert text.count("job so far") == 1 and "## the job so far" in text
+
+
+def test_an_unchanged_file_that_failed_to_decode_is_not_streamed_again(tmp_path: Path) -> None:
+    good, cut = tone_calls(tmp_path / "media", 2)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # a truncated copy: the header says more
+    (tmp_path / "media" / "notes.wav").write_text("not audio")
+    manifest = write_manifest(tmp_path)
+    first = batch.run_job(manifest)
+    kinds = {
+        Path(r["source"]).name: r["error_kind"]
+        for r in batch.read_table(tmp_path / "out", "transcripts").to_pylist()
+    }
+    assert kinds == {good.name: None, cut.name: "decode_error", "notes.wav": "not_media"}
+    assert (first.ok, first.failed) == (1, 2)
+
+    again = batch.run_job(manifest)  # nothing changed: nothing streamed, still failing
+    assert (again.failed, again.skipped_failed, again.exit_code) == (0, 2, ExitCode.ITEMS_FAILED)
+    assert batch.run_job(manifest, dry_run=True).report["items"]["to_stream"] == 0
+
+    os.utime(cut)  # the file changed (here: touched): it is tried again, the other is not
+    changed = batch.run_job(manifest)
+    assert (changed.failed, changed.skipped_failed) == (1, 1)
+    asked = batch.run_job(manifest, retry_failed_input=True)
+    assert (asked.failed, asked.skipped_failed) == (2, 0)
+    cli = run_cli("run", str(manifest), "--retry-failed-input")
+    assert cli.returncode == 1 and "failed=2 skipped=1 skipped_failed=0" in cli.stdout
+
+
+def test_settled_failures_is_pure() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    row = {"item_id": "a", "source": "/m/a.wav", "status": "failed", "finished_at": at}
+    rows = [
+        {**row, "error_kind": "decode_error"},
+        {**row, "item_id": "b", "error_kind": "connection_lost"},  # may pass: retried
+        {**row, "item_id": "c", "error_kind": "not_media", "source": "s3://b/c.wav"},  # unknown
+    ]
+    before, after = at.timestamp() - 1, at.timestamp() + 1
+    assert settled_failures(rows, lambda s: None if "://" in s else before) == {"a"}
+    assert settled_failures(rows, lambda s: after) == set()
+    assert settled_failures(rows, lambda s: None) == set()
+    assert local_changed_at("s3://b/c.wav") is None
