@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from batch.timeline import Timeline
+
 REPORT_VERSION = 1
 
 
@@ -69,6 +71,9 @@ class RunStats:
     failures: list[Failure] = field(default_factory=list)
     # What the endpoint was asked for and cannot do (the local engine's limits).
     warnings: list[str] = field(default_factory=list)
+    planned_audio_s: float = 0.0  # of the items this run set out to do
+    # Each attempt's session slot in time (`batch.timeline`), for the HTML report.
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def wall_s(self) -> float:
@@ -139,6 +144,7 @@ def build_report(
             "end_to_last": percentiles(stats.end_to_last_s),
         },
         "audio": {
+            "planned_s": round(stats.planned_audio_s, 3),
             "recorded_s": round(stats.audio_s, 3),
             "streamed_s": round(stats.streamed_s, 3),
             "skipped_s": round(max(0.0, stats.audio_s - stats.streamed_s), 3),
@@ -158,6 +164,7 @@ def build_report(
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
         "accuracy": accuracy,
+        "timeline": stats.timeline.as_report(),
     }
 
 
