@@ -22,9 +22,11 @@ $(BIN)/pulse-batch: pyproject.toml
 
 # The dev extra (pytest, ruff, mypy, readers, emulators, the vendor SDK), and Azurite,
 # Microsoft's Azure Storage emulator (npm), for the az:// input test
-# (tests/test_cloud_emulators.py), kept in the virtualenv's folder. Any failure fails.
+# (tests/test_cloud_emulators.py), kept in the virtualenv's folder; Debian's Prometheus
+# Pushgateway for the metrics push test (tests/test_metrics.py). Any failure fails.
 $(TEST_DEPS): $(BIN)/pulse-batch
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS),dev]'
+	command -v prometheus-pushgateway >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-pushgateway)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
 		azurite@3.35.0

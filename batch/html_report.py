@@ -275,6 +275,12 @@ def _lanes(timeline: dict[str, Any], x: Any, top: float, lane_h: float) -> list[
     for lane in range(lanes):
         if lanes <= 30 or lane % 5 == 0:
             out.append(f'<text x="2" y="{top + lane * lane_h + bar_h:.1f}">slot {lane}</text>')
+    for start, end, lane in timeline.get("backoffs") or []:
+        y = top + lane * lane_h + bar_h / 2
+        out.append(
+            f'<line x1="{x(start)}" y1="{y:.1f}" x2="{x(end)}" y2="{y:.1f}" '
+            'stroke="#777" stroke-dasharray="3,2"/>'
+        )
     for span in timeline["spans"]:
         y = top + span["lane"] * lane_h
         x0, x1 = x(span["start_s"]), x(span["end_s"])
@@ -295,12 +301,6 @@ def _lanes(timeline: dict[str, Any], x: Any, top: float, lane_h: float) -> list[
                 f'<rect x="{x0 + width - cut:.1f}" y="{y:.1f}" width="{cut:.1f}" '
                 f'height="{bar_h:.1f}" fill="{COLOURS["skipped"]}"/>'
             )
-    for start, end, lane in timeline.get("backoffs") or []:
-        y = top + lane * lane_h + bar_h / 2
-        out.append(
-            f'<line x1="{x(start)}" y1="{y:.1f}" x2="{x(end)}" y2="{y:.1f}" '
-            'stroke="#777" stroke-dasharray="3,2"/>'
-        )
     for t, lane in timeline.get("refusals") or []:
         y = top + lane * lane_h
         px = x(t)
@@ -333,18 +333,24 @@ def _heat_rows(heat: dict[str, Any], x: Any, top: float) -> list[str]:
 
 
 def _axis(duration: float, x: Any, y: float) -> list[str]:
-    step = next(
-        (
-            s
-            for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
-            if duration / s <= 10
-        ),
-        14400,
-    )
+    steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
+    step = next((s for s in steps if duration / s <= 10), 14400.0)
     out = [f'<line x1="{_LEFT}" y1="{y + 2}" x2="{x(duration)}" y2="{y + 2}" stroke="#999"/>']
-    tick = 0
-    while tick <= duration:
-        label = f"{tick // 60}m{tick % 60:02d}s" if step >= 60 or tick >= 60 else f"{tick}s"
-        out.append(f'<text x="{x(tick)}" y="{y + 16}" text-anchor="middle">{label}</text>')
-        tick += step
+    for n in range(int(duration / step) + 1):
+        out.append(
+            f'<text x="{x(n * step)}" y="{y + 16}" text-anchor="middle">'
+            f"{_clock(n * step, step)}</text>"
+        )
     return out
+
+
+def _clock(t: float, step: float) -> str:
+    """An axis label: 0.5s, 40s, 2m30s, 1h05m."""
+    if step < 1:
+        return f"{t:.1f}s"
+    seconds = round(t)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -130,6 +130,7 @@ class Timeline:
         with self._lock:
             spans = [_row(s) for s in self.spans]
             counts = {
+                "open_now": len(self._lanes),
                 "opened": self.opened,
                 "outcomes": {k: self.outcomes[k] for k in OUTCOMES},
                 "retries_by_kind": dict(sorted(self.retries_by_kind.items())),
