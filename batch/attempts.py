@@ -138,6 +138,7 @@ class Sessions:
                 backoff=self.backoff,
                 rng=self.rng,
                 on_attempt=counted,
+                log_fields=log_fields(unit.item),
             )
         finally:
             timeline.done(key)
@@ -222,6 +223,14 @@ def _outcome(error: BaseException) -> str:
     if isinstance(error, HandshakeRejected) or is_refusal(error):
         return "refused"
     return "failed"
+
+
+def log_fields(item: Item) -> dict[str, object]:
+    """What a log line about ``item`` carries as structured fields (`batch.logjson`)."""
+    fields: dict[str, object] = {"item_id": item.item_id, "source": item.source}
+    if item.channel is not None:
+        fields["channel"] = item.channel_name or item.channel
+    return fields
 
 
 def session_label(item: Item, piece: int | None = None) -> str:
