@@ -83,11 +83,16 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"<h1>{escape(str(report['job']))} <span class=muted>run {escape(str(report['run_id']))}"
         f"{escape(shard)}</span></h1>",
         f'<p><span class="badge" style="background:{colour}">{escape(status)}</span>{reason}'
-        f" <span class=muted>started {escape(str(report['started_at']))}, finished "
-        f"{escape(str(report.get('finished_at')))}; endpoint "
+        f" <span class=muted>started {_when(report['started_at'])}, finished "
+        f"{_when(report.get('finished_at'))}; endpoint "
         f"{escape(str(report.get('endpoint')))}</span></p>",
         *(f"<p>Warning: {escape(str(w))}</p>" for w in report.get("warnings") or []),
     ]
+
+
+def _when(iso: Any) -> str:
+    """``2026-12-04 15:13:42 UTC`` from the report's ISO time (None: not yet)."""
+    return "–" if not iso else escape(str(iso)[:19].replace("T", " ") + " UTC")
 
 
 def _table(rows: list[tuple[str, Any]], head: tuple[str, str] | None = None) -> str:

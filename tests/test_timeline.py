@@ -3,9 +3,15 @@ kept small whatever the run's size, and drawn in the HTML report (`batch.html_re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from html.parser import HTMLParser
 from pathlib import Path
+from types import ModuleType
+
+import av
+import numpy as np
+import pytest
 
 from batch.html_report import render_html
 from batch.timeline import OPEN_POINTS, Timeline
@@ -134,3 +140,29 @@ def test_a_faulty_run_has_its_attempts_in_the_report_and_the_html(tmp_path: Path
     written = Path(str(result.report_path)).with_suffix(".html")
     assert written.read_text(encoding="utf-8") == html
     assert written.with_name("latest.html").read_text(encoding="utf-8") == html
+
+
+def _load_screenshot_tool() -> ModuleType:
+    path = Path(__file__).parent.parent / "docs" / "tools" / "screenshot.py"
+    spec = importlib.util.spec_from_file_location("screenshot", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_html_report_draws_a_timeline_in_a_real_browser(tmp_path: Path) -> None:
+    """Where Chromium is installed (`make screenshot` needs it; the suite does not)."""
+    tool = _load_screenshot_tool()
+    if tool.browser() is None:
+        pytest.skip("no headless Chromium installed (apt-get install chromium): not drawn")
+    result, _ = faulty_run(tmp_path)
+    html = Path(str(result.report_path)).with_suffix(".html")
+    png = tool.screenshot(html, tmp_path / "report.png", width=1000, height=900)
+    with av.open(str(png)) as container:
+        pixels = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    # The bars' colours, well beyond what the legend's 12-pixel squares hold.
+    for colour in ("#2e7d32", "#f9a825"):
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        found = int(np.all(np.abs(pixels.astype(int) - rgb) <= 8, axis=-1).sum())
+        assert found > 3 * 144, (colour, found)
