@@ -29,6 +29,7 @@ FIELDS = (
     "error_kind",
     "status",
     "audio_s",
+    "exit_code",
 )
 # Events of log calls that do not name one, by message template.
 EVENTS = {
