@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+
+from batch import storage
+from batch.credentials import RedactingFilter, Scrubber
 
 # The fields a record carries where they apply (`extra=` or the run's context).
 FIELDS = (
@@ -111,3 +118,51 @@ class RunContext(logging.Filter):
             if getattr(record, name, None) is None:
                 setattr(record, name, value)
         return True
+
+
+# --- the choice: ``--log-format`` on every command, or PULSE_BATCH_LOG_FORMAT -----------
+FORMATS = ("text", "json")
+ENV = "PULSE_BATCH_LOG_FORMAT"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The run's job, run_id and shard, added to every record once the run has them.
+CONTEXT = RunContext()
+_chosen = {"format": "text"}
+
+
+def json_mode() -> bool:
+    return _chosen["format"] == "json"
+
+
+def formatter() -> logging.Formatter:
+    """A log handler's formatter for the chosen format."""
+    return JsonFormatter() if json_mode() else logging.Formatter(TEXT_FORMAT)
+
+
+def use_log_format(value: str) -> str:
+    """Choose the log format for this process (an eager option's callback). In JSON mode a
+    JSON handler goes on the root logger at once, so a command that sets up no logging of
+    its own, and Python's warnings (captured), still write only JSON lines to stderr."""
+    if value not in FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}")
+    _chosen["format"] = value
+    CONTEXT.fields.clear()
+    logging.captureWarnings(value == "json")
+    if value == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(CONTEXT)
+        handler.addFilter(RedactingFilter(Scrubber(*storage.credentials_in_env(os.environ))))
+        logging.getLogger().handlers[:] = [handler]
+    return value
+
+
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar=ENV,
+        is_eager=True,  # before anything else can log or print
+        callback=use_log_format,
+        help="Log lines on stderr: text, or json (one JSON object a line, nothing else).",
+    ),
+]

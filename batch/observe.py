@@ -1,6 +1,6 @@
-"""The CLI's side of watching a run: the log format (``--log-format``), a console that logs
-instead of printing in JSON mode, and an observer that gives each log record the run's
-fields and feeds the metrics (`batch.metrics`).
+"""The CLI's side of watching a run: a console that logs instead of printing in JSON mode
+(``--log-format json``, `batch.logjson`), and an observer that gives each log record the
+run's fields and feeds the metrics (`batch.metrics`).
 
 Only the CLI uses this module: the library logs and reports; this decides how that is seen.
 """
@@ -8,65 +8,33 @@ Only the CLI uses this module: the library logs and reports; this decides how th
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from batch import storage
-from batch.credentials import RedactingFilter, Scrubber
 from batch.job import Observer
-from batch.logjson import JsonFormatter, RunContext
+from batch.logjson import CONTEXT, json_mode
 from batch.metrics import MetricsPublisher
 from batch.model import Item
 from batch.report import RunStats, build_report, failing_items
 
 logger = logging.getLogger("batch")
 
-FORMATS = ("text", "json")
-ENV = "PULSE_BATCH_LOG_FORMAT"
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# The run's job, run_id and shard, added to every record once the run has them.
-CONTEXT = RunContext()
-_chosen = {"format": "text"}
 
+class StderrConsole(Console):
+    """The CLI's stderr console: in JSON mode (`batch.logjson.json_mode`) each message it is
+    given to print becomes a log record instead (markup removed; ``error:`` lines are
+    errors), and it is no terminal (so no progress bar)."""
 
-def json_mode() -> bool:
-    return _chosen["format"] == "json"
+    @property
+    def is_terminal(self) -> bool:
+        return not json_mode() and super().is_terminal
 
-
-def formatter() -> logging.Formatter:
-    """The log handler's formatter for the chosen format."""
-    return JsonFormatter() if json_mode() else logging.Formatter(TEXT_FORMAT)
-
-
-def use_log_format(value: str, console: Console | JsonConsole) -> Console | JsonConsole:
-    """Choose the log format for this process; returns the console the CLI should print
-    messages to (in JSON mode one that logs them). In JSON mode a JSON handler goes on the
-    root logger at once, so a command that sets up no logging of its own (and Python's
-    warnings, captured) still writes only JSON lines to stderr."""
-    _chosen["format"] = value
-    CONTEXT.fields.clear()
-    logging.captureWarnings(value == "json")
-    if value != "json":
-        return console if isinstance(console, Console) else Console(stderr=True, soft_wrap=True)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(CONTEXT)
-    handler.addFilter(RedactingFilter(Scrubber(*storage.credentials_in_env(os.environ))))
-    logging.getLogger().handlers[:] = [handler]
-    return JsonConsole()
-
-
-class JsonConsole:
-    """Stands in for the CLI's stderr console in JSON mode: each message it is given to
-    print becomes a log record (markup removed; ``error:`` lines are errors)."""
-
-    is_terminal = False
-
-    def print(self, *objects: Any, **_: Any) -> None:
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not json_mode():
+            super().print(*objects, **kwargs)
+            return
         text = " ".join(Text.from_markup(str(o)).plain for o in objects)
         head = text.split(":", 1)[0].strip()
         if head in ("error", "output error", "job stopped"):
@@ -141,3 +109,13 @@ def item_fields(item: Item, ok: bool, audio_s: float, failure: str | None) -> di
     if failure:
         fields["error_kind"] = failure.split(":", 1)[0]
     return fields
+
+
+def past_run(latest: dict[str, Any], reports: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+    """Run ``run_id``'s report, with the job so far and its runs from ``latest`` (a
+    `OutputReader.full_report`). Raises FileNotFoundError naming the runs there are."""
+    for found in reports:
+        if found.get("run_id") == run_id:
+            return {**found, "job_so_far": latest["job_so_far"], "runs": latest["runs"]}
+    known = ", ".join(str(r.get("run_id")) for r in reports[-5:])
+    raise FileNotFoundError(f"no run {run_id!r} of job {latest['job']!r} (latest runs: {known})")
