@@ -207,6 +207,7 @@ def run(
         raise typer.Exit(ExitCode.SIGINT) from None
     finally:
         display.close()
+        observer.close()
     if dry_run:
         print(json.dumps(result.report, indent=2))
         return

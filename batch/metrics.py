@@ -179,20 +179,26 @@ class MetricsPublisher:
         if not self or self._thread is not None:
             return
 
-        def loop() -> None:
-            while not self._stop.wait(self.interval_s):
+        def loop() -> None:  # here, not in the caller's event loop: a push may take seconds
+            while True:
                 self.publish(snapshot())
+                if self._stop.wait(self.interval_s):
+                    return
 
-        self.publish(snapshot())
         self._thread = threading.Thread(target=loop, name="pulse-batch-metrics", daemon=True)
         self._thread.start()
 
     def finish(self, report: dict[str, Any], exit_code: int | None) -> None:
         """Stop refreshing; publish the final report and exit code."""
+        self.stop()
+        self.publish(report, exit_code)
+
+    def stop(self) -> None:
+        """Stop refreshing (the run ended without a report: what was published stays)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=15)
-        self.publish(report, exit_code)
+            self._thread = None
 
     def publish(self, report: dict[str, Any], exit_code: int | None = None) -> None:
         if self.file is not None:

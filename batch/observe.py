@@ -77,6 +77,10 @@ class ObservedRun(Observer):
     def signalled(self, name: str) -> None:
         self.inner.signalled(name)
 
+    def close(self) -> None:
+        """However the run ended: no more refreshing of the metrics."""
+        self.metrics.stop()
+
     def finish(self, report: dict[str, Any], exit_code: int) -> None:
         """The run is over: log ``run_done`` and publish the final metrics."""
         items = report["items"]
