@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand
+from typer.exceptions import TyperException
 
 from batch import console, observe, storage
 from batch import export as exports
@@ -34,7 +35,7 @@ from batch.errors import (
     exit_code_for,
 )
 from batch.html_report import render_html
-from batch.logjson import LogFormat
+from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
 from batch.metrics import MetricsPublisher
 from batch.output import OutputReader
@@ -42,6 +43,18 @@ from batch.pulse import protocol
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
+
+
+@contextmanager
+def _usage_errors_logged() -> Iterator[None]:
+    """With --log-format json, a usage error is a JSON log line too (not click's text)."""
+    try:
+        yield
+    except TyperException as exc:  # typer's click errors: usage, bad values
+        if not json_mode():
+            raise
+        logger.error("%s", exc.format_message(), extra={"event": "usage_error"})
+        raise typer.Exit(exc.exit_code) from None
 
 
 class _PlainCommand(TyperCommand):
@@ -55,6 +68,15 @@ class _PlainCommand(TyperCommand):
                 name += "..." if param.nargs != 1 else ""
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _usage_errors_logged():
+            parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_logged():
+            return super().invoke(ctx)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         # Arguments by name and help only: no "<list[Path]>" type tags.

@@ -75,6 +75,14 @@ def test_the_environment_chooses_json_for_any_command(tmp_path: Path) -> None:
     assert "nowhere" in line["message"]
 
 
+def test_a_usage_error_is_a_json_line_too(tmp_path: Path) -> None:
+    manifest = faulty_manifest(tmp_path)
+    done = run_cli("run", str(manifest), "--max-failures", "-3", "--log-format", "json")
+    assert done.returncode == 2
+    [line] = _json_lines(done.stderr)
+    assert line["event"] == "usage_error" and "--max-failures" in line["message"]
+
+
 def test_report_writes_the_html_of_a_past_run(tmp_path: Path) -> None:
     manifest = faulty_manifest(tmp_path)
     with server_in_thread() as server:
