@@ -153,6 +153,7 @@ def use_log_format(value: str) -> str:
         handler.addFilter(CONTEXT)
         handler.addFilter(RedactingFilter(Scrubber(*storage.credentials_in_env(os.environ))))
         logging.getLogger().handlers[:] = [handler]
+        logging.getLogger("batch").setLevel(logging.INFO)  # what text mode prints, as records
     return value
 
 

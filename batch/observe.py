@@ -42,9 +42,10 @@ class StderrConsole(Console):
             logger.error("%s", text, extra={"event": event})
         elif head == "stopped":
             logger.warning("%s", text, extra={"event": "run_stopped"})
+        elif head in ("warning", "note"):
+            logger.warning("%s", text, extra={"event": "cli_warning"})
         else:
-            event = "cli_warning" if head in ("warning", "note") else "cli_message"
-            logger.warning("%s", text, extra={"event": event})
+            logger.info("%s", text, extra={"event": "cli_message"})
 
 
 class ObservedRun(Observer):
