@@ -61,7 +61,7 @@ class ObservedRun(Observer):
         self.stats = stats
         CONTEXT.set(job=stats.job, run_id=stats.run_id, shard=stats.shard)
         self.inner.started(stats)
-        self.metrics.start(lambda: build_report(stats))
+        self.metrics.start(lambda: build_report(stats, spans=False))
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None:
         self.inner.planned(items, audio_s, skipped)

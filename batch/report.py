@@ -98,9 +98,12 @@ def build_report(
     stats: RunStats,
     job_so_far: dict[str, Any] | None = None,
     accuracy: dict[str, Any] | None = None,
+    *,
+    spans: bool = True,
 ) -> dict[str, Any]:
     """The report as a plain dict. ``accuracy`` is `batch.score.summarise` of the job's
-    latest ok rows (None when no item has a reference)."""
+    latest ok rows (None when no item has a reference). ``spans=False``: the timeline's
+    counts only (a live snapshot for metrics)."""
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
     unskipped_min = stats.billed_unskipped_s / 60
@@ -165,7 +168,7 @@ def build_report(
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
         "accuracy": accuracy,
-        "timeline": stats.timeline.as_report(),
+        "timeline": stats.timeline.as_report() if spans else stats.timeline.counts(),
     }
 
 

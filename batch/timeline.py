@@ -125,18 +125,23 @@ class Timeline:
         with self._lock:
             self._last.pop(unit, None)
 
-    def as_report(self) -> dict[str, Any]:
-        """The timeline as plain data for the report (see `timeline_report`)."""
+    def counts(self) -> dict[str, Any]:
+        """Sessions open now and opened, attempts by outcome, retries by error kind: cheap,
+        for metrics refreshed while the run goes."""
         with self._lock:
-            spans = [_row(s) for s in self.spans]
-            counts = {
+            return {
                 "open_now": len(self._lanes),
                 "opened": self.opened,
                 "outcomes": {k: self.outcomes[k] for k in OUTCOMES},
                 "retries_by_kind": dict(sorted(self.retries_by_kind.items())),
                 "dropped": self.dropped,
             }
-        return {**counts, **timeline_report(spans, self.now_s())}
+
+    def as_report(self) -> dict[str, Any]:
+        """The timeline as plain data for the report: `counts` and `timeline_report`."""
+        with self._lock:
+            spans = [_row(s) for s in self.spans]
+        return {**self.counts(), **timeline_report(spans, self.now_s())}
 
 
 def _row(span: Span) -> dict[str, Any]:

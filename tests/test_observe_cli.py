@@ -5,8 +5,11 @@ in any of them, and the metrics agree with the report and the tables."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from batch.server import FaultConfig
 from tests.conftest import point_at, run_cli, server_in_thread
@@ -100,3 +103,31 @@ def test_report_writes_the_html_of_a_past_run(tmp_path: Path) -> None:
     assert stored.exists()
     missing = run_cli("report", str(tmp_path / "out"), "--run", "nope", "--html", str(page))
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+
+
+def test_the_metrics_file_is_there_while_the_run_goes(tmp_path: Path) -> None:
+    manifest = faulty_manifest(tmp_path, pace=1.0)  # 1 s items at real time: a run of seconds
+    metrics_file = tmp_path / "pulse_batch.prom"
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            if metrics_file.exists():
+                text = metrics_file.read_text()
+                status = [s.labels["status"] for f in text_string_to_metric_families(text)
+                          for s in f.samples if s.name == "pulse_batch_run_info"]  # fmt: skip
+                seen.extend(status)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with server_in_thread() as server:
+            point_at(manifest, server.url)
+            done = run_cli("run", str(manifest), "--metrics-file", str(metrics_file))
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 1, done.output
+    assert "running" in seen  # published before the end
+    assert one(samples(metrics_file.read_text()), "pulse_batch_run_info", status="completed")
