@@ -206,11 +206,21 @@ def _failures(report: dict[str, Any]) -> list[str]:
 def _timeline_section(timeline: dict[str, Any] | None) -> list[str]:
     if not timeline or not timeline.get("lanes"):
         return ["<h2>Session timeline</h2><p class=muted>No sessions in this run.</p>"]
+    if timeline.get("heat"):
+        caption = (
+            f"Above: sessions open over time. Below, for the run's {timeline['heat']['spans']:,}"
+            " attempts, per time bucket (darker: more): how busy the session slots were, and"
+            " how many attempts ended ok, retried, failed or stalled."
+        )
+    else:
+        caption = (
+            "Above: sessions open over time. Below: one lane per session slot; each bar an"
+            " attempt from connect to its last answer. Red triangles: refused; dashed:"
+            " waiting to retry."
+        )
     return [
         "<h2>Session timeline</h2>",
-        '<p class="muted">Above: sessions open over time. Below: one lane per session slot;'
-        " each bar an attempt from connect to its last answer. Red triangles: refused;"
-        " dashed: waiting to retry.</p>",
+        f'<p class="muted">{escape(caption)}</p>',
         timeline_svg(timeline),
         _legend(),
     ]
@@ -341,9 +351,12 @@ def _axis(duration: float, x: Any, y: float) -> list[str]:
     steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
     step = next((s for s in steps if duration / s <= 10), 14400.0)
     out = [f'<line x1="{_LEFT}" y1="{y + 2}" x2="{x(duration)}" y2="{y + 2}" stroke="#999"/>']
-    for n in range(int(duration / step) + 1):
+    last = int(duration / step)
+    for n in range(last + 1):
+        # The last label ends at its tick when that is near the right edge.
+        anchor = "end" if n == last and duration - n * step < step / 3 else "middle"
         out.append(
-            f'<text x="{x(n * step)}" y="{y + 16}" text-anchor="middle">'
+            f'<text x="{x(n * step)}" y="{y + 16}" text-anchor="{anchor}">'
             f"{_clock(n * step, step)}</text>"
         )
     return out
