@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -19,7 +19,7 @@ import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 
-from batch.errors import Scope, classify
+from batch.errors import Scope, classify, error_kind
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +195,14 @@ async def with_retries(
     max_overloads: int = 50,
     label: str = "",
     on_retry: Callable[[BaseException], None] | None = None,
+    log_fields: Mapping[str, object] | None = None,
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
     Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
     (before its slot: a run cancelled meanwhile still counts it). ``label`` names what is
-    streamed (the file) in the retry log lines; ``on_retry`` hears the error each retry
-    follows."""
+    streamed (the file) in the retry log lines, ``log_fields`` says it as structured fields
+    (item_id, source, ...); ``on_retry`` hears the error each retry follows."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -216,7 +217,10 @@ async def with_retries(
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         delay_s = state.next_action.sleep if state.next_action else 0.0
-        logger.info("%s", retry_line(label, state.attempt_number, error, delay_s))
+        fields = {**(log_fields or {}), "attempt": state.attempt_number, "event": "session_retry"}
+        if error is not None:
+            fields["error_kind"] = error_kind(error)
+        logger.info("%s", retry_line(label, state.attempt_number, error, delay_s), extra=fields)
         if on_retry is not None and error is not None:
             on_retry(error)
 
