@@ -168,3 +168,25 @@ def test_settled_failures_is_pure() -> None:
     assert settled_failures(rows, lambda s: after) == set()
     assert settled_failures(rows, lambda s: None) == set()
     assert local_changed_at("s3://b/c.wav") is None
+
+
+def test_a_file_listed_twice_with_other_metadata_warns_naming_both_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tone_calls(tmp_path / "media", 1)
+    (tmp_path / "calls.csv").write_text(
+        "path,team\nmedia/call-0000.wav,sales\nmedia/call-0000.wav,support\n"
+    )
+    manifest = write_manifest(
+        tmp_path, inputs=[{"list": "calls.csv", "metadata_columns": ["team"]}]
+    )
+    with caplog.at_level(logging.INFO, logger="batch"):
+        result = batch.run_job(manifest)
+    assert result.ok == 1  # one item, streamed once
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    calls = tmp_path / "calls.csv"
+    assert f"{calls}: line 2 ({{'team': 'sales'}})" in warning
+    assert f"{calls}: line 3 ({{'team': 'support'}})" in warning
+    assert "the first row's" in warning
+    rows = batch.read_table(tmp_path / "out", "transcripts").to_pylist(maps_as_pydicts="strict")
+    assert [r["metadata"] for r in rows] == [{"team": "sales"}]
