@@ -19,6 +19,7 @@ from batch.errors import (
     HandshakeRejected,
     JobAborted,
     NotStarted,
+    OutputError,
     Scope,
     ServiceRefusing,
     ServiceStalling,
@@ -140,6 +141,8 @@ class Sessions:
             )
         finally:
             timeline.done(key)
+        if isinstance(tried.error, OutputError):  # the audio cache: the run stops, exit 5
+            raise tried.error
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:
             raise JobAborted(str(tried.error)) from tried.error
         return tried

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 import batch
-from batch.errors import ConnectionLost, ExitCode, ServerReported
+from batch.decode import DecodedAudio, WireFormat
+from batch.errors import ConnectionLost, ExitCode, OutputError, ServerReported, exit_code_for
 from batch.pool import retry_line
 from batch.settled import local_changed_at, settled_failures
+from batch.split import CachedSlice, cache_and_cut
+from batch.timemap import TimeMap
 from batch.version import __version__
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
@@ -190,3 +193,19 @@ def test_a_file_listed_twice_with_other_metadata_warns_naming_both_rows(
     assert "the first row's" in warning
     rows = batch.read_table(tmp_path / "out", "transcripts").to_pylist(maps_as_pydicts="strict")
     assert [r["metadata"] for r in rows] == [{"team": "sales"}]
+
+
+def test_an_audio_cache_that_cannot_be_written_or_read_is_an_output_error(
+    tmp_path: Path,
+) -> None:
+    """Disk full (a real ENOSPC: /dev/full) while caching a long item, or a cache file
+    gone, is what it is: an output error naming the cache (exit 5), not a lost connection."""
+    [call] = tone_calls(tmp_path / "media", 1)
+    wire = WireFormat("linear16", 16000)
+    with pytest.raises(OutputError, match="cannot write the audio cache /dev/full: No space"):
+        cache_and_cut(DecodedAudio(str(call), wire), Path("/dev/full"), target_s=0.5,
+                      window_s=0.2, pieces=2)  # fmt: skip
+    gone = CachedSlice(tmp_path / "nothing.pcm", TimeMap.whole(0, 16000, 16000), wire)
+    with pytest.raises(OutputError, match=r"cannot read the audio cache .*nothing\.pcm"):
+        list(gone)
+    assert exit_code_for(OutputError("x", "write", "full")) == ExitCode.OUTPUT
