@@ -14,6 +14,8 @@ import pytest
 import batch
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import ConnectionLost, ExitCode, OutputError, ServerReported, exit_code_for
+from batch.output.delta import delta_options
+from batch.output.layout import Location
 from batch.pool import retry_line
 from batch.settled import local_changed_at, settled_failures
 from batch.split import CachedSlice, cache_and_cut
@@ -21,6 +23,7 @@ from batch.timemap import TimeMap
 from batch.version import __version__
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
+from tests.s3server import S3Bucket
 
 SERVICE = "wss://api.smallest.ai/waves/v1/pulse/get_text"
 
@@ -209,3 +212,26 @@ def test_an_audio_cache_that_cannot_be_written_or_read_is_an_output_error(
     with pytest.raises(OutputError, match=r"cannot read the audio cache .*nothing\.pcm"):
         list(gone)
     assert exit_code_for(OutputError("x", "write", "full")) == ExitCode.OUTPUT
+
+
+def test_delta_on_an_s3_endpoint_without_credentials_never_asks_the_metadata_address(
+    tmp_path: Path, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No credentials set, a store named by its endpoint (moto here, MinIO or R2 in life):
+    deltalake sends unsigned requests instead of asking 169.254.169.254 for an instance
+    role, and the refusal says no credentials were found."""
+    url = s3_bucket.url("lake")
+    tone_calls(tmp_path / "media", 1)
+    made = batch.run_job(write_manifest(tmp_path, output={"path": url, "format": "delta"}))
+    assert made.ok == 1
+    signed = delta_options(Location.of(url), {})
+    assert "aws_skip_signature" not in signed  # credentials set: signed as usual
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials either
+    assert delta_options(Location.of(url), {})["aws_skip_signature"] == "true"
+    with pytest.raises(OutputError) as raised:  # as report, status, export, a dry run read
+        batch.read_table(url, "transcripts")
+    message, cause = str(raised.value), str(raised.value.__cause__)
+    assert "no S3 credentials were found" in message, message
+    assert "169.254" not in cause and "lacked the necessary privileges" in cause, cause

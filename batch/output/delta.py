@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
@@ -90,6 +91,11 @@ def delta_options(location: Location, given: dict[str, str]) -> dict[str, str]:
         if region:
             options.setdefault("AWS_REGION", region)
         options.setdefault("conditional_put", "etag")
+        if endpoint and not store_errors.aws_credentials_named(os.environ, Path.home()):
+            # A store named by its endpoint (MinIO, R2, Ceph, moto) never takes an EC2
+            # instance's role: with no credentials set, requests go unsigned rather than
+            # reach for the metadata address (169.254.169.254), slow to fail off EC2.
+            options.setdefault("aws_skip_signature", "true")
     return options
 
 
