@@ -21,6 +21,7 @@ from typer.core import TyperArgument, TyperCommand
 
 from batch import console, storage
 from batch import export as exports
+from batch import forget as forgetting
 from batch import job as jobs
 from batch import score as scoring
 from batch.decode import WireFormat, probe
@@ -341,6 +342,46 @@ def export_command(
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
     if done.failed:
         raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
+
+
+@app.command("forget", cls=_PlainCommand)
+def forget_command(
+    output: _JobOutput,
+    job: Annotated[str, typer.Option(help="The job whose items to forget.")],
+    item: Annotated[
+        list[str] | None,
+        typer.Option("--item", help="An item_id (or a prefix naming one); repeat for more."),
+    ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(help="Or: items where col=value[,col!=value...], as in export."),
+    ] = None,
+    reason: Annotated[
+        str, typer.Option(help="Why, kept in the tombstone (a ticket number; no personal data).")
+    ] = "",
+    exports_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--exports",
+            help="Folder of the job's exports [default: OUTPUT/_exports/JOB, or "
+            "_exports/JOB here for an output at a URL].",
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
+) -> None:
+    """Erase items: their rows from every table, their exported files; a tombstone (id,
+    when, why) keeps later runs from transcribing them again (run --force brings them back)."""
+    with _exit_codes():
+        done = forgetting.forget(
+            output,
+            job,
+            items=item or (),
+            where=where,
+            reason=reason,
+            exports=exports_dir,
+            dry_run=dry_run,
+        )
+    console.show_forget(done)
 
 
 @app.command("score", cls=_PlainCommand)

@@ -27,10 +27,11 @@ class Tally:
     ok: int = 0
     failed: int = 0
     not_run: int = 0
+    forgotten: int = 0  # forgotten on request (`pulse-batch forget`): done, without rows
 
     @property
     def complete(self) -> bool:
-        return self.planned == self.ok
+        return self.planned == self.ok + self.forgotten
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -38,6 +39,7 @@ class Tally:
             "ok": self.ok,
             "failed": self.failed,
             "not_run": self.not_run,
+            "forgotten": self.forgotten,
         }
 
 
@@ -83,14 +85,21 @@ class JobStatus:
         }
 
 
-def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None = None) -> Tally:
-    """Count ``planned`` item ids by ``latest`` (item id -> status); with ``shards``, the
-    caller passes one shard's ids."""
+def tally(
+    planned: Iterable[str],
+    latest: Mapping[str, str],
+    shards: int | None = None,
+    forgotten: frozenset[str] = frozenset(),
+) -> Tally:
+    """Count ``planned`` item ids by ``latest`` (item id -> status) and ``forgotten``; with
+    ``shards``, the caller passes one shard's ids."""
     result = Tally()
     for item_id in planned:
         result.planned += 1
         status = latest.get(item_id)
-        if status == ItemStatus.OK:
+        if item_id in forgotten and status is None:
+            result.forgotten += 1
+        elif status == ItemStatus.OK:
             result.ok += 1
         elif status is None:
             result.not_run += 1
@@ -136,11 +145,13 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
-    history = OutputReader(out_dir, loaded.manifest.output.storage_options).history(job)
+    reader = OutputReader(out_dir, loaded.manifest.output.storage_options)
+    history = reader.history(job)
+    forgotten = frozenset(reader.forgotten(job))
     latest = {i: ItemStatus.OK for i in history.ok} | {i: ItemStatus.FAILED for i in history.failed}
     done = frozenset(i for i, status in latest.items() if status == ItemStatus.OK)
-    planned = sorted({item.item_id for item in plan_items(loaded, done)})
-    result = JobStatus(job, str(loaded.path), tally(planned, latest))
+    planned = sorted({item.item_id for item in plan_items(loaded, done | forgotten)})
+    result = JobStatus(job, str(loaded.path), tally(planned, latest, forgotten=forgotten))
     result.duplicates = len(history.duplicates)
     result.unfinished = len(history.unfinished)
     count = _last_shard_count(out_dir, job)
@@ -148,5 +159,5 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
         result.shards = count
         for index in range(count):
             mine = [i for i in planned if shard_of(i, count) == index]
-            result.by_shard[index] = tally(mine, latest)
+            result.by_shard[index] = tally(mine, latest, forgotten=forgotten)
     return result

@@ -111,6 +111,12 @@ class OutputReader:
         with translated("read", where.child("transcripts")):
             return parquet.scan(where.local, job).history()
 
+    def forgotten(self, job: str) -> set[str]:
+        """The ids of the job's forgotten items (`pulse-batch forget`'s tombstones)."""
+        from batch.output import tombstones
+
+        return set(tombstones.read(self.where, job))
+
     def job_names(self) -> list[str]:
         """The jobs that have rows (or, in a local output, reports) in the output, sorted."""
         if self.format() is None:
@@ -175,7 +181,7 @@ class OutputReader:
         FileNotFoundError when there is none."""
         data = self.latest_report(job)
         name = str(data["job"])
-        data["job_so_far"] = self.history(name).summary
+        data["job_so_far"] = {**self.history(name).summary, "forgotten": len(self.forgotten(name))}
         data["runs"] = job_runs(
             self.run_reports(name),
             lambda run: self.run_alive(name, str(run["run_id"]), run.get("shard")),
