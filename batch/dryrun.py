@@ -41,9 +41,9 @@ def dry_run_report(
         "items": {
             "total": len(items),
             "already_ok": len([i for i in items if i.item_id in done and i.item_id not in chosen]),
-            "forgotten": len([i for i in items if i.item_id in forgotten - chosen]),
             "to_stream": len(todo),
             "known_bad": len([i for i in items if i.error is not None]),
+            **_forgotten_count(items, forgotten - chosen),
         },
         "audio_s": round(audio_s, 3),
         "streamed_s": round(streamed_s, 3),
@@ -100,3 +100,9 @@ def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float
             continue
         estimates[item.item_id] = round(found.timemap.streamed_s, 3)
     return estimates
+
+
+def _forgotten_count(items: list[Item], forgotten: AbstractSet[str]) -> dict[str, int]:
+    """``{"forgotten": N}`` when the plan skips forgotten items (else nothing)."""
+    count = len([i for i in items if i.item_id in forgotten])
+    return {"forgotten": count} if count else {}

@@ -271,7 +271,7 @@ async def run_job(
             stats.not_run = len(todo) - stats.ok - stats.failed
             logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)
-        so_far = {**output.job_so_far(), "forgotten": len(forgotten)}
+        so_far = output.job_so_far() | ({"forgotten": len(forgotten)} if forgotten else {})
         report = build_report(stats, job_so_far=so_far, accuracy=_accuracy(output))
         if not todo:
             # Nothing was streamed: the last real report stays `latest`.

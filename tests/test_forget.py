@@ -15,7 +15,7 @@ from batch.export import export_job
 from batch.forget import choose, forget
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
-from batch.output import OutputReader
+from batch.output import JobOutput, OutputReader
 from batch.status import job_status
 from tests.conftest import run_cli, start_cli, wait_for, write_manifest
 from tests.media import tone_calls
@@ -89,9 +89,14 @@ def test_forget_in_parquet_erases_rows_and_exports_and_runs_skip_it(tmp_path: Pa
     assert stone["item_id"] == gone and stone["reason"] == "T-17" and stone["forgotten_at"]
     assert "call-0001" not in json.dumps(stone)  # no source, no content
 
+    plan = anyio.run(run_job, load_manifest(manifest), RunOptions(dry_run=True)).report
+    assert plan["items"]["forgotten"] == 1 and plan["items"]["to_stream"] == 0
+    assert [p["action"] for p in plan["plan"] if p["item_id"] == gone] == ["skip: forgotten"]
     rerun = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert rerun.report["items"]["skipped_forgotten"] == 1
     assert rerun.report["items"]["ok"] == 0 and rerun.report["job_so_far"]["forgotten"] == 1
+    shown = run_cli("report", str(out), "--json")
+    assert json.loads(shown.stdout)["job_so_far"]["forgotten"] == 1
     status = job_status(out, JOB, manifest)
     assert status.complete and status.total.forgotten == 1 and status.total.ok == 2
     again = run_cli("forget", str(out), "--job", JOB, "--item", gone)  # converged: a no-op
@@ -194,3 +199,13 @@ def test_sigkill_mid_forget_then_a_rerun_converges(tmp_path: Path, s3_bucket: S3
     assert again.returncode == 0, again.stderr
     assert all(gone not in ids for ids in _held(location).values())
     assert all(len(ids) == 1 for ids in _held(location).values())
+
+
+def test_forget_never_runs_beside_a_run_of_the_job(tmp_path: Path) -> None:
+    _job(tmp_path, 1)
+    out = tmp_path / "out"
+    gone = _id_of(out, "call-0000.wav")
+    with JobOutput.open(out, JOB, ["job", "date"]):  # what a run of the job holds
+        refused = run_cli("forget", str(out), "--job", JOB, "--item", gone)
+    assert refused.returncode == 4 and "already running" in refused.stderr, refused.stderr
+    assert gone in _held(out)["transcripts"] and not OutputReader(out).forgotten(JOB)

@@ -181,7 +181,10 @@ class OutputReader:
         FileNotFoundError when there is none."""
         data = self.latest_report(job)
         name = str(data["job"])
-        data["job_so_far"] = {**self.history(name).summary, "forgotten": len(self.forgotten(name))}
+        forgotten = len(self.forgotten(name))
+        data["job_so_far"] = self.history(name).summary | (
+            {"forgotten": forgotten} if forgotten else {}
+        )
         data["runs"] = job_runs(
             self.run_reports(name),
             lambda run: self.run_alive(name, str(run["run_id"]), run.get("shard")),
