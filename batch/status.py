@@ -39,7 +39,7 @@ class Tally:
             "ok": self.ok,
             "failed": self.failed,
             "not_run": self.not_run,
-            "forgotten": self.forgotten,
+            **({"forgotten": self.forgotten} if self.forgotten else {}),
         }
 
 
@@ -52,10 +52,11 @@ class JobStatus:
     by_shard: dict[int, Tally] = field(default_factory=dict)
     duplicates: int = 0  # items with more than one row: runs overlapped; never complete
     unfinished: int = 0  # items a killed run committed some tables of (counted not run)
+    half_forgotten: int = 0  # forgotten items a stopped `forget` left rows of
 
     @property
     def complete(self) -> bool:
-        return self.total.complete and not self.duplicates
+        return self.total.complete and not self.duplicates and not self.half_forgotten
 
     def problems(self) -> list[str]:
         """What keeps an output from being trusted as it is, and what to do."""
@@ -70,6 +71,11 @@ class JobStatus:
                 f"{self.unfinished} item(s) have some of their tables only (a run was "
                 "killed mid-commit); the next `pulse-batch run` redoes them"
             )
+        if self.half_forgotten:
+            found.append(
+                f"{self.half_forgotten} forgotten item(s) still have rows (a `pulse-batch "
+                "forget` was stopped); run it again to remove them"
+            )
         return found
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,6 +86,7 @@ class JobStatus:
             **self.total.as_dict(),
             "duplicates": self.duplicates,
             "unfinished": self.unfinished,
+            "half_forgotten": self.half_forgotten,
             "shards": self.shards,
             "by_shard": {f"{i}/{self.shards}": t.as_dict() for i, t in self.by_shard.items()},
         }
@@ -97,7 +104,7 @@ def tally(
     for item_id in planned:
         result.planned += 1
         status = latest.get(item_id)
-        if item_id in forgotten and status is None:
+        if item_id in forgotten:
             result.forgotten += 1
         elif status == ItemStatus.OK:
             result.ok += 1
@@ -153,7 +160,8 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
     planned = sorted({item.item_id for item in plan_items(loaded, done | forgotten)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest, forgotten=forgotten))
     result.duplicates = len(history.duplicates)
-    result.unfinished = len(history.unfinished)
+    result.unfinished = len(history.unfinished - forgotten)
+    result.half_forgotten = len((history.ok | history.failed | history.unfinished) & forgotten)
     count = _last_shard_count(out_dir, job)
     if count is not None:
         result.shards = count

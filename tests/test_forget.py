@@ -193,12 +193,15 @@ def test_sigkill_mid_forget_then_a_rerun_converges(tmp_path: Path, s3_bucket: S3
     held = _held(location)
     assert gone not in held["words"] and gone in held["transcripts"]  # killed mid-way
     assert gone in OutputReader(location).forgotten(JOB)
+    halfway = job_status(location, JOB, manifest)
+    assert halfway.half_forgotten == 1 and not halfway.complete and halfway.unfinished == 0
     rerun = anyio.run(run_job, load_manifest(manifest), RunOptions())  # redoes nothing
     assert rerun.report["items"]["ok"] == 0 and rerun.report["items"]["skipped_forgotten"] == 1
     again = run_cli("forget", location, "--job", JOB, "--item", gone)
     assert again.returncode == 0, again.stderr
     assert all(gone not in ids for ids in _held(location).values())
     assert all(len(ids) == 1 for ids in _held(location).values())
+    assert job_status(location, JOB, manifest).complete
 
 
 def test_forget_never_runs_beside_a_run_of_the_job(tmp_path: Path) -> None:

@@ -135,7 +135,8 @@ class OutputReader:
         Parquet output's are finished first): they would read as empty documents."""
         if self.format() is None:
             raise ExportError(self.location, _NO_OUTPUT)
-        unfinished = sorted(self.history(job).unfinished)
+        forgotten = self.forgotten(job)  # a forget that was stopped may have left rows
+        unfinished = sorted(self.history(job).unfinished - forgotten)
         if unfinished:
             raise OutputError(
                 self.location,
@@ -148,7 +149,7 @@ class OutputReader:
             known = self.job_names()
             hint = f"jobs here: {', '.join(known)}" if known else "it holds no job's rows yet"
             raise ExportError(self.location, f"no rows for job {job!r}; {hint}")
-        items = latest_ok(transcripts)
+        items = [r for r in latest_ok(transcripts) if r["item_id"] not in forgotten]
         tables = JobTables(items)
         if not with_details:
             return tables
