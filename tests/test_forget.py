@@ -162,8 +162,14 @@ def test_forget_in_delta_deletes_from_every_table(
         "--dry-run",
     )
     assert done.returncode == 0 and "would forget 2 item(s)" in done.stdout
-    done = run_cli("forget", location, "--job", JOB, "--item", gone)
+    exports = tmp_path / "exports"
+    export_job(location, JOB, "txt", exports / "txt")
+    done = run_cli("forget", location, "--job", JOB, "--item", gone, "--exports", str(exports))
     assert done.returncode == 0, done.stderr
+    assert [p.name for p in (exports / "txt").iterdir()] == ["call-0001.txt"]
+    if where == "bucket":
+        (stone,) = s3_bucket.keys("lake/_forgotten/")
+        assert stone.endswith(f"/{JOB}/{gone}.json") and b"call-" not in s3_bucket.read(stone)
     held = _held(location)
     assert all(gone not in ids and len(ids) == 1 for ids in held.values()), held
     rerun = anyio.run(run_job, load_manifest(manifest), RunOptions())
