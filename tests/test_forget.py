@@ -19,6 +19,7 @@ from batch.output import JobOutput, OutputReader
 from batch.status import job_status
 from tests.conftest import run_cli, start_cli, wait_for, write_manifest
 from tests.media import tone_calls
+from tests.rows import rows, write
 from tests.s3server import S3Bucket
 from tests.tables import TABLES, sql
 
@@ -218,3 +219,33 @@ def test_forget_never_runs_beside_a_run_of_the_job(tmp_path: Path) -> None:
         refused = run_cli("forget", str(out), "--job", JOB, "--item", gone)
     assert refused.returncode == 4 and "already running" in refused.stderr, refused.stderr
     assert gone in _held(out)["transcripts"] and not OutputReader(out).forgotten(JOB)
+
+
+def test_sigkill_while_a_parquet_forget_stages_then_a_rerun_converges(tmp_path: Path) -> None:
+    """Killed while the one commit is being staged (rewrites of many files): nothing of
+    it is visible, the tombstones are written; the rerun discards the staging and commits."""
+    out = tmp_path / "out"
+    batches = [
+        [rows(f"keep{n:03d}", 3, job=JOB), rows(f"drop{n:03d}", 3, job=JOB)] for n in range(120)
+    ]
+    write(out, batches, job=JOB)
+    dropped = [f"drop{n:03d}" for n in range(120)]
+    args = [a for item in dropped for a in ("--item", item)]
+    process = start_cli("forget", str(out), "--job", JOB, *args)
+    staging = out / "_staging" / JOB
+    try:
+        assert wait_for(lambda: any(staging.glob("forget-*/*.parquet")), 20), "never staged"
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert len(OutputReader(out).forgotten(JOB)) == 120  # written before the commit
+    assert not any(staging.glob("forget-*/PLAN.json"))  # killed before the commit point
+    # Nothing of the commit is visible yet: every file still holds its rows.
+    assert sql(out, "select count(*) from {transcripts} where item_id like 'drop%'") == [(120,)]
+    again = run_cli("forget", str(out), "--job", JOB, *args)
+    assert again.returncode == 0, again.stderr
+    assert not list(staging.glob("forget-*"))  # the killed staging was discarded
+    for table in ("transcripts", "words"):
+        found = sql(out, f"select count(*), count(distinct item_id) from {{{table}}}")
+        assert found == [(120 if table == "transcripts" else 360, 120)], (table, found)
+    assert sql(out, "select count(*) from {transcripts} where item_id like 'drop%'") == [(0,)]
