@@ -100,6 +100,9 @@ def test_forget_in_parquet_erases_rows_and_exports_and_runs_skip_it(tmp_path: Pa
     assert json.loads(shown.stdout)["job_so_far"]["forgotten"] == 1
     status = job_status(out, JOB, manifest)
     assert status.complete and status.total.forgotten == 1 and status.total.ok == 2
+    shown = run_cli("status", str(out), "--job", JOB, "--manifest", str(manifest))
+    assert shown.returncode == 0 and "2/3 planned item(s) ok" in shown.stdout
+    assert "1 forgotten" in shown.stdout, shown.stdout
     again = run_cli("forget", str(out), "--job", JOB, "--item", gone)  # converged: a no-op
     assert again.returncode == 0 and "nothing to forget" in again.stdout
 
