@@ -22,7 +22,6 @@ from typer.exceptions import TyperException
 
 from batch import console, observe, storage
 from batch import export as exports
-from batch import forget as forgetting
 from batch import job as jobs
 from batch import score as scoring
 from batch.decode import WireFormat, probe
@@ -35,6 +34,7 @@ from batch.errors import (
     OutputError,
     exit_code_for,
 )
+from batch.forget_command import forget_command
 from batch.html_report import render_html
 from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
@@ -107,6 +107,7 @@ app = typer.Typer(
     + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
+app.command("forget", cls=_PlainCommand)(forget_command)
 # A path in a message is never cut; with --log-format json, messages are log records.
 err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)
 logger = logging.getLogger("batch")
@@ -404,46 +405,6 @@ def export_command(
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
     if done.failed:
         raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
-
-
-@app.command("forget", cls=_PlainCommand)
-def forget_command(
-    output: _JobOutput,
-    job: Annotated[str, typer.Option(help="The job whose items to forget.")],
-    item: Annotated[
-        list[str] | None,
-        typer.Option("--item", help="An item_id (or a prefix naming one); repeat for more."),
-    ] = None,
-    where: Annotated[
-        str | None,
-        typer.Option(help="Or: items where col=value[,col!=value...], as in export."),
-    ] = None,
-    reason: Annotated[
-        str, typer.Option(help="Why, kept in the tombstone (a ticket number; no personal data).")
-    ] = "",
-    exports_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--exports",
-            help="Folder of the job's exports [default: OUTPUT/_exports/JOB, or "
-            "_exports/JOB here for an output at a URL].",
-        ),
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
-) -> None:
-    """Erase items: their rows from every table, their exported files; a tombstone (id,
-    when, why) keeps later runs from transcribing them again (run --force brings them back)."""
-    with _exit_codes():
-        done = forgetting.forget(
-            output,
-            job,
-            items=item or (),
-            where=where,
-            reason=reason,
-            exports=exports_dir,
-            dry_run=dry_run,
-        )
-    console.show_forget(done)
 
 
 @app.command("score", cls=_PlainCommand)

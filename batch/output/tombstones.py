@@ -14,12 +14,14 @@ of the source's identity and options, when, and the reason the operator gave.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from batch.output import layout
+from batch.errors import OutputError
+from batch.output import layout, store_errors
 from batch.output.layout import Location, translated
 from batch.output.reports import _remote_fs
 
@@ -37,6 +39,20 @@ def _folder(location: Location, job: str) -> str:
     return location.child(FOLDER, job)
 
 
+@contextlib.contextmanager
+def _translated(operation: str, location: Location, folder: str) -> Iterator[None]:
+    """`layout.translated`; a store's refusal (an `OSError` from fsspec) said as what it
+    means, as the tables' own errors are (`batch.output.store_errors`)."""
+    with translated(operation, folder):
+        try:
+            yield
+        except OSError as exc:
+            if location.local is not None:
+                raise
+            said = f"{exc} {exc.__cause__ or ''}"  # s3fs keeps the error code in the cause
+            raise OutputError(folder, operation, store_errors.reason(said, folder)) from exc
+
+
 def _remote(location: Location) -> Any:
     fs = _remote_fs(location)
     fs.invalidate_cache()  # another process may have written or removed some since
@@ -47,7 +63,7 @@ def read(location: Location, job: str) -> dict[str, Tombstone]:
     """The job's tombstones by item id (none when the job has none)."""
     folder = _folder(location, job)
     found: dict[str, Tombstone] = {}
-    with translated("read the tombstones in", folder):
+    with _translated("read the tombstones in", location, folder):
         if location.local is not None:
             local = location.local / FOLDER / job
             texts = [p.read_bytes() for p in sorted(local.glob("*.json"))]
@@ -65,7 +81,7 @@ def read(location: Location, job: str) -> dict[str, Tombstone]:
 def write(location: Location, job: str, stones: Iterable[Tombstone]) -> None:
     """Write (or rewrite) one tombstone per item."""
     folder = _folder(location, job)
-    with translated("write a tombstone to", folder):
+    with _translated("write a tombstone to", location, folder):
         fs: Any = None if location.local is not None else _remote(location)
         for stone in stones:
             data = json.dumps(asdict(stone)).encode()
@@ -81,7 +97,7 @@ def write(location: Location, job: str, stones: Iterable[Tombstone]) -> None:
 def remove(location: Location, job: str, item_ids: Iterable[str]) -> None:
     """Remove the tombstones of ``item_ids`` (``run --force`` brings the items back)."""
     folder = _folder(location, job)
-    with translated("remove a tombstone from", folder):
+    with _translated("remove a tombstone from", location, folder):
         fs: Any = None if location.local is not None else _remote(location)
         for item_id in item_ids:
             if location.local is not None:
