@@ -6,14 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from batch import console
-from batch.errors import ExitCode, LockedError, ManifestError, OutputError, exit_code_for
+from batch.cli_exits import exit_codes
 from batch.forget import forget
-
-_err = Console(stderr=True, soft_wrap=True)
 
 
 def forget_command(
@@ -44,7 +40,7 @@ def forget_command(
 ) -> None:
     """Erase items: their rows from every table, their exported files; a tombstone (id,
     when, why) keeps later runs from transcribing them again (run --force brings them back)."""
-    try:
+    with exit_codes():
         done = forget(
             output,
             job,
@@ -54,8 +50,4 @@ def forget_command(
             exports=exports_dir,
             dry_run=dry_run,
         )
-    except (ManifestError, LockedError, OutputError) as exc:  # the table in batch.errors
-        label = "output error" if isinstance(exc, OutputError) else "error"
-        _err.print(f"[red]{label}:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(exit_code_for(exc) or ExitCode.USAGE) from None
     console.show_forget(done)
