@@ -32,7 +32,15 @@ from batch.errors import (
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
 from batch.plan import Item
-from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_retries
+from batch.pool import (
+    AdaptiveLimit,
+    Backoff,
+    Pool,
+    RefusalStreak,
+    SessionWatch,
+    Tried,
+    with_retries,
+)
 from batch.report import RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
@@ -166,14 +174,7 @@ class Sessions:
                 bounds=reply_bounds(self.run),
             )
         except Exception as error:
-            if isinstance(error, HandshakeRejected):
-                self.stats.refused_handshakes += 1
-            if is_unreachable(error) and self.refusals.refused():
-                raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
-            if is_refusal(error) and self.refusals.refused():
-                raise ServiceRefusing(self.refusals.count, error) from error
-            if isinstance(error, SessionStalled) and watch.stalled():
-                raise ServiceStalling(self.refusals.stalls, error) from error
+            self.judge(error, watch)
             raise
         finally:
             watch.ended()
@@ -181,12 +182,28 @@ class Sessions:
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
             self.stats.billed_unskipped_s += unskipped
+        self.counted_session(result)
+        return Streamed(result, audio.duration_s)
+
+    def judge(self, error: Exception, watch: SessionWatch) -> None:
+        """Count a failed attempt; raises what ends the job when refusals (or stalls) in
+        a row reached the limit."""
+        if isinstance(error, HandshakeRejected):
+            self.stats.refused_handshakes += 1
+        if is_unreachable(error) and self.refusals.refused():
+            raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
+        if is_refusal(error) and self.refusals.refused():
+            raise ServiceRefusing(self.refusals.count, error) from error
+        if isinstance(error, SessionStalled) and watch.stalled():
+            raise ServiceStalling(self.refusals.stalls, error) from error
+
+    def counted_session(self, result: SessionResult) -> None:
+        """A session that worked: its timings into the run's stats."""
         self.stats.busy_session_s += result.busy_s
         self.stats.connect_s.append(result.connect_s)
         if result.first_final_s is not None:
             self.stats.first_final_s.append(result.first_final_s)
         self.stats.end_to_last_s.append(result.end_to_last_s)
-        return Streamed(result, audio.duration_s)
 
 
 def session_label(item: Item, piece: int | None = None) -> str:

@@ -1,0 +1,249 @@
+"""Several whole items through one session: ``finalize`` between them, each its own rows.
+
+A short file pays a handshake and a final wait of its own; both cost more than the file
+when it is a few seconds long. On endpoints with ``finalize`` (`batch.pulse.reuse`), a
+worker streams its item, then the next queued item with the same options, and so on, in
+one session: a `Chain` of units with an empty chunk between them (the sender sends
+``finalize`` for it; `batch.stallwatch`). Units are taken from the pool as the audio goes,
+so the cap on open sessions holds. After the session each unit's finals are split off by
+their times (`batch.pulse.reuse.split_finals`) and become its rows, times relative to its
+own audio. A session that fails keeps the units known complete; the rest are retried in a
+new session, and a unit whose file cannot be read fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import anyio.from_thread
+
+from batch.assemble import Assembler
+from batch.attempts import JobAborted, Sessions, StreamedAudio, Unit, session_label
+from batch.collect import collect_finals
+from batch.errors import InputError, NotStarted, Scope, SpendCapReached, classify
+from batch.limits import reply_bounds, session_timeouts
+from batch.pool import with_retries
+from batch.pulse.protocol import PulseOptions, Transcription
+from batch.pulse.reuse import Span, settled, split_finals
+from batch.session import SessionResult, run_session
+
+logger = logging.getLogger(__name__)
+
+# A reused session takes no new unit once it has streamed this much audio: a failure then
+# retries at most what was not yet complete, and no session outlives the service's limits.
+MAX_SESSION_AUDIO_S: Final = 900.0
+
+
+@dataclass(eq=False)
+class Link:
+    """One unit in a chain: its audio this attempt, and where that lies in the session."""
+
+    unit: Unit
+    started: datetime
+    make_audio: Callable[[], StreamedAudio]
+    audio: StreamedAudio | None = None
+    start_s: float = 0.0
+    end_s: float | None = None
+    error: InputError | None = None  # its file could not be read: it fails alone
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class Chain:
+    """An `AudioSource` over links, in order: ``queued`` first (carried over from a failed
+    attempt), then what ``take`` hands out (from the event loop) until it has none or the
+    session holds `MAX_SESSION_AUDIO_S`. Iterated in the session's reader thread."""
+
+    queued: list[Link]
+    take: Callable[[], Link | None]
+    started: list[Link] = field(default_factory=list)
+    position_s: float = 0.0
+    reserved_s: float = 0.0  # what the spend cap holds for its units
+
+    @property
+    def duration_s(self) -> float:
+        return self.position_s
+
+    def _next(self) -> Link | None:
+        if self.queued:
+            return self.queued.pop(0)
+        if self.position_s >= MAX_SESSION_AUDIO_S:
+            return None
+        return anyio.from_thread.run_sync(self.take)
+
+    def __iter__(self) -> Iterator[bytes]:
+        link = self._next()
+        while link is not None:
+            yield from self._stream(link)
+            link = self._next()
+            if link is not None:
+                yield b""  # the unit boundary: the sender sends finalize
+
+    def _stream(self, link: Link) -> Iterator[bytes]:
+        self.started.append(link)
+        link.attempts += 1
+        link.start_s = base = self.position_s
+        link.audio = audio = link.make_audio()
+        try:
+            for chunk in audio:
+                if chunk:
+                    self.position_s = base + audio.position_s
+                    yield chunk
+        except InputError as error:
+            link.error = error  # its own row says why; the session goes on
+        link.end_s = self.position_s
+
+
+@dataclass
+class Settled:
+    """A unit done with: its finals (own time base) from ``session``, or its ``error``."""
+
+    link: Link
+    finals: list[Transcription] = field(default_factory=list)
+    session: SessionResult | None = None
+    error: Exception | None = None
+
+
+class Reuse:
+    """Streams a whole item and the reusable items queued after it through shared sessions,
+    and writes each one's rows."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        assembler: Assembler,
+        make_audio: Callable[[Unit], StreamedAudio],
+        wanted: Callable[[Unit], bool],
+    ) -> None:
+        self.sessions = sessions
+        self.assembler = assembler
+        self.make_audio = make_audio
+        self.wanted = wanted
+
+    def _link(self, unit: Unit) -> Link:
+        return Link(unit, datetime.now(UTC), lambda: self.make_audio(unit))
+
+    def _take(self, chain: Chain, options: PulseOptions) -> Link | None:
+        """The next queued unit with the same options, if the spend cap admits it (then
+        reserved for ``chain``). Runs on the event loop."""
+
+        def joins(unit: Unit) -> bool:
+            if not self.wanted(unit) or unit.item.options != options:
+                return False
+            try:
+                self.sessions.cap.admit(unit.item.duration_s or 0.0)
+            except SpendCapReached:
+                return False  # left queued: its own turn finds the cap reached
+            chain.reserved_s += unit.item.duration_s or 0.0
+            return True
+
+        head = self.sessions.pool.take_next(joins)
+        return self._link(head) if head is not None else None
+
+    async def stream(self, unit: Unit) -> None:
+        """Stream ``unit`` and whatever joins it; every unit taken gets its row (or, when
+        the run stops before it started, none: a rerun does it)."""
+        pending = [self._link(unit)]
+        done: list[Settled] = []
+        sessions = self.sessions
+        tried = await with_retries(
+            lambda: self._attempt(pending, done),
+            limit=sessions.limit,
+            max_attempts=sessions.run.max_attempts,
+            backoff=sessions.backoff,
+            rng=sessions.rng,
+            on_attempt=sessions._counted,
+        )
+        error = tried.error
+        done.extend(Settled(link, error=error) for link in pending)
+        for each in done:
+            await self._finish(each)
+        if error is not None and classify(error).scope is Scope.JOB:
+            raise JobAborted(str(error)) from error
+
+    async def _attempt(self, pending: list[Link], done: list[Settled]) -> None:
+        sessions = self.sessions
+        if sessions.pool.stopping:
+            raise NotStarted("the run is stopping: the session was not started")
+        first = pending[0].unit.item
+        chain = Chain(list(pending), lambda: self._take(chain, first.options))
+        chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
+        sessions.cap.admit(chain.reserved_s)
+        result = SessionResult()
+        watch = sessions.refusals.watch()
+        try:
+            await run_session(
+                sessions.endpoint,
+                first.options,
+                chain,
+                api_key=sessions.api_key,
+                pace=sessions.run.pace,
+                timeouts=session_timeouts(sessions.run, first.duration_s),
+                user_agent=sessions.user_agent,
+                on_open=watch.opened,
+                label=f"{session_label(first)} (reused session)",
+                bounds=reply_bounds(sessions.run),
+                result=result,
+            )
+        except Exception as error:
+            pending[:] = _settle(chain, result, done, complete=False) + chain.queued
+            sessions.judge(error, watch)
+            raise
+        finally:
+            watch.ended()
+            sessions.stats.billed_audio_s += chain.position_s
+            sessions.stats.billed_unskipped_s += chain.position_s
+            sessions.cap.settle(chain.reserved_s, chain.position_s)
+        pending[:] = _settle(chain, result, done, complete=True)
+        sessions.counted_session(result)
+
+    async def _finish(self, settled_unit: Settled) -> None:
+        link, item = settled_unit.link, settled_unit.link.unit.item
+        error = link.error or settled_unit.error
+        if isinstance(error, NotStarted):  # the run stops: no row, a rerun does it
+            self.assembler.not_started(error)
+            return
+        if error is not None:
+            await self.assembler.finish(item, link.started, attempts=link.attempts, error=error)
+            return
+        session = settled_unit.session
+        assert session is not None and link.audio is not None
+        languages = list(dict.fromkeys(f.language for f in settled_unit.finals if f.language))
+        collected = collect_finals(
+            settled_unit.finals, languages=languages or session.languages[:1]
+        )
+        await self.assembler.finish(
+            item,
+            link.started,
+            attempts=link.attempts,
+            collected=collected,
+            duration_s=link.audio.duration_s,
+            streamed_s=link.audio.duration_s,
+            session_id=session.session_id,
+        )
+
+
+def _settle(
+    chain: Chain, result: SessionResult, done: list[Settled], *, complete: bool
+) -> list[Link]:
+    """Move the units this session completed (and those whose file failed) to ``done``;
+    returns the ones to stream again, in order."""
+    links = chain.started
+    if not links:
+        return []
+    spans = [Span(link.start_s, link.end_s or chain.position_s) for link in links]
+    count = settled(result.finals, spans, complete)
+    parts = split_finals(result.finals, spans)
+    again: list[Link] = []
+    for index, link in enumerate(links):
+        if link.error is not None:
+            done.append(Settled(link))
+        elif index < count:
+            done.append(Settled(link, parts[index], result))
+        else:
+            again.append(link)
+    return again

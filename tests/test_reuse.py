@@ -1,0 +1,165 @@
+"""Session reuse: short files share a session through ``finalize`` and each still gets
+exactly the rows its own session gives. The attribution is pure (tested without sockets);
+the rest runs whole jobs in-process against the local server on its ``current`` path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch.job import RunOptions, run_job
+from batch.manifest import load_manifest
+from batch.pulse.protocol import Generation, PulseOptions, Transcription, Word
+from batch.pulse.reuse import Span, reusable, settled, split_finals
+from batch.server import FaultConfig, local_server
+from tests.conftest import point_at, write_manifest
+from tests.media import Burst, tone_track, write_audio
+from tests.tables import sql
+
+RATE = 16000
+
+# --- attribution, pure ---------------------------------------------------------------
+
+
+def _final(*times: tuple[float, float]) -> Transcription:
+    words = tuple(Word(f"w{i}", a, b) for i, (a, b) in enumerate(times))
+    return Transcription("s", " ".join(w.word for w in words), True, False, "en", words)
+
+
+def test_each_final_goes_to_the_unit_holding_its_words_on_that_units_time_base() -> None:
+    spans = [Span(0.0, 4.0), Span(4.0, 6.5), Span(6.5, 9.0)]
+    finals = [_final((0.2, 0.5), (0.9, 1.2)), _final((4.25, 4.5)), _final((6.6, 7.0))]
+    split = split_finals(finals, spans)
+    assert [[(w.start_s, w.end_s) for f in part for w in f.words] for part in split] == [
+        [(0.2, 0.5), (0.9, 1.2)],
+        [(0.25, 0.5)],
+        [(0.1, 0.5)],
+    ]
+
+
+def test_units_are_known_complete_once_a_later_unit_answers_or_is_last_came() -> None:
+    spans = [Span(0.0, 4.0), Span(4.0, 8.0), Span(8.0, 12.0)]
+    finals = [_final((0.2, 0.5)), _final((4.2, 4.5))]
+    assert settled(finals, spans, complete=False) == 1  # unit 1 may have more to come
+    assert settled(finals, spans, complete=True) == 3
+    assert settled([], spans, complete=False) == 0
+
+
+def test_only_options_that_carry_nothing_over_and_endpoints_with_finalize_share() -> None:
+    plain = PulseOptions()
+    assert reusable(plain, Generation.CURRENT) and reusable(plain, Generation.UNIFIED)
+    assert not reusable(plain, Generation.LEGACY)  # no finalize there
+    for changed in (
+        {"word_timestamps": False},
+        {"full_transcript": True},
+        {"diarize": True},
+        {"redact_pii": True},
+        {"language": "multi"},
+        {"encoding": "ogg_opus"},
+    ):
+        assert not reusable(PulseOptions(**changed), Generation.CURRENT), changed
+
+
+# --- whole jobs against the local server ---------------------------------------------
+
+
+def _short_files(folder: Path) -> None:
+    """Short files of differing lengths (some not a whole millisecond), one with speech
+    to its very last sample and one silent."""
+    folder.mkdir()
+    shapes = [
+        ([Burst(0.2, 0.15, 440), Burst(0.6, 0.15, 660)], 1.5),
+        ([Burst(0.1, 0.3, 880)], 0.9),
+        ([], 1.0),
+        ([Burst(0.3, 0.15, 550), Burst(1.0, 0.2, 770)], 1.2003125),
+        ([Burst(0.0, 0.2, 660), Burst(0.55, 0.15, 440)], 0.7),  # speech to the end
+        ([Burst(0.4, 0.15, 330), Burst(1.4, 0.15, 990)], 2.0),
+    ]
+    for index, (bursts, length_s) in enumerate(shapes):
+        track = tone_track(bursts, length_s, RATE)
+        write_audio(folder / f"short-{index}.wav", [track], RATE)
+
+
+def _rows(out: Path) -> dict[str, Any]:
+    """Each table's rows, by file name (item ids differ between the two outputs)."""
+    name = "regexp_extract(t.source, '[^/]+$')"
+    join = "join {transcripts} t using (item_id)"
+    return {
+        "words": sql(
+            out,
+            f"select {name}, segment, idx, word, w.start_s, w.end_s from {{words}} w {join}"
+            " order by 1, 3",
+        ),
+        "segments": sql(
+            out,
+            f"select {name}, segment, text, s.start_s, s.end_s from {{segments}} s {join}"
+            " order by 1, 2",
+        ),
+        "items": sql(
+            out,
+            f"select {name}, status, transcript, language, duration_s from {{transcripts}} t"
+            " order by 1",
+        ),
+    }
+
+
+async def _run(folder: Path, url: str, **run: Any) -> dict[str, Any]:
+    manifest = write_manifest(
+        folder,
+        pulse={"endpoint": "local", "local_engine": "synthetic", "protocol": "current"},
+        run={"concurrency": 2, "order": "listing", **run},
+    )
+    point_at(manifest, url)
+    await run_job(load_manifest(manifest), RunOptions())
+    return _rows(folder / "out")
+
+
+@pytest.mark.anyio
+async def test_reuse_gives_every_word_the_time_and_item_its_own_session_gives(
+    tmp_path: Path,
+) -> None:
+    media = tmp_path / "media"
+    _short_files(media)
+    results = {}
+    async with local_server(engine="synthetic") as server:
+        for reuse in (False, True):
+            folder = tmp_path / f"reuse-{reuse}"
+            folder.mkdir()
+            (folder / "media").symlink_to(media)
+            opened = server.stats.sessions_opened
+            results[reuse] = await _run(folder, server.current_url, reuse_sessions=reuse)
+            results[f"sessions-{reuse}"] = server.stats.sessions_opened - opened
+    assert results[True]["words"], "the files hold words"
+    for table in ("words", "segments", "items"):
+        assert results[True][table] == results[False][table], table
+    assert results["sessions-False"] == 6
+    assert results["sessions-True"] < 6  # a worker's session goes on to the next file
+    assert server.stats.max_open <= 2  # never more sessions open than run.concurrency
+
+
+@pytest.mark.anyio
+async def test_a_failure_mid_session_keeps_the_finished_units_and_retries_the_rest(
+    tmp_path: Path,
+) -> None:
+    media = tmp_path / "media"
+    _short_files(media)
+    baseline, faulted = tmp_path / "baseline", tmp_path / "faulted"
+    for folder in (baseline, faulted):
+        folder.mkdir()
+        (folder / "media").symlink_to(media)
+    async with local_server(engine="synthetic") as server:
+        expected = await _run(baseline, server.current_url, reuse_sessions=False)
+    # One session for all six files; it is dropped after 4.15 s of audio, in the fourth.
+    faults = FaultConfig(seed=3, drop_rate=1.0, fault_limit=1, fault_at_max_s=6.0)
+    async with local_server(engine="synthetic", faults=faults) as server:
+        got = await _run(faulted, server.current_url, concurrency=1, pace=4.0)
+        first, *retried = server.stats.sessions
+    assert got == expected  # every unit ok, every word where its own session puts it
+    assert first.outcome == "drop" and retried
+    ids = sql(faulted / "out", "select session_id, count(*) from {transcripts} group by 1")
+    kept = dict(ids).get(first.session_id, 0)
+    assert kept >= 2, ids  # the two files answered before the drop kept their rows
+    total_s = 1.5 + 0.9 + 1.0 + 1.2003125 + 0.7 + 2.0
+    assert sum(s.audio_s for s in retried) <= total_s - 2.4 + 1e-6  # only the rest again
