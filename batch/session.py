@@ -7,13 +7,10 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import logging
 import math
 import re
-import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
+from batch import hangup
 from batch.credentials import Scrubber
 from batch.errors import (
     ConnectionLost,
@@ -39,6 +37,7 @@ from batch.errors import (
     SessionTimeout,
     Unreachable,
 )
+from batch.hangup import ResettingConnection
 from batch.pulse import protocol
 from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
@@ -384,20 +383,6 @@ class _Stream:
         return False
 
 
-def _abort(ws: ClientConnection) -> None:
-    """Drop an abandoned connection (a failure, the deadline, a stop) at once.
-
-    A close from a cancelled scope never runs, and a plain close of a socket whose peer
-    stopped reading leaves an orphan in FIN-WAIT holding the queued audio for minutes: a
-    zero linger makes the kernel reset it and free its queues now.
-    """
-    sock = ws.transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    ws.transport.abort()
-
-
 async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
     """Send and receive at once until ``is_last``; the error that explains a failure."""
     try:
@@ -453,6 +438,7 @@ async def run_session(
                 max_queue=_MAX_QUEUED_MESSAGES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
+                create_connection=ResettingConnection,  # no FIN-WAIT orphans
                 logger=_wire_logger,
             ) as ws:
                 opened = time.monotonic()
@@ -473,7 +459,7 @@ async def run_session(
                 try:
                     await _stream_both(stream, stream.watch.wrap(audio), pace)
                 except BaseException:
-                    _abort(ws)
+                    hangup.abort(ws)
                     raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:

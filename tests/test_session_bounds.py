@@ -21,10 +21,12 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from batch.errors import ConnectionLost, classify, is_refusal
+from batch.hangup import ResettingConnection
 from batch.job import JobResult, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
@@ -301,6 +303,23 @@ def test_a_peer_that_stops_reading_is_dropped_and_its_sockets_aborted(tmp_path: 
     assert 1 <= most <= 2, most  # never more open than run.concurrency
     assert left == [] and orphans == 0  # aborted: nothing lingers after the run
     assert took_s < 30 * TIME_UNIT_S  # not the session deadline (60 s x 1.5 + 60)
+
+
+@pytest.mark.anyio
+async def test_a_connection_websockets_gives_up_on_is_reset_not_left_in_fin_wait() -> None:
+    # Paced, a deaf peer's buffers fill slowly, so websockets' keepalive ends the session
+    # first (20 s + 20 s, then close_timeout) and aborts the transport itself, outside our
+    # `abort`: a plain abort left the socket in FIN-WAIT holding the queued audio.
+    with DeafServer().running() as deaf:
+        url = f"ws://127.0.0.1:{deaf.port}{protocol.LEGACY_PATH}"
+        quick = {"ping_interval": 0.1, "ping_timeout": 0.1, "close_timeout": 0.1}
+        async with connect(url, create_connection=ResettingConnection, **quick) as ws:
+            for _ in range(4):  # queued behind the peer's small receive buffer
+                await ws.send(b"\0" * 65536)
+            with anyio.fail_after(5):
+                await ws.wait_closed()  # the pong never came
+        assert ws.close_code == 1006
+        assert _client_sockets(deaf.port) == [] and _orphans(deaf.port) == 0
 
 
 # --- late refusals, and stopping --------------------------------------------------

@@ -91,6 +91,7 @@ def test_another_shard_count_is_refused_with_exit_8(tmp_path: Path, place: dict[
         done = run_cli("run", str(manifest), "--shard", "0/1")
         assert done.returncode == 8, done.output
         assert "run with --shard I/2" in done.output
+        assert "I/2 (" not in done.output  # the count alone, not the holder's note
     with _open(place, Shard(0, 3)):  # free again once shard 1/2 is gone
         pass
 
