@@ -14,12 +14,15 @@ new session, and a unit whose file cannot be read fails alone.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
+import anyio
 import anyio.from_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batch.assemble import Assembler
 from batch.attempts import JobAborted, Sessions, StreamedAudio, Unit, session_label
@@ -84,9 +87,10 @@ class Chain:
                 yield b""  # the unit boundary: the sender sends finalize
 
     def _stream(self, link: Link) -> Iterator[bytes]:
-        self.started.append(link)
         link.attempts += 1
         link.start_s = base = self.position_s
+        link.end_s, link.error = None, None
+        self.started.append(link)  # read on the event loop: after its start is set
         link.audio = audio = link.make_audio()
         try:
             for chunk in audio:
@@ -145,27 +149,35 @@ class Reuse:
         return self._link(head) if head is not None else None
 
     async def stream(self, unit: Unit) -> None:
-        """Stream ``unit`` and whatever joins it; every unit taken gets its row (or, when
-        the run stops before it started, none: a rerun does it)."""
+        """Stream ``unit`` and whatever joins it; every unit taken gets its row as soon as
+        it is known complete (or, when the run stops before it started, none: a rerun
+        does it)."""
         pending = [self._link(unit)]
-        done: list[Settled] = []
         sessions = self.sessions
-        tried = await with_retries(
-            lambda: self._attempt(pending, done),
-            limit=sessions.limit,
-            max_attempts=sessions.run.max_attempts,
-            backoff=sessions.backoff,
-            rng=sessions.rng,
-            on_attempt=sessions._counted,
-        )
+        sink, rows = anyio.create_memory_object_stream[Settled](math.inf)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._write, rows)
+            async with sink:
+                tried = await with_retries(
+                    lambda: self._attempt(pending, sink),
+                    limit=sessions.limit,
+                    max_attempts=sessions.run.max_attempts,
+                    backoff=sessions.backoff,
+                    rng=sessions.rng,
+                    on_attempt=sessions._counted,
+                )
+                for link in pending:
+                    sink.send_nowait(Settled(link, error=tried.error))
         error = tried.error
-        done.extend(Settled(link, error=error) for link in pending)
-        for each in done:
-            await self._finish(each)
         if error is not None and classify(error).scope is Scope.JOB:
             raise JobAborted(str(error)) from error
 
-    async def _attempt(self, pending: list[Link], done: list[Settled]) -> None:
+    async def _write(self, rows: MemoryObjectReceiveStream[Settled]) -> None:
+        async with rows:
+            async for each in rows:
+                await self._finish(each)
+
+    async def _attempt(self, pending: list[Link], sink: MemoryObjectSendStream[Settled]) -> None:
         sessions = self.sessions
         if sessions.pool.stopping:
             raise NotStarted("the run is stopping: the session was not started")
@@ -173,7 +185,9 @@ class Reuse:
         chain = Chain(list(pending), lambda: self._take(chain, first.options))
         chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
         sessions.cap.admit(chain.reserved_s)
-        result = SessionResult()
+        settler = _Settler(chain, sink)
+        result = SessionResult(finals=_Finals(settler.heard))
+        settler.result = result
         watch = sessions.refusals.watch()
         try:
             await run_session(
@@ -190,7 +204,7 @@ class Reuse:
                 result=result,
             )
         except Exception as error:
-            pending[:] = _settle(chain, result, done, complete=False) + chain.queued
+            pending[:] = settler.settle(complete=False) + chain.queued
             sessions.judge(error, watch)
             raise
         finally:
@@ -198,7 +212,7 @@ class Reuse:
             sessions.stats.billed_audio_s += chain.position_s
             sessions.stats.billed_unskipped_s += chain.position_s
             sessions.cap.settle(chain.reserved_s, chain.position_s)
-        pending[:] = _settle(chain, result, done, complete=True)
+        pending[:] = settler.settle(complete=True)
         sessions.counted_session(result)
 
     async def _finish(self, settled_unit: Settled) -> None:
@@ -227,23 +241,52 @@ class Reuse:
         )
 
 
-def _settle(
-    chain: Chain, result: SessionResult, done: list[Settled], *, complete: bool
-) -> list[Link]:
-    """Move the units this session completed (and those whose file failed) to ``done``;
-    returns the ones to stream again, in order."""
-    links = chain.started
-    if not links:
-        return []
-    spans = [Span(link.start_s, link.end_s or chain.position_s) for link in links]
-    count = settled(result.finals, spans, complete)
-    parts = split_finals(result.finals, spans)
-    again: list[Link] = []
-    for index, link in enumerate(links):
-        if link.error is not None:
-            done.append(Settled(link))
-        elif index < count:
-            done.append(Settled(link, parts[index], result))
-        else:
-            again.append(link)
-    return again
+class _Finals(list[Transcription]):
+    """A session's finals that say when one comes (after it is in the list)."""
+
+    def __init__(self, heard: Callable[[], None]) -> None:
+        super().__init__()
+        self._heard = heard
+
+    def append(self, final: Transcription) -> None:
+        super().append(final)
+        self._heard()
+
+
+@dataclass(eq=False)
+class _Settler:
+    """Hands each unit of one attempt's chain to the row writer once it is known complete
+    (or its file failed), in order, as finals come."""
+
+    chain: Chain
+    sink: MemoryObjectSendStream[Settled]
+    result: SessionResult | None = None
+    handed: int = 0  # units of chain.started handed on
+
+    def heard(self) -> None:
+        """A final came: hand on the units it shows complete."""
+        self._hand(complete=False)
+
+    def settle(self, *, complete: bool) -> list[Link]:
+        """The session is over: hand on what is complete, and the units whose file
+        failed; returns the rest, to stream again."""
+        self._hand(complete)
+        again: list[Link] = []
+        for link in self.chain.started[self.handed :]:  # none once complete
+            if link.error is not None:  # its file failed: retrying cannot help
+                self.sink.send_nowait(Settled(link, error=link.error))
+            else:
+                again.append(link)
+        return again
+
+    def _hand(self, complete: bool) -> None:
+        links, result = self.chain.started, self.result
+        if not links or result is None:
+            return
+        spans = [Span(link.start_s, link.end_s or math.inf) for link in links]
+        count = settled(result.finals, spans, complete)
+        parts = split_finals(result.finals, spans) if count > self.handed else []
+        for index in range(self.handed, count):
+            link = links[index]
+            self.sink.send_nowait(Settled(link, parts[index], result, link.error))
+        self.handed = max(self.handed, count)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from batch.job import RunOptions, run_job
@@ -14,7 +15,7 @@ from batch.manifest import load_manifest
 from batch.pulse.protocol import Generation, PulseOptions, Transcription, Word
 from batch.pulse.reuse import Span, reusable, settled, split_finals
 from batch.server import FaultConfig, local_server
-from tests.conftest import point_at, write_manifest
+from tests.conftest import TIME_UNIT_S, point_at, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.tables import sql
 
@@ -163,3 +164,29 @@ async def test_a_failure_mid_session_keeps_the_finished_units_and_retries_the_re
     assert kept >= 2, ids  # the two files answered before the drop kept their rows
     total_s = 1.5 + 0.9 + 1.0 + 1.2003125 + 0.7 + 2.0
     assert sum(s.audio_s for s in retried) <= total_s - 2.4 + 1e-6  # only the rest again
+
+
+@pytest.mark.anyio
+async def test_a_file_that_cannot_be_read_mid_session_fails_alone(tmp_path: Path) -> None:
+    _short_files(tmp_path / "media")
+    manifest = write_manifest(
+        tmp_path,
+        pulse={"endpoint": "local", "local_engine": "synthetic", "protocol": "current"},
+        run={"concurrency": 1, "order": "listing", "pace": 4.0, "max_attempts": 2},
+    )
+    async with local_server(engine="synthetic") as server:
+        point_at(manifest, server.current_url)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run_job, load_manifest(manifest), RunOptions())
+            with anyio.fail_after(10 * TIME_UNIT_S):
+                while not server.stats.sessions:  # planned, and the session is open
+                    await anyio.sleep(0.01)
+            (tmp_path / "media" / "short-4.wav").unlink()  # 4.6 s into a 7.3 s session
+    items = _rows(tmp_path / "out")["items"]
+    assert [(name, status) for name, status, *_ in items] == [
+        (f"short-{i}.wav", "failed" if i == 4 else "ok") for i in range(6)
+    ]
+    # The others went on in the same session (the pool's spare worker holds one item
+    # while it waits for the session slot: it streams that in a session of its own).
+    assert server.stats.sessions_opened <= 2 and server.stats.max_open == 1
+    assert server.stats.sessions[0].audio_s > 4.6  # on past the unreadable file
