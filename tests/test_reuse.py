@@ -159,11 +159,15 @@ async def test_a_failure_mid_session_keeps_the_finished_units_and_retries_the_re
         first, *retried = server.stats.sessions
     assert got == expected  # every unit ok, every word where its own session puts it
     assert first.outcome == "drop" and retried
-    ids = sql(faulted / "out", "select session_id, count(*) from {transcripts} group by 1")
-    kept = dict(ids).get(first.session_id, 0)
-    assert kept >= 2, ids  # the two files answered before the drop kept their rows
+    # The files known complete before the drop keep that session's rows; only the rest
+    # are streamed again (the pool's spare worker may stream one file on its own).
+    kept = sql(
+        faulted / "out",
+        f"select sum(duration_s) from {{transcripts}} where session_id = '{first.session_id}'",
+    )[0][0]
+    assert kept and kept >= 1.0, "a file answered before the drop keeps its row"
     total_s = 1.5 + 0.9 + 1.0 + 1.2003125 + 0.7 + 2.0
-    assert sum(s.audio_s for s in retried) <= total_s - 2.4 + 1e-6  # only the rest again
+    assert sum(s.audio_s for s in retried) <= total_s - kept + 1e-6
 
 
 @pytest.mark.anyio
@@ -172,7 +176,7 @@ async def test_a_file_that_cannot_be_read_mid_session_fails_alone(tmp_path: Path
     manifest = write_manifest(
         tmp_path,
         pulse={"endpoint": "local", "local_engine": "synthetic", "protocol": "current"},
-        run={"concurrency": 1, "order": "listing", "pace": 4.0, "max_attempts": 2},
+        run={"concurrency": 1, "order": "listing", "pace": 2.5, "max_attempts": 2},
     )
     async with local_server(engine="synthetic") as server:
         point_at(manifest, server.current_url)
@@ -182,7 +186,7 @@ async def test_a_file_that_cannot_be_read_mid_session_fails_alone(tmp_path: Path
                 if server.stats.sessions:
                     break
                 await anyio.sleep(0.01)
-            (tmp_path / "media" / "short-4.wav").unlink()  # 4.6 s into a 7.3 s session
+            (tmp_path / "media" / "short-4.wav").unlink()  # due 3.7 s or more into it
     items = _rows(tmp_path / "out")["items"]
     assert [(name, status) for name, status, *_ in items] == [
         (f"short-{i}.wav", "failed" if i == 4 else "ok") for i in range(6)
@@ -190,4 +194,6 @@ async def test_a_file_that_cannot_be_read_mid_session_fails_alone(tmp_path: Path
     # The others went on in the same session (the pool's spare worker holds one item
     # while it waits for the session slot: it streams that in a session of its own).
     assert server.stats.sessions_opened <= 2 and server.stats.max_open == 1
-    assert server.stats.sessions[0].audio_s > 4.6  # on past the unreadable file
+    sessions = dict(sql(tmp_path / "out", "select source, session_id from {transcripts}"))
+    media = tmp_path / "media"
+    assert sessions[str(media / "short-3.wav")] == sessions[str(media / "short-5.wav")]
