@@ -127,6 +127,8 @@ class Reuse:
         self.assembler = assembler
         self.make_audio = make_audio
         self.wanted = wanted
+        self.active = 0  # chains streaming (or waiting for their slot)
+        self._ended = anyio.Event()  # set (and replaced) as each chain ends
 
     def _link(self, unit: Unit) -> Link:
         return Link(unit, datetime.now(UTC), lambda: self.make_audio(unit))
@@ -152,8 +154,24 @@ class Reuse:
         """Stream ``unit`` and whatever joins it; every unit taken gets its row as soon as
         it is known complete (or, when the run stops before it started, none: a rerun
         does it)."""
-        pending = [self._link(unit)]
         sessions = self.sessions
+        if self.active >= sessions.limit.size and not sessions.pool.stopping:
+            # Every slot streams a chain: this (spare) worker would hold the unit until
+            # one ends, then stream it alone. Back in the queue, a chain takes it on.
+            sessions.pool.push_front([unit])
+            await self._ended.wait()
+            return
+        self.active += 1
+        try:
+            await self._stream(unit)
+        finally:
+            self.active -= 1
+            self._ended.set()
+            self._ended = anyio.Event()
+
+    async def _stream(self, unit: Unit) -> None:
+        sessions = self.sessions
+        pending = [self._link(unit)]
         sink, rows = anyio.create_memory_object_stream[Settled](math.inf)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._write, rows)
