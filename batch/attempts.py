@@ -18,8 +18,8 @@ from batch import __version__
 from batch.budget import SpendCap
 from batch.errors import (
     HandshakeRejected,
+    JobAborted,
     NotStarted,
-    PulseBatchError,
     Scope,
     ServiceRefusing,
     ServiceStalling,
@@ -31,7 +31,7 @@ from batch.errors import (
 )
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
-from batch.plan import Item
+from batch.model import Item
 from batch.pool import (
     AdaptiveLimit,
     Backoff,
@@ -46,10 +46,6 @@ from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
 
 logger = logging.getLogger(__name__)
-
-
-class JobAborted(PulseBatchError):
-    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
 
 
 class Progress(Protocol):

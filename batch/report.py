@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from batch.model import RunStatus
+
 REPORT_VERSION = 1
 
 
@@ -37,7 +39,7 @@ class RunStats:
     shard: str | None = None  # "I/N" when this run is one shard of the job
     manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
-    status: str = "running"  # completed | interrupted | aborted | failed_output
+    status: RunStatus = RunStatus.RUNNING
     abort_reason: str | None = None
     abort_kind: str | None = None  # fatal_answer | service_refusing | service_unreachable
     signal_name: str | None = None
@@ -332,7 +334,7 @@ def job_runs(
     runs = []
     for position, report in enumerate(ordered):
         status = report.get("status")
-        if status == "running":
+        if status == RunStatus.RUNNING:
             later = any(r.get("shard") == report.get("shard") for r in ordered[position + 1 :])
             if later or not alive(report):
                 status = "gone"

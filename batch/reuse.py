@@ -25,9 +25,9 @@ import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batch.assemble import Assembler
-from batch.attempts import JobAborted, Sessions, StreamedAudio, Unit, session_label
+from batch.attempts import Sessions, StreamedAudio, Unit, session_label
 from batch.collect import collect_finals
-from batch.errors import InputError, NotStarted, Scope, SpendCapReached, classify
+from batch.errors import InputError, JobAborted, NotStarted, Scope, SpendCapReached, classify
 from batch.limits import reply_bounds, session_timeouts
 from batch.pool import with_retries
 from batch.pulse.protocol import PulseOptions, Transcription

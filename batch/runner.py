@@ -27,9 +27,9 @@ from batch.collect import Collected
 from batch.credentials import Scrubber
 from batch.errors import InputError, NotStarted
 from batch.manifest import LoadedManifest
+from batch.model import Item
 from batch.output import RunWriter
 from batch.pieces import Pieces
-from batch.plan import Item
 from batch.pool import AdaptiveLimit, Pool, Tried
 from batch.pulse.reuse import reusable
 from batch.report import RunStats

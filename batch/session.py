@@ -195,6 +195,12 @@ def _rejected(exc: InvalidStatus, scrubber: Scrubber) -> HandshakeRejected:
     return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
 
 
+# A service at its concurrency limit refuses a session as it opens (close 1008 at once).
+# A 1008 later than this, with audio read all along, ends a session the service took: a
+# failed attempt that counts against max_attempts, or a file could be streamed forever.
+REFUSAL_WINDOW_S = 2.0
+
+
 def _lost(exc: ConnectionClosed, scrubber: Scrubber, took_audio: bool) -> ConnectionLost:
     code = exc.rcvd.code if exc.rcvd is not None else None
     reason = scrubber.scrub(exc.rcvd.reason) if exc.rcvd is not None else ""
@@ -262,8 +268,12 @@ class _Stream:
 
     @property
     def took_audio(self) -> bool:
-        """The service heard audio (it answered with words) or got all of it."""
-        return self.heard or self.end_sent.is_set()
+        """The service heard audio (it answered with words), got all of it, or kept reading
+        past the window in which a concurrency refusal comes."""
+        if self.heard or self.end_sent.is_set():
+            return True
+        streaming_s = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        return streaming_s > REFUSAL_WINDOW_S
 
     async def _send(self, data: str | bytes) -> None:
         with anyio.move_on_after(self.timeouts.write_timeout_s) as scope:

@@ -341,6 +341,33 @@ def test_a_1008_after_the_end_signal_counts_against_max_attempts(tmp_path: Path)
     assert "after the service took the audio" in error and "1008" in error
 
 
+@pytest.mark.anyio
+async def test_a_1008_partway_through_the_audio_counts_against_max_attempts(
+    tmp_path: Path,
+) -> None:
+    # Over 2 s by nature: the service reads past the refusal window before it closes.
+    opened: list[float] = []
+
+    async def read_then_close_1008(ws: ServerConnection) -> None:
+        opened.append(time.monotonic())
+        with anyio.move_on_after(2.6):
+            async for _ in ws:
+                pass
+        await ws.close(1008, "session limit")
+
+    async with odd_server(read_then_close_1008) as url:
+        result = await _run(
+            tmp_path, url, pace=1.0, max_attempts=1, max_refusals_in_a_row=2, backoff_max_s=0.2
+        )
+    assert len(opened) == 1  # one attempt, not a "refusal" retried until the stop
+    assert result.report["status"] == "completed"
+    [(status, kind, error)] = sql(
+        tmp_path / "out", "select status, error_kind, error from {transcripts}"
+    )
+    assert (status, kind) == ("failed", "connection_lost")
+    assert "after the service took the audio" in error and "1008" in error
+
+
 def test_no_session_starts_after_sigterm(tmp_path: Path) -> None:
     # One slot, two workers: while the first item streams, the second waits for the slot.
     tone_files(tmp_path / "media", 3, BURSTS, 3.0)

@@ -96,3 +96,19 @@ def every_run(location: Location, job: str) -> list[dict[str, Any]]:
         except (FileNotFoundError, json.JSONDecodeError):
             continue  # being replaced right now; the next look sees it
     return found
+
+
+def job_folders(location: Location) -> list[str]:
+    """The jobs with a reports folder in a local output (a job may have reports and no
+    rows yet)."""
+    assert location.local is not None
+    root = location.local / "_reports"
+    return [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+
+
+def latest_path(location: Location, job: str) -> str | None:
+    """Where ``job``'s latest report is: a local one only if it exists (a URL, always)."""
+    if location.local is None:
+        return location.child("_reports", job, "latest.json")
+    path = location.local / "_reports" / job / "latest.json"
+    return str(path) if path.exists() else None
