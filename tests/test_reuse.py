@@ -4,17 +4,21 @@ the rest runs whole jobs in-process against the local server on its ``current`` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from websockets.asyncio.client import connect
 
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse.protocol import Generation, PulseOptions, Transcription, Word
 from batch.pulse.reuse import Span, reusable, settled, split_finals
 from batch.server import FaultConfig, local_server
+from batch.server.faults import FaultConfigError
+from batch.session import Endpoint
 from tests.conftest import TIME_UNIT_S, point_at, write_manifest
 from tests.media import Burst, tone_track, write_audio
 from tests.tables import sql
@@ -197,3 +201,20 @@ async def test_a_file_that_cannot_be_read_mid_session_fails_alone(tmp_path: Path
     sessions = dict(sql(tmp_path / "out", "select source, session_id from {transcripts}"))
     media = tmp_path / "media"
     assert sessions[str(media / "short-3.wav")] == sessions[str(media / "short-5.wav")]
+
+
+@pytest.mark.anyio
+async def test_the_local_servers_reply_latency_delays_the_upgrade_and_each_reply() -> None:
+    with pytest.raises(FaultConfigError, match="reply_latency_s"):
+        FaultConfig(reply_latency_s=-1)
+    endpoint_options = PulseOptions()
+    async with local_server(faults=FaultConfig(reply_latency_s=0.2)) as server:
+        url = Endpoint(server.current_url, Generation.CURRENT).session_url(endpoint_options)
+        began = anyio.current_time()
+        async with connect(url) as ws:
+            opened = anyio.current_time()
+            await ws.send(json.dumps({"type": "close_stream"}))
+            last = json.loads(await ws.recv())
+            answered = anyio.current_time()
+    assert opened - began >= 0.2 and answered - opened >= 0.2
+    assert last["is_last"] is True
