@@ -30,7 +30,7 @@ from batch.collect import collect_finals
 from batch.errors import InputError, JobAborted, NotStarted, Scope, SpendCapReached, classify
 from batch.limits import reply_bounds, session_timeouts
 from batch.pool import with_retries
-from batch.pulse.protocol import PulseOptions, Transcription
+from batch.pulse.protocol import PCM_SAMPLE_BYTES, PulseOptions, Transcription
 from batch.pulse.reuse import Span, settled, split_finals
 from batch.session import SessionResult, run_session
 
@@ -59,13 +59,21 @@ class Link:
 class Chain:
     """An `AudioSource` over links, in order: ``queued`` first (carried over from a failed
     attempt), then what ``take`` hands out (from the event loop) until it has none or the
-    session holds `MAX_SESSION_AUDIO_S`. Iterated in the session's reader thread."""
+    session holds `MAX_SESSION_AUDIO_S`. Iterated in the session's reader thread.
+    ``silence`` is one sample of silence in the wire's PCM encoding, at ``rate``."""
 
     queued: list[Link]
     take: Callable[[], Link | None]
+    silence: bytes
+    rate: int
     started: list[Link] = field(default_factory=list)
-    position_s: float = 0.0
+    sent_bytes: int = 0
     reserved_s: float = 0.0  # what the spend cap holds for its units
+
+    @property
+    def position_s(self) -> float:
+        """Audio seconds yielded so far, counted as the service counts them: in samples."""
+        return self.sent_bytes // len(self.silence) / self.rate
 
     @property
     def duration_s(self) -> float:
@@ -84,22 +92,40 @@ class Chain:
             yield from self._stream(link)
             link = self._next()
             if link is not None:
+                yield from self._align()
                 yield b""  # the unit boundary: the sender sends finalize
+
+    def _align(self) -> Iterator[bytes]:
+        """One sample of silence when the next unit would start on exactly half a
+        millisecond: the service rounds times to milliseconds, and a time moved by a
+        half could not be moved back exactly (any other offset can)."""
+        samples = self.sent_bytes // len(self.silence)
+        half_ms, rest = divmod(samples * 2000, self.rate)
+        if rest == 0 and half_ms % 2 == 1:
+            self.sent_bytes += len(self.silence)
+            yield self.silence
 
     def _stream(self, link: Link) -> Iterator[bytes]:
         link.attempts += 1
-        link.start_s = base = self.position_s
+        link.start_s = self.position_s
         link.end_s, link.error = None, None
         self.started.append(link)  # read on the event loop: after its start is set
         link.audio = audio = link.make_audio()
         try:
             for chunk in audio:
                 if chunk:
-                    self.position_s = base + audio.position_s
+                    self.sent_bytes += len(chunk)
                     yield chunk
         except InputError as error:
             link.error = error  # its own row says why; the session goes on
         link.end_s = self.position_s
+
+
+def one_sample_of_silence(options: PulseOptions) -> bytes:
+    """Silence for one sample of a PCM wire encoding (G.711 has its own zero codes)."""
+    return {"mulaw": b"\xff", "alaw": b"\xd5"}.get(
+        options.encoding, bytes(PCM_SAMPLE_BYTES[options.encoding])
+    )
 
 
 @dataclass
@@ -200,7 +226,9 @@ class Reuse:
         if sessions.pool.stopping:
             raise NotStarted("the run is stopping: the session was not started")
         first = pending[0].unit.item
-        chain = Chain(list(pending), lambda: self._take(chain, first.options))
+        rate = first.options.sample_rate
+        silence = one_sample_of_silence(first.options)
+        chain = Chain(list(pending), lambda: self._take(chain, first.options), silence, rate)
         chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
         sessions.cap.admit(chain.reserved_s)
         settler = _Settler(chain, sink)
