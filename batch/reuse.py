@@ -5,10 +5,11 @@ when it is a few seconds long. On endpoints with ``finalize`` (`batch.pulse.reus
 worker streams its item, then the next queued item with the same options, and so on, in
 one session: a `Chain` of units with an empty chunk between them (the sender sends
 ``finalize`` for it; `batch.stallwatch`). Units are taken from the pool as the audio goes,
-so the cap on open sessions holds. After the session each unit's finals are split off by
-their times (`batch.pulse.reuse.split_finals`) and become its rows, times relative to its
-own audio. A session that fails keeps the units known complete; the rest are retried in a
-new session, and a unit whose file cannot be read fails alone.
+so the cap on open sessions holds. Each unit's finals are split off by their times
+(`batch.pulse.reuse.split_finals`) and become its rows, times relative to its own audio, as
+soon as a later unit's final (or ``is_last``) shows it complete. A session that fails keeps
+the units known complete; the rest are retried in a new session, and a unit whose file
+cannot be read fails alone.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ class Reuse:
         chain = Chain(list(pending), lambda: self._take(chain, first.options), silence, rate)
         chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
         sessions.cap.admit(chain.reserved_s)
+        sessions.progress.sessions_open(sessions.limit.open_now)
         settler = _Settler(chain, sink)
         result = SessionResult(finals=_Finals(settler.heard))
         settler.result = result
@@ -260,6 +262,7 @@ class Reuse:
             sessions.cap.settle(chain.reserved_s, chain.position_s)
         pending[:] = settler.settle(complete=True)
         sessions.counted_session(result)
+        logger.debug("%s: %d files in one session", session_label(first), len(chain.started))
 
     async def _finish(self, settled_unit: Settled) -> None:
         link, item = settled_unit.link, settled_unit.link.unit.item
