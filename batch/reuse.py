@@ -61,13 +61,20 @@ class Chain:
     """An `AudioSource` over links, in order: ``queued`` first (carried over from a failed
     attempt), then what ``take`` hands out (from the event loop) until it has none or the
     session holds `MAX_SESSION_AUDIO_S`. Iterated in the session's reader thread.
-    ``silence`` is one sample of silence in the wire's PCM encoding, at ``rate``."""
+    ``silence`` is one sample of silence in the wire's PCM encoding, at ``rate``.
+
+    ``links`` is every unit the chain holds (``queued`` and those taken, in order; kept on
+    the event loop), ``started`` the ones whose audio it began (kept by the reader).
+    Once ``closed`` (the attempt is over) it takes and streams nothing more: a reader
+    abandoned mid-read must not take a unit that no one would stream."""
 
     queued: list[Link]
     take: Callable[[], Link | None]
     silence: bytes
     rate: int
+    links: list[Link] = field(default_factory=list)
     started: list[Link] = field(default_factory=list)
+    closed: bool = False
     sent_bytes: int = 0
     reserved_s: float = 0.0  # what the spend cap holds for its units
 
@@ -81,6 +88,8 @@ class Chain:
         return self.position_s
 
     def _next(self) -> Link | None:
+        if self.closed:
+            return None
         if self.queued:
             return self.queued.pop(0)
         if self.position_s >= MAX_SESSION_AUDIO_S:
@@ -114,6 +123,8 @@ class Chain:
         link.audio = audio = link.make_audio()
         try:
             for chunk in audio:
+                if self.closed:
+                    return
                 if chunk:
                     self.sent_bytes += len(chunk)
                     yield chunk
@@ -164,6 +175,9 @@ class Reuse:
         """The next queued unit with the same options, if the spend cap admits it (then
         reserved for ``chain``). Runs on the event loop."""
 
+        if chain.closed:
+            return None
+
         def joins(unit: Unit) -> bool:
             if not self.wanted(unit) or unit.item.options != options:
                 return False
@@ -175,7 +189,11 @@ class Reuse:
             return True
 
         head = self.sessions.pool.take_next(joins)
-        return self._link(head) if head is not None else None
+        if head is None:
+            return None
+        link = self._link(head)
+        chain.links.append(link)
+        return link
 
     async def stream(self, unit: Unit) -> None:
         """Stream ``unit`` and whatever joins it; every unit taken gets its row as soon as
@@ -203,14 +221,17 @@ class Reuse:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._write, rows)
             async with sink:
-                tried = await with_retries(
-                    lambda: self._attempt(pending, sink),
-                    limit=sessions.limit,
-                    max_attempts=sessions.run.max_attempts,
-                    backoff=sessions.backoff,
-                    rng=sessions.rng,
-                    on_attempt=sessions._counted,
-                )
+                while True:  # until every unit is settled, or retrying cannot help
+                    tried = await with_retries(
+                        lambda: self._attempt(pending, sink),
+                        limit=sessions.limit,
+                        max_attempts=sessions.run.max_attempts,
+                        backoff=sessions.backoff,
+                        rng=sessions.rng,
+                        on_attempt=sessions._counted,
+                    )
+                    if tried.error is not None or not pending:
+                        break
                 for link in pending:
                     sink.send_nowait(Settled(link, error=tried.error))
         error = tried.error
@@ -229,7 +250,9 @@ class Reuse:
         first = pending[0].unit.item
         rate = first.options.sample_rate
         silence = one_sample_of_silence(first.options)
-        chain = Chain(list(pending), lambda: self._take(chain, first.options), silence, rate)
+        chain = Chain(
+            list(pending), lambda: self._take(chain, first.options), silence, rate, list(pending)
+        )
         chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
         sessions.cap.admit(chain.reserved_s)
         sessions.progress.sessions_open(sessions.limit.open_now)
@@ -252,10 +275,12 @@ class Reuse:
                 result=result,
             )
         except Exception as error:
-            pending[:] = settler.settle(complete=False) + chain.queued
+            chain.closed = True
+            pending[:] = settler.settle(complete=False)
             sessions.judge(error, watch)
             raise
         finally:
+            chain.closed = True
             watch.ended()
             sessions.stats.billed_audio_s += chain.position_s
             sessions.stats.billed_unskipped_s += chain.position_s
@@ -321,7 +346,7 @@ class _Settler:
         failed; returns the rest, to stream again."""
         self._hand(complete)
         again: list[Link] = []
-        for link in self.chain.started[self.handed :]:  # none once complete
+        for link in self.chain.links[self.handed :]:  # none once complete
             if link.error is not None:  # its file failed: retrying cannot help
                 self.sink.send_nowait(Settled(link, error=link.error))
             else:
