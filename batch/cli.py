@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand
+from typer.exceptions import TyperException
 
-from batch import console, storage
+from batch import console, observe, storage
 from batch import export as exports
 from batch import job as jobs
 from batch import score as scoring
@@ -33,12 +34,27 @@ from batch.errors import (
     OutputError,
     exit_code_for,
 )
+from batch.html_report import render_html
+from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
+from batch.metrics import MetricsPublisher
 from batch.output import OutputReader
 from batch.pulse import protocol
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
+
+
+@contextmanager
+def _usage_errors_logged() -> Iterator[None]:
+    """With --log-format json, a usage error is a JSON log line too (not click's text)."""
+    try:
+        yield
+    except TyperException as exc:  # typer's click errors: usage, bad values
+        if not json_mode():
+            raise
+        logger.error("%s", exc.format_message(), extra={"event": "usage_error"})
+        raise typer.Exit(exc.exit_code) from None
 
 
 class _PlainCommand(TyperCommand):
@@ -52,6 +68,15 @@ class _PlainCommand(TyperCommand):
                 name += "..." if param.nargs != 1 else ""
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _usage_errors_logged():
+            parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_logged():
+            return super().invoke(ctx)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         # Arguments by name and help only: no "<list[Path]>" type tags.
@@ -81,7 +106,8 @@ app = typer.Typer(
     + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
-err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
+# A path in a message is never cut; with --log-format json, messages are log records.
+err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)
 logger = logging.getLogger("batch")
 
 
@@ -161,6 +187,21 @@ def run(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write Prometheus metrics here (textfile collector format), refreshed every "
+            "few seconds and at the end."
+        ),
+    ] = None,
+    metrics_push: Annotated[
+        str | None,
+        typer.Option(
+            help="Push the same metrics to this Prometheus Pushgateway URL, grouped by job "
+            "and shard."
+        ),
+    ] = None,
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
@@ -169,7 +210,8 @@ def run(
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
     console.setup_logging(verbose, loaded.manifest.pulse.api_key_env)
-    observer = console.ConsoleObserver(err.is_terminal and not verbose, err)
+    display = console.ConsoleObserver(err.is_terminal and not verbose, err)
+    observer = observe.ObservedRun(display, MetricsPublisher(metrics_file, metrics_push))
     opts = jobs.RunOptions(
         force=force,
         retry_failed=retry_failed,
@@ -186,25 +228,27 @@ def run(
         err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(ExitCode.SIGINT) from None
     finally:
+        display.close()
         observer.close()
     if dry_run:
         print(json.dumps(result.report, indent=2))
         return
     report = result.report
     console.show_run(result, err)
-    raise typer.Exit(
-        jobs.exit_code(
-            report,
-            max_failures=max_failures or 0,
-            max_failure_ratio=max_failure_ratio,
-            signal_name=result.signal_name,
-        )
+    code = jobs.exit_code(
+        report,
+        max_failures=max_failures or 0,
+        max_failure_ratio=max_failure_ratio,
+        signal_name=result.signal_name,
     )
+    observer.finish(report, code)
+    raise typer.Exit(code)
 
 
 @app.command(cls=_PlainCommand)
 def validate(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
+    log_format: LogFormat = "text",
 ) -> None:
     """Check a manifest and show what it resolves to, without running anything."""
     loaded = _load(manifest)
@@ -222,6 +266,7 @@ def probe_command(
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Show what the runner would do with each file: streams, channels, rate, duration."""
     if encoding not in protocol.ENCODINGS:
@@ -250,6 +295,7 @@ def probe_command(
 def schema(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
     console.show_schema(as_json, markdown)
@@ -262,6 +308,13 @@ def report(
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="A past run's report (its run_id), not the latest.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write the report as one HTML page to this file.")
+    ] = None,
+    log_format: LogFormat = "text",
 ) -> None:
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result. Names the job it shows and,
@@ -279,9 +332,17 @@ def report(
             )
         try:
             data = reader.full_report(job)
+            if run_id is not None:
+                data = observe.past_run(data, reader.run_reports(str(data["job"])), run_id)
         except (FileNotFoundError, ManifestError) as exc:
             hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
             _fail(f"{exc}{hint}", ExitCode.USAGE)
+    if html is not None:
+        try:
+            html.write_text(render_html(data), encoding="utf-8")
+        except OSError as exc:
+            _fail(f"cannot write {html}: {exc.strerror}", ExitCode.OUTPUT, "output error")
+        err.print(escape(f"html report: {html}"), highlight=False)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -316,6 +377,7 @@ def export_command(
     utterances: Annotated[
         bool, typer.Option("--utterances", help="Cue subtitles by utterance, not by word.")
     ] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Write one subtitle, JSON or text file per ok item of a job."""
     if where is not None and item is not None:
@@ -354,6 +416,7 @@ def score_command(
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """WER and CER of a job's ok items against references given after the run."""
     with _exit_codes():
@@ -383,6 +446,7 @@ def status(
         typer.Option(help="The job's manifest; default: the one its latest run recorded."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
     with _exit_codes():
@@ -397,6 +461,7 @@ def status(
 @app.command(cls=_PlainCommand)
 def compact(
     output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
+    log_format: LogFormat = "text",
 ) -> None:
     """Compact a Delta output: rewrite small files into large ones (optimize), then delete
     files no table version needs (vacuum, keeping the default 7 days of history)."""

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from batch import storage
+from batch import logjson, observe, storage
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat
 from batch.job import JobResult, Observer
@@ -45,7 +45,8 @@ def item_label(item: Item) -> str:
 
 def setup_logging(verbose: bool, secret_env: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logjson.formatter())  # text, or JSON lines (--log-format json)
+    handler.addFilter(logjson.CONTEXT)  # the run's job, run_id, shard: scrubbed below too
     # The API key and the storage SDKs' secrets by value, and any credential header or
     # token by pattern (a library's debug line must not show them, whatever their source).
     api_key = scrubber_for_env(secret_env)
@@ -77,7 +78,11 @@ class ConsoleObserver(Observer):
     def planned(self, items: int, audio_s: float, skipped: int) -> None:
         self.total = items
         logger.info(
-            "planned %d item(s), %.1f s of audio; skipping %d already ok", items, audio_s, skipped
+            "planned %d item(s), %.1f s of audio; skipping %d already ok",
+            items,
+            audio_s,
+            skipped,
+            extra={"event": "run_planned", "audio_s": round(audio_s, 3)},
         )
         if self.live and items:
             # The bar and its ETA follow audio, not item count: one long file is not one tick.
@@ -104,10 +109,12 @@ class ConsoleObserver(Observer):
         self._drop_pieces(item)
         name = item_label(item)
         if self.progress is None:
+            fields = observe.item_fields(item, ok, audio_s, failure)
+            count = (self.done, self.total, name)
             if ok:
-                logger.info("[%d/%d] ok %s (%.1f s audio)", self.done, self.total, name, audio_s)
+                logger.info("[%d/%d] ok %s (%.1f s audio)", *count, audio_s, extra=fields)
             else:
-                logger.warning("[%d/%d] failed %s: %s", self.done, self.total, name, failure)
+                logger.warning("[%d/%d] failed %s: %s", *count, failure, extra=fields)
         elif not ok:  # above the bar, as it happens
             self.progress.console.print(
                 f"[red]failed[/red] {escape(name)}: {escape(str(failure))}", highlight=False
@@ -117,7 +124,8 @@ class ConsoleObserver(Observer):
     def pieces_done(self, item: Item, done: int, total: int | None) -> None:
         of = f"{done}/{total}" if total is not None else f"{done}/?"
         if self.progress is None:
-            logger.info("%s: piece %s done", item_label(item), of)
+            fields = {"event": "item_pieces_done", "item_id": item.item_id, "source": item.source}
+            logger.info("%s: piece %s done", item_label(item), of, extra=fields)
             return
         # A row of its own under the main bar while a long item streams in pieces.
         task = self.pieces.get(item.item_id)
@@ -144,7 +152,11 @@ class ConsoleObserver(Observer):
             self.progress.update(self.task, completed=self.audio_s, detail=detail)
 
     def signalled(self, name: str) -> None:
-        logger.warning("%s received: starting no new items, finishing those in flight", name)
+        logger.warning(
+            "%s received: starting no new items, finishing those in flight",
+            name,
+            extra={"event": "signal_received"},
+        )
 
     def close(self) -> None:
         if self.progress is not None:

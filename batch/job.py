@@ -60,6 +60,9 @@ class RunOptions:
 class Observer:
     """Progress callbacks; the CLI draws them. The default does nothing."""
 
+    def started(self, stats: RunStats) -> None:
+        """The run holds its output; ``stats`` fill in as it goes (read, never written)."""
+
     def planned(self, items: int, audio_s: float, skipped: int) -> None: ...
 
     def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
@@ -212,6 +215,7 @@ async def run_job(
         out.storage_options,
         shard=shard,
     ) as output:
+        observer.started(stats)
         history = output.history()
         done = set(history.ok)
         items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
@@ -224,6 +228,7 @@ async def run_job(
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
+        stats.planned_audio_s = planned_audio_s
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
         signal_name = None
         writer: RunWriter | None = None

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batch.model import RunStatus
+from batch.timeline import Timeline
 
 REPORT_VERSION = 1
 
@@ -71,6 +72,9 @@ class RunStats:
     failures: list[Failure] = field(default_factory=list)
     # What the endpoint was asked for and cannot do (the local engine's limits).
     warnings: list[str] = field(default_factory=list)
+    planned_audio_s: float = 0.0  # of the items this run set out to do
+    # Each attempt's session slot in time (`batch.timeline`), for the HTML report.
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def wall_s(self) -> float:
@@ -94,9 +98,12 @@ def build_report(
     stats: RunStats,
     job_so_far: dict[str, Any] | None = None,
     accuracy: dict[str, Any] | None = None,
+    *,
+    spans: bool = True,
 ) -> dict[str, Any]:
     """The report as a plain dict. ``accuracy`` is `batch.score.summarise` of the job's
-    latest ok rows (None when no item has a reference)."""
+    latest ok rows (None when no item has a reference). ``spans=False``: the timeline's
+    counts only (a live snapshot for metrics)."""
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
     unskipped_min = stats.billed_unskipped_s / 60
@@ -141,6 +148,7 @@ def build_report(
             "end_to_last": percentiles(stats.end_to_last_s),
         },
         "audio": {
+            "planned_s": round(stats.planned_audio_s, 3),
             "recorded_s": round(stats.audio_s, 3),
             "streamed_s": round(stats.streamed_s, 3),
             "skipped_s": round(max(0.0, stats.audio_s - stats.streamed_s), 3),
@@ -160,6 +168,7 @@ def build_report(
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
         "accuracy": accuracy,
+        "timeline": stats.timeline.as_report() if spans else stats.timeline.counts(),
     }
 
 

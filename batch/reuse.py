@@ -26,9 +26,17 @@ import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batch.assemble import Assembler
-from batch.attempts import Sessions, StreamedAudio, Unit, session_label
+from batch.attempts import Sessions, StreamedAudio, Unit, log_fields, outcome, session_label
 from batch.collect import collect_finals
-from batch.errors import InputError, JobAborted, NotStarted, Scope, SpendCapReached, classify
+from batch.errors import (
+    InputError,
+    JobAborted,
+    NotStarted,
+    Scope,
+    SpendCapReached,
+    classify,
+    error_kind,
+)
 from batch.limits import reply_bounds, session_timeouts
 from batch.pool import with_retries
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, PulseOptions, Transcription
@@ -217,23 +225,33 @@ class Reuse:
     async def _stream(self, unit: Unit) -> None:
         sessions = self.sessions
         pending = [self._link(unit)]
+        timeline = sessions.stats.timeline
+        key = timeline.new_unit()  # the chain's attempts, on the run's timeline
+
+        def counted(attempt: int) -> None:
+            sessions._counted(attempt)
+            if attempt > 1:
+                timeline.retried(key)
+
         sink, rows = anyio.create_memory_object_stream[Settled](math.inf)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._write, rows)
             async with sink:
                 while True:  # until every unit is settled, or retrying cannot help
                     tried = await with_retries(
-                        lambda: self._attempt(pending, sink),
+                        lambda: self._attempt(pending, sink, key),
                         limit=sessions.limit,
                         max_attempts=sessions.run.max_attempts,
                         backoff=sessions.backoff,
                         rng=sessions.rng,
-                        on_attempt=sessions._counted,
+                        on_attempt=counted,
+                        log_fields=log_fields(unit.item),
                     )
                     if tried.error is not None or not pending:
                         break
                 for link in pending:
                     sink.send_nowait(Settled(link, error=tried.error))
+                timeline.done(key)
         error = tried.error
         if error is not None and classify(error).scope is Scope.JOB:
             raise JobAborted(str(error)) from error
@@ -243,7 +261,9 @@ class Reuse:
             async for each in rows:
                 await self._finish(each)
 
-    async def _attempt(self, pending: list[Link], sink: MemoryObjectSendStream[Settled]) -> None:
+    async def _attempt(
+        self, pending: list[Link], sink: MemoryObjectSendStream[Settled], key: int
+    ) -> None:
         sessions = self.sessions
         if sessions.pool.stopping:
             raise NotStarted("the run is stopping: the session was not started")
@@ -260,6 +280,13 @@ class Reuse:
         result = SessionResult(finals=_Finals(settler.heard))
         settler.result = result
         watch = sessions.refusals.watch()
+        label = f"{session_label(first)} (reused session)"
+        span = sessions.stats.timeline.begin(key, label)
+
+        def opened() -> None:
+            watch.opened()
+            span.open()
+
         try:
             await run_session(
                 sessions.endpoint,
@@ -269,15 +296,19 @@ class Reuse:
                 pace=sessions.run.pace,
                 timeouts=session_timeouts(sessions.run, first.duration_s),
                 user_agent=sessions.user_agent,
-                on_open=watch.opened,
-                label=f"{session_label(first)} (reused session)",
+                on_open=opened,
+                label=label,
                 bounds=reply_bounds(sessions.run),
                 result=result,
             )
         except Exception as error:
             chain.closed = True
             pending[:] = settler.settle(complete=False)
+            span.end(outcome(error), error_kind(error))
             sessions.judge(error, watch)
+            raise
+        except BaseException:  # cancelled: the slot is given back all the same
+            span.end("failed", "cancelled")
             raise
         finally:
             chain.closed = True
@@ -287,6 +318,7 @@ class Reuse:
             sessions.cap.settle(chain.reserved_s, chain.position_s)
         pending[:] = settler.settle(complete=True)
         sessions.counted_session(result)
+        span.end("ok")
         logger.debug("%s: %d files in one session", session_label(first), len(chain.started))
 
     async def _finish(self, settled_unit: Settled) -> None:

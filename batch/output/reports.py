@@ -1,4 +1,4 @@
-"""Run reports in an output: ``_reports/<job>/<run_id>.json|.md`` and ``latest.json|.md``."""
+"""Run reports in an output: ``_reports/<job>/<run_id>.json|.md|.html`` and ``latest.*``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ManifestError
+from batch.html_report import render_html
 from batch.output import layout
 from batch.output.layout import Location, translated
 from batch.report import render_markdown
@@ -28,15 +29,16 @@ def _remote_fs(location: Location) -> Any:
 
 
 def write(location: Location, job: str, report: dict[str, Any], *, latest: bool = True) -> str:
-    """Write ``<run_id>.json``/``.md`` (and, with ``latest``, ``latest.*``) atomically where
-    the store allows; returns the JSON's path (or URL)."""
+    """Write ``<run_id>.json``/``.md``/``.html`` (and, with ``latest``, ``latest.*``)
+    atomically where the store allows; returns the JSON's path (or URL)."""
     text = json.dumps(report, indent=2).encode()
     markdown = render_markdown(report).encode()
+    html = render_html(report).encode()
     stems = (report["run_id"], "latest") if latest else (report["run_id"],)
     files = [
         (f"{stem}{suffix}", content)
         for stem in stems
-        for suffix, content in ((".json", text), (".md", markdown))
+        for suffix, content in ((".json", text), (".md", markdown), (".html", html))
     ]
     folder = location.child("_reports", job)
     with translated("write the report to", folder):
