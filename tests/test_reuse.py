@@ -44,6 +44,15 @@ def test_each_final_goes_to_the_unit_holding_its_words_on_that_units_time_base()
     ]
 
 
+def test_a_word_a_little_before_its_units_start_begins_at_zero_and_wordless_finals_follow() -> None:
+    spans = [Span(0.0, 4.0), Span(4.0, 8.0)]
+    wordless = Transcription("s", "hm", True, False, "en")
+    split = split_finals([_final((3.98, 4.3)), wordless, _final((1.0, 1.2))], spans)
+    assert [w.start_s for w in split[1][0].words] == [0.0]  # its middle is in the second
+    assert split[1][1] is not None and split[1][1].transcript == "hm"  # with the one before
+    assert [f.words[0].start_s for f in split[0]] == [1.0]
+
+
 def test_units_are_known_complete_once_a_later_unit_answers_or_is_last_came() -> None:
     spans = [Span(0.0, 4.0), Span(4.0, 8.0), Span(8.0, 12.0)]
     finals = [_final((0.2, 0.5)), _final((4.2, 4.5))]

@@ -57,14 +57,20 @@ def owner(final: Transcription, spans: Sequence[Span], previous: int = 0) -> int
     return _at((first.start_s + first.end_s) / 2, spans)
 
 
+def _moved(time_s: float, offset_s: float) -> float:
+    # The service's millisecond grid kept; a word whose onset it put a little before the
+    # unit's first sample starts at 0, as in a session of its own.
+    return max(0.0, round(time_s - offset_s, 3))
+
+
 def _shifted(final: Transcription, offset_s: float) -> Transcription:
-    """``final`` on its unit's time base (the service's millisecond grid kept)."""
+    """``final`` on its unit's time base."""
     words = tuple(
-        replace(w, start_s=round(w.start_s - offset_s, 3), end_s=round(w.end_s - offset_s, 3))
+        replace(w, start_s=_moved(w.start_s, offset_s), end_s=_moved(w.end_s, offset_s))
         for w in final.words
     )
     utterances = tuple(
-        replace(u, start_s=round(u.start_s - offset_s, 3), end_s=round(u.end_s - offset_s, 3))
+        replace(u, start_s=_moved(u.start_s, offset_s), end_s=_moved(u.end_s, offset_s))
         for u in final.utterances
     )
     return replace(final, words=words, utterances=utterances)
