@@ -130,7 +130,7 @@ class Sessions:
         key = timeline.new_unit()
 
         def counted(attempt: int) -> None:
-            self._counted(attempt)
+            self.count_attempt(attempt)
             if attempt > 1:
                 timeline.retried(key)
 
@@ -150,7 +150,8 @@ class Sessions:
             raise JobAborted(str(tried.error)) from tried.error
         return tried
 
-    def _counted(self, attempt: int) -> None:
+    def count_attempt(self, attempt: int) -> None:
+        """An attempt (a session) starts: the run counts it, and a retry as one."""
         self.stats.attempts += 1
         if attempt > 1:
             self.stats.retries += 1

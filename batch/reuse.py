@@ -229,7 +229,7 @@ class Reuse:
         key = timeline.new_unit()  # the chain's attempts, on the run's timeline
 
         def counted(attempt: int) -> None:
-            sessions._counted(attempt)
+            sessions.count_attempt(attempt)
             if attempt > 1:
                 timeline.retried(key)
 
@@ -251,7 +251,7 @@ class Reuse:
                         break
                 for link in pending:
                     sink.send_nowait(Settled(link, error=tried.error))
-                timeline.done(key)
+        timeline.done(key)
         error = tried.error
         if error is not None and classify(error).scope is Scope.JOB:
             raise JobAborted(str(error)) from error
