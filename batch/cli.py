@@ -34,6 +34,7 @@ from batch.errors import (
     OutputError,
     exit_code_for,
 )
+from batch.forget_command import forget_command
 from batch.html_report import render_html
 from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
@@ -106,6 +107,7 @@ app = typer.Typer(
     + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
+app.command("forget", cls=_PlainCommand)(forget_command)
 # A path in a message is never cut; with --log-format json, messages are log records.
 err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)
 logger = logging.getLogger("batch")
