@@ -33,7 +33,15 @@ from batch.errors import (
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
 from batch.model import Item
-from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_retries
+from batch.pool import (
+    AdaptiveLimit,
+    Backoff,
+    Pool,
+    RefusalStreak,
+    SessionWatch,
+    Tried,
+    with_retries,
+)
 from batch.report import RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
@@ -123,7 +131,7 @@ class Sessions:
         key = timeline.new_unit()
 
         def counted(attempt: int) -> None:
-            self._counted(attempt)
+            self.count_attempt(attempt)
             if attempt > 1:
                 timeline.retried(key)
 
@@ -137,7 +145,7 @@ class Sessions:
                 on_attempt=counted,
                 log_fields=log_fields(unit.item),
                 label=label,
-                on_retry=self._retried,
+                on_retry=self.count_retry,
             )
         finally:
             timeline.done(key)
@@ -156,12 +164,14 @@ class Sessions:
             return None
         return ServiceUnreachable(streak.count, streak.last_unreachable, self.endpoint.host)
 
-    def _retried(self, error: BaseException) -> None:
+    def count_retry(self, error: BaseException) -> None:
+        """A retry follows ``error``: the report counts retries by its kind."""
         kinds = self.stats.retries_by_kind
         kind = error_kind(error)
         kinds[kind] = kinds.get(kind, 0) + 1
 
-    def _counted(self, attempt: int) -> None:
+    def count_attempt(self, attempt: int) -> None:
+        """An attempt (a session) starts: the run counts it, and a retry as one."""
         self.stats.attempts += 1
         if attempt > 1:
             self.stats.retries += 1
@@ -201,16 +211,8 @@ class Sessions:
                 bounds=reply_bounds(self.run),
             )
         except Exception as error:
-            span.end(_outcome(error), error_kind(error))
-            if isinstance(error, HandshakeRejected):
-                self.stats.refused_handshakes += 1
-            self.refusals.last_unreachable = error if is_unreachable(error) else None
-            if is_unreachable(error) and self.refusals.refused():
-                raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
-            if is_refusal(error) and self.refusals.refused():
-                raise ServiceRefusing(self.refusals.count, error) from error
-            if isinstance(error, SessionStalled) and watch.stalled():
-                raise ServiceStalling(self.refusals.stalls, error) from error
+            span.end(outcome(error), error_kind(error))
+            self.judge(error, watch)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             span.end("failed", "cancelled")
@@ -221,18 +223,35 @@ class Sessions:
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
             self.stats.billed_unskipped_s += unskipped
-        self.stats.busy_session_s += result.busy_s
-        self.stats.connect_s.append(result.connect_s)
-        if result.first_final_s is not None:
-            self.stats.first_final_s.append(result.first_final_s)
-        self.stats.end_to_last_s.append(result.end_to_last_s)
+        self.counted_session(result)
         recorded = recorded_s if recorded_s is not None else audio.duration_s
         skipped = 1 - audio.duration_s / recorded if recorded > 0 else 0.0
         span.end("ok", skipped_share=skipped)  # after settle: the slot was held until here
         return Streamed(result, audio.duration_s)
 
+    def judge(self, error: Exception, watch: SessionWatch) -> None:
+        """Count a failed attempt; raises what ends the job when refusals (or stalls) in
+        a row reached the limit."""
+        self.refusals.last_unreachable = error if is_unreachable(error) else None
+        if isinstance(error, HandshakeRejected):
+            self.stats.refused_handshakes += 1
+        if is_unreachable(error) and self.refusals.refused():
+            raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
+        if is_refusal(error) and self.refusals.refused():
+            raise ServiceRefusing(self.refusals.count, error) from error
+        if isinstance(error, SessionStalled) and watch.stalled():
+            raise ServiceStalling(self.refusals.stalls, error) from error
 
-def _outcome(error: BaseException) -> str:
+    def counted_session(self, result: SessionResult) -> None:
+        """A session that worked: its timings into the run's stats."""
+        self.stats.busy_session_s += result.busy_s
+        self.stats.connect_s.append(result.connect_s)
+        if result.first_final_s is not None:
+            self.stats.first_final_s.append(result.first_final_s)
+        self.stats.end_to_last_s.append(result.end_to_last_s)
+
+
+def outcome(error: BaseException) -> str:
     """How a failed attempt is drawn on the timeline."""
     if isinstance(error, SessionStalled):
         return "stalled"

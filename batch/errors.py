@@ -5,7 +5,7 @@
     PulseBatchError
     ├── ManifestError            bad manifest or usage                  (exit 2)
     │   ├── ShardError           inconsistent --shard / engine variables (exit 2)
-    │   └── ExportError          export/score: unknown job, bad filter   (exit 2)
+    │   └── ExportError          export/score/forget: bad job or filter  (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
     │   └── ShardCountConflict   shards of another count hold the job   (exit 8)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
@@ -87,7 +87,8 @@ class ShardError(ManifestError):
 
 
 class ExportError(ManifestError):
-    """Bad usage of export or score (a job the output does not hold, a bad filter)."""
+    """Bad usage of export, score or forget (a job the output does not hold, a bad filter,
+    an id naming no item)."""
 
 
 class LockedError(PulseBatchError):

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,12 +190,19 @@ def _left_alone(failed: frozenset[str], opts: RunOptions, read: Callable[[], pa.
     return settled_failures(read().to_pylist(), local_changed_at) & failed
 
 
-def _todo(items: list[Item], done: set[str], opts: RunOptions, failed: set[str]) -> list[Item]:
-    """The items to stream: all with ``force``; else those not ok, but ``failed`` (failed
-    items left alone, `_left_alone`)."""
+def _todo(
+    items: list[Item],
+    done: set[str],
+    opts: RunOptions,
+    failed: set[str],
+    forgotten: AbstractSet[str] = frozenset(),
+) -> list[Item]:
+    """The items to stream: with ``--force`` all (forgotten ones too: they come back);
+    else those not ok, not forgotten and not in ``failed`` (left alone, `_left_alone`)."""
     if opts.force:
         return items
-    return [i for i in items if i.item_id not in done and i.item_id not in failed]
+    skip = done | forgotten | failed
+    return [i for i in items if i.item_id not in skip]
 
 
 async def run_job(
@@ -245,7 +253,13 @@ async def run_job(
         observer.started(stats)
         history = output.history()
         done = set(history.ok)
-        items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
+        forgotten = output.forgotten()  # tombstoned by `forget`: not transcribed again
+        items = plan_items(
+            loaded, frozenset() if opts.force else frozenset(done | forgotten), shard
+        )
+        if opts.force and forgotten:
+            output.unforget(forgotten & {i.item_id for i in items})
+            forgotten = output.forgotten()
         stats.items_total = len(items)
         stats.warnings = engine_warnings(loaded, items)
         for warning in stats.warnings:
@@ -253,9 +267,13 @@ async def run_job(
         failed_before = _left_alone(
             history.failed, opts, lambda: output.read_table("transcripts", _FAILURE_COLUMNS)
         )
-        todo = _todo(items, done, opts, failed_before)
-        stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
-        stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
+        todo = _todo(items, done, opts, failed_before, forgotten)
+        stats.skipped_forgotten = (
+            0 if opts.force else len([i for i in items if i.item_id in forgotten])
+        )
+        skipped_failed = failed_before - done - forgotten
+        stats.skipped_failed = len([i for i in items if i.item_id in skipped_failed])
+        stats.skipped_done = len(items) - len(todo) - stats.skipped_failed - stats.skipped_forgotten
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         stats.planned_audio_s = planned_audio_s
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
@@ -287,7 +305,8 @@ async def run_job(
             stats.not_run = len(todo) - stats.ok - stats.failed
             logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats, job_so_far=output.job_so_far(), accuracy=_accuracy(output))
+        so_far = output.job_so_far() | ({"forgotten": len(forgotten)} if forgotten else {})
+        report = build_report(stats, job_so_far=so_far, accuracy=_accuracy(output))
         if not todo:
             # Nothing was streamed: the last real report stays `latest`.
             return JobResult(report, output.latest_report_path(), nothing_to_do=True)
@@ -418,14 +437,16 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     reader = OutputReader(loaded.output_location, out.storage_options)
     history = reader.history(loaded.manifest.job)
     done = set(history.ok)
+    forgotten = reader.forgotten(loaded.manifest.job)
     failed_before = _left_alone(
         history.failed,
         opts,
         lambda: reader.table("transcripts", loaded.manifest.job, _FAILURE_COLUMNS),
     )
-    items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
-    chosen = {i.item_id for i in _todo(items, done, opts, failed_before)}
-    return JobResult(dry_run_report(loaded, stats, items, done, chosen), None)
+    skip = frozenset() if opts.force else frozenset(done | forgotten)
+    items = plan_items(loaded, skip, opts.shard)
+    chosen = {i.item_id for i in _todo(items, done, opts, failed_before, forgotten)}
+    return JobResult(dry_run_report(loaded, stats, items, done, chosen, forgotten), None)
 
 
 def exit_code(

@@ -272,6 +272,13 @@ class Pool(Generic[T]):
             self._queue.extendleft(reversed(list(items)))
             self._notify()
 
+    def take_next(self, wanted: Callable[[T], bool]) -> T | None:
+        """The next queued item if ``wanted`` takes it (a worker going on with it), else
+        None: only the head, so work keeps its order."""
+        if self.stopping or not self._queue or not wanted(self._queue[0]):
+            return None
+        return self._queue.popleft()
+
     def stop_starting(self) -> list[T]:
         """Start no new items; returns those that will not run."""
         self.stopping = True

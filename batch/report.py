@@ -47,6 +47,7 @@ class RunStats:
     items_total: int = 0
     skipped_done: int = 0
     skipped_failed: int = 0  # failed before, not retried (--no-retry-failed)
+    skipped_forgotten: int = 0  # forgotten (`pulse-batch forget`): not transcribed again
     ok: int = 0
     failed: int = 0
     not_run: int = 0
@@ -125,6 +126,7 @@ def build_report(
             "total": stats.items_total,
             "skipped_already_ok": stats.skipped_done,
             "skipped_failed_before": stats.skipped_failed,
+            "skipped_forgotten": stats.skipped_forgotten,
             "ok": stats.ok,
             "failed": stats.failed,
             "not_run": stats.not_run,
@@ -194,6 +196,7 @@ def summary_line(report: dict[str, Any]) -> str:
         "failed": items["failed"],
         "skipped": items["skipped_already_ok"],
         "skipped_failed": items["skipped_failed_before"],
+        **({"forgotten": items["skipped_forgotten"]} if items.get("skipped_forgotten") else {}),
         "not_run": items["not_run"],
         # What the exit code counts: failed + not_run + skipped_failed.
         "failing": failing_items(report),
@@ -255,7 +258,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"Job so far ({so_far['runs_with_rows']} run(s) with rows): {so_far['items']} items,"
             f" {so_far['ok']} ok, "
-            f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
+            f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio"
+            + (f"; {so_far['forgotten']} forgotten." if so_far.get("forgotten") else "."),
         ]
     if report.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {warning}" for warning in report["warnings"])]
