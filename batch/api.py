@@ -55,6 +55,7 @@ class RunResult:
     report: dict[str, Any] = field(repr=False)
     signal_name: str | None = None
     nothing_to_do: bool = False  # every item was already done: no new report
+    forgotten: int = 0  # items `pulse-batch forget` erased: not transcribed again
 
     @property
     def succeeded(self) -> bool:
@@ -136,6 +137,7 @@ def result_of(
         report=report,
         signal_name=done.signal_name,
         nothing_to_do=done.nothing_to_do,
+        forgotten=int(items.get("skipped_forgotten", 0)),
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import batch
 from batch.errors import ExitCode, ManifestError, PulseBatchError, RunFailed
+from batch.forget import forget
 from batch.manifest import load_manifest
 from tests.conftest import write_manifest
 from tests.media import tone_calls
@@ -118,3 +119,13 @@ def test_bad_options_and_tables_are_errors_of_the_tree(tmp_path: Path) -> None:
         batch.read_table(tmp_path / "out", "word")
     empty = batch.read_table(tmp_path / "out", "words", job="test-job")
     assert empty.num_rows == 0 and "item_id" in empty.column_names
+
+
+def test_a_forgotten_item_is_counted_not_run(tmp_path: Path) -> None:
+    manifest = _job(tmp_path, calls=2, missing=False)
+    first = batch.run_job(manifest)
+    ids = batch.read_table(tmp_path / "out", "transcripts", columns=["item_id"])["item_id"]
+    gone = str(ids[0])
+    forget(str(tmp_path / "out"), "test-job", items=[gone], reason="ticket 1")
+    again = batch.run_job(manifest)
+    assert (first.ok, again.ok, again.forgotten, again.skipped) == (2, 0, 1, 1)
