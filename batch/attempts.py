@@ -43,6 +43,7 @@ from batch.pool import (
     with_retries,
 )
 from batch.report import RunStats
+from batch.sent import CountedAudio
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
 from batch.version import __version__
@@ -58,6 +59,10 @@ class Progress(Protocol):
     def pieces_done(self, item: Item, done: int, total: int | None) -> None: ...
 
     def sessions_open(self, count: int) -> None: ...
+
+    def audio_sent(self, item: Item, seconds: float) -> None:
+        """``seconds`` more of ``item``'s audio sent (fewer: a failed attempt's taken back);
+        a few times a second per session, possibly from a reading thread."""
 
 
 class StreamedAudio(AudioSource, Protocol):
@@ -189,6 +194,7 @@ class Sessions:
             raise NotStarted("the run is stopping: the session was not started")
         reserved_s = duration_s or 0.0
         self.cap.admit(reserved_s)
+        sent = CountedAudio(audio, lambda seconds: self.progress.audio_sent(item, seconds))
         self.progress.sessions_open(self.limit.open_now)
         watch = self.refusals.watch()
         span = self.stats.timeline.begin(unit_key, label)
@@ -201,7 +207,7 @@ class Sessions:
             result = await run_session(
                 self.endpoint,
                 item.options,
-                audio,
+                sent,
                 api_key=self.api_key,
                 pace=self.run.pace,
                 timeouts=session_timeouts(self.run, duration_s),
@@ -211,10 +217,12 @@ class Sessions:
                 bounds=reply_bounds(self.run),
             )
         except Exception as error:
+            sent.settle(kept=False)
             span.end(outcome(error), error_kind(error))
             self.judge(error, watch)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
+            sent.settle(kept=False)
             span.end("failed", "cancelled")
             raise
         finally:
@@ -223,6 +231,7 @@ class Sessions:
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
             self.stats.billed_unskipped_s += unskipped
+        sent.settle(kept=True)
         self.counted_session(result)
         recorded = recorded_s if recorded_s is not None else audio.duration_s
         skipped = 1 - audio.duration_s / recorded if recorded > 0 else 0.0

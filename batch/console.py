@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,19 @@ def item_label(item: Item) -> str:
     return item.source if item.channel is None else f"{item.source} [ch{item.channel}]"
 
 
+class _Stderr:
+    """``sys.stderr`` as it is at each write: while the progress bar is live, rich's proxy,
+    which prints each line above the bar (never onto the bar's line)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(verbose: bool, secret_env: str | None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(logjson.formatter())  # text, or JSON lines (--log-format json)
     handler.addFilter(logjson.CONTEXT)  # the run's job, run_id, shard: scrubbed below too
     # The API key and the storage SDKs' secrets by value, and any credential header or
@@ -76,6 +88,9 @@ class ConsoleObserver(Observer):
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.pieces: dict[str, TaskID] = {}  # a row per long item being streamed in pieces
+        # Audio sent of items not done yet, by item: the bar moves while a long file streams.
+        self.sending: dict[str, float] = {}
+        self.lock = threading.RLock()  # `audio_sent` may come from the sessions' reading threads
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None:
         self.total = items
@@ -104,10 +119,17 @@ class ConsoleObserver(Observer):
         self.open = count
         self._refresh()
 
+    def audio_sent(self, item: Item, seconds: float) -> None:
+        with self.lock:
+            self.sending[item.item_id] = self.sending.get(item.item_id, 0.0) + seconds
+            self._refresh()
+
     def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        self.audio_s += audio_s
+        with self.lock:
+            self.done += 1
+            self.failed += 0 if ok else 1
+            self.audio_s += audio_s
+            self.sending.pop(item.item_id, None)
         self._drop_pieces(item)
         name = item_label(item)
         if self.progress is None:
@@ -145,13 +167,19 @@ class ConsoleObserver(Observer):
             self.progress.remove_task(task)
 
     def _refresh(self) -> None:
+        with self.lock:
+            self._draw()
+
+    def _draw(self) -> None:
         if self.progress is not None and self.task is not None:
             total = self.progress.tasks[0].total or 0.0
+            # Never past the total: audio sent is read a little ahead of the wire.
+            counted = min(total, self.audio_s + max(0.0, sum(self.sending.values())))
             detail = (
-                f"{self.done}/{self.total} items  {self.audio_s:.0f}/{total:.0f} s audio  "
+                f"{self.done}/{self.total} items  {counted:.0f}/{total:.0f} s audio  "
                 f"{self.open} open  [red]{self.failed} failed[/red]"
             )
-            self.progress.update(self.task, completed=self.audio_s, detail=detail)
+            self.progress.update(self.task, completed=counted, detail=detail)
 
     def signalled(self, name: str) -> None:
         logger.warning(

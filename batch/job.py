@@ -78,6 +78,10 @@ class Observer:
 
     def sessions_open(self, count: int) -> None: ...
 
+    def audio_sent(self, item: Item, seconds: float) -> None:
+        """``seconds`` more of ``item`` sent (fewer: a failed attempt's taken back); a few
+        times a second per session, possibly from a reading thread."""
+
     def signalled(self, name: str) -> None: ...
 
 

@@ -75,6 +75,9 @@ class ObservedRun(Observer):
     def sessions_open(self, count: int) -> None:
         self.inner.sessions_open(count)
 
+    def audio_sent(self, item: Item, seconds: float) -> None:
+        self.inner.audio_sent(item, seconds)
+
     def signalled(self, name: str) -> None:
         self.inner.signalled(name)
 

@@ -1,0 +1,100 @@
+"""The progress display while a run is live: audio counted as it is sent, log lines above
+the bar, and the dry run's summary."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from rich.console import Console
+
+from batch.console import ConsoleObserver, setup_logging
+from batch.job import Observer, RunOptions, run_job
+from batch.manifest import load_manifest
+from batch.model import Item
+from batch.pulse.protocol import PulseOptions
+from tests.conftest import write_manifest
+from tests.media import Burst, tone_track, write_audio
+
+RATE = 16000
+
+
+class _Sent(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, float]] = []  # (what, when, seconds)
+        self.lock = threading.Lock()
+
+    def audio_sent(self, item: Item, seconds: float) -> None:
+        with self.lock:
+            self.events.append(("sent", time.monotonic(), seconds))
+
+    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
+        with self.lock:
+            self.events.append(("done", time.monotonic(), audio_s))
+
+
+def test_audio_is_counted_while_a_long_file_streams_a_few_times_a_second(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "media").mkdir()
+    track = tone_track([Burst(0.5, 3.0, 440)], 8.0, RATE)
+    write_audio(tmp_path / "media" / "long.wav", [track], RATE)
+    # Paced at 4x: 2 s of streaming, reported about every half second.
+    manifest = write_manifest(tmp_path, run={"pace": 4.0, "reuse_sessions": False})
+    recorder = _Sent()
+    result = anyio.run(run_job, load_manifest(manifest), RunOptions(), recorder)
+    assert result.report["items"]["ok"] == 1
+    sent = [(when, s) for what, when, s in recorder.events if what == "sent"]
+    ((_, done_at, _),) = [e for e in recorder.events if e[0] == "done"]
+    before = [s for when, s in sent if when < done_at]
+    assert len(before) >= 3, recorder.events  # the bar moved during the session
+    assert 0 < before[0] < 8.0  # a part of the file, not all of it at the end
+    assert len(sent) <= 8  # throttled: not a call per chunk
+    assert sum(s for _, s in sent) == pytest.approx(8.0, abs=0.05)  # all of it, once
+
+
+def test_the_bar_counts_audio_in_flight_and_a_failed_attempt_is_taken_back() -> None:
+    console = Console(file=io.StringIO(), force_terminal=True, width=160)
+    observer = ConsoleObserver(live=True, console=console)
+    item = Item("id-long", "/calls/meeting.wav", None, None, PulseOptions(language="en"))
+    observer.planned(1, 600.0, 0)
+    assert observer.progress is not None
+    try:
+        observer.audio_sent(item, 120.0)
+        assert observer.progress.tasks[0].completed == 120.0
+        observer.audio_sent(item, -120.0)  # the attempt failed: its retry sends it again
+        observer.audio_sent(item, 30.0)
+        assert observer.progress.tasks[0].completed == 30.0
+        observer.item_done(item, True, 600.0)
+        assert observer.progress.tasks[0].completed == 600.0
+    finally:
+        observer.close()
+
+
+def test_log_lines_print_above_the_live_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    setup_logging(verbose=False, secret_env=None)
+    console = Console(file=buffer, force_terminal=True, width=160)
+    observer = ConsoleObserver(live=True, console=console)
+    item = Item("id-long", "/calls/meeting.wav", None, None, PulseOptions(language="en"))
+    observer.planned(1, 600.0, 0)
+    try:
+        observer.audio_sent(item, 60.0)
+        assert observer.progress is not None
+        observer.progress.refresh()
+        logging.getLogger("batch.pool").warning("retrying meeting.wav in 0.5 s")
+        observer.progress.refresh()
+    finally:
+        observer.close()
+        logging.getLogger().handlers.clear()
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).replace("\r", "\n")
+    (line,) = [x for x in lines.splitlines() if "retrying meeting.wav" in x]
+    assert "transcribing" not in line and "━" not in line, repr(line)
