@@ -26,6 +26,7 @@ from batch import job as jobs
 from batch import score as scoring
 from batch.cli_exits import exit_codes, fail
 from batch.decode import WireFormat, probe
+from batch.dryrun import render_dry_run
 from batch.errors import (
     EXIT_MEANINGS,
     ExitCode,
@@ -153,6 +154,7 @@ def run(
         bool,
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: as JSON.")] = False,
     max_failures: Annotated[
         int | None,
         typer.Option(min=0, help="Failed items allowed before the exit code is 1."),
@@ -240,7 +242,8 @@ def run(
         display.close()
         observer.close()
     if dry_run:
-        print(json.dumps(result.report, indent=2))
+        report = result.report
+        print(json.dumps(report, indent=2) if as_json else render_dry_run(report, loaded.manifest))
         return
     console.show_run(result, cli_exits.err)
     observer.finish(result.report, result.exit_code)

@@ -3,16 +3,19 @@ session (with skip_silence, the speech detector runs on each item to say how muc
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Set as AbstractSet
+from datetime import timedelta
 from typing import Any
 
 from batch.cache import item_audio, wire_format
 from batch.errors import InputError
-from batch.manifest import LoadedManifest
+from batch.manifest import LoadedManifest, Manifest, RunConfig
 from batch.model import Item
 from batch.report import RunStats
 from batch.speech import find_speech
+from batch.split import piece_count
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ def dry_run_report(
         # Whether the run as planned fits its spend cap (null: no cap); a run that does not
         # stops with exit 7 and the rerun continues.
         "fits_cap": None if cap is None else streamed_s / 60 <= cap,
+        # Seconds the sessions would take at run.pace on this run's share of run.concurrency
+        # (null: unpaced, as fast as the service reads).
+        "estimated_wall_s": wall_time_s(list(streamed.values()), loaded.manifest.run, stats),
         "plan": [
             {
                 "item_id": i.item_id,
@@ -106,3 +112,88 @@ def _forgotten_count(items: list[Item], forgotten: AbstractSet[str]) -> dict[str
     """``{"forgotten": N}`` when the plan skips forgotten items (else nothing)."""
     count = len([i for i in items if i.item_id in forgotten])
     return {"forgotten": count} if count else {}
+
+
+def wall_time_s(streamed_s: list[float], run: RunConfig, stats: RunStats) -> float | None:
+    """How long sessions streaming ``streamed_s`` (seconds each) take at ``run.pace`` on
+    ``stats.concurrency`` sessions, longest first, long items cut into pieces as the run
+    would; None unpaced. Pure: an estimate (no connect time, no retries)."""
+    if run.pace <= 0:
+        return None
+    slots = max(1, stats.concurrency)
+    units: list[float] = []
+    for seconds in streamed_s:
+        if run.split_long_files and seconds > run.split_threshold_s:
+            count = piece_count(seconds, run.piece_target_s, slots)
+            units += [seconds / count] * count
+        elif seconds > 0:
+            units.append(seconds)
+    ends = [0.0] * slots  # when each session is free again
+    for seconds in sorted(units, reverse=True):
+        heapq.heappush(ends, heapq.heappop(ends) + seconds / run.pace)
+    return round(max(ends), 1)
+
+
+_SHOWN_ITEMS = 20
+
+
+def render_dry_run(report: dict[str, Any], manifest: Manifest) -> str:
+    """A dry run's report for people: what would be streamed or skipped, the audio, the
+    time and the cost (only with a price: a cost of 0 is no estimate)."""
+    items = report["items"]
+    run = manifest.run
+    shard = f" (shard {report['shard']})" if report.get("shard") else ""
+    forgotten = f", {items['forgotten']} forgotten" if items.get("forgotten") else ""
+    lines = [
+        f"dry run of job {report['job']}{shard}: nothing streamed, nothing written",
+        f"  items: {items['total']} in all: {items['to_stream']} to stream, "
+        f"{items['already_ok']} already ok (skipped), {items['known_bad']} known bad{forgotten}",
+        f"  audio: {report['streamed_s']:.1f} s to stream ({report['billed_audio_minutes']:.2f}"
+        " billed minutes)"
+        + (f"; {report['skipped_s']:.1f} s of silence skipped" if report["skipped_s"] else ""),
+        f"  time:  {_wall(report['estimated_wall_s'], run, sharded=bool(shard))}",
+        f"  cost:  {_cost(report, manifest)}",
+    ]
+    if report["fits_cap"] is not None:
+        cap = report["cap_billed_minutes"]
+        lines.append(
+            f"  cap:   fits the cap of {cap} billed minutes"
+            if report["fits_cap"]
+            else f"  cap:   over the cap of {cap} billed minutes: the run would stop there "
+            "(exit 7) and a rerun continue"
+        )
+    plan = report["plan"]
+    lines += [_planned(p) for p in plan[:_SHOWN_ITEMS]]
+    if len(plan) > _SHOWN_ITEMS:
+        lines.append(f"  ... and {len(plan) - _SHOWN_ITEMS} more (--json lists every item)")
+    return "\n".join(lines)
+
+
+def _wall(wall_s: float | None, run: RunConfig, *, sharded: bool) -> str:
+    if wall_s is None:
+        return "no estimate: unpaced (run.pace 0), as fast as the service reads"
+    share = "this shard's share of " if sharded else ""
+    return (
+        f"about {timedelta(seconds=round(wall_s))} streaming at run.pace {run.pace:g}x on "
+        f"{share}run.concurrency {run.concurrency} (no connect time or retries counted)"
+    )
+
+
+def _cost(report: dict[str, Any], manifest: Manifest) -> str:
+    price = manifest.output.price_per_minute
+    if not price:
+        return "no price set (output.price_per_minute)"
+    return (
+        f"about {report['estimated_cost']:g} {report['currency']} "
+        f"at {price:g} {report['currency']} per billed minute"
+    )
+
+
+def _planned(entry: dict[str, Any]) -> str:
+    """One plan entry: its action, its source (and channel), the seconds it would stream."""
+    action, source = str(entry["action"]), str(entry["source"])
+    if source in action:  # a failure's message names the file already
+        return f"  {action}"
+    channel = f" [ch{entry['channel']}]" if entry["channel"] is not None else ""
+    streamed = entry["streamed_s"]
+    return f"  {action}: {source}{channel}" + (f" ({streamed:.1f} s)" if streamed else "")

@@ -62,7 +62,7 @@ def test_failure_allowances_decide_the_exit_code(tmp_path: Path) -> None:
 def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:
     _media(tmp_path / "media", count=2, seconds=30.0)
     manifest = write_manifest(tmp_path, output={"path": "out", "price_per_minute": 0.01})
-    done = run_cli("run", str(manifest), "--dry-run")
+    done = run_cli("run", str(manifest), "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["items"] == {"total": 3, "already_ok": 0, "to_stream": 2, "known_bad": 1}
@@ -72,7 +72,7 @@ def test_dry_run_lists_work_and_bills_nothing(tmp_path: Path) -> None:
     # After a run, the dry run of a rerun follows --force and --no-retry-failed as run does.
     assert run_cli("run", str(manifest)).returncode == 1
     plans = {
-        flag: json.loads(run_cli("run", str(manifest), "--dry-run", *flag).stdout)
+        flag: json.loads(run_cli("run", str(manifest), "--dry-run", "--json", *flag).stdout)
         for flag in ((), ("--force",), ("--no-retry-failed",))
     }
     assert plans[()]["items"] == {"total": 3, "already_ok": 2, "to_stream": 0, "known_bad": 1}

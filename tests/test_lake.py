@@ -60,7 +60,7 @@ def test_delta_output_in_a_bucket_keeps_one_row_per_item(
     runs = set(OutputReader(url).table("words", "test-job", ["run_id"])["run_id"].to_pylist())
     assert len(runs) == 1  # every word is the forced run's
 
-    dry = run_cli("run", str(manifest), "--dry-run")
+    dry = run_cli("run", str(manifest), "--dry-run", "--json")
     assert dry.returncode == 0 and '"already_ok": 4' in dry.stdout
     report = run_cli("report", url, "--json")
     assert report.returncode == 0 and '"job_so_far"' in report.stdout

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
 import re
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -17,11 +19,13 @@ import pytest
 from rich.console import Console
 
 from batch.console import ConsoleObserver, setup_logging
+from batch.dryrun import wall_time_s
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.model import Item
 from batch.pulse.protocol import PulseOptions
-from tests.conftest import write_manifest
+from batch.report import RunStats
+from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
 RATE = 16000
@@ -101,3 +105,50 @@ def test_log_lines_print_above_the_live_bar(monkeypatch: pytest.MonkeyPatch) -> 
     lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).replace("\r", "\n")
     (line,) = [x for x in lines.splitlines() if "retrying meeting.wav" in x]
     assert "transcribing" not in line and "━" not in line, repr(line)
+
+
+def _clips(folder: Path, seconds: float) -> None:
+    folder.mkdir()
+    track = tone_track([Burst(0.2, 0.2, 440)], seconds, RATE)
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_audio(folder / name, [track], RATE)
+    (folder / "bad.wav").write_text("not audio")
+
+
+def test_dry_run_prints_a_summary_with_time_and_cost_only_with_a_price(tmp_path: Path) -> None:
+    _clips(tmp_path / "media", 30.0)
+    # Three 30 s items on two sessions at real time: two rounds, about a minute.
+    manifest = write_manifest(tmp_path, run={"concurrency": 2, "pace": 1.0})
+    done = run_cli("run", str(manifest), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "items: 4 in all: 3 to stream, 0 already ok (skipped), 1 known bad" in text
+    assert "audio: 90.0 s to stream (1.50 billed minutes)" in text
+    assert "time:  about 0:01:00 streaming at run.pace 1x on run.concurrency 2" in text
+    assert "cost:  no price set (output.price_per_minute)" in text
+    assert "stream: " in text and "a.wav (30.0 s)" in text and "fail: " in text
+    assert not (tmp_path / "out").exists()
+
+    priced = write_manifest(
+        tmp_path,
+        run={"concurrency": 4, "pace": 0},
+        output={"path": "out", "price_per_minute": 0.02, "currency": "EUR"},
+    )
+    text = run_cli("run", str(priced), "--dry-run").stdout
+    assert "cost:  about 0.03 EUR at 0.02 EUR per billed minute" in text
+    assert "time:  no estimate: unpaced (run.pace 0)" in text
+    plan = json.loads(run_cli("run", str(priced), "--dry-run", "--json").stdout)
+    assert plan["estimated_cost"] == 0.03 and plan["estimated_wall_s"] is None
+
+
+def test_wall_time_cuts_long_items_into_pieces_as_the_run_would(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        run={"concurrency": 4, "pace": 2.0, "split_long_files": True,
+             "split_threshold_s": 600, "piece_target_s": 300},
+    )  # fmt: skip
+    run = load_manifest(manifest).manifest.run
+    stats = RunStats("j", "r", datetime.now(UTC), concurrency=4, pace=2.0, endpoint="local")
+    # 700 s: four pieces of 175 s, one per session; the 100 s item after the first of them.
+    assert wall_time_s([700.0, 100.0], run, stats) == (175 + 100) / 2
+    assert wall_time_s([0.0], run, stats) == 0.0  # no speech: no session

@@ -196,7 +196,7 @@ def test_dry_run_says_which_items_need_no_session_and_whether_the_cap_holds(
         if cap is not None:
             run["max_billed_minutes"] = cap
         manifest = write_manifest(tmp_path, run=run)
-        done = run_cli("run", str(manifest), "--dry-run")
+        done = run_cli("run", str(manifest), "--dry-run", "--json")
         assert done.returncode == 0, done.stderr
         plan = json.loads(done.stdout)
         assert plan["fits_cap"] is fits
@@ -221,7 +221,7 @@ def test_dry_run_estimates_the_saving_without_a_session(tmp_path: Path, call: Ca
         run={"channels": "split", "skip_silence": True},
         output={"path": "out", "price_per_minute": 0.01, "currency": "EUR"},
     )
-    done = run_cli("run", str(manifest), "--dry-run")
+    done = run_cli("run", str(manifest), "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["audio_s"] == pytest.approx(2 * call.duration_s, abs=0.1)
