@@ -24,11 +24,11 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 # A batch is this much audio (or this many chunks): few thread hops, little held.
-BATCH_AUDIO_S: Final = 0.5
+BATCH_AUDIO_S: Final = 1.0
 BATCH_MAX_CHUNKS: Final = 64
 # Batches decoded ahead of the sender: enough that a paced sender never waits on a healthy
 # store, few enough that a session holds about two seconds of audio.
-BATCHES_AHEAD: Final = 4
+BATCHES_AHEAD: Final = 3
 
 # One chunk of wire audio and the audio position (seconds) once it is sent.
 Batch = list[tuple[bytes, float]]
