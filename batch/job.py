@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from batch.attempts import JobAborted, Unit
 from batch.budget import SpendCap
@@ -224,7 +225,10 @@ async def run_job(
     ) as output:
         history = output.history()
         done = set(history.ok)
-        items = plan_items(loaded, frozenset() if opts.force else frozenset(done), shard)
+        # Planning lists and probes files (maybe in object storage): off the event loop,
+        # which may serve other work (a library caller's, the in-process local server).
+        skip = frozenset() if opts.force else frozenset(done)
+        items = await anyio.to_thread.run_sync(plan_items, loaded, skip, shard)
         stats.items_total = len(items)
         stats.warnings = engine_warnings(loaded, items)
         for warning in stats.warnings:

@@ -255,8 +255,7 @@ class _Stream:
         self.timeouts = timeouts
         self.end_sent = anyio.Event()
         self.started_at: float | None = None
-        self._paced_from = 0.0  # the event loop's clock at the first chunk
-        self.end_sent_at = 0.0
+        self.end_sent_at = self._paced_from = 0.0  # pacing's origin: the loop's clock
         self._waiting: anyio.CancelScope | None = None
         self.meter = ReplyMeter(bounds)
         self._full_chars = 0  # the latest full_transcript's length
