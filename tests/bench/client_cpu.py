@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,6 +148,37 @@ def marginal(sessions: int, short_s: float, long_s: float, **run: Any) -> dict[s
     }
 
 
+def _pcm(folder: Path, seconds: float) -> Path:
+    """The recording `run_client` streams, decoded once to raw wire audio."""
+    from batch.decode import DecodedAudio, WireFormat
+
+    path = folder / f"{seconds:g}.pcm"
+    clip = long_audio(folder / f"{seconds:g}.flac", seconds)
+    path.write_bytes(b"".join(DecodedAudio(clip, WireFormat("linear16", 16000))))
+    return path
+
+
+def bare_marginal(sessions: int, short_s: float, long_s: float) -> dict[str, float]:
+    """The same figures for `tests.bench.bare_client` (the baseline), same server, same
+    audio."""
+    usage = {}
+    with tempfile.TemporaryDirectory() as tmp, server_process() as url:
+        for seconds in (short_s, long_s):
+            pcm = _pcm(Path(tmp), seconds)
+            command = [sys.executable, "-m", "tests.bench.bare_client", url, str(sessions)]
+            _reaped_usage()
+            began = time.monotonic()
+            subprocess.run([*command, str(pcm)], check=True, cwd=ROOT, timeout=seconds * 4 + 60)
+            usage[seconds] = (*_reaped_usage(), time.monotonic() - began)
+    (u0, s0, w0), (u1, s1, w1) = usage[short_s], usage[long_s]
+    cpu_s = (u1 + s1) - (u0 + s0)
+    return {
+        "cpu_s_per_audio_h": cpu_s / (sessions * (long_s - short_s) / 3600),
+        "system_share": (s1 - s0) / max(cpu_s, 1e-9),
+        "share_of_core": cpu_s / (w1 - w0),
+    }
+
+
 if __name__ == "__main__":
     n, a, b = (int(x) for x in sys.argv[1:4])
-    print(json.dumps(marginal(n, a, b), indent=2))
+    print(json.dumps({"pulse-batch": marginal(n, a, b), "bare": bare_marginal(n, a, b)}, indent=2))
