@@ -58,15 +58,8 @@ class StallWatch:
         self._gauge = gauge
         return gauge
 
-    def _watching(self) -> bool:
-        """Whether the chunk being read needs measuring: the audio unanswered once it is
-        sent (what was sent, plus what is read ahead of it) reaches ``watch_after_s``.
-        Asked from the reader thread, seconds ahead of the sender: plain attribute reads."""
-        live, gauge = self.liveness, self._gauge
-        ahead_s = gauge.position_s - self._position_s if gauge is not None else 0.0
-        return (
-            live.policy.enabled and live.unanswered_audio_s + ahead_s >= live.policy.watch_after_s
-        )
+    def _watching(self) -> bool:  # read from the reader thread: a plain attribute read
+        return self.liveness.watching
 
     async def send(
         self, send: Callable[[str | bytes], Awaitable[None]], chunk: bytes, position_s: float
