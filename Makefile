@@ -10,7 +10,7 @@ AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 # Two workers (pytest-xdist), the whisper tests on one of them (tests/conftest.py).
 PYTEST := $(BIN)/pytest -q --durations=20 -n 2 --dist loadgroup
 
-.PHONY: install test test-all lint format docs run bench clean
+.PHONY: install test test-all lint format docs run screenshot bench clean
 
 install: $(BIN)/pulse-batch
 
@@ -22,9 +22,11 @@ $(BIN)/pulse-batch: pyproject.toml
 
 # The dev extra (pytest, ruff, mypy, readers, emulators, the vendor SDK), and Azurite,
 # Microsoft's Azure Storage emulator (npm), for the az:// input test
-# (tests/test_cloud_emulators.py), kept in the virtualenv's folder. Any failure fails.
+# (tests/test_cloud_emulators.py), kept in the virtualenv's folder; Debian's Prometheus
+# Pushgateway for the metrics push test (tests/test_metrics.py). Any failure fails.
 $(TEST_DEPS): $(BIN)/pulse-batch
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS),dev]'
+	command -v prometheus-pushgateway >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-pushgateway)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \
 		azurite@3.35.0
@@ -62,6 +64,14 @@ run: install
 	@echo
 	@echo "subtitles:  $(CURDIR)/jobs/out/_exports/demo/srt/ (and vtt/)"
 	@echo "WER of the demo clips:  Accuracy section of $(CURDIR)/jobs/out/_reports/demo/latest.md"
+
+# The docs' picture of the demo job's HTML report (docs/img/report.png), drawn by headless
+# Chromium (Debian's chromium; the test suite does not need it).
+screenshot: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pulse-batch run --force jobs/demo.yaml
+	$(BIN)/python docs/tools/screenshot.py jobs/out/_reports/demo/latest.html docs/img/report.png \
+		--width 1100 --height 1000
 
 # espeak-ng (Debian) voices the skip-silence benchmark's calls (tests/calls.py espeak_voice)
 # and remakes the demo's payment clip (jobs/demo/make_clips.py); ffmpeg is the decode

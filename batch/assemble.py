@@ -16,8 +16,8 @@ from batch.attempts import Progress, Unit
 from batch.collect import Collected, Outcome, RunInfo, collect_finals, item_rows
 from batch.credentials import Scrubber
 from batch.errors import InputError, NotStarted, error_kind
+from batch.model import Item, ItemStatus, RunStatus
 from batch.output import RunWriter
-from batch.plan import Item
 from batch.pool import AdaptiveLimit, Pool
 from batch.report import Failure, RunStats
 from batch.session import SessionResult
@@ -67,9 +67,9 @@ class Assembler:
     def not_started(self, error: NotStarted) -> None:
         """The spend cap (or a signal) stops the run: nothing new starts; the item gets no
         row, so a rerun does it."""
-        if self.stats.status == "running":
+        if self.stats.status == RunStatus.RUNNING:
             logger.warning("%s; starting nothing new", error)
-            self.stats.status = "capped"
+            self.stats.status = RunStatus.CAPPED
             self.stats.abort_reason = str(error)
         self.pool.stop_starting()
 
@@ -117,7 +117,7 @@ class Assembler:
             rows.transcript.update(await self._scores(item, collected))
         stored = (await self.writer.add(rows)).transcript
         said: str | None = None  # "<error_kind>: <message>" for the progress display
-        if stored["status"] == "ok":
+        if stored["status"] == ItemStatus.OK:
             self.stats.ok += 1
             self.stats.audio_s += duration_s
             self.stats.streamed_s += streamed_s
@@ -126,7 +126,7 @@ class Assembler:
             failure = Failure(item.item_id, item.source, stored["error_kind"], stored["error"])
             self.stats.failures.append(failure)
             said = f"{failure.kind}: {failure.message}"
-        self.progress.item_done(item, stored["status"] == "ok", duration_s, said)
+        self.progress.item_done(item, stored["status"] == ItemStatus.OK, duration_s, said)
 
     async def _scores(self, item: Item, collected: Collected) -> dict[str, Any]:
         """The item's ``reference``/``wer``/``cer`` columns, worked out off the event loop."""

@@ -18,30 +18,27 @@ from batch import __version__
 from batch.budget import SpendCap
 from batch.errors import (
     HandshakeRejected,
+    JobAborted,
     NotStarted,
-    PulseBatchError,
     Scope,
     ServiceRefusing,
     ServiceStalling,
     ServiceUnreachable,
     SessionStalled,
     classify,
+    error_kind,
     is_refusal,
     is_unreachable,
 )
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
-from batch.plan import Item
+from batch.model import Item
 from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_retries
 from batch.report import RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
 
 logger = logging.getLogger(__name__)
-
-
-class JobAborted(PulseBatchError):
-    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
 
 
 class Progress(Protocol):
@@ -121,14 +118,26 @@ class Sessions:
 
         Raises `JobAborted` (from the answer) when no item could get past it."""
         label = session_label(unit.item, unit.piece)
-        tried = await with_retries(
-            lambda: self._attempt(unit.item, make_audio(), duration_s, recorded_s, label),
-            limit=self.limit,
-            max_attempts=self.run.max_attempts,
-            backoff=self.backoff,
-            rng=self.rng,
-            on_attempt=self._counted,
-        )
+        timeline = self.stats.timeline
+        key = timeline.new_unit()
+
+        def counted(attempt: int) -> None:
+            self._counted(attempt)
+            if attempt > 1:
+                timeline.retried(key)
+
+        try:
+            tried = await with_retries(
+                lambda: self._attempt(unit.item, make_audio(), duration_s, recorded_s, label, key),
+                limit=self.limit,
+                max_attempts=self.run.max_attempts,
+                backoff=self.backoff,
+                rng=self.rng,
+                on_attempt=counted,
+                log_fields=log_fields(unit.item),
+            )
+        finally:
+            timeline.done(key)
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:
             raise JobAborted(str(tried.error)) from tried.error
         return tried
@@ -145,6 +154,7 @@ class Sessions:
         duration_s: float | None,
         recorded_s: float | None,
         label: str,
+        unit_key: int,
     ) -> Streamed:
         if self.pool.stopping:  # a signal or the cap came while this waited for a slot
             raise NotStarted("the run is stopping: the session was not started")
@@ -152,6 +162,12 @@ class Sessions:
         self.cap.admit(reserved_s)
         self.progress.sessions_open(self.limit.open_now)
         watch = self.refusals.watch()
+        span = self.stats.timeline.begin(unit_key, label)
+
+        def opened() -> None:
+            watch.opened()
+            span.open()
+
         try:
             result = await run_session(
                 self.endpoint,
@@ -161,11 +177,12 @@ class Sessions:
                 pace=self.run.pace,
                 timeouts=session_timeouts(self.run, duration_s),
                 user_agent=self.user_agent,
-                on_open=watch.opened,
+                on_open=opened,
                 label=label,
                 bounds=reply_bounds(self.run),
             )
         except Exception as error:
+            span.end(_outcome(error), error_kind(error))
             if isinstance(error, HandshakeRejected):
                 self.stats.refused_handshakes += 1
             if is_unreachable(error) and self.refusals.refused():
@@ -174,6 +191,9 @@ class Sessions:
                 raise ServiceRefusing(self.refusals.count, error) from error
             if isinstance(error, SessionStalled) and watch.stalled():
                 raise ServiceStalling(self.refusals.stalls, error) from error
+            raise
+        except BaseException:  # cancelled: the slot is given back all the same
+            span.end("failed", "cancelled")
             raise
         finally:
             watch.ended()
@@ -186,7 +206,27 @@ class Sessions:
         if result.first_final_s is not None:
             self.stats.first_final_s.append(result.first_final_s)
         self.stats.end_to_last_s.append(result.end_to_last_s)
+        recorded = recorded_s if recorded_s is not None else audio.duration_s
+        skipped = 1 - audio.duration_s / recorded if recorded > 0 else 0.0
+        span.end("ok", skipped_share=skipped)  # after settle: the slot was held until here
         return Streamed(result, audio.duration_s)
+
+
+def _outcome(error: BaseException) -> str:
+    """How a failed attempt is drawn on the timeline."""
+    if isinstance(error, SessionStalled):
+        return "stalled"
+    if isinstance(error, HandshakeRejected) or is_refusal(error):
+        return "refused"
+    return "failed"
+
+
+def log_fields(item: Item) -> dict[str, object]:
+    """What a log line about ``item`` carries as structured fields (`batch.logjson`)."""
+    fields: dict[str, object] = {"item_id": item.item_id, "source": item.source}
+    if item.channel is not None:
+        fields["channel"] = item.channel_name or item.channel
+    return fields
 
 
 def session_label(item: Item, piece: int | None = None) -> str:

@@ -22,7 +22,7 @@ import anyio
 from batch.decode import DecodedAudio, WireFormat
 from batch.errors import InputUnavailable
 from batch.manifest import LoadedManifest, RunConfig
-from batch.plan import Item
+from batch.model import Item
 from batch.pool import Backoff
 from batch.speech import FoundSpeech, find_speech
 from batch.split import CachedAudio, cache_and_cut

@@ -1,18 +1,13 @@
 """The `pulse-batch` command line: parse, call the library, map errors to exit codes.
 
-Exit codes: 0 all items ok; 1 some items failed; 2 bad manifest or usage; 3 the job was
-stopped by a fatal service answer; 4 another run of the job holds the lock; 5 the output
-could not be written (disk full, read-only, permission denied); 6 the service refused
-everything; 7 the spend cap was reached; 8 shards of the job with another shard count are
-running; 130/143 after SIGINT/SIGTERM.
-"""
+Exit codes: `batch.errors.ExitCode` (their meanings in ``EXIT_MEANINGS``; ``--help`` shows
+them)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,37 +17,44 @@ import anyio
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from typer.core import TyperArgument, TyperCommand
+from typer.exceptions import TyperException
 
+from batch import console, observe, storage
 from batch import export as exports
 from batch import job as jobs
-from batch import output as outputs
 from batch import score as scoring
-from batch import storage
-from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat, probe
 from batch.errors import (
+    EXIT_MEANINGS,
+    ExitCode,
     InputError,
     LockedError,
     ManifestError,
     OutputError,
-    ShardCountConflict,
+    exit_code_for,
 )
+from batch.html_report import render_html
+from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
-from batch.plan import Item, expand_sources
+from batch.metrics import MetricsPublisher
+from batch.output import OutputReader
 from batch.pulse import protocol
-from batch.report import (
-    accuracy_row,
-    job_runs,
-    render_accuracy,
-    render_job,
-    render_markdown,
-    summary_line,
-)
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
+
+
+@contextmanager
+def _usage_errors_logged() -> Iterator[None]:
+    """With --log-format json, a usage error is a JSON log line too (not click's text)."""
+    try:
+        yield
+    except TyperException as exc:  # typer's click errors: usage, bad values
+        if not json_mode():
+            raise
+        logger.error("%s", exc.format_message(), extra={"event": "usage_error"})
+        raise typer.Exit(exc.exit_code) from None
 
 
 class _PlainCommand(TyperCommand):
@@ -66,6 +68,15 @@ class _PlainCommand(TyperCommand):
                 name += "..." if param.nargs != 1 else ""
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _usage_errors_logged():
+            parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_logged():
+            return super().invoke(ctx)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         # Arguments by name and help only: no "<list[Path]>" type tags.
@@ -91,33 +102,13 @@ app = typer.Typer(
     # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
     rich_markup_mode=None,
     help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
+    epilog="Exit codes: "
+    + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
-err = Console(stderr=True, soft_wrap=True)  # a path in a message is never cut
+# A path in a message is never cut; with --log-format json, messages are log records.
+err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)
 logger = logging.getLogger("batch")
-
-
-def _label(item: Item) -> str:
-    """The item as people know it: its file, and its channel when split."""
-    if item.channel_name:
-        return f"{item.source} [{item.channel_name}]"
-    return item.source if item.channel is None else f"{item.source} [ch{item.channel}]"
-
-
-def _setup_logging(verbose: bool, secret_env: str | None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The API key and the storage SDKs' secrets by value, and any credential header or
-    # token by pattern (a library's debug line must not show them, whatever their source).
-    api_key = scrubber_for_env(secret_env)
-    storage_secrets = storage.credentials_in_env(os.environ)
-    handler.addFilter(RedactingFilter(Scrubber(*api_key.secrets, *storage_secrets)))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # The embedded server's own chatter is noise in a job's log unless debugging.
-    logging.getLogger("batch.server").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _fail(message: object, code: int, label: str = "error") -> NoReturn:
@@ -127,116 +118,20 @@ def _fail(message: object, code: int, label: str = "error") -> NoReturn:
 
 @contextmanager
 def _exit_codes() -> Iterator[None]:
-    """The library's usage, lock and output errors as a message and their exit code
-    (2, 4, 5, 8: the table in `batch.errors`)."""
+    """The library's usage, lock and output errors as a message and their exit code (the
+    table in `batch.errors`)."""
     try:
         yield
-    except ManifestError as exc:
-        _fail(exc, jobs.EXIT_USAGE)
-    except ShardCountConflict as exc:
-        _fail(exc, jobs.EXIT_SHARD_COUNT)
-    except LockedError as exc:
-        _fail(exc, jobs.EXIT_LOCKED)
-    except OutputError as exc:
-        _fail(exc, jobs.EXIT_OUTPUT, "output error")
+    except (ManifestError, LockedError, OutputError) as exc:
+        code = exit_code_for(exc)
+        assert code is not None
+        _fail(exc, code, "output error" if isinstance(exc, OutputError) else "error")
 
 
 def _load(manifest: Path) -> LoadedManifest:
     with _exit_codes():
         loaded = load_manifest(manifest)
     return loaded
-
-
-class _ConsoleObserver(jobs.Observer):
-    """A live progress bar on a terminal; plain log lines for cron and CI."""
-
-    def __init__(self, live: bool, console: Console | None = None) -> None:
-        self.live = live
-        self.console = console or err
-        self.done = 0
-        self.total = 0
-        self.failed = 0
-        self.audio_s = 0.0
-        self.open = 0
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
-        self.pieces: dict[str, TaskID] = {}  # a row per long item being streamed in pieces
-
-    def planned(self, items: int, audio_s: float, skipped: int) -> None:
-        self.total = items
-        logger.info(
-            "planned %d item(s), %.1f s of audio; skipping %d already ok", items, audio_s, skipped
-        )
-        if self.live and items:
-            # The bar and its ETA follow audio, not item count: one long file is not one tick.
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[detail]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
-            self.task = self.progress.add_task("transcribing", total=max(audio_s, 1e-9), detail="")
-            self._refresh()
-            self.progress.start()
-
-    def sessions_open(self, count: int) -> None:
-        self.open = count
-        self._refresh()
-
-    def item_done(self, item: Item, ok: bool, audio_s: float, failure: str | None = None) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        self.audio_s += audio_s
-        self._drop_pieces(item)
-        label = _label(item)
-        if self.progress is None:
-            if ok:
-                logger.info("[%d/%d] ok %s (%.1f s audio)", self.done, self.total, label, audio_s)
-            else:
-                logger.warning("[%d/%d] failed %s: %s", self.done, self.total, label, failure)
-        elif not ok:  # above the bar, as it happens
-            self.progress.console.print(
-                f"[red]failed[/red] {escape(label)}: {escape(str(failure))}", highlight=False
-            )
-        self._refresh()
-
-    def pieces_done(self, item: Item, done: int, total: int | None) -> None:
-        of = f"{done}/{total}" if total is not None else f"{done}/?"
-        if self.progress is None:
-            logger.info("%s: piece %s done", _label(item), of)
-            return
-        # A row of its own under the main bar while a long item streams in pieces.
-        task = self.pieces.get(item.item_id)
-        detail = f"{of} pieces"
-        if task is None:
-            name = f"  {Path(item.source).name}"
-            task = self.progress.add_task(name, total=total, completed=done, detail=detail)
-            self.pieces[item.item_id] = task
-        else:
-            self.progress.update(task, total=total, completed=done, detail=detail)
-
-    def _drop_pieces(self, item: Item) -> None:
-        task = self.pieces.pop(item.item_id, None)
-        if task is not None and self.progress is not None:
-            self.progress.remove_task(task)
-
-    def _refresh(self) -> None:
-        if self.progress is not None and self.task is not None:
-            total = self.progress.tasks[0].total or 0.0
-            detail = (
-                f"{self.done}/{self.total} items  {self.audio_s:.0f}/{total:.0f} s audio  "
-                f"{self.open} open  [red]{self.failed} failed[/red]"
-            )
-            self.progress.update(self.task, completed=self.audio_s, detail=detail)
-
-    def signalled(self, name: str) -> None:
-        logger.warning("%s received: starting no new items, finishing those in flight", name)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 _JobOutput = Annotated[
@@ -292,6 +187,21 @@ def run(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write Prometheus metrics here (textfile collector format), refreshed every "
+            "few seconds and at the end."
+        ),
+    ] = None,
+    metrics_push: Annotated[
+        str | None,
+        typer.Option(
+            help="Push the same metrics to this Prometheus Pushgateway URL, grouped by job "
+            "and shard."
+        ),
+    ] = None,
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
@@ -299,8 +209,9 @@ def run(
     with _exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
-    _setup_logging(verbose, loaded.manifest.pulse.api_key_env)
-    observer = _ConsoleObserver(live=err.is_terminal and not verbose)
+    console.setup_logging(verbose, loaded.manifest.pulse.api_key_env)
+    display = console.ConsoleObserver(err.is_terminal and not verbose, err)
+    observer = observe.ObservedRun(display, MetricsPublisher(metrics_file, metrics_push))
     opts = jobs.RunOptions(
         force=force,
         retry_failed=retry_failed,
@@ -315,85 +226,35 @@ def run(
             result = anyio.run(jobs.run_job, loaded, opts, observer)
     except KeyboardInterrupt:  # before streaming began: nothing to commit
         err.print("interrupted while planning; nothing was streamed")
-        raise typer.Exit(jobs.EXIT_SIGINT) from None
+        raise typer.Exit(ExitCode.SIGINT) from None
     finally:
+        display.close()
         observer.close()
     if dry_run:
         print(json.dumps(result.report, indent=2))
         return
     report = result.report
-    if result.nothing_to_do:
-        items = report["items"]
-        print(
-            f"nothing to do: all {items['total']} item(s) of job {report['job']} are already "
-            "done (ok, or failed and left alone); --force redoes them"
-        )
-        if result.report_path is not None:
-            print(f"latest report (unchanged): {result.report_path.removesuffix('.json')}.md")
-    elif report["status"] == "aborted":
-        err.print(f"[red]job stopped:[/red] {escape(str(report['abort_reason']))}", highlight=False)
-    if report["status"] == "capped":
-        left = report["left"]
-        err.print(
-            f"[yellow]stopped:[/yellow] {escape(str(report['abort_reason']))}; left"
-            f" for the next run: {left['items']} item(s), {left['audio_s']} s of audio",
-            highlight=False,
-        )
-    if report["status"] == "failed_output":
-        reason = escape(str(report["abort_reason"]))
-        err.print(f"[red]output error:[/red] {reason}", highlight=False)
-    if result.report_path is not None:
-        print(f"report: {result.report_path}")
-        print(f"        {result.report_path.removesuffix('.json')}.md")
-    print(summary_line(report))
-    raise typer.Exit(
-        jobs.exit_code(
-            report,
-            max_failures=max_failures or 0,
-            max_failure_ratio=max_failure_ratio,
-            signal_name=result.signal_name,
-        )
+    console.show_run(result, err)
+    code = jobs.exit_code(
+        report,
+        max_failures=max_failures or 0,
+        max_failure_ratio=max_failure_ratio,
+        signal_name=result.signal_name,
     )
+    observer.finish(report, code)
+    raise typer.Exit(code)
 
 
 @app.command(cls=_PlainCommand)
 def validate(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
+    log_format: LogFormat = "text",
 ) -> None:
     """Check a manifest and show what it resolves to, without running anything."""
     loaded = _load(manifest)
     with _exit_codes():
         items = jobs.plan_items(loaded)
-    bad = [i for i in items if i.error is not None]
-    audio_s = sum(i.duration_s or 0 for i in items if i.error is None)
-    print(f"{manifest}: valid (job {loaded.manifest.job!r})")
-    for number, entry in enumerate(loaded.manifest.inputs):
-        _show_input(loaded, number, entry)
-    with_refs = len([i for i in items if i.reference is not None])
-    print(
-        f"  {len(items)} item(s), {audio_s:.1f} s of audio; {len(bad)} known bad"
-        + (f"; {with_refs} with a reference (scored)" if with_refs else "")
-    )
-    for item in bad:
-        print(f"  bad: {item.error}")
-    for warning in jobs.engine_warnings(loaded, items):
-        print(f"  warning: {warning}")
-    print(f"  output: {loaded.output_location}")
-
-
-_SHOWN_PER_INPUT = 3
-
-
-def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
-    """One input entry: what it is, how many files it resolves to, and the first few."""
-    kind = next(k for k in ("glob", "path", "list") if hasattr(entry, k))
-    one = loaded.manifest.model_copy(update={"inputs": [entry]})
-    sources = expand_sources(loaded.model_copy(update={"manifest": one}))
-    print(f"  inputs[{number}] {kind} {getattr(entry, kind)!r}: {len(sources)} file(s)")
-    for source in sources[:_SHOWN_PER_INPUT]:
-        print(f"    {source.path}")
-    if len(sources) > _SHOWN_PER_INPUT:
-        print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
+    console.show_plan(manifest, loaded, items, jobs.engine_warnings(loaded, items))
 
 
 @app.command("probe", cls=_PlainCommand)
@@ -405,20 +266,14 @@ def probe_command(
     sample_rate: Annotated[int, typer.Option(help="Rate that would be sent.")] = 16000,
     encoding: Annotated[str, typer.Option(help="Encoding that would be sent.")] = "linear16",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Show what the runner would do with each file: streams, channels, rate, duration."""
     if encoding not in protocol.ENCODINGS:
         raise typer.BadParameter(f"use one of {protocol.ENCODINGS}", param_hint="--encoding")
     if sample_rate not in protocol.SAMPLE_RATES:
         raise typer.BadParameter(f"use one of {protocol.SAMPLE_RATES}", param_hint="--sample-rate")
-    wire = WireFormat(encoding, sample_rate)
-    if wire.is_opus:
-        will_send = f"mono {encoding} at {sample_rate} Hz (20 ms Opus frames)"
-    else:
-        will_send = (
-            f"mono {encoding} at {sample_rate} Hz "
-            f"({wire.bytes_per_second} bytes/s, {wire.chunk_bytes}-byte chunks)"
-        )
+    will_send = console.will_send(WireFormat(encoding, sample_rate))
     rows: list[dict[str, Any]] = []
     for path in files:
         try:
@@ -431,45 +286,19 @@ def probe_command(
             rows.append({"path": str(path), "error_kind": exc.kind, "error": str(exc)})
             continue
         rows.append({**info.__dict__, "will_send": will_send})
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['path']}:")
-            for key, value in row.items():
-                if key != "path":
-                    print(f"  {key}: {value}")
+    console.show_rows(rows, as_json)
     if any("error_kind" in row for row in rows):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.ITEMS_FAILED)
 
 
 @app.command(cls=_PlainCommand)
 def schema(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Print the tables' schema (version, columns, types, meaning)."""
-    tables = {
-        table: [{"column": n, "type": str(t), "meaning": m} for n, t, m in outputs.COLUMNS[table]]
-        for table in outputs.TABLES
-    }
-    if as_json:
-        print(json.dumps({"schema_version": outputs.SCHEMA_VERSION, "tables": tables}, indent=2))
-        return
-    if markdown:
-        for table, columns in tables.items():
-            print(f"\n`{table}/`\n\n| column | type | meaning |\n| --- | --- | --- |")
-            for col in columns:
-                print(f"| `{col['column']}` | {col['type']} | {col['meaning']} |")
-        return
-    print(
-        f"schema version {outputs.SCHEMA_VERSION}; "
-        f"partition columns from {outputs.PARTITION_CHOICES}"
-    )
-    for table, columns in tables.items():
-        print(f"\n{table}/")
-        for col in columns:
-            print(f"  {col['column']:<20} {col['type']:<28} {col['meaning']}")
+    console.show_schema(as_json, markdown)
 
 
 @app.command(cls=_PlainCommand)
@@ -479,13 +308,20 @@ def report(
         str | None, typer.Option(help="Job name, when the output holds several.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="A past run's report (its run_id), not the latest.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write the report as one HTML page to this file.")
+    ] = None,
+    log_format: LogFormat = "text",
 ) -> None:
     """Print the latest run report of a job, then the job so far: every run and shard, when
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
-    jobs_here: list[str] = []
+    reader = OutputReader(output)
     with _exit_codes():
-        jobs_here = exports.job_names(output)  # inside: an unreadable store is exit 5
+        jobs_here = reader.job_names()  # inside: an unreadable store is exit 5
         if job is None and len(jobs_here) > 1:
             err.print(
                 escape(
@@ -495,21 +331,23 @@ def report(
                 highlight=False,
             )
         try:
-            data = outputs.latest_report(output, job)
-            name = str(data["job"])
-            data["job_so_far"] = outputs.read_history(output, name).summary
-            data["runs"] = job_runs(
-                outputs.run_reports(output, name),
-                lambda run: outputs.run_alive(output, name, str(run["run_id"]), run.get("shard")),
-            )
+            data = reader.full_report(job)
+            if run_id is not None:
+                data = observe.past_run(data, reader.run_reports(str(data["job"])), run_id)
         except (FileNotFoundError, ManifestError) as exc:
             hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-            _fail(f"{exc}{hint}", jobs.EXIT_USAGE)
+            _fail(f"{exc}{hint}", ExitCode.USAGE)
+    if html is not None:
+        try:
+            html.write_text(render_html(data), encoding="utf-8")
+        except OSError as exc:
+            _fail(f"cannot write {html}: {exc.strerror}", ExitCode.OUTPUT, "output error")
+        err.print(escape(f"html report: {html}"), highlight=False)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        err.print(escape(f"job {name}, run {data['run_id']}"), highlight=False)
-        print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
+        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
+        console.show_report(data)
 
 
 @app.command("export", cls=_PlainCommand)
@@ -539,6 +377,7 @@ def export_command(
     utterances: Annotated[
         bool, typer.Option("--utterances", help="Cue subtitles by utterance, not by word.")
     ] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Write one subtitle, JSON or text file per ok item of a job."""
     if where is not None and item is not None:
@@ -551,7 +390,7 @@ def export_command(
                 output, job, fmt, folder, where=where, item=item, from_utterances=utterances
             )
         except OSError as exc:
-            _fail(f"cannot write to {folder}: {exc.strerror}", jobs.EXIT_OUTPUT)
+            _fail(f"cannot write to {folder}: {exc.strerror}", ExitCode.OUTPUT)
     for source in done.without_timings:
         what = (
             "utterances (turn on pulse.sentence_timestamps)"
@@ -563,7 +402,7 @@ def export_command(
         err.print(escape(f"error: {source} could not be exported ({why})"), highlight=False)
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
     if done.failed:
-        raise typer.Exit(jobs.EXIT_ITEMS_FAILED)  # the others were written
+        raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
 
 
 @app.command("score", cls=_PlainCommand)
@@ -577,6 +416,7 @@ def score_command(
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """WER and CER of a job's ok items against references given after the run."""
     with _exit_codes():
@@ -593,12 +433,8 @@ def score_command(
         print(json.dumps(body, indent=2))
         return
     if scored.summary is None:
-        _fail(f"no ok item of job {job!r} matched {references}", jobs.EXIT_ITEMS_FAILED)
-    print("\n".join(render_accuracy(scored.summary, worst=False)))
-    print("\nItems, worst first:\n\n| source | channel | WER | CER |\n| --- | --- | ---: | ---: |")
-    ranked = sorted(scored.items, key=lambda r: -(r["wer"] if r["wer"] is not None else -1.0))
-    for row in ranked:
-        print(accuracy_row(row))
+        _fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
+    console.show_scores(scored)
 
 
 @app.command(cls=_PlainCommand)
@@ -610,6 +446,7 @@ def status(
         typer.Option(help="The job's manifest; default: the one its latest run recorded."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
     with _exit_codes():
@@ -617,30 +454,19 @@ def status(
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        word = "complete" if result.complete else "incomplete"
-        total = result.total
-        print(
-            f"job {job}: {word}: {total.ok}/{total.planned} planned item(s) ok, "
-            f"{total.failed} failed, {total.not_run} not run yet ({result.manifest})"
-        )
-        for index, part in result.by_shard.items():
-            print(
-                f"  shard {index}/{result.shards}: {part.ok}/{part.planned} ok, "
-                f"{part.failed} failed, {part.not_run} not run yet"
-            )
-        for problem in result.problems():
-            print(f"  {problem}")
-    raise typer.Exit(jobs.EXIT_OK if result.complete else jobs.EXIT_ITEMS_FAILED)
+        console.show_status(job, result)
+    raise typer.Exit(ExitCode.OK if result.complete else ExitCode.ITEMS_FAILED)
 
 
 @app.command(cls=_PlainCommand)
 def compact(
     output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
+    log_format: LogFormat = "text",
 ) -> None:
     """Compact a Delta output: rewrite small files into large ones (optimize), then delete
     files no table version needs (vacuum, keeping the default 7 days of history)."""
     with _exit_codes():
-        lines = outputs.compact(output)
+        lines = OutputReader(output).compact()
     for line in lines:
         print(line)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from batch.plan import Item
+from batch.model import Item, ItemRows, ItemStatus
 from batch.pulse.protocol import Transcription
 from batch.timemap import TimeMap
 
@@ -170,33 +170,6 @@ def time_quality(collected: Collected, duration_s: float) -> str | None:
     return None
 
 
-@dataclass
-class ItemRows:
-    """One finished item's rows for each table (partition and bookkeeping columns included)."""
-
-    transcript: dict[str, Any]
-    words: list[dict[str, Any]] = field(default_factory=list)
-    utterances: list[dict[str, Any]] = field(default_factory=list)
-    segments: list[dict[str, Any]] = field(default_factory=list)
-
-    def by_table(self) -> dict[str, list[dict[str, Any]]]:
-        """Rows keyed by table name (the names of `batch.output.schema.COLUMNS`)."""
-        return {
-            "transcripts": [self.transcript],
-            "segments": self.segments,
-            "words": self.words,
-            "utterances": self.utterances,
-        }
-
-    @property
-    def item_id(self) -> str:
-        return str(self.transcript["item_id"])
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.transcript.get("status") == "ok")
-
-
 @dataclass(frozen=True)
 class RunInfo:
     """What every row of a run shares."""
@@ -247,7 +220,7 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
     collected = outcome.collected
     if collected is None:
         transcript.update(
-            status="failed",
+            status=ItemStatus.FAILED,
             error_kind=outcome.error_kind or "internal",
             error=outcome.error or "unknown failure",
             word_count=0,
@@ -257,7 +230,7 @@ def item_rows(item: Item, run: RunInfo, outcome: Outcome) -> ItemRows:
     rows.utterances = [{**common, **u} for u in collected.utterances]
     rows.segments = [{**common, **g} for g in collected.segments]
     transcript.update(
-        status="ok",
+        status=ItemStatus.OK,
         duration_s=outcome.duration_s,
         streamed_s=outcome.streamed_s,
         transcript=collected.transcript,

@@ -181,7 +181,11 @@ class RedactingFilter(logging.Filter):
     """For a log handler: no record, ours or a library's, carries a known secret (the API
     key as exported or normalised, the storage SDKs' secret variables) or a credential
     found by pattern (`redact_credentials`). The message, a formatted traceback and stack
-    are all cleaned."""
+    are all cleaned, and so are the structured fields a JSON log line carries
+    (`batch.logjson.FIELDS`, given as ``extra=``)."""
+
+    # As `batch.logjson.FIELDS` (not imported: logjson is the CLI's, this the library's).
+    FIELDS = ("job", "run_id", "shard", "item_id", "source", "channel", "error_kind", "status")
 
     def __init__(self, scrubber: Scrubber) -> None:
         super().__init__()
@@ -202,4 +206,8 @@ class RedactingFilter(logging.Filter):
             record.exc_text = self.clean(record.exc_text)
         if record.stack_info:
             record.stack_info = self.clean(record.stack_info)
+        for name in self.FIELDS:
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, self.clean(value))
         return True

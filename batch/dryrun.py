@@ -9,7 +9,7 @@ from typing import Any
 from batch.cache import item_audio, wire_format
 from batch.errors import InputError
 from batch.manifest import LoadedManifest
-from batch.plan import Item
+from batch.model import Item
 from batch.report import RunStats
 from batch.speech import find_speech
 

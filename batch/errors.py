@@ -4,15 +4,18 @@
 
     PulseBatchError
     ├── ManifestError            bad manifest or usage                  (exit 2)
-    │   └── ShardError           inconsistent --shard / engine variables (exit 2)
+    │   ├── ShardError           inconsistent --shard / engine variables (exit 2)
+    │   └── ExportError          export/score: unknown job, bad filter   (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
     │   └── ShardCountConflict   shards of another count hold the job   (exit 8)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
     ├── InputError               one input cannot be decoded            (item fails, no retry)
     │   └── InputUnavailable     its store failed for now: 5xx, throttled,
     │                            connection dropped, timed out          (retry the item)
+    ├── ReferenceUnreadable      a reference text cannot be read        (item stays ok, unscored)
     ├── NotStarted               the run is stopping: session not started (no row)
     │   └── SpendCapReached      the next session would pass the cap    (not started; exit 7)
+    ├── JobAborted               a fatal answer for the whole job       (stop the job, exit 3)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
         ├── ConnectionLost       socket ended before ``is_last``        (retry; a 1008
@@ -26,6 +29,10 @@
             ├── ServiceUnreachable  could not connect N times in a row  (stop the job, exit 6)
             └── ServiceStalling  N sessions in a row stalled, none ended (stop the job, exit 6)
 
+Every exit code the command line gives is in `ExitCode`, and its meaning in `EXIT_MEANINGS`
+(the table docs/resilience.md shows, checked by a test); `exit_code_for` maps the errors the
+CLI reports to theirs.
+
 Third-party exceptions (websockets, PyAV, OS) are translated into these at the boundary
 (`batch.session`, `batch.decode`, `batch.output`) with ``raise ... from exc``. `classify` is
 pure: it looks only at our own error types, so the retry policy is testable without sockets.
@@ -35,7 +42,7 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 
 # Messages quote what they were given, and what they were given can be anything: a 10 MB
@@ -75,6 +82,10 @@ class ManifestError(PulseBatchError):
 class ShardError(ManifestError):
     """``--shard``/``--shards`` or a batch engine's array variables are inconsistent.
     ``path`` names the flag or variable at fault. Retrying cannot help."""
+
+
+class ExportError(ManifestError):
+    """Bad usage of export or score (a job the output does not hold, a bad filter)."""
 
 
 class LockedError(PulseBatchError):
@@ -124,6 +135,14 @@ class InputUnavailable(InputError):
         super().__init__("read_error", path, message)
 
 
+class ReferenceUnreadable(PulseBatchError):
+    """A reference text file cannot be read: the item stays ok, it is just not scored."""
+
+
+class JobAborted(PulseBatchError):
+    """A fatal answer for the whole job (bad key, forbidden, bad request)."""
+
+
 class NotStarted(PulseBatchError):
     """The run is stopping (a signal, the spend cap): the session was not started, the
     item gets no row, and a rerun does it. Retrying in this run cannot help."""
@@ -156,8 +175,9 @@ class HandshakeRejected(SessionError):
 class ConnectionLost(SessionError):
     """The socket closed or broke before the terminal ``is_last`` message.
 
-    ``after_audio``: the service had taken audio (it answered with a transcript, or the end
-    signal was sent), so even a concurrency close code (1008) is a failed attempt.
+    ``after_audio``: the service had taken audio (it answered with a transcript, the end
+    signal was sent, or it read audio past the moment a refusal comes), so even a
+    concurrency close code (1008) is a failed attempt.
     """
 
     kind = "connection_lost"
@@ -276,6 +296,55 @@ class ServiceStalling(ServiceRefusing):
             "in a row stop a job)",
         )
         self.refusals = stalls
+
+
+class ExitCode(IntEnum):
+    """What a ``pulse-batch`` command's exit status says; the one table of them."""
+
+    OK = 0
+    ITEMS_FAILED = 1
+    USAGE = 2
+    FATAL_SERVICE = 3
+    LOCKED = 4
+    OUTPUT = 5
+    SERVICE_REFUSING = 6
+    SPEND_CAP = 7
+    SHARD_COUNT = 8
+    SIGINT = 130
+    SIGTERM = 143
+
+
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "every item ok (or failures within --max-failures / --max-failure-ratio)",
+    ExitCode.ITEMS_FAILED: "some items failed or were not run",
+    ExitCode.USAGE: "bad manifest, list file or usage",
+    ExitCode.FATAL_SERVICE: "the job was stopped by a fatal service answer",
+    ExitCode.LOCKED: "another run of the job holds the output's lock",
+    ExitCode.OUTPUT: "the output could not be written or read",
+    ExitCode.SERVICE_REFUSING: "the service refused everything or could not be reached",
+    ExitCode.SPEND_CAP: "the spend cap was reached",
+    ExitCode.SHARD_COUNT: "shards of the job with another shard count are running",
+    ExitCode.SIGINT: "stopped by SIGINT",
+    ExitCode.SIGTERM: "stopped by SIGTERM",
+}
+
+
+# The errors that end a command, most specific first (a subclass before its base).
+_EXIT_BY_ERROR: tuple[tuple[type[PulseBatchError], ExitCode], ...] = (
+    (ShardCountConflict, ExitCode.SHARD_COUNT),
+    (LockedError, ExitCode.LOCKED),
+    (ManifestError, ExitCode.USAGE),
+    (OutputError, ExitCode.OUTPUT),
+    (ServiceRefusing, ExitCode.SERVICE_REFUSING),
+    (JobAborted, ExitCode.FATAL_SERVICE),
+    (SpendCapReached, ExitCode.SPEND_CAP),
+)
+
+
+def exit_code_for(error: PulseBatchError) -> ExitCode | None:
+    """The exit code the CLI gives for an error that ends a command (None: not one of
+    those; the caller decides)."""
+    return next((code for kind, code in _EXIT_BY_ERROR if isinstance(error, kind)), None)
 
 
 class Scope(Enum):

@@ -1,9 +1,8 @@
 """Per-item documents from a job's tables: SRT, WebVTT, JSON or plain text files.
 
-`load_job` is the one place export and score read an output (local Parquet or Delta, through
-`batch.output.read_table`); choosing items (`parse_where`,
-`select`), naming files (`file_names`) and building documents (`document`) are pure; only
-`export_job` writes.
+Export reads an output through `batch.output.OutputReader` (local Parquet or Delta);
+choosing items (`parse_where`, `select`), naming files (`file_names`) and building documents
+(`document`) are pure; only `export_job` writes.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from batch import cues as cuelib
-from batch import output as outputs
-from batch.errors import ManifestError, OutputError
+from batch.errors import ExportError
+from batch.output import COLUMNS, JobTables, OutputReader
 
 FORMATS: Final = ("srt", "vtt", "json", "txt")
 _ID_SUFFIX_CHARS = 8
@@ -32,100 +31,8 @@ _MAX_NAME_BYTES = 200
 _BOOKKEEPING = frozenset({"job", "date", "language", "run_id", "item_id", "channel"})
 # Columns pyarrow returns as a list of (key, value) pairs.
 _MAP_COLUMNS: Final = frozenset(
-    name for table in outputs.COLUMNS.values() for name, kind, _ in table if pa.types.is_map(kind)
+    name for table in COLUMNS.values() for name, kind, _ in table if pa.types.is_map(kind)
 )
-
-
-class ExportError(ManifestError):
-    """Bad usage of export/score (unknown job, bad filter): exit 2 with a message."""
-
-
-@dataclass
-class JobTables:
-    """A job's items whose latest result is ok, with their rows from each table."""
-
-    items: list[dict[str, Any]]
-    words: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    utterances: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    segments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
-def job_names(location: str | Path) -> list[str]:
-    """The jobs that have rows (or, in a local output, reports) in an output, sorted."""
-    if outputs.detect_format(location) is None:
-        return []
-    names = set(outputs.read_table(location, "transcripts", columns=["job"])["job"].to_pylist())
-    reports = Path(location) / "_reports"
-    if "://" not in str(location) and reports.is_dir():
-        names |= {p.name for p in reports.iterdir() if p.is_dir()}
-    return sorted(str(n) for n in names if n)
-
-
-def _rows(location: str | Path, table: str, job: str) -> list[dict[str, Any]]:
-    data: pa.Table = outputs.read_table(location, table, job)
-    # Map columns (metadata) as dicts: by default Arrow gives lists of (key, value) pairs.
-    return list(data.to_pylist(maps_as_pydicts="strict"))
-
-
-def latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each item's latest transcript row (by ``finished_at``), if that result is ok; sorted
-    by source and channel."""
-    latest: dict[str, Mapping[str, Any]] = {}
-    for row in rows:
-        seen = latest.get(row["item_id"])
-        if seen is None or row["finished_at"] >= seen["finished_at"]:
-            latest[row["item_id"]] = row
-    ok = [dict(r) for r in latest.values() if r["status"] == "ok"]
-    return sorted(ok, key=lambda r: (str(r["source"]), r.get("channel") or -1, r["item_id"]))
-
-
-def _refuse_unfinished(location: str | Path, job: str) -> None:
-    """Finish what a killed run left half-committed (local Parquet), or refuse an output
-    where it cannot be (Delta: a run killed between its tables' commits left items whose
-    transcripts row has lost its words): exporting them would write empty documents."""
-    unfinished = sorted(outputs.read_history(location, job).unfinished)
-    if unfinished:
-        raise OutputError(
-            location,
-            "export",
-            f"{len(unfinished)} item(s) of job {job!r} were left half-committed by a killed "
-            f"run (e.g. {unfinished[0]}); run the job again to redo them, then export",
-        )
-
-
-def load_job(location: str | Path, job: str, *, with_details: bool = True) -> JobTables:
-    """Read one job's ok items (and, with details, their words, utterances and segments).
-
-    Raises `ExportError` naming the jobs present when the output has none of ``job``, and
-    `OutputError` when the output cannot be read or holds items a killed run left
-    half-committed (a local Parquet output's are finished first).
-    """
-    if outputs.detect_format(location) is None:
-        raise ExportError(location, "no pulse-batch output here; give the job's output.path")
-    _refuse_unfinished(location, job)
-    transcripts = _rows(location, "transcripts", job)
-    if not transcripts:
-        known = job_names(location)
-        hint = f"jobs here: {', '.join(known)}" if known else "it holds no job's rows yet"
-        raise ExportError(location, f"no rows for job {job!r}; {hint}")
-    items = latest_ok(transcripts)
-    tables = JobTables(items)
-    if not with_details:
-        return tables
-    wanted = {(r["item_id"], r["run_id"]) for r in items}
-    for table, target in (
-        ("words", tables.words),
-        ("utterances", tables.utterances),
-        ("segments", tables.segments),
-    ):
-        if table not in outputs.TABLES:
-            continue  # a table this version does not write
-        for row in _rows(location, table, job):
-            if (row["item_id"], row["run_id"]) in wanted:
-                target.setdefault(row["item_id"], []).append(row)
-        for rows in target.values():
-            rows.sort(key=lambda r: r.get("idx") or 0)
-    return tables
 
 
 # --- choosing items -----------------------------------------------------------------
@@ -292,8 +199,8 @@ def export_job(
     folder cannot be written."""
     if fmt not in FORMATS:
         raise ExportError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    tables = load_job(location, job)
-    columns = [name for name, _, _ in outputs.COLUMNS["transcripts"]]
+    tables = OutputReader(location).job_tables(job)
+    columns = [name for name, _, _ in COLUMNS["transcripts"]]
     conditions = parse_where(where, columns) if where else []
     chosen = select(tables.items, conditions, item)
     names = file_names(tables.items)  # over all items: a name never depends on the filter

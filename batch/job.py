@@ -18,21 +18,23 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from batch.attempts import JobAborted, Unit
+from batch.attempts import Unit
 from batch.budget import SpendCap
 from batch.credentials import api_key_from_env
 from batch.dryrun import dry_run_report
 from batch.errors import (
+    ExitCode,
     HandshakeRejected,
+    JobAborted,
     ManifestError,
     OutputError,
     ServiceRefusing,
     ServiceUnreachable,
 )
-from batch.export import latest_ok
 from batch.manifest import LoadedManifest
-from batch.output import JobOutput, RunWriter, read_history
-from batch.plan import Item, expand_sources, longest_first, make_items
+from batch.model import Item, RunStatus
+from batch.output import JobOutput, OutputReader, RunWriter, latest_ok
+from batch.plan import expand_sources, longest_first, make_items
 from batch.pool import Pool
 from batch.pulse.protocol import Generation
 from batch.report import RunStats, build_report, failing_items
@@ -43,18 +45,6 @@ from batch.shard import Shard
 from batch.signals import watch_signals
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1
-EXIT_USAGE = 2
-EXIT_FATAL_SERVICE = 3
-EXIT_LOCKED = 4
-EXIT_OUTPUT = 5
-EXIT_SERVICE_REFUSING = 6
-EXIT_SPEND_CAP = 7
-EXIT_SHARD_COUNT = 8
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 @dataclass(frozen=True)
@@ -70,6 +60,9 @@ class RunOptions:
 
 class Observer:
     """Progress callbacks; the CLI draws them. The default does nothing."""
+
+    def started(self, stats: RunStats) -> None:
+        """The run holds its output; ``stats`` fill in as it goes (read, never written)."""
 
     def planned(self, items: int, audio_s: float, skipped: int) -> None: ...
 
@@ -223,6 +216,7 @@ async def run_job(
         out.storage_options,
         shard=shard,
     ) as output:
+        observer.started(stats)
         history = output.history()
         done = set(history.ok)
         # Planning lists and probes files (maybe in object storage): off the event loop,
@@ -238,6 +232,7 @@ async def run_job(
         stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
         stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
+        stats.planned_audio_s = planned_audio_s
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
         signal_name = None
         writer: RunWriter | None = None
@@ -257,7 +252,7 @@ async def run_job(
                     )
         except (OutputError, BaseExceptionGroup) as exc:
             failure = _output_error(exc)
-            stats.status = "failed_output"
+            stats.status = RunStatus.FAILED_OUTPUT
             stats.abort_reason = str(failure)
             if writer is not None and writer.uncommitted:
                 stats.abort_reason += (
@@ -270,7 +265,7 @@ async def run_job(
         report = build_report(stats, job_so_far=output.job_so_far(), accuracy=_accuracy(output))
         if not todo:
             # Nothing was streamed: the last real report stays `latest`.
-            return JobResult(report, _latest_report_path(output), nothing_to_do=True)
+            return JobResult(report, output.latest_report_path(), nothing_to_do=True)
         path = _write_report(output, report)
     return JobResult(report, path, signal_name)
 
@@ -279,15 +274,6 @@ def _accuracy(output: JobOutput) -> dict[str, Any] | None:
     """WER/CER of the job's items, by each item's latest ok result."""
     rows = output.read_table("transcripts")
     return summarise(latest_ok(rows.to_pylist()))
-
-
-def _latest_report_path(output: JobOutput) -> str | None:
-    """Where the job's latest report is, if it has one."""
-    local = output.location.local
-    if local is None:
-        return output.location.child("_reports", output.job, "latest.json")
-    path = local / "_reports" / output.job / "latest.json"
-    return str(path) if path.exists() else None
 
 
 def _output_error(exc: BaseException) -> OutputError:
@@ -316,7 +302,7 @@ def _write_report(output: JobOutput, report: dict[str, Any]) -> str | None:
     try:
         return output.write_report(report)
     except OutputError as exc:
-        if report["status"] != "failed_output":
+        if report["status"] != RunStatus.FAILED_OUTPUT:
             raise
         logger.error("the report could not be written either: %s", exc)
         return None
@@ -343,7 +329,7 @@ async def _stream_all(
     pool: Pool[Unit] = Pool(whole_units(todo), _workers(loaded, stats.concurrency))
     signal_name: str | None = None
     if not todo:
-        stats.status = "completed"
+        stats.status = RunStatus.COMPLETED
         return None
     async with _endpoint(loaded) as (endpoint, api_key):
         runner = ItemRunner(
@@ -359,20 +345,20 @@ async def _stream_all(
                 with anyio.move_on_after(deadline if deadline else float("inf")) as scope:
                     await pool.run(runner.process)
                 if scope.cancelled_caught:
-                    stats.status = "interrupted"
+                    stats.status = RunStatus.INTERRUPTED
                     stats.abort_reason = f"job_deadline_s ({deadline:g} s) ran out"
                 tasks.cancel_scope.cancel()
         except* JobAborted as aborted:  # anything raised beside it still propagates
             first = _first(aborted)
             fatal = first.__cause__ or first  # the service's answer
         if fatal is not None:
-            stats.status = "aborted"
+            stats.status = RunStatus.ABORTED
             stats.abort_reason = runner.scrubber.scrub(str(fatal)) + _key_hint(
                 fatal, api_key, loaded
             )
             stats.abort_kind = _abort_kind(fatal)
-        elif stats.status == "running":
-            stats.status = "completed"
+        elif stats.status == RunStatus.RUNNING:
+            stats.status = RunStatus.COMPLETED
         signal_name = stats.signal_name
         stats.max_open_sessions = runner.limit.max_open
         stats.lowest_pool_size = runner.limit.lowest
@@ -402,7 +388,7 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     """What ``run`` with the same options would stream and bill (``--force`` and
     ``--no-retry-failed`` included), opening no session."""
     out = loaded.manifest.output
-    history = read_history(loaded.output_location, loaded.manifest.job, out.storage_options)
+    history = OutputReader(loaded.output_location, out.storage_options).history(loaded.manifest.job)
     done = set(history.ok)
     failed_before = set(history.failed) if not opts.retry_failed else set()
     items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
@@ -420,23 +406,23 @@ def exit_code(
     """0 when every item is ok (or failures are within the allowance), 1 otherwise;
     3 for a fatal service answer; 5 when the output could not be written; 6 when the
     service refused everything or could not be reached; 130/143 after SIGINT/SIGTERM."""
-    if report.get("status") == "failed_output":
-        return EXIT_OUTPUT
+    if report.get("status") == RunStatus.FAILED_OUTPUT:
+        return ExitCode.OUTPUT
     if signal_name == "SIGINT":
-        return EXIT_SIGINT
+        return ExitCode.SIGINT
     if signal_name == "SIGTERM":
-        return EXIT_SIGTERM
-    if report.get("status") == "aborted":
+        return ExitCode.SIGTERM
+    if report.get("status") == RunStatus.ABORTED:
         if report.get("abort_kind") in ("service_refusing", "service_unreachable"):
-            return EXIT_SERVICE_REFUSING
-        return EXIT_FATAL_SERVICE
-    if report.get("status") == "capped":
-        return EXIT_SPEND_CAP
+            return ExitCode.SERVICE_REFUSING
+        return ExitCode.FATAL_SERVICE
+    if report.get("status") == RunStatus.CAPPED:
+        return ExitCode.SPEND_CAP
     items = report["items"]
     # Failed items a --no-retry-failed rerun left alone are still failures of the job; the
     # summary line's `failing` is this same count.
     failed = failing_items(report)
     if max_failure_ratio is not None:  # a share of all the job's items, skipped ones included
         share = failed / max(1, int(items["total"]))
-        return EXIT_OK if share <= max_failure_ratio else EXIT_ITEMS_FAILED
-    return EXIT_OK if failed <= max_failures else EXIT_ITEMS_FAILED
+        return ExitCode.OK if share <= max_failure_ratio else ExitCode.ITEMS_FAILED
+    return ExitCode.OK if failed <= max_failures else ExitCode.ITEMS_FAILED

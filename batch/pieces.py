@@ -17,7 +17,7 @@ from batch.cache import AudioCache
 from batch.decode import WireFormat
 from batch.errors import InputError, NotStarted
 from batch.manifest import RunConfig
-from batch.plan import Item
+from batch.model import Item
 from batch.pool import Pool
 from batch.speech import FoundSpeech
 from batch.split import (

@@ -1,8 +1,8 @@
 """Plan a job: expand inputs into items with stable ids, and order the work.
 
-`expand_sources` is file-system I/O (globs, list files); `make_items` and `item_id` are
-pure. A listed path that does not exist, is a symlink loop or a link to a missing file,
-holds a NUL byte or is too long is not a crash: it becomes an item that fails
+`expand_sources` is file-system I/O (globs, list files); `make_items` is pure (the ids
+are `batch.model.item_id`). A listed path that does not exist, is a symlink loop or a link
+to a missing file, holds a NUL byte or is too long is not a crash: it becomes an item that fails
 (``not_found``, ``symlink_loop``, ``bad_path``) without opening a session; so does such a
 link matched by a glob. Globs follow symlinked folders but never walk a
 real folder twice, so a loop cannot hang planning.
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,67 +27,11 @@ from batch.decode import ProbeInfo, probe
 from batch.errors import InputError, InputUnavailable, ManifestError, quoted
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
-from batch.pulse.protocol import LANGUAGES, PulseOptions
-from batch.score import Reference, reference_of
+from batch.model import ChannelSpec, Item, Reference, Source, item_id
+from batch.pulse.protocol import LANGUAGES
 from batch.walk import walk_glob
 
 logger = logging.getLogger(__name__)
-
-ChannelSpec = str | int  # "mix", "split" or a channel index
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file as the manifest names it, with per-item overrides.
-
-    ``path`` is the path as listed (made absolute against the manifest's or list file's
-    folder, symlinks not followed), or a URL as listed: what the tables' ``source`` column
-    holds. ``resolved`` is the real file behind a local path, what the stable ``item_id``
-    hashes (None for URLs, or when it cannot be resolved). ``problem`` is set when the path
-    itself is unusable.
-    """
-
-    path: str
-    language: str | None = None
-    channels: ChannelSpec | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    resolved: str | None = None
-    problem: InputError | None = None
-    reference: Reference | None = None  # the true transcript, for WER/CER
-    content: str | None = None  # a digest of the bytes, with run.identity: content
-
-    @property
-    def identity(self) -> str:
-        return self.content or self.resolved or self.path
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of transcription: a file, or one channel of it, with fixed options."""
-
-    item_id: str
-    source: str
-    channel: int | None  # None: all channels mixed down
-    channel_name: str | None
-    options: PulseOptions
-    metadata: dict[str, str] = field(default_factory=dict)
-    duration_s: float | None = None  # from the container; exact duration comes from decoding
-    error: InputError | None = None  # known bad before any session is opened
-    # Where to open the file when ``source`` (text fit to store) cannot name it byte for
-    # byte: a file name that is not valid UTF-8.
-    open_path: str | None = None
-    # Non-secret fsspec settings for a URL source; never part of the id (they say how to
-    # reach the file, not which file it is).
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    reference: Reference | None = None  # the true transcript, for WER/CER
-
-
-def item_id(source: str, channel: int | None, options: PulseOptions) -> str:
-    """Same source, channel and options: same id, run after run and machine after machine."""
-    identity = {"source": source, "channel": channel, "options": asdict(options)}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode())
-    return digest.hexdigest()[:20]
 
 
 def storable(text: str) -> str:
@@ -178,6 +121,18 @@ def read_list_rows(location: str) -> Iterator[dict[str, Any]]:
     name = urlsplit(location).path if storage.is_url(location) else location
     for number, row in read_rows(location, _list_bytes(location, {}), name):
         yield {"__line__": number, **row}
+
+
+def reference_of(row: Mapping[str, Any], resolve: Callable[[str], str]) -> Reference | None:
+    """The reference a list row gives, if any: ``reference`` text, or ``reference_path``
+    (``resolve`` turns it into a location: relative to the list file's folder)."""
+    text = row.get("reference")
+    if text is not None and str(text) != "":
+        return Reference(text=str(text))
+    raw = row.get("reference_path")
+    if raw is not None and str(raw) != "":
+        return Reference(path=resolve(str(raw)))
+    return None
 
 
 def _sources_from_list(

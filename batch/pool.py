@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -19,7 +19,7 @@ import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 
-from batch.errors import Scope, classify
+from batch.errors import Scope, classify, error_kind
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +182,13 @@ async def with_retries(
     rng: random.Random,
     on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
+    log_fields: Mapping[str, object] | None = None,
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
     Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
-    (before its slot: a run cancelled meanwhile still counts it)."""
+    (before its slot: a run cancelled meanwhile still counts it). ``log_fields``: what the
+    retry's log line says of the work (item_id, source, ...) as structured fields."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -200,7 +202,10 @@ async def with_retries(
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        logger.info("attempt %d failed (%s); retrying", state.attempt_number, error)
+        fields = {**(log_fields or {}), "attempt": state.attempt_number, "event": "session_retry"}
+        if error is not None:
+            fields["error_kind"] = error_kind(error)
+        logger.info("attempt %d failed (%s); retrying", state.attempt_number, error, extra=fields)
 
     retrying = AsyncRetrying(
         stop=_AttemptBudget(max_attempts, max_overloads),

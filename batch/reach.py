@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from batch import storage
 from batch.errors import quoted
-from batch.score import Reference
+from batch.model import Reference
 
 
 def refusal(

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from batch.model import RunStatus
+from batch.timeline import Timeline
+
 REPORT_VERSION = 1
 
 
@@ -37,7 +40,7 @@ class RunStats:
     shard: str | None = None  # "I/N" when this run is one shard of the job
     manifest: str | None = None  # the manifest's path, for `pulse-batch status`
     finished_at: datetime | None = None
-    status: str = "running"  # completed | interrupted | aborted | failed_output
+    status: RunStatus = RunStatus.RUNNING
     abort_reason: str | None = None
     abort_kind: str | None = None  # fatal_answer | service_refusing | service_unreachable
     signal_name: str | None = None
@@ -69,6 +72,9 @@ class RunStats:
     failures: list[Failure] = field(default_factory=list)
     # What the endpoint was asked for and cannot do (the local engine's limits).
     warnings: list[str] = field(default_factory=list)
+    planned_audio_s: float = 0.0  # of the items this run set out to do
+    # Each attempt's session slot in time (`batch.timeline`), for the HTML report.
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def wall_s(self) -> float:
@@ -92,9 +98,12 @@ def build_report(
     stats: RunStats,
     job_so_far: dict[str, Any] | None = None,
     accuracy: dict[str, Any] | None = None,
+    *,
+    spans: bool = True,
 ) -> dict[str, Any]:
     """The report as a plain dict. ``accuracy`` is `batch.score.summarise` of the job's
-    latest ok rows (None when no item has a reference)."""
+    latest ok rows (None when no item has a reference). ``spans=False``: the timeline's
+    counts only (a live snapshot for metrics)."""
     wall = stats.wall_s
     billed_min = stats.billed_audio_s / 60
     unskipped_min = stats.billed_unskipped_s / 60
@@ -139,6 +148,7 @@ def build_report(
             "end_to_last": percentiles(stats.end_to_last_s),
         },
         "audio": {
+            "planned_s": round(stats.planned_audio_s, 3),
             "recorded_s": round(stats.audio_s, 3),
             "streamed_s": round(stats.streamed_s, 3),
             "skipped_s": round(max(0.0, stats.audio_s - stats.streamed_s), 3),
@@ -158,6 +168,7 @@ def build_report(
         "failures": [f.__dict__ for f in stats.failures],
         "job_so_far": job_so_far,
         "accuracy": accuracy,
+        "timeline": stats.timeline.as_report() if spans else stats.timeline.counts(),
     }
 
 
@@ -332,7 +343,7 @@ def job_runs(
     runs = []
     for position, report in enumerate(ordered):
         status = report.get("status")
-        if status == "running":
+        if status == RunStatus.RUNNING:
             later = any(r.get("shard") == report.get("shard") for r in ordered[position + 1 :])
             if later or not alive(report):
                 status = "gone"

@@ -25,9 +25,9 @@ from batch.collect import Collected
 from batch.credentials import Scrubber
 from batch.errors import InputError, NotStarted
 from batch.manifest import LoadedManifest
+from batch.model import Item
 from batch.output import RunWriter
 from batch.pieces import Pieces
-from batch.plan import Item
 from batch.pool import AdaptiveLimit, Pool, Tried
 from batch.report import RunStats
 from batch.session import Endpoint

@@ -15,7 +15,8 @@ the normalised text, spaces included (as jiwer counts them). A reference that no
 nothing cannot be scored: its scores are null. Summaries pool edits over items (jiwer's
 corpus-level figure: total edits / total reference words), not a mean of ratios.
 
-All pure but `read_reference` and `score_job` (which reads an output and a list file).
+All pure but `read_reference` and `score_job` (which reads an output, through
+`batch.output.OutputReader`, and a list file).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -35,7 +36,10 @@ import jiwer
 from num2words import num2words
 
 from batch import storage
-from batch.errors import ManifestError
+from batch.errors import ManifestError, ReferenceUnreadable
+from batch.model import ItemStatus, Reference
+from batch.output import OutputReader
+from batch.plan import read_list_rows, reference_of  # the same reader as job inputs use
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +51,13 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
-class Reference:
-    """The true transcript of an item: given inline, or as a text file to read."""
-
-    text: str | None = None
-    path: str | None = None
-
-
-@dataclass(frozen=True)
 class Scores:
     wer: float | None
     cer: float | None
 
 
-class ReferenceError(ValueError):
-    """A reference file cannot be read (the item stays ok; it is just not scored)."""
-
-
 def read_reference(reference: Reference) -> str:
-    """The reference text; raises `ReferenceError` naming the file if it cannot be read."""
+    """The reference text; raises `ReferenceUnreadable` naming the file if it cannot be read."""
     if reference.text is not None:
         return reference.text
     assert reference.path is not None
@@ -74,11 +66,11 @@ def read_reference(reference: Reference) -> str:
             return storage.read_bytes(reference.path, {}).decode("utf-8-sig")
         return Path(reference.path).read_text(encoding="utf-8-sig")
     except ManifestError as exc:  # storage's translation of a URL that cannot be read
-        raise ReferenceError(str(exc)) from None
+        raise ReferenceUnreadable(str(exc)) from None
     except FileNotFoundError:
-        raise ReferenceError(f"{reference.path}: reference file not found") from None
+        raise ReferenceUnreadable(f"{reference.path}: reference file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReferenceError(f"{reference.path}: cannot read reference text ({exc})") from None
+        raise ReferenceUnreadable(f"{reference.path}: cannot read reference text ({exc})") from None
 
 
 def columns(reference: Reference | None, transcript: str, language: str) -> dict[str, Any]:
@@ -88,7 +80,7 @@ def columns(reference: Reference | None, transcript: str, language: str) -> dict
         return {"reference": None, "wer": None, "cer": None}
     try:
         text = read_reference(reference)
-    except ReferenceError as exc:
+    except ReferenceUnreadable as exc:
         logger.warning("not scored: %s", exc)
         return {"reference": None, "wer": None, "cer": None}
     scores = score(text, transcript, language)
@@ -150,7 +142,9 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The accuracy section of a report, from transcript rows holding ``reference``,
     ``transcript``, ``language``, ``wer`` and ``cer``: pooled over the job, per language and
     per channel, and the worst items. None when no row has a reference."""
-    scored = [r for r in rows if r.get("reference") is not None and r.get("status") == "ok"]
+    scored = [
+        r for r in rows if r.get("reference") is not None and r.get("status") == ItemStatus.OK
+    ]
     if not scored:
         return None
 
@@ -216,8 +210,6 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
     """A list file's references, by every spelling of its paths and by ``item_id``.
 
     Raises `ManifestError` (naming the file and line) for a row with no reference."""
-    from batch.plan import read_list_rows  # the same reader as job inputs use
-
     by_path: dict[str, Reference] = {}
     by_id: dict[str, Reference] = {}
     folder = list_path.parent
@@ -240,18 +232,6 @@ def references_from_list(list_path: Path) -> tuple[dict[str, Reference], dict[st
     return by_path, by_id
 
 
-def reference_of(row: Mapping[str, Any], resolve: Callable[[str], str]) -> Reference | None:
-    """The reference a list row gives, if any: ``reference`` text, or ``reference_path``
-    (``resolve`` turns it into a location: relative to the list file's folder)."""
-    text = row.get("reference")
-    if text is not None and str(text) != "":
-        return Reference(text=str(text))
-    raw = row.get("reference_path")
-    if raw is not None and str(raw) != "":
-        return Reference(path=resolve(str(raw)))
-    return None
-
-
 @dataclass(frozen=True)
 class JobScores:
     items: list[dict[str, Any]]  # per item: item_id, source, channel, language, wer, cer
@@ -262,10 +242,8 @@ class JobScores:
 
 def score_job(location: str | Path, job: str, references: Path) -> JobScores:
     """Score every ok item of ``job`` that ``references`` covers. Writes nothing."""
-    from batch.export import load_job
-
     by_path, by_id = references_from_list(references)
-    tables = load_job(location, job, with_details=False)
+    tables = OutputReader(location).job_tables(job, with_details=False)
     rows, problems, unmatched = [], [], 0
     for item in tables.items:
         reference = by_id.get(item["item_id"]) or by_path.get(str(item["source"]))
@@ -274,7 +252,7 @@ def score_job(location: str | Path, job: str, references: Path) -> JobScores:
             continue
         try:
             text = read_reference(reference)
-        except ReferenceError as exc:
+        except ReferenceUnreadable as exc:
             problems.append(str(exc))
             continue
         scores = score(text, str(item.get("transcript") or ""), str(item.get("language")))

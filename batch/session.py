@@ -7,13 +7,10 @@ travels in the Authorization header only and never appears in an error message.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import logging
 import math
 import re
-import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,7 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
-from batch import pacing
+from batch import hangup, pacing
 from batch.credentials import Scrubber
 from batch.errors import (
     ConnectionLost,
@@ -40,6 +37,7 @@ from batch.errors import (
     SessionTimeout,
     Unreachable,
 )
+from batch.hangup import ResettingConnection
 from batch.pulse import protocol
 from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
 from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
@@ -197,6 +195,12 @@ def _rejected(exc: InvalidStatus, scrubber: Scrubber) -> HandshakeRejected:
     return HandshakeRejected(response.status_code, body, _retry_after_s(response.headers))
 
 
+# A service at its concurrency limit refuses a session as it opens (close 1008 at once).
+# A 1008 later than this, with audio read all along, ends a session the service took: a
+# failed attempt that counts against max_attempts, or a file could be streamed forever.
+REFUSAL_WINDOW_S = 2.0
+
+
 def _lost(exc: ConnectionClosed, scrubber: Scrubber, took_audio: bool) -> ConnectionLost:
     code = exc.rcvd.code if exc.rcvd is not None else None
     reason = scrubber.scrub(exc.rcvd.reason) if exc.rcvd is not None else ""
@@ -264,8 +268,12 @@ class _Stream:
 
     @property
     def took_audio(self) -> bool:
-        """The service heard audio (it answered with words) or got all of it."""
-        return self.heard or self.end_sent.is_set()
+        """The service heard audio (it answered with words), got all of it, or kept reading
+        past the window in which a concurrency refusal comes."""
+        if self.heard or self.end_sent.is_set():
+            return True
+        streaming_s = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        return streaming_s > REFUSAL_WINDOW_S
 
     async def _send(self, data: str | bytes) -> None:
         await pacing.send(self.ws, data, self.timeouts.write_timeout_s)
@@ -383,20 +391,6 @@ class _Stream:
         return False
 
 
-def _abort(ws: ClientConnection) -> None:
-    """Drop an abandoned connection (a failure, the deadline, a stop) at once.
-
-    A close from a cancelled scope never runs, and a plain close of a socket whose peer
-    stopped reading leaves an orphan in FIN-WAIT holding the queued audio for minutes: a
-    zero linger makes the kernel reset it and free its queues now.
-    """
-    sock = ws.transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    ws.transport.abort()
-
-
 async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:
     """Send and receive at once until ``is_last``; the error that explains a failure."""
     try:
@@ -452,6 +446,7 @@ async def run_session(
                 max_queue=_MAX_QUEUED_MESSAGES,
                 proxy=None if endpoint.is_loopback else True,
                 close_timeout=5,
+                create_connection=ResettingConnection,  # no FIN-WAIT orphans
                 logger=_wire_logger,
             ) as ws:
                 opened = time.monotonic()
@@ -472,7 +467,7 @@ async def run_session(
                 try:
                     await _stream_both(stream, stream.watch.wrap(audio), pace)
                 except BaseException:
-                    _abort(ws)
+                    hangup.abort(ws)
                     raise
                 result.busy_s = time.monotonic() - opened
     except TimeoutError as exc:

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from batch.model import RunStatus
 from batch.pool import Pool
 from batch.report import RunStats
 
@@ -27,7 +28,7 @@ async def watch_signals(
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            stats.status = "interrupted"
+            stats.status = RunStatus.INTERRUPTED
             stats.abort_reason = f"received {name}"
             stats.signal_name = name
             signalled(name)

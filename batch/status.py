@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ManifestError
-from batch.export import job_names
 from batch.manifest import LoadedManifest, load_manifest
-from batch.output import latest_report, read_history
+from batch.model import ItemStatus
+from batch.output import OutputReader
 from batch.shard import shard_of
 
 
@@ -90,7 +90,7 @@ def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None 
     for item_id in planned:
         result.planned += 1
         status = latest.get(item_id)
-        if status == "ok":
+        if status == ItemStatus.OK:
             result.ok += 1
         elif status is None:
             result.not_run += 1
@@ -102,11 +102,11 @@ def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None 
 def _manifest_of(out_dir: str | Path, job: str, manifest: Path | None) -> LoadedManifest:
     if manifest is None:
         try:
-            recorded = latest_report(out_dir, job).get("manifest")
+            recorded = OutputReader(out_dir).latest_report(job).get("manifest")
         except FileNotFoundError:
             recorded = None
         if not recorded:
-            others = [name for name in job_names(out_dir) if name != job]
+            others = [name for name in OutputReader(out_dir).job_names() if name != job]
             hint = f" (jobs here: {', '.join(others)})" if others else ""
             raise ManifestError(
                 out_dir,
@@ -123,7 +123,7 @@ def _manifest_of(out_dir: str | Path, job: str, manifest: Path | None) -> Loaded
 
 def _last_shard_count(out_dir: str | Path, job: str) -> int | None:
     try:
-        label = latest_report(out_dir, job).get("shard")
+        label = OutputReader(out_dir).latest_report(job).get("shard")
     except FileNotFoundError:
         return None
     return int(str(label).split("/")[1]) if label else None
@@ -136,9 +136,9 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
-    history = read_history(out_dir, job, loaded.manifest.output.storage_options)
-    latest = {item: "ok" for item in history.ok} | {item: "failed" for item in history.failed}
-    done = frozenset(i for i, status in latest.items() if status == "ok")
+    history = OutputReader(out_dir, loaded.manifest.output.storage_options).history(job)
+    latest = {i: ItemStatus.OK for i in history.ok} | {i: ItemStatus.FAILED for i in history.failed}
+    done = frozenset(i for i, status in latest.items() if status == ItemStatus.OK)
     planned = sorted({item.item_id for item in plan_items(loaded, done)})
     result = JobStatus(job, str(loaded.path), tally(planned, latest))
     result.duplicates = len(history.duplicates)

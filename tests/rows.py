@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from batch.collect import ItemRows
+from batch.model import ItemRows
 from batch.output import JobOutput
 
 T0 = datetime(2026, 11, 24, 12, tzinfo=UTC)

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
-from rich.console import Console
 from typer.testing import CliRunner
 
 from batch import cli
+from batch.logjson import use_log_format
+from batch.observe import StderrConsole
 
 # One unit for every wait in the tests; raise it on a slow machine.
 TIME_UNIT_S = float(os.environ.get("PULSE_BATCH_TEST_TIME_UNIT", "1.0"))
@@ -67,13 +68,14 @@ def _process_state_kept() -> Iterator[None]:
     environ, cwd = dict(os.environ), os.getcwd()
     console = cli.err
     # As a child's piped stderr is: no colour, no terminal, no wrapping.
-    cli.err = Console(stderr=True, soft_wrap=True, color_system=None, force_terminal=False)
+    cli.err = StderrConsole(stderr=True, soft_wrap=True, color_system=None, force_terminal=False)
     _fresh_filesystems()
     try:
         yield
     finally:
         _fresh_filesystems()
         cli.err = console
+        use_log_format("text")  # and Python's warnings no longer captured by logging
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(environ)

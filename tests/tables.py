@@ -2,7 +2,7 @@
 
 A local Parquet output is read as a user reads it, with DuckDB over its hive-partitioned
 files: an independent reader that sees every file, a duplicate row included. An output in
-Delta or at a URL is read with the library's own reader (`batch.output.read_table`).
+Delta or at a URL is read with the library's own reader (`batch.output.OutputReader`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 
-from batch.output import read_table
+from batch.output import OutputReader
 
 TABLES = ("transcripts", "segments", "words", "utterances")
 
@@ -65,8 +65,8 @@ def counts(location: Path | str, job: str = "test-job") -> Counts:
             f"select count(*), count(distinct (item_id, idx)) from {{words}} where job = '{job}'",
         )
         return Counts(rows, items, ok, ok_items, words, distinct_words)
-    t = read_table(where, "transcripts", job, ["item_id", "status"])
-    w = read_table(where, "words", job, ["item_id", "idx"])
+    t = OutputReader(where).table("transcripts", job, ["item_id", "status"])
+    w = OutputReader(where).table("words", job, ["item_id", "idx"])
     item_ids, statuses = t["item_id"].to_pylist(), t["status"].to_pylist()
     ok_ids = [i for i, s in zip(item_ids, statuses, strict=True) if s == "ok"]
     word_keys = list(zip(w["item_id"].to_pylist(), w["idx"].to_pylist(), strict=True))

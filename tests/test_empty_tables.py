@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
 
-from batch.output import TABLES, JobOutput, parquet, read_history, read_table
+from batch.output import TABLES, JobOutput, OutputReader, parquet
 from batch.output.delta import delta_options
 from batch.output.layout import Location
 from batch.output.schema import logical_schema
@@ -45,9 +45,9 @@ def test_a_job_whose_items_all_failed_reads_as_empty_tables(tmp_path: Path) -> N
     # The columns are the table's, partition columns from the folders as usual.
     words = duckdb.sql(f"SELECT * FROM {read_back.parquet(tmp_path, 'words')}")
     assert {"job", "date", "item_id", "word", "start_s"} <= set(words.columns)
-    history = read_history(tmp_path, "j")
+    history = OutputReader(tmp_path).history("j")
     assert (history.ok, history.failed) == (set(), {"a", "b"})
-    assert read_table(tmp_path, "words", "j").num_rows == 0
+    assert OutputReader(tmp_path).table("words", "j").num_rows == 0
 
 
 def test_empty_files_give_way_to_rows_and_come_back_when_none_are_left(tmp_path: Path) -> None:
@@ -68,14 +68,14 @@ def test_empty_files_give_way_to_rows_and_come_back_when_none_are_left(tmp_path:
         "transcripts": (2, 2, 2),
         **{t: (0, 0, 0) for t in CHILDREN},
     }
-    history = read_history(tmp_path, "j")
+    history = OutputReader(tmp_path).history("j")
     assert (history.ok, history.failed) == ({"b"}, {"a"})
     for table in CHILDREN:  # transcripts: one file per batch, as always
         assert len(list((tmp_path / table).rglob("*.parquet"))) == 1, table
 
 
 def _words(out: Path) -> list[tuple[str, str, int]]:
-    data = read_table(out, "words", "j")
+    data = OutputReader(out).table("words", "j")
     return list(zip(*(data[c].to_pylist() for c in ("item_id", "run_id", "idx")), strict=True))
 
 
@@ -91,8 +91,8 @@ def test_delta_tables_read_empty_with_a_date_typed_date(tmp_path: Path) -> None:
     arrow = DeltaTable(str(tmp_path / "words")).to_pyarrow_dataset().to_table()
     assert arrow.schema.field("date").type == pa.date32() and arrow.num_rows == 2
     # The library's own readers still see the text they always did.
-    assert read_table(tmp_path, "words", "j")["date"].to_pylist() == ["2026-11-24"] * 2
-    assert read_history(tmp_path, "j").ok == {"a"}
+    assert OutputReader(tmp_path).table("words", "j")["date"].to_pylist() == ["2026-11-24"] * 2
+    assert OutputReader(tmp_path).history("j").ok == {"a"}
 
 
 def test_a_delta_table_with_a_text_date_keeps_taking_rows(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_a_delta_table_with_a_text_date_keeps_taking_rows(tmp_path: Path) -> Non
         )
     write(tmp_path, [[rows("a", 2)]], fmt="delta")
     assert pl.read_delta(str(tmp_path / "words"))["date"].to_list() == ["2026-11-24"] * 2
-    assert read_history(tmp_path, "j").ok == {"a"}
+    assert OutputReader(tmp_path).history("j").ok == {"a"}
 
 
 def test_delta_on_s3_stores_date_as_a_date(s3_bucket: S3Bucket) -> None:
@@ -117,11 +117,11 @@ def test_delta_on_s3_stores_date_as_a_date(s3_bucket: S3Bucket) -> None:
                 await writer.add(rows("a", 2))
 
     anyio.run(main)
-    assert read_table(url, "words", "j")["date"].to_pylist() == ["2026-11-24"] * 2
+    assert OutputReader(url).table("words", "j")["date"].to_pylist() == ["2026-11-24"] * 2
     for table in TABLES:
         found = DeltaTable(f"{url}/{table}", storage_options=delta_options(Location.of(url), {}))
         assert pa.schema(found.schema().to_arrow()).field("date").type == pa.date32(), table
-    assert read_history(url, "j").ok == {"a"}
+    assert OutputReader(url).history("j").ok == {"a"}
 
 
 def test_every_table_reads_at_every_step_of_a_commit(tmp_path: Path, monkeypatch: Any) -> None:
@@ -139,4 +139,4 @@ def test_every_table_reads_at_every_step_of_a_commit(tmp_path: Path, monkeypatch
         assert all(len(_counts_by_glob(tmp_path, table)) == 1 for table in CHILDREN)
     assert _counts_by_glob(tmp_path)["words"] == (0, 0, 0)
     JobOutput.open(tmp_path, "j", ["job", "date"]).close()  # recovery: the plan is done
-    assert read_history(tmp_path, "j").failed == {"a"}
+    assert OutputReader(tmp_path).history("j").failed == {"a"}

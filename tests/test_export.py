@@ -15,10 +15,11 @@ import srt
 import webvtt
 
 from batch import cues as cuelib
-from batch.collect import ItemRows
-from batch.export import FORMATS, ExportError, export_job, file_names, parse_where, select
+from batch.errors import ExportError
+from batch.export import FORMATS, export_job, file_names, parse_where, select
 from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
+from batch.model import ItemRows
 from batch.output import JobOutput
 from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio

@@ -12,10 +12,11 @@ import pytest
 import typer.main
 from rich.console import Console
 
-from batch.cli import _ConsoleObserver, app
+from batch.cli import app
+from batch.console import ConsoleObserver
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
-from batch.plan import Item
+from batch.model import Item
 from batch.pulse.protocol import PulseOptions
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio
@@ -165,7 +166,7 @@ def test_observer_hears_failures_and_a_long_items_pieces(tmp_path: Path) -> None
 def test_live_display_names_failures_and_shows_pieces() -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=160)
-    observer = _ConsoleObserver(live=True, console=console)
+    observer = ConsoleObserver(live=True, console=console)
     options = PulseOptions(language="en")
     long_item = Item("id-long", "/calls/meeting.wav", None, None, options)
     bad_item = Item("id-bad", "/calls/broken.wav", None, None, options)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from batch.errors import OutputError
-from batch.job import EXIT_OUTPUT, RunOptions, exit_code, run_job
+from batch.errors import ExitCode, OutputError
+from batch.job import RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
-from batch.output import delta, parquet, read_table
+from batch.output import OutputReader, delta, parquet
 from tests.conftest import run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
@@ -29,8 +29,10 @@ def _tones(folder: Path, count: int) -> None:
 
 def _half_visible(out: Path) -> list[str]:
     """Items shown more than once, or ok without every one of their words."""
-    main = read_table(out, "transcripts", "test-job", ["item_id", "status", "run_id", "word_count"])
-    words = read_table(out, "words", "test-job", ["item_id", "run_id"])
+    main = OutputReader(out).table(
+        "transcripts", "test-job", ["item_id", "status", "run_id", "word_count"]
+    )
+    words = OutputReader(out).table("words", "test-job", ["item_id", "run_id"])
     have = Counter(zip(words["item_id"].to_pylist(), words["run_id"].to_pylist(), strict=True))
     shown = Counter(main["item_id"].to_pylist())
     wrong = [item for item, count in shown.items() if count > 1]
@@ -57,7 +59,7 @@ async def test_a_plan_left_pending_shows_no_ok_row_without_its_words_and_readers
     with monkeypatch.context() as patched:  # the disk fills just after the commit point
         patched.setattr(parquet, "apply_plan", _no_space)
         forced = await run_job(load_manifest(manifest), RunOptions(force=True))
-    assert exit_code(forced.report) == EXIT_OUTPUT
+    assert exit_code(forced.report) == ExitCode.OUTPUT
     (pending,) = (out / "_staging" / "test-job").glob("*/PLAN.json")
 
     walked = tmp_path / "walked"  # every state a kill between two steps could leave
@@ -68,9 +70,9 @@ async def test_a_plan_left_pending_shows_no_ok_row_without_its_words_and_readers
         assert _half_visible(walked) == [], step
         parquet.apply_step(walked, batch_dir, step)
     assert _half_visible(walked) == []
-    assert set(read_table(walked, "words", "test-job", ["run_id"])["run_id"].to_pylist()) == {
-        forced.report["run_id"]
-    }
+    assert set(
+        OutputReader(walked).table("words", "test-job", ["run_id"])["run_id"].to_pylist()
+    ) == {forced.report["run_id"]}
 
     exported = tmp_path / "exported"
     shutil.copytree(out, exported)
@@ -114,10 +116,10 @@ async def test_a_killed_delta_force_run_is_refused_by_export_and_not_done_in_sta
     with monkeypatch.context() as patched:
         patched.setattr(delta.DeltaCommitter, "_replace", killed_before_transcripts)
         forced = await run_job(load_manifest(manifest), RunOptions(force=True))
-    assert exit_code(forced.report) == EXIT_OUTPUT
+    assert exit_code(forced.report) == ExitCode.OUTPUT
 
     docs = run_cli("export", str(out), "--job", "test-job", "--to", str(tmp_path / "d"))
-    assert docs.returncode == EXIT_OUTPUT, docs.output
+    assert docs.returncode == ExitCode.OUTPUT, docs.output
     assert "half-committed by a killed run" in docs.output and "run the job again" in docs.output
     told = run_cli("status", str(out), "--job", "test-job")
     assert told.returncode == 1 and "2 item(s) have some of their tables only" in told.output

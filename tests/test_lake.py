@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pytest
 from deltalake import DeltaTable
 
-from batch.output import read_history, read_table
+from batch.output import OutputReader
 from tests.conftest import (
     TIME_UNIT_S,
     kill_when,
@@ -57,7 +57,7 @@ def test_delta_output_in_a_bucket_keeps_one_row_per_item(
     forced = run_cli("run", str(manifest), "--force")
     assert forced.returncode == 0, forced.stderr
     assert _counts(url) == (4, 4, 4, 12, 12)
-    runs = set(read_table(url, "words", "test-job", ["run_id"])["run_id"].to_pylist())
+    runs = set(OutputReader(url).table("words", "test-job", ["run_id"])["run_id"].to_pylist())
     assert len(runs) == 1  # every word is the forced run's
 
     dry = run_cli("run", str(manifest), "--dry-run")
@@ -84,8 +84,8 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
     with server_in_thread() as server:
         point_at(manifest, server.url)
         process = start_cli("run", str(manifest))
-        kill_when(process, lambda: len(read_history(url, "test-job").ok) >= 3, 60)
-        killed_at = len(read_history(url, "test-job").ok)
+        kill_when(process, lambda: len(OutputReader(url).history("test-job").ok) >= 3, 60)
+        killed_at = len(OutputReader(url).history("test-job").ok)
         assert 3 <= killed_at < count, "the kill should land part-way"
         unpaced(manifest)  # the rest at full speed: pace is no part of an item
         rerun = run_cli("run", str(manifest))
@@ -114,7 +114,7 @@ def test_two_jobs_write_one_delta_output_at_once(
         assert process.returncode == 0, stderr
     for job in ("alpha", "beta"):
         assert _counts(location, job) == (6, 6, 6, 18, 18)
-    assert read_table(location, "transcripts").num_rows == 12
+    assert OutputReader(location).table("transcripts").num_rows == 12
 
 
 def test_a_local_delta_output_reads_with_polars_duckdb_and_compacts(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ import pytest
 from batch.errors import ManifestError
 from batch.job import RunOptions, run_job
 from batch.manifest import LoadedManifest, load_manifest, parse_manifest
-from batch.plan import expand_sources, item_id, make_items
+from batch.model import item_id
+from batch.plan import expand_sources, make_items
 from batch.score import read_reference
 from tests.conftest import TIME_UNIT_S, write_manifest
 from tests.media import Burst, tone_track, write_audio

@@ -13,16 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.collect import ItemRows
 from batch.errors import LockedError, ManifestError
-from batch.output import SCHEMA_VERSION, JobOutput, layout, parquet, read_history, read_table
+from batch.model import ItemRows
+from batch.output import SCHEMA_VERSION, JobOutput, OutputReader, layout, parquet
 from batch.output.history import Scan
 from batch.output.schema import to_arrow
 from tests.rows import T0, open_output, rows, write
 
 
 def table(out: Path, name: str = "transcripts") -> list[tuple[Any, ...]]:
-    data = read_table(out, name, "j")
+    data = OutputReader(out).table(name, "j")
     key = ["item_id", "run_id", "status"] if name == "transcripts" else ["item_id", "run_id", "idx"]
     return sorted(zip(*(data[c].to_pylist() for c in key), strict=True))
 
@@ -36,8 +36,8 @@ def test_commit_writes_partitioned_files_with_schema_version(tmp_path: Path) -> 
     metadata = pq.read_schema(files[0]).metadata
     assert metadata[b"pulse_batch.schema_version"] == str(SCHEMA_VERSION).encode() == b"2"
     assert "job" not in pq.read_schema(files[0]).names  # partition columns live in folders
-    assert read_history(tmp_path, "j").ok == {"a", "b"}
-    assert read_table(tmp_path, "words", "j").num_rows == 4
+    assert OutputReader(tmp_path).history("j").ok == {"a", "b"}
+    assert OutputReader(tmp_path).table("words", "j").num_rows == 4
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta"])
@@ -57,7 +57,7 @@ def test_every_result_replaces_the_items_earlier_rows_in_the_same_commit(
     assert table(tmp_path, "words") == [
         ("a", "r3", 0), ("b", "r3", 0), ("c", "r2", 0), ("c", "r2", 1), ("c", "r2", 2),
     ]  # fmt: skip
-    history = read_history(tmp_path, "j")
+    history = OutputReader(tmp_path).history("j")
     assert (history.ok, history.failed) == ({"a", "b", "c"}, set())
     assert history.summary == {
         "runs_with_rows": 2, "items": 3, "ok": 3, "failed": 0, "audio_s": 3.0,
@@ -81,11 +81,14 @@ def test_a_row_that_does_not_fit_fails_its_item_alone(tmp_path: Path) -> None:
     assert table(tmp_path) == [
         ("a", "r1", "ok"), ("b", "r1", "ok"), ("odd", "r1", "failed"), ("odder", "r1", "failed"),
     ]  # fmt: skip
-    failed = read_table(tmp_path, "transcripts", "j").to_pylist()
+    failed = OutputReader(tmp_path).table("transcripts", "j").to_pylist()
     bad = next(r for r in failed if r["item_id"] == "odd")
     assert bad["error_kind"] == "protocol" and "/odd.wav" in bad["error"]
     assert "detected_language" in bad["error"] or "int" in bad["error"]
-    assert {r["item_id"] for r in read_table(tmp_path, "words", "j").to_pylist()} == {"a", "b"}
+    assert {r["item_id"] for r in OutputReader(tmp_path).table("words", "j").to_pylist()} == {
+        "a",
+        "b",
+    }
 
 
 def _crash_before_rename(out: Path, with_plan: bool) -> None:
@@ -203,7 +206,7 @@ def _write_v1(out: Path) -> None:
 def test_a_version_1_output_is_upgraded_in_place_on_first_open(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _write_v1(out)
-    assert len(read_table(out, "transcripts", "j")) == 4
+    assert len(OutputReader(out).table("transcripts", "j")) == 4
     open_output(out).close()
     assert json.loads((out / "_pulse_batch.json").read_text())["schema_version"] == 2
     assert table(out) == [("a", "r2", "ok"), ("b", "r2", "ok")]
@@ -223,7 +226,7 @@ def test_delta_redoes_an_item_whose_transcripts_commit_never_happened(tmp_path: 
         committer = output._backend.committer("j", "r2", output._index or Scan())
         words = to_arrow("words", rows("a", 5, run_id="r2", at=10).words)
         committer._replace("words", words, "job = 'j' AND item_id IN ('a')")
-    history = read_history(tmp_path, "j")  # read without a lock, as status and export do
+    history = OutputReader(tmp_path).history("j")  # read without a lock, as status and export do
     assert history.ok == {"b"} and history.unfinished == {"a"}  # not shown as done
     with open_output(tmp_path, fmt="delta") as output:
         assert output.history().ok == {"b"}  # a run's own scan redoes the half-committed item

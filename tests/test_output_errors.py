@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.output import read_table, store_errors
+from batch.output import OutputReader, store_errors
 from tests.conftest import run_cli, write_manifest
 from tests.media import tone_calls
 
@@ -90,7 +90,7 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         assert report["status"] == "failed_output"
         assert "No space left on device" in report["abort_reason"]
         assert "were not committed and will be redone" in report["abort_reason"]
-        committed = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"]
+        committed = OutputReader(out).table("transcripts", "test-job", ["item_id"])["item_id"]
         assert 3 <= len(committed) < 13  # nothing committed before was lost
         assert len(set(committed.to_pylist())) == len(committed)
 
@@ -104,7 +104,9 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
         rerun = run_cli("run", str(manifest))
         assert rerun.returncode == 0, rerun.stderr
         assert f"skipped={len(committed)}" in rerun.stdout
-        items = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
+        items = (
+            OutputReader(out).table("transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
+        )
         assert len(items) == len(set(items)) == 13
         assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]
 

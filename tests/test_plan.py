@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from batch.manifest import LoadedManifest, parse_manifest
-from batch.plan import expand_sources, item_id, longest_first, make_items
+from batch.model import item_id
+from batch.plan import expand_sources, longest_first, make_items
 from batch.pulse.protocol import PulseOptions
 from tests.media import Burst, tone_track, write_audio
 

@@ -24,8 +24,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from batch.errors import HandshakeRejected, ManifestError, ProtocolViolation
-from batch.job import EXIT_FATAL_SERVICE, exit_code, run_job
+from batch.errors import ExitCode, HandshakeRejected, ManifestError, ProtocolViolation
+from batch.job import exit_code, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
 from batch.pulse.protocol import Generation, PulseOptions
@@ -173,7 +173,7 @@ async def test_extra_params_reach_the_query_and_a_400_names_them(tmp_path: Path)
         write_audio(media / "a.wav", [tone_track(BURSTS, 2.0, RATE)], RATE)
         pulse = {"endpoint": server.unified_url, "extra_params": {"punctuate": "maybe"}}
         result = await run_job(load_manifest(write_manifest(tmp_path, pulse=pulse)))
-    assert exit_code(result.report) == EXIT_FATAL_SERVICE
+    assert exit_code(result.report) == ExitCode.FATAL_SERVICE
     assert "punctuate" in json.dumps(result.report)
 
 

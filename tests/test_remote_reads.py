@@ -19,7 +19,8 @@ from batch.decode import DecodedAudio, WireFormat
 from batch.errors import InputUnavailable, Scope, Verdict, classify
 from batch.job import Observer, RunOptions, run_job
 from batch.manifest import load_manifest
-from batch.plan import Item, expand_sources, make_items
+from batch.model import Item
+from batch.plan import expand_sources, make_items
 from batch.readahead import BATCH_AUDIO_S, ReadAhead
 from batch.storage import read_failure, store_answer
 from tests.conftest import TIME_UNIT_S, write_manifest

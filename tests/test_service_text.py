@@ -23,7 +23,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from batch.collect import TIME_MARGIN_S, Collected, time_quality
 from batch.credentials import REDACTED, Scrubber
-from batch.job import EXIT_ITEMS_FAILED, RunOptions, run_job
+from batch.errors import ExitCode
+from batch.job import RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
 from tests.conftest import run_cli, write_manifest
@@ -177,7 +178,7 @@ def test_one_item_that_cannot_be_exported_is_named_and_the_rest_are(
                 row["end_s"] = 1e300
         pq.write_table(type(table).from_pylist(rows, schema=table.schema), path)
     done = _export(out, "srt", tmp_path / "srt")
-    assert done.returncode == EXIT_ITEMS_FAILED, done.output
+    assert done.returncode == ExitCode.ITEMS_FAILED, done.output
     assert f"{victim[1]} could not be exported" in done.stderr
     assert "Traceback" not in done.output
     assert "2 srt file(s)" in done.stdout

@@ -21,10 +21,12 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from batch.errors import ConnectionLost, classify, is_refusal
+from batch.hangup import ResettingConnection
 from batch.job import JobResult, RunOptions, run_job
 from batch.manifest import load_manifest
 from batch.pulse import protocol
@@ -303,6 +305,23 @@ def test_a_peer_that_stops_reading_is_dropped_and_its_sockets_aborted(tmp_path: 
     assert took_s < 30 * TIME_UNIT_S  # not the session deadline (60 s x 1.5 + 60)
 
 
+@pytest.mark.anyio
+async def test_a_connection_websockets_gives_up_on_is_reset_not_left_in_fin_wait() -> None:
+    # Paced, a deaf peer's buffers fill slowly, so websockets' keepalive ends the session
+    # first (20 s + 20 s, then close_timeout) and aborts the transport itself, outside our
+    # `abort`: a plain abort left the socket in FIN-WAIT holding the queued audio.
+    with DeafServer().running() as deaf:
+        url = f"ws://127.0.0.1:{deaf.port}{protocol.LEGACY_PATH}"
+        quick = {"ping_interval": 0.1, "ping_timeout": 0.1, "close_timeout": 0.1}
+        async with connect(url, create_connection=ResettingConnection, **quick) as ws:
+            for _ in range(4):  # queued behind the peer's small receive buffer
+                await ws.send(b"\0" * 65536)
+            with anyio.fail_after(5):
+                await ws.wait_closed()  # the pong never came
+        assert ws.close_code == 1006
+        assert _client_sockets(deaf.port) == [] and _orphans(deaf.port) == 0
+
+
 # --- late refusals, and stopping --------------------------------------------------
 
 
@@ -319,6 +338,33 @@ def test_a_1008_after_the_end_signal_counts_against_max_attempts(tmp_path: Path)
     assert result.report["status"] == "completed"  # a failed item, not a refusing service
     [(status, kind, error, attempts)] = _rows(tmp_path / "out")
     assert (status, kind, attempts) == ("failed", "connection_lost", 2)
+    assert "after the service took the audio" in error and "1008" in error
+
+
+@pytest.mark.anyio
+async def test_a_1008_partway_through_the_audio_counts_against_max_attempts(
+    tmp_path: Path,
+) -> None:
+    # Over 2 s by nature: the service reads past the refusal window before it closes.
+    opened: list[float] = []
+
+    async def read_then_close_1008(ws: ServerConnection) -> None:
+        opened.append(time.monotonic())
+        with anyio.move_on_after(2.6):
+            async for _ in ws:
+                pass
+        await ws.close(1008, "session limit")
+
+    async with odd_server(read_then_close_1008) as url:
+        result = await _run(
+            tmp_path, url, pace=1.0, max_attempts=1, max_refusals_in_a_row=2, backoff_max_s=0.2
+        )
+    assert len(opened) == 1  # one attempt, not a "refusal" retried until the stop
+    assert result.report["status"] == "completed"
+    [(status, kind, error)] = sql(
+        tmp_path / "out", "select status, error_kind, error from {transcripts}"
+    )
+    assert (status, kind) == ("failed", "connection_lost")
     assert "after the service took the audio" in error and "1008" in error
 
 

@@ -13,13 +13,13 @@ import pyarrow.dataset as ds
 import pytest
 from deltalake import write_deltalake
 
-from batch.errors import LockedError, ShardCountConflict
-from batch.job import EXIT_OUTPUT, JobResult, Observer, RunOptions, exit_code, run_job
+from batch.errors import ExitCode, LockedError, ShardCountConflict
+from batch.job import JobResult, Observer, RunOptions, exit_code, run_job
 from batch.manifest import load_manifest
-from batch.output import TABLES, JobOutput, read_table
+from batch.model import Item
+from batch.output import TABLES, JobOutput, OutputReader
 from batch.output.delta import delta_options
 from batch.output.layout import Location
-from batch.plan import Item
 from batch.shard import Shard
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
 from tests.media import Burst, tone_track, write_audio
@@ -62,7 +62,7 @@ async def test_two_shard_counts_at_once_never_duplicate(tmp_path: Path) -> None:
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], ShardCountConflict), results
     assert "shards of different counts would run some items twice" in str(refused[0])
-    ids = read_table(tmp_path / "out", "transcripts", "test-job", ["item_id"])["item_id"]
+    ids = OutputReader(tmp_path / "out").table("transcripts", "test-job", ["item_id"])["item_id"]
     assert len(ids) == len(set(ids.to_pylist())) > 0
 
 
@@ -91,6 +91,7 @@ def test_another_shard_count_is_refused_with_exit_8(tmp_path: Path, place: dict[
         done = run_cli("run", str(manifest), "--shard", "0/1")
         assert done.returncode == 8, done.output
         assert "run with --shard I/2" in done.output
+        assert "I/2 (" not in done.output  # the count alone, not the holder's note
     with _open(place, Shard(0, 3)):  # free again once shard 1/2 is gone
         pass
 
@@ -130,18 +131,18 @@ async def test_a_run_whose_locks_are_deleted_stops_and_commits_nothing_more(
     with anyio.fail_after(30 * TIME_UNIT_S):
         result = await run_job(load_manifest(manifest), observer=watcher)
     assert result.report["status"] == "failed_output"
-    assert exit_code(result.report) == EXIT_OUTPUT
+    assert exit_code(result.report) == ExitCode.OUTPUT
     if victim == "_locks":
         assert "lock file was deleted or replaced" in result.report["abort_reason"]
         # The second run saw the first one's run lock and did not start beside it.
         assert isinstance(watcher.second, LockedError) and "gone" in str(watcher.second)
-        ids = read_table(out, "transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
+        ids = OutputReader(out).table("transcripts", "test-job", ["item_id"])["item_id"].to_pylist()
         assert len(ids) == 1  # the first commit only
         assert (out / "_locks" / "README-DO-NOT-DELETE.txt").exists()  # the second open's
     else:
         assert "output folder was deleted or replaced" in result.report["abort_reason"]
         # A fresh output was made by the second open; the first run wrote nothing into it.
-        assert read_table(out, "transcripts", "test-job").num_rows == 0
+        assert OutputReader(out).table("transcripts", "test-job").num_rows == 0
         assert not (out / "_reports").exists()
 
 
@@ -149,7 +150,7 @@ def _duplicate_every_row(place: dict[str, str]) -> None:
     """What overlapping runs left before shard counts were locked: a second copy of every
     row of the job, under another run id, finished a second later."""
     for table in TABLES:
-        data = read_table(place["path"], table, "test-job")
+        data = OutputReader(place["path"]).table(table, "test-job")
         if data.num_rows == 0:
             continue
         column = data.schema.get_field_index("run_id")
@@ -181,7 +182,7 @@ def _duplicate_every_row(place: dict[str, str]) -> None:
 
 
 def _run_ids(place: dict[str, str], table: str) -> list[tuple[str, str]]:
-    data = read_table(place["path"], table, "test-job", ["item_id", "run_id"])
+    data = OutputReader(place["path"]).table(table, "test-job", ["item_id", "run_id"])
     return list(zip(data["item_id"].to_pylist(), data["run_id"].to_pylist(), strict=True))
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from batch.job import plan_items
 from batch.manifest import load_manifest
-from batch.output import JobOutput, read_table
-from batch.plan import Item
+from batch.model import Item
+from batch.output import JobOutput, OutputReader
 from batch.server import LocalServer
 from batch.shard import Shard, shard_of
 from tests.conftest import (
@@ -44,7 +44,7 @@ def _distinct_tones(folder: Path, count: int, duration_s: float, start: int = 0)
 
 def _rows(out: str) -> list[tuple[str, str, str]]:
     """(item_id, status, run_id) of every transcripts row of the job."""
-    table = read_table(out, "transcripts", "test-job", ["item_id", "status", "run_id"])
+    table = OutputReader(out).table("transcripts", "test-job", ["item_id", "status", "run_id"])
     return list(
         zip(
             table["item_id"].to_pylist(),

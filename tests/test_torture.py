@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.output import read_table
+from batch.output import OutputReader
 from batch.server import FaultConfig
 from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
@@ -131,10 +131,10 @@ def test_sigkills_leave_exactly_one_row_per_item(tmp_path: Path, fmt: str, form:
     wanted = sum(moment == COMMIT for _, moment in schedule)
     assert committing >= wanted, f"only {committing} of {wanted} kills landed during a commit"
 
-    transcripts = read_table(out, "transcripts", "test-job").to_pylist()
+    transcripts = OutputReader(out).table("transcripts", "test-job").to_pylist()
     items = [r["item_id"] for r in transcripts]
     assert len(items) == len(set(items)) == ITEMS + 1  # exactly one row per item
-    words = read_table(out, "words", "test-job").to_pylist()
+    words = OutputReader(out).table("words", "test-job").to_pylist()
     keys = [(w["item_id"], w["idx"]) for w in words]
     assert len(keys) == len(set(keys))  # no duplicated words
     run_of = {r["item_id"]: r["run_id"] for r in transcripts if r["status"] == "ok"}

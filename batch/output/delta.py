@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from batch.collect import ItemRows
 from batch.errors import ManifestError, OutputError
+from batch.model import ItemRows, ItemStatus
 from batch.output import parquet, store_errors
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.layout import Location
@@ -212,7 +212,7 @@ class DeltaBackend:
             if table == "words":  # a dead run's commit may also have removed words, adding none
                 for item, known in out.latest.items():
                     expected = word_counts.get((item, known.run_id)) or 0
-                    if known.status == "ok" and pairs[(item, known.run_id)] < expected:
+                    if known.status == ItemStatus.OK and pairs[(item, known.run_id)] < expected:
                         unfinished.add(item)
         for item in unfinished:
             logger.info("%s: rows of an unfinished commit; redoing", item)
@@ -293,17 +293,7 @@ class DeltaCommitter:
             data = to_arrow(table, [r for item in rows for r in item.by_table()[table]])
             self._replace(table, self._fitted(table, data), predicate)
         for row in rows:
-            transcript = row.transcript
-            self.index.latest.pop(row.item_id, None)
-            self.index.rows[row.item_id] = 1  # its earlier rows went with this commit
-            self.index.unfinished.discard(row.item_id)
-            self.index.note(
-                row.item_id,
-                str(transcript["status"]),
-                transcript.get("finished_at"),
-                transcript.get("duration_s"),
-                self.run_id,
-            )
+            self.index.committed(row, self.run_id)
 
     def _fitted(self, table: str, data: pa.Table) -> pa.Table:
         """``data`` with `date` in the type the table stores it in."""

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch.model import ItemRows, ItemStatus
+
 
 @dataclass
 class Latest:
@@ -51,6 +53,21 @@ class Scan:
         """Items the table holds more than one row of (it should hold one: the latest)."""
         return frozenset(item for item, count in self.rows.items() if count > 1)
 
+    def committed(self, rows: ItemRows, run_id: str) -> None:
+        """``rows`` of run ``run_id`` were committed in place of the item's earlier rows
+        (which went with the commit): they are now its one row and latest result."""
+        transcript = rows.transcript
+        self.latest.pop(rows.item_id, None)
+        self.rows[rows.item_id] = 1
+        self.unfinished.discard(rows.item_id)
+        self.note(
+            rows.item_id,
+            str(transcript["status"]),
+            transcript.get("finished_at"),
+            transcript.get("duration_s"),
+            run_id,
+        )
+
     def note(
         self, item: str, status: str, finished_at: Any, duration_s: float | None, run_id: str
     ) -> None:
@@ -62,10 +79,10 @@ class Scan:
 
     def history(self) -> History:
         latest = self.latest
-        ok = [v for v in latest.values() if v.status == "ok"]
+        ok = [v for v in latest.values() if v.status == ItemStatus.OK]
         return History(
-            ok=frozenset(i for i, v in latest.items() if v.status == "ok"),
-            failed=frozenset(i for i, v in latest.items() if v.status != "ok"),
+            ok=frozenset(i for i, v in latest.items() if v.status == ItemStatus.OK),
+            failed=frozenset(i for i, v in latest.items() if v.status != ItemStatus.OK),
             summary={
                 "runs_with_rows": len({v.run_id for v in latest.values()}),
                 "items": len(latest),

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import anyio
 import pyarrow as pa
 
-from batch.collect import ItemRows
 from batch.errors import ManifestError
+from batch.model import ItemRows
 from batch.output import layout, lease, locks, parquet, reports
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
@@ -254,6 +254,10 @@ class JobOutput:
         ours (another run may be writing there now)."""
         self.check_lock()
         return reports.write(self.location, self.job, report, latest=latest)
+
+    def latest_report_path(self) -> str | None:
+        """Where the job's latest report is, if it has one."""
+        return reports.latest_path(self.location, self.job)
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         with translated("read", self.location.child(table)):

@@ -134,23 +134,25 @@ def _take_shard(
             ) from None
         others = _other_counts(folder, job, shard.count)
     if others:
+        running, count = others[0]
         raise ShardCountConflict(
-            f"job {job!r} is running into {root} as {others[0]}, but this is shard "
+            f"job {job!r} is running into {root} as {running}, but this is shard "
             f"{shard.label}: shards of different counts would run some items twice. Wait "
-            f"for them to finish, or run with --shard I/{others[0].split('/')[-1]}"
+            f"for them to finish, or run with --shard I/{count}"
         )
     return path, taken
 
 
-def _other_counts(folder: Path, job: str, count: int) -> list[str]:
-    """Live shards of ``job`` whose count is not ``count``, as ``shard I/N (holder)``."""
+def _other_counts(folder: Path, job: str, count: int) -> list[tuple[str, int]]:
+    """Live shards of ``job`` whose count is not ``count``: ``shard I/N (holder)``, N."""
     pattern = re.compile(re.escape(job) + r"\.shard-(\d+)-of-(\d+)\.lock")
     found = []
     for path in sorted(folder.iterdir()):
         match = pattern.fullmatch(path.name)
         if match is None or int(match[2]) == count or not layout.is_locked(path):
             continue
-        found.append(f"shard {match[1]}/{match[2]} ({_holder(path, 'another process')})")
+        holder = _holder(path, "another process")
+        found.append((f"shard {match[1]}/{match[2]} ({holder})", int(match[2])))
     return found
 
 

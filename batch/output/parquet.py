@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from batch.collect import ItemRows
+from batch.model import ItemRows
 from batch.output import empty_tables, layout
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.schema import MAIN_TABLE, TABLES, file_schema, logical_schema, to_arrow
@@ -313,16 +313,7 @@ class Committer:
                 self._members.setdefault(relative, set()).add(item)
         for row in rows:
             self.index.files[row.item_id] = set(new_files.get(row.item_id, ()))
-            self.index.latest.pop(row.item_id, None)
-            self.index.rows[row.item_id] = 1  # its earlier rows went with this batch
-            transcript = row.transcript
-            self.index.note(
-                row.item_id,
-                str(transcript["status"]),
-                transcript.get("finished_at"),
-                transcript.get("duration_s"),
-                self.run_id,
-            )
+            self.index.committed(row, self.run_id)
 
     def _stage_tables(
         self, rows: list[ItemRows], batch_dir: Path, file_name: str
@@ -364,14 +355,7 @@ class Committer:
             pc.equal(data["job"], self.job),
         )
         kept = data.filter(pc.invert(pc.fill_null(drop, False)))
-        target = f"{table}/{relative}"
-        if kept.num_rows == data.num_rows:
-            return []
-        if kept.num_rows == 0:
-            return [{"op": "delete", "dst": target}]
-        staged = f"rewrite-{number:05d}.parquet"
-        _write_file(batch_dir / staged, _stored(kept, table, self.partition_by))
-        return [{"op": "move", "src": staged, "dst": target}]
+        return _rewrite_step(data, kept, table, relative, number, batch_dir, self.partition_by)
 
 
 def repair(root: Path, job: str) -> int:
@@ -411,13 +395,27 @@ def _drop_stale(
     columns = (data[c].to_pylist() for c in ("job", "item_id", "run_id"))
     mask = [not (j == job and keep.get(i, r) != r) for j, i, r in zip(*columns, strict=True)]
     kept = data.filter(pa.array(mask, pa.bool_()))
+    partition_by = list(_partition_values(relative))  # in the order of its folders
+    return _rewrite_step(data, kept, table, relative, len(ops), batch_dir, partition_by)
+
+
+def _rewrite_step(
+    data: pa.Table,
+    kept: pa.Table,
+    table: str,
+    relative: str,
+    number: int,
+    batch_dir: Path,
+    partition_by: list[str],
+) -> list[dict[str, str]]:
+    """The redo-log step that leaves only ``kept`` of a file's rows ``data``: none when
+    nothing was dropped, a delete when nothing is kept, else a move of the staged file."""
     target = f"{table}/{relative}"
     if kept.num_rows == data.num_rows:
         return []
     if kept.num_rows == 0:
         return [{"op": "delete", "dst": target}]
-    staged = f"rewrite-{len(ops):05d}.parquet"
-    partition_by = list(_partition_values(relative))  # in the order of its folders
+    staged = f"rewrite-{number:05d}.parquet"
     _write_file(batch_dir / staged, _stored(kept, table, partition_by))
     return [{"op": "move", "src": staged, "dst": target}]
 

@@ -1,4 +1,4 @@
-"""Run reports in an output: ``_reports/<job>/<run_id>.json|.md`` and ``latest.json|.md``."""
+"""Run reports in an output: ``_reports/<job>/<run_id>.json|.md|.html`` and ``latest.*``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ManifestError
+from batch.html_report import render_html
 from batch.output import layout
 from batch.output.layout import Location, translated
 from batch.report import render_markdown
@@ -28,15 +29,16 @@ def _remote_fs(location: Location) -> Any:
 
 
 def write(location: Location, job: str, report: dict[str, Any], *, latest: bool = True) -> str:
-    """Write ``<run_id>.json``/``.md`` (and, with ``latest``, ``latest.*``) atomically where
-    the store allows; returns the JSON's path (or URL)."""
+    """Write ``<run_id>.json``/``.md``/``.html`` (and, with ``latest``, ``latest.*``)
+    atomically where the store allows; returns the JSON's path (or URL)."""
     text = json.dumps(report, indent=2).encode()
     markdown = render_markdown(report).encode()
+    html = render_html(report).encode()
     stems = (report["run_id"], "latest") if latest else (report["run_id"],)
     files = [
         (f"{stem}{suffix}", content)
         for stem in stems
-        for suffix, content in ((".json", text), (".md", markdown))
+        for suffix, content in ((".json", text), (".md", markdown), (".html", html))
     ]
     folder = location.child("_reports", job)
     with translated("write the report to", folder):
@@ -96,3 +98,19 @@ def every_run(location: Location, job: str) -> list[dict[str, Any]]:
         except (FileNotFoundError, json.JSONDecodeError):
             continue  # being replaced right now; the next look sees it
     return found
+
+
+def job_folders(location: Location) -> list[str]:
+    """The jobs with a reports folder in a local output (a job may have reports and no
+    rows yet)."""
+    assert location.local is not None
+    root = location.local / "_reports"
+    return [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+
+
+def latest_path(location: Location, job: str) -> str | None:
+    """Where ``job``'s latest report is: a local one only if it exists (a URL, always)."""
+    if location.local is None:
+        return location.child("_reports", job, "latest.json")
+    path = location.local / "_reports" / job / "latest.json"
+    return str(path) if path.exists() else None

@@ -1,7 +1,7 @@
 """The tables' columns, declared once; and the check that one item's rows fit them.
 
 Adding a column: append a line to its table below (additively; readers of older files see
-null). Adding a table: a new key in `COLUMNS` and a field of `ItemRows` (see `batch.collect`).
+null). Adding a table: a new key in `COLUMNS` and a field of `ItemRows` (see `batch.model`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import pyarrow as pa
+
+from batch.model import ItemStatus
 
 # Version 2: exactly one row per item in transcripts (its latest result).
 SCHEMA_VERSION: Final = 2
@@ -160,7 +162,7 @@ def as_failed(transcript: dict[str, Any], reason: str) -> dict[str, Any]:
     keep = {name for name, _, _ in _COMMON} | set(_IDENTITY)
     row: dict[str, Any] = {k: v for k, v in transcript.items() if k in keep}
     row.update(
-        status="failed",
+        status=ItemStatus.FAILED,
         error_kind="protocol",
         error=f"{transcript.get('source')}: the service's answer does not fit the table "
         f"schema ({reason}); the item is kept as failed and will be retried",

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
+from batch.logjson import LogFormat
 from batch.server.app import local_server
 from batch.server.engines import EngineUnavailable, make_engine
 from batch.server.faults import FaultConfig, FaultConfigError
@@ -163,6 +164,7 @@ def serve(
         ),
     ] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a local Pulse-compatible streaming speech-to-text server."""
     if api_key_env is None and not allow_open and not is_loopback(host):
@@ -174,7 +176,9 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
+    # With --log-format json the root logger has its JSON handler already: only the level.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(log_level.upper())
     api_key = _api_key(api_key_env)
     flags = {
         "seed": seed,
