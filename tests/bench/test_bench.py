@@ -249,6 +249,7 @@ def _vs(ours: float, bare: float, form: str = "{:.3f}") -> str:
     return f"{form.format(ours)} (bare client {form.format(bare)}: {ours / bare:.2f}x)"
 
 
+@pytest.mark.timeout(1800)  # eight runs of 64 sessions, four of 256, each at real time
 def test_client_cpu_per_audio_hour(tmp_path: Path) -> None:
     """Marginal client CPU (two runs, 20 s and 60 s recordings, the difference: start-up,
     planning and per-item costs cancel out) at 64 sessions paced at real time, in the
