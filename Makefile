@@ -23,9 +23,13 @@ $(BIN)/pulse-batch: pyproject.toml
 # The dev extra (pytest, ruff, mypy, readers, emulators, the vendor SDK), and Azurite,
 # Microsoft's Azure Storage emulator (npm), for the az:// input test
 # (tests/test_cloud_emulators.py), kept in the virtualenv's folder; Debian's Prometheus
-# Pushgateway for the metrics push test (tests/test_metrics.py). Any failure fails.
+# Pushgateway for the metrics push test (tests/test_metrics.py); Debian's Chromium, where
+# apt is available, to render the HTML report in a real browser (tests/test_timeline.py
+# skips, saying so, where it is not). Any failure fails.
 $(TEST_DEPS): $(BIN)/pulse-batch
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS),dev]'
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium)
 	command -v prometheus-pushgateway >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-pushgateway)
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	test -x $(AZURITE) || npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent \

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from batch import __version__
 from batch.budget import SpendCap
 from batch.errors import (
     HandshakeRejected,
     JobAborted,
     NotStarted,
+    OutputError,
     Scope,
     ServiceRefusing,
     ServiceStalling,
@@ -33,10 +33,19 @@ from batch.errors import (
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
 from batch.model import Item
-from batch.pool import AdaptiveLimit, Backoff, Pool, RefusalStreak, Tried, with_retries
+from batch.pool import (
+    AdaptiveLimit,
+    Backoff,
+    Pool,
+    RefusalStreak,
+    SessionWatch,
+    Tried,
+    with_retries,
+)
 from batch.report import RunStats
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
+from batch.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +131,7 @@ class Sessions:
         key = timeline.new_unit()
 
         def counted(attempt: int) -> None:
-            self._counted(attempt)
+            self.count_attempt(attempt)
             if attempt > 1:
                 timeline.retried(key)
 
@@ -135,14 +144,34 @@ class Sessions:
                 rng=self.rng,
                 on_attempt=counted,
                 log_fields=log_fields(unit.item),
+                label=label,
+                on_retry=self.count_retry,
             )
         finally:
             timeline.done(key)
+        if isinstance(tried.error, OutputError):  # the audio cache: the run stops, exit 5
+            raise tried.error
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:
             raise JobAborted(str(tried.error)) from tried.error
         return tried
 
-    def _counted(self, attempt: int) -> None:
+    def unreachable(self) -> ServiceUnreachable | None:
+        """`ServiceUnreachable` when no session of the run opened and its last failed
+        attempt could not connect: a job too small to reach ``max_refusals_in_a_row`` ends
+        as a big one does (exit 6, naming the host), not as items that lost a connection."""
+        streak = self.refusals
+        if streak.ever_opened or streak.last_unreachable is None:
+            return None
+        return ServiceUnreachable(streak.count, streak.last_unreachable, self.endpoint.host)
+
+    def count_retry(self, error: BaseException) -> None:
+        """A retry follows ``error``: the report counts retries by its kind."""
+        kinds = self.stats.retries_by_kind
+        kind = error_kind(error)
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    def count_attempt(self, attempt: int) -> None:
+        """An attempt (a session) starts: the run counts it, and a retry as one."""
         self.stats.attempts += 1
         if attempt > 1:
             self.stats.retries += 1
@@ -182,15 +211,8 @@ class Sessions:
                 bounds=reply_bounds(self.run),
             )
         except Exception as error:
-            span.end(_outcome(error), error_kind(error))
-            if isinstance(error, HandshakeRejected):
-                self.stats.refused_handshakes += 1
-            if is_unreachable(error) and self.refusals.refused():
-                raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
-            if is_refusal(error) and self.refusals.refused():
-                raise ServiceRefusing(self.refusals.count, error) from error
-            if isinstance(error, SessionStalled) and watch.stalled():
-                raise ServiceStalling(self.refusals.stalls, error) from error
+            span.end(outcome(error), error_kind(error))
+            self.judge(error, watch)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             span.end("failed", "cancelled")
@@ -201,18 +223,35 @@ class Sessions:
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
             self.stats.billed_unskipped_s += unskipped
-        self.stats.busy_session_s += result.busy_s
-        self.stats.connect_s.append(result.connect_s)
-        if result.first_final_s is not None:
-            self.stats.first_final_s.append(result.first_final_s)
-        self.stats.end_to_last_s.append(result.end_to_last_s)
+        self.counted_session(result)
         recorded = recorded_s if recorded_s is not None else audio.duration_s
         skipped = 1 - audio.duration_s / recorded if recorded > 0 else 0.0
         span.end("ok", skipped_share=skipped)  # after settle: the slot was held until here
         return Streamed(result, audio.duration_s)
 
+    def judge(self, error: Exception, watch: SessionWatch) -> None:
+        """Count a failed attempt; raises what ends the job when refusals (or stalls) in
+        a row reached the limit."""
+        self.refusals.last_unreachable = error if is_unreachable(error) else None
+        if isinstance(error, HandshakeRejected):
+            self.stats.refused_handshakes += 1
+        if is_unreachable(error) and self.refusals.refused():
+            raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
+        if is_refusal(error) and self.refusals.refused():
+            raise ServiceRefusing(self.refusals.count, error) from error
+        if isinstance(error, SessionStalled) and watch.stalled():
+            raise ServiceStalling(self.refusals.stalls, error) from error
 
-def _outcome(error: BaseException) -> str:
+    def counted_session(self, result: SessionResult) -> None:
+        """A session that worked: its timings into the run's stats."""
+        self.stats.busy_session_s += result.busy_s
+        self.stats.connect_s.append(result.connect_s)
+        if result.first_final_s is not None:
+            self.stats.first_final_s.append(result.first_final_s)
+        self.stats.end_to_last_s.append(result.end_to_last_s)
+
+
+def outcome(error: BaseException) -> str:
     """How a failed attempt is drawn on the timeline."""
     if isinstance(error, SessionStalled):
         return "stalled"

@@ -5,35 +5,34 @@ them)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import anyio
 import typer
-from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand
 from typer.exceptions import TyperException
 
-from batch import console, observe, storage
+from batch import api, cli_exits, console, observe, storage
 from batch import export as exports
 from batch import job as jobs
 from batch import score as scoring
+from batch.cli_exits import exit_codes, fail
 from batch.decode import WireFormat, probe
 from batch.errors import (
     EXIT_MEANINGS,
     ExitCode,
     InputError,
-    LockedError,
     ManifestError,
-    OutputError,
-    exit_code_for,
 )
+from batch.forget_command import forget_command
 from batch.html_report import render_html
 from batch.logjson import LogFormat, json_mode
 from batch.manifest import LoadedManifest, load_manifest
@@ -43,6 +42,7 @@ from batch.pulse import protocol
 from batch.server.cli import serve
 from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
+from batch.version import __version__
 
 
 @contextmanager
@@ -106,30 +106,30 @@ app = typer.Typer(
     + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
 )
 app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
-# A path in a message is never cut; with --log-format json, messages are log records.
-err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)
+app.command("forget", cls=_PlainCommand)(forget_command)
 logger = logging.getLogger("batch")
 
 
-def _fail(message: object, code: int, label: str = "error") -> NoReturn:
-    err.print(f"[red]{label}:[/red] {escape(str(message))}", highlight=False)
-    raise typer.Exit(code) from None
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        print(f"pulse-batch {__version__}")
+        raise typer.Exit(ExitCode.OK)
 
 
-@contextmanager
-def _exit_codes() -> Iterator[None]:
-    """The library's usage, lock and output errors as a message and their exit code (the
-    table in `batch.errors`)."""
-    try:
-        yield
-    except (ManifestError, LockedError, OutputError) as exc:
-        code = exit_code_for(exc)
-        assert code is not None
-        _fail(exc, code, "output error" if isinstance(exc, OutputError) else "error")
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Batch transcription jobs for the Pulse streaming speech-to-text service."""
 
 
 def _load(manifest: Path) -> LoadedManifest:
-    with _exit_codes():
+    with exit_codes():
         loaded = load_manifest(manifest)
     return loaded
 
@@ -146,6 +146,9 @@ def run(
     retry_failed: Annotated[
         bool, typer.Option(help="Retry items whose last result failed.")
     ] = True,
+    retry_failed_input: Annotated[
+        bool, typer.Option("--retry-failed-input", help="Retry unchanged undecodable files too.")
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
@@ -206,26 +209,32 @@ def run(
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
         raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
-    with _exit_codes():  # a ShardError is a usage error
+    with exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
     console.setup_logging(verbose, loaded.manifest.pulse.api_key_env)
-    display = console.ConsoleObserver(err.is_terminal and not verbose, err)
+    display = console.ConsoleObserver(cli_exits.err.is_terminal and not verbose, cli_exits.err)
     observer = observe.ObservedRun(display, MetricsPublisher(metrics_file, metrics_push))
-    opts = jobs.RunOptions(
+    call = functools.partial(
+        api.run_job_async,
+        loaded,
         force=force,
         retry_failed=retry_failed,
+        retry_failed_input=retry_failed_input,
         dry_run=dry_run,
-        handle_signals=True,
-        grace_s=grace_s,
+        max_failures=max_failures,
+        max_failure_ratio=max_failure_ratio,
         max_cost=max_cost,
         shard=this_shard,
+        grace_s=grace_s,
+        handle_signals=True,
+        observer=observer,
     )
     try:
-        with _exit_codes():
-            result = anyio.run(jobs.run_job, loaded, opts, observer)
+        with exit_codes():
+            result = anyio.run(call)
     except KeyboardInterrupt:  # before streaming began: nothing to commit
-        err.print("interrupted while planning; nothing was streamed")
+        cli_exits.err.print("interrupted while planning; nothing was streamed")
         raise typer.Exit(ExitCode.SIGINT) from None
     finally:
         display.close()
@@ -233,16 +242,9 @@ def run(
     if dry_run:
         print(json.dumps(result.report, indent=2))
         return
-    report = result.report
-    console.show_run(result, err)
-    code = jobs.exit_code(
-        report,
-        max_failures=max_failures or 0,
-        max_failure_ratio=max_failure_ratio,
-        signal_name=result.signal_name,
-    )
-    observer.finish(report, code)
-    raise typer.Exit(code)
+    console.show_run(result, cli_exits.err)
+    observer.finish(result.report, result.exit_code)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command(cls=_PlainCommand)
@@ -252,9 +254,10 @@ def validate(
 ) -> None:
     """Check a manifest and show what it resolves to, without running anything."""
     loaded = _load(manifest)
-    with _exit_codes():
+    with exit_codes():
         items = jobs.plan_items(loaded)
-    console.show_plan(manifest, loaded, items, jobs.engine_warnings(loaded, items))
+    warnings = jobs.key_warnings(loaded) + jobs.engine_warnings(loaded, items)
+    console.show_plan(manifest, loaded, items, warnings)
 
 
 @app.command("probe", cls=_PlainCommand)
@@ -320,10 +323,10 @@ def report(
     it ran and what it did, and the items by their latest result. Names the job it shows and,
     when the output holds several, lists them."""
     reader = OutputReader(output)
-    with _exit_codes():
+    with exit_codes():
         jobs_here = reader.job_names()  # inside: an unreadable store is exit 5
         if job is None and len(jobs_here) > 1:
-            err.print(
+            cli_exits.err.print(
                 escape(
                     f"{output} holds {len(jobs_here)} jobs: {', '.join(jobs_here)}; showing the "
                     "one run most recently (pick one with --job)"
@@ -336,17 +339,17 @@ def report(
                 data = observe.past_run(data, reader.run_reports(str(data["job"])), run_id)
         except (FileNotFoundError, ManifestError) as exc:
             hint = f" (jobs here: {', '.join(jobs_here)})" if jobs_here else ""
-            _fail(f"{exc}{hint}", ExitCode.USAGE)
+            fail(f"{exc}{hint}", ExitCode.USAGE)
     if html is not None:
         try:
             html.write_text(render_html(data), encoding="utf-8")
         except OSError as exc:
-            _fail(f"cannot write {html}: {exc.strerror}", ExitCode.OUTPUT, "output error")
-        err.print(escape(f"html report: {html}"), highlight=False)
+            fail(f"cannot write {html}: {exc.strerror}", ExitCode.OUTPUT, "output error")
+        cli_exits.err.print(escape(f"html report: {html}"), highlight=False)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
+        cli_exits.err.print(escape(f"job {data['job']}, run {data['run_id']}"), highlight=False)
         console.show_report(data)
 
 
@@ -384,22 +387,26 @@ def export_command(
         raise typer.BadParameter("give --where or --item, not both")
     base = Path("." if "://" in output else output)
     folder = to or base / "_exports" / job / fmt
-    with _exit_codes():
+    with exit_codes():
         try:
             done = exports.export_job(
                 output, job, fmt, folder, where=where, item=item, from_utterances=utterances
             )
         except OSError as exc:
-            _fail(f"cannot write to {folder}: {exc.strerror}", ExitCode.OUTPUT)
+            fail(f"cannot write to {folder}: {exc.strerror}", ExitCode.OUTPUT)
     for source in done.without_timings:
         what = (
             "utterances (turn on pulse.sentence_timestamps)"
             if utterances
             else "words (no speech, or pulse.word_timestamps was off: try --utterances)"
         )
-        err.print(escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False)
+        cli_exits.err.print(
+            escape(f"warning: {source} has no {what}: its file has no cues"), highlight=False
+        )
     for source, why in done.failed:
-        err.print(escape(f"error: {source} could not be exported ({why})"), highlight=False)
+        cli_exits.err.print(
+            escape(f"error: {source} could not be exported ({why})"), highlight=False
+        )
     print(f"{len(done.files)} {fmt} file(s) in {done.folder}")
     if done.failed:
         raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
@@ -419,22 +426,22 @@ def score_command(
     log_format: LogFormat = "text",
 ) -> None:
     """WER and CER of a job's ok items against references given after the run."""
-    with _exit_codes():
+    with exit_codes():
         scored = scoring.score_job(output, job, references)
     for problem in scored.problems:
-        err.print(escape(f"warning: not scored: {problem}"), highlight=False)
+        cli_exits.err.print(escape(f"warning: not scored: {problem}"), highlight=False)
     if scored.unmatched:
-        err.print(
+        cli_exits.err.print(
             escape(f"note: {scored.unmatched} ok item(s) have no reference in {references}"),
             highlight=False,
         )
     body = {"job": job, "accuracy": scored.summary, "items": scored.items}
     if as_json:
         print(json.dumps(body, indent=2))
-        return
-    if scored.summary is None:
-        _fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
-    console.show_scores(scored)
+    if scored.summary is None:  # exit 1 with --json too: nothing was scored
+        fail(f"no ok item of job {job!r} matched {references}", ExitCode.ITEMS_FAILED)
+    if not as_json:
+        console.show_scores(scored)
 
 
 @app.command(cls=_PlainCommand)
@@ -449,7 +456,7 @@ def status(
     log_format: LogFormat = "text",
 ) -> None:
     """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
-    with _exit_codes():
+    with exit_codes():
         result = job_status(output, job, manifest)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -465,7 +472,7 @@ def compact(
 ) -> None:
     """Compact a Delta output: rewrite small files into large ones (optimize), then delete
     files no table version needs (vacuum, keeping the default 7 days of history)."""
-    with _exit_codes():
+    with exit_codes():
         lines = OutputReader(output).compact()
     for line in lines:
         print(line)

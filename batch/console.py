@@ -16,9 +16,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from batch import logjson, observe, storage
+from batch.api import RunResult
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat
-from batch.job import JobResult, Observer
+from batch.forget import ForgetResult
+from batch.job import Observer
 from batch.manifest import LoadedManifest
 from batch.model import Item, RunStatus
 from batch.output import COLUMNS, PARTITION_CHOICES, SCHEMA_VERSION, TABLES
@@ -178,7 +180,7 @@ def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
         print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
 
 
-def show_run(result: JobResult, err: Console) -> None:
+def show_run(result: RunResult, err: Console) -> None:
     """A run's outcome: why it stopped (on ``err``), where its report is, and the summary
     line."""
     report = result.report
@@ -211,7 +213,9 @@ def show_run(result: JobResult, err: Console) -> None:
 def show_report(data: dict[str, Any]) -> None:
     """A run report in Markdown, then the job so far (``data`` from
     `OutputReader.full_report`)."""
-    print(render_markdown(data) + render_job(data["job_so_far"], data["runs"]))
+    # The job so far once: as its own section, not also as the run report's closing line.
+    run = {**data, "job_so_far": None}
+    print(render_markdown(run) + render_job(data["job_so_far"], data["runs"]))
 
 
 def show_plan(
@@ -295,7 +299,9 @@ def show_status(job: str, result: JobStatus) -> None:
     total = result.total
     print(
         f"job {job}: {word}: {total.ok}/{total.planned} planned item(s) ok, "
-        f"{total.failed} failed, {total.not_run} not run yet ({result.manifest})"
+        f"{total.failed} failed, {total.not_run} not run yet"
+        + (f", {total.forgotten} forgotten" if total.forgotten else "")
+        + f" ({result.manifest})"
     )
     for index, part in result.by_shard.items():
         print(
@@ -304,3 +310,22 @@ def show_status(job: str, result: JobStatus) -> None:
         )
     for problem in result.problems():
         print(f"  {problem}")
+
+
+def show_forget(done: ForgetResult) -> None:
+    """``forget``: what went (or, with --dry-run, would go)."""
+    verb = "would forget" if done.dry_run else "forgot"
+    if not done.items:
+        print(f"nothing to forget in job {done.job} ({done.forgotten} item(s) forgotten before)")
+        return
+    print(f"{verb} {len(done.items)} item(s) of job {done.job}:")
+    for gone in done.items:
+        print(f"  {gone.item_id}  {gone.status or '-'}  {gone.source}")
+    rows = ", ".join(f"{count} {table}" for table, count in done.rows.items())
+    print(f"rows: {rows}; exported files: {len(done.exports)}")
+    for path in done.exports:
+        print(f"  {path}")
+    if not done.dry_run:
+        print(
+            f"{done.forgotten} item(s) of the job forgotten in all; tombstones in {done.tombstones}"
+        )

@@ -4,6 +4,7 @@ session (with skip_silence, the speech detector runs on each item to say how muc
 from __future__ import annotations
 
 import logging
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from batch.cache import item_audio, wire_format
@@ -22,9 +23,10 @@ def dry_run_report(
     items: list[Item],
     done: set[str],
     chosen: set[str],
+    forgotten: AbstractSet[str] = frozenset(),
 ) -> dict[str, Any]:
     """The report of a dry run over the planned ``items``: ``done`` are already ok,
-    ``chosen`` are those the run would do."""
+    ``forgotten`` were forgotten (tombstoned), ``chosen`` are those the run would do."""
     todo = [i for i in items if i.item_id in chosen and i.error is None]
     audio_s = sum(i.duration_s or 0.0 for i in todo)
     price = loaded.manifest.output.price_per_minute
@@ -41,6 +43,7 @@ def dry_run_report(
             "already_ok": len([i for i in items if i.item_id in done and i.item_id not in chosen]),
             "to_stream": len(todo),
             "known_bad": len([i for i in items if i.error is not None]),
+            **_forgotten_count(items, forgotten - chosen),
         },
         "audio_s": round(audio_s, 3),
         "streamed_s": round(streamed_s, 3),
@@ -61,7 +64,9 @@ def dry_run_report(
                 "channel": i.channel,
                 "duration_s": i.duration_s,
                 "streamed_s": streamed.get(i.item_id),
-                "action": _dry_action(i, chosen, done, no_speech=heard.get(i.item_id) == 0),
+                "action": "skip: forgotten"
+                if i.item_id in forgotten - chosen
+                else _dry_action(i, chosen, done, no_speech=heard.get(i.item_id) == 0),
             }
             for i in items
         ],
@@ -95,3 +100,9 @@ def _detect_speech(loaded: LoadedManifest, items: list[Item]) -> dict[str, float
             continue
         estimates[item.item_id] = round(found.timemap.streamed_s, 3)
     return estimates
+
+
+def _forgotten_count(items: list[Item], forgotten: AbstractSet[str]) -> dict[str, int]:
+    """``{"forgotten": N}`` when the plan skips forgotten items (else nothing)."""
+    count = len([i for i in items if i.item_id in forgotten])
+    return {"forgotten": count} if count else {}

@@ -5,7 +5,7 @@
     PulseBatchError
     ├── ManifestError            bad manifest or usage                  (exit 2)
     │   ├── ShardError           inconsistent --shard / engine variables (exit 2)
-    │   └── ExportError          export/score: unknown job, bad filter   (exit 2)
+    │   └── ExportError          export/score/forget: bad job or filter  (exit 2)
     ├── LockedError              another run of the job holds the lock  (exit 4)
     │   └── ShardCountConflict   shards of another count hold the job   (exit 8)
     ├── OutputError              the output cannot be written or read   (exit 5, no retry)
@@ -16,6 +16,8 @@
     ├── NotStarted               the run is stopping: session not started (no row)
     │   └── SpendCapReached      the next session would pass the cap    (not started; exit 7)
     ├── JobAborted               a fatal answer for the whole job       (stop the job, exit 3)
+    ├── RunFailed                `RunResult.check()`: a library run did not succeed
+    │                            (carries the result and its exit_code)
     └── SessionError             one Pulse session went wrong
         ├── HandshakeRejected    HTTP status before the upgrade         (by status)
         ├── ConnectionLost       socket ended before ``is_last``        (retry; a 1008
@@ -85,7 +87,8 @@ class ShardError(ManifestError):
 
 
 class ExportError(ManifestError):
-    """Bad usage of export or score (a job the output does not hold, a bad filter)."""
+    """Bad usage of export, score or forget (a job the output does not hold, a bad filter,
+    an id naming no item)."""
 
 
 class LockedError(PulseBatchError):
@@ -141,6 +144,16 @@ class ReferenceUnreadable(PulseBatchError):
 
 class JobAborted(PulseBatchError):
     """A fatal answer for the whole job (bad key, forbidden, bad request)."""
+
+
+class RunFailed(PulseBatchError):
+    """A run through the library call ended with a non-zero exit code; raised by
+    `batch.RunResult.check()` so an orchestrator's task fails. ``result`` is the run's
+    `RunResult` (its ``exit_code``, ``status``, ``report_path``)."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class NotStarted(PulseBatchError):

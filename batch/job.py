@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import pyarrow as pa
 
 from batch.attempts import Unit
 from batch.budget import SpendCap
@@ -41,6 +43,7 @@ from batch.report import RunStats, build_report, failing_items
 from batch.runner import ItemRunner, whole_units
 from batch.score import summarise
 from batch.session import Endpoint
+from batch.settled import local_changed_at, settled_failures
 from batch.shard import Shard
 from batch.signals import watch_signals
 
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 class RunOptions:
     force: bool = False  # redo items already ok
     retry_failed: bool = True  # redo items whose latest result failed
+    # ...even those whose input failed to decode and has not changed since (batch.settled)
+    retry_failed_input: bool = False
     dry_run: bool = False
     handle_signals: bool = False  # SIGINT/SIGTERM: stop starting, finish, commit
     grace_s: float = 30.0  # in-flight items get this long after the first signal
@@ -108,6 +113,16 @@ def _remote(loaded: LoadedManifest) -> tuple[Endpoint, str | None] | None:
     return endpoint, key
 
 
+def key_warnings(loaded: LoadedManifest) -> list[str]:
+    """What ``run`` would refuse about the API key (unset, unusable), as warnings for
+    ``validate``: a manifest is valid before the key is exported, but not runnable."""
+    try:
+        _remote(loaded)
+    except ManifestError as exc:
+        return [f"{exc} (run refuses to start until then)"]
+    return []
+
+
 @contextlib.asynccontextmanager
 async def _endpoint(loaded: LoadedManifest) -> AsyncIterator[tuple[Endpoint, str | None]]:
     remote = _remote(loaded)
@@ -162,13 +177,33 @@ def plan_items(
     return longest_first(items) if loaded.manifest.run.order == "longest_first" else items
 
 
-def _todo(items: list[Item], done: set[str], opts: RunOptions, failed: set[str]) -> list[Item]:
+_FAILURE_COLUMNS = ["item_id", "source", "status", "error_kind", "finished_at"]
+
+
+def _left_alone(failed: frozenset[str], opts: RunOptions, read: Callable[[], pa.Table]) -> set[str]:
+    """The failed items this run does not redo: all of them with ``retry_failed`` off;
+    else those whose input would fail the same way again (`batch.settled`), unless
+    ``retry_failed_input``. ``read`` reads the job's transcripts (only when needed)."""
+    if not opts.retry_failed:
+        return set(failed)
+    if opts.retry_failed_input or not failed:
+        return set()
+    return settled_failures(read().to_pylist(), local_changed_at) & failed
+
+
+def _todo(
+    items: list[Item],
+    done: set[str],
+    opts: RunOptions,
+    failed: set[str],
+    forgotten: AbstractSet[str] = frozenset(),
+) -> list[Item]:
+    """The items to stream: with ``--force`` all (forgotten ones too: they come back);
+    else those not ok, not forgotten and not in ``failed`` (left alone, `_left_alone`)."""
     if opts.force:
         return items
-    todo = [i for i in items if i.item_id not in done]
-    if not opts.retry_failed:
-        todo = [i for i in todo if i.item_id not in failed]
-    return todo
+    skip = done | forgotten | failed
+    return [i for i in items if i.item_id not in skip]
 
 
 async def run_job(
@@ -219,18 +254,28 @@ async def run_job(
         observer.started(stats)
         history = output.history()
         done = set(history.ok)
+        forgotten = output.forgotten()  # tombstoned by `forget`: not transcribed again
         # Planning lists and probes files (maybe in object storage): off the event loop,
         # which may serve other work (a library caller's, the in-process local server).
-        skip = frozenset() if opts.force else frozenset(done)
+        skip = frozenset() if opts.force else frozenset(done | forgotten)
         items = await anyio.to_thread.run_sync(plan_items, loaded, skip, shard)
+        if opts.force and forgotten:
+            output.unforget(forgotten & {i.item_id for i in items})
+            forgotten = output.forgotten()
         stats.items_total = len(items)
         stats.warnings = engine_warnings(loaded, items)
         for warning in stats.warnings:
             logger.warning("%s", warning)
-        failed_before = set(history.failed) if not opts.retry_failed else set()
-        todo = _todo(items, done, opts, failed_before)
-        stats.skipped_failed = len([i for i in items if i.item_id in failed_before - done])
-        stats.skipped_done = len(items) - len(todo) - stats.skipped_failed
+        failed_before = _left_alone(
+            history.failed, opts, lambda: output.read_table("transcripts", _FAILURE_COLUMNS)
+        )
+        todo = _todo(items, done, opts, failed_before, forgotten)
+        stats.skipped_forgotten = (
+            0 if opts.force else len([i for i in items if i.item_id in forgotten])
+        )
+        skipped_failed = failed_before - done - forgotten
+        stats.skipped_failed = len([i for i in items if i.item_id in skipped_failed])
+        stats.skipped_done = len(items) - len(todo) - stats.skipped_failed - stats.skipped_forgotten
         planned_audio_s = sum(i.duration_s or 0 for i in todo if i.error is None)
         stats.planned_audio_s = planned_audio_s
         observer.planned(len(todo), planned_audio_s, stats.skipped_done)
@@ -262,7 +307,8 @@ async def run_job(
             stats.not_run = len(todo) - stats.ok - stats.failed
             logger.error("%s", failure)
         stats.finished_at = datetime.now(UTC)
-        report = build_report(stats, job_so_far=output.job_so_far(), accuracy=_accuracy(output))
+        so_far = output.job_so_far() | ({"forgotten": len(forgotten)} if forgotten else {})
+        report = build_report(stats, job_so_far=so_far, accuracy=_accuracy(output))
         if not todo:
             # Nothing was streamed: the last real report stays `latest`.
             return JobResult(report, output.latest_report_path(), nothing_to_do=True)
@@ -351,6 +397,8 @@ async def _stream_all(
         except* JobAborted as aborted:  # anything raised beside it still propagates
             first = _first(aborted)
             fatal = first.__cause__ or first  # the service's answer
+        if fatal is None and stats.status == RunStatus.RUNNING:
+            fatal = runner.sessions.unreachable()  # a small job, every attempt unconnected
         if fatal is not None:
             stats.status = RunStatus.ABORTED
             stats.abort_reason = runner.scrubber.scrub(str(fatal)) + _key_hint(
@@ -388,12 +436,19 @@ def _dry_run(loaded: LoadedManifest, stats: RunStats, opts: RunOptions) -> JobRe
     """What ``run`` with the same options would stream and bill (``--force`` and
     ``--no-retry-failed`` included), opening no session."""
     out = loaded.manifest.output
-    history = OutputReader(loaded.output_location, out.storage_options).history(loaded.manifest.job)
+    reader = OutputReader(loaded.output_location, out.storage_options)
+    history = reader.history(loaded.manifest.job)
     done = set(history.ok)
-    failed_before = set(history.failed) if not opts.retry_failed else set()
-    items = plan_items(loaded, frozenset() if opts.force else frozenset(done), opts.shard)
-    chosen = {i.item_id for i in _todo(items, done, opts, failed_before)}
-    return JobResult(dry_run_report(loaded, stats, items, done, chosen), None)
+    forgotten = reader.forgotten(loaded.manifest.job)
+    failed_before = _left_alone(
+        history.failed,
+        opts,
+        lambda: reader.table("transcripts", loaded.manifest.job, _FAILURE_COLUMNS),
+    )
+    skip = frozenset() if opts.force else frozenset(done | forgotten)
+    items = plan_items(loaded, skip, opts.shard)
+    chosen = {i.item_id for i in _todo(items, done, opts, failed_before, forgotten)}
+    return JobResult(dry_run_report(loaded, stats, items, done, chosen, forgotten), None)
 
 
 def exit_code(

@@ -286,6 +286,9 @@ class RunConfig(_Strict):
     split_window_s: float = Field(15.0, gt=0)
     # Stream only the speech a voice-activity detector finds (padded), pauses shortened.
     skip_silence: bool = False
+    # Short whole files with the same options share a session, ``finalize`` between them,
+    # on the endpoints that have it (batch.reuse); false: one session per file.
+    reuse_sessions: bool = True
     skip_silence_pad_s: float = Field(0.3, ge=0, le=5)
     skip_silence_gap_s: float = Field(0.5, gt=0, le=10)
     # What makes an item the same one run after run: its path, or its bytes (a recording

@@ -65,6 +65,7 @@ class Source:
     problem: InputError | None = None
     reference: Reference | None = None  # the true transcript, for WER/CER
     content: str | None = None  # a digest of the bytes, with run.identity: content
+    origin: str | None = None  # where a list file names it ("calls.csv: line 3"), for messages
 
     @property
     def identity(self) -> str:

@@ -173,6 +173,7 @@ def _sources_from_list(
             metadata=metadata,
             storage_options=options,
             reference=reference,
+            origin=f"{name}: {where}",
         )
 
 
@@ -278,17 +279,34 @@ def _unique(sources: list[Source], loaded: LoadedManifest) -> list[Source]:
     """Drop exact repeats early (so a file is probed once); `make_items` drops the rest of
     the items equal in effect by their ids."""
     pulse, run = loaded.manifest.pulse, loaded.manifest.run
-    seen: set[tuple[str, str, ChannelSpec]] = set()
+    first: dict[tuple[str, str, ChannelSpec], Source] = {}
     unique = []
     for source in sources:
         effective = (source.language or pulse.language, _spec(source, run.channels))
         key = (source.identity, *effective)
-        if key in seen:
+        kept = first.get(key)
+        if kept is None:
+            first[key] = source
+            unique.append(source)
+        elif (kept.metadata, kept.reference) != (source.metadata, source.reference):
+            logger.warning("%s", differing_rows(kept, source))
+        else:
             logger.info("%s is listed more than once with the same options: kept once", source.path)
-            continue
-        seen.add(key)
-        unique.append(source)
     return unique
+
+
+def differing_rows(kept: Source, dropped: Source) -> str:
+    """The warning for one file listed twice (same options) with other metadata or
+    reference: both rows, and which one the item keeps. Pure."""
+
+    def row(source: Source) -> str:
+        reference = " and a reference" if source.reference is not None else ""
+        return f"{source.origin or 'inputs'} ({quoted(source.metadata)}{reference})"
+
+    return (
+        f"{dropped.path} is listed twice with different metadata: {row(kept)} and "
+        f"{row(dropped)}; one item is made, with the first row's; remove or merge the other"
+    )
 
 
 def _spec(source: Source, default: ChannelSpec) -> ChannelSpec:

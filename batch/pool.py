@@ -102,6 +102,8 @@ class RefusalStreak:
         self.count = 0
         self.open_now = 0
         self.stalls = 0
+        self.ever_opened = False  # any session of the run opened
+        self.last_unreachable: BaseException | None = None  # the last failure, if it was one
 
     def refused(self) -> bool:
         if self.open_now == 0:
@@ -129,6 +131,7 @@ class SessionWatch:
 
     def opened(self) -> None:
         self._open = True
+        self._streak.ever_opened = True
         self._streak.open_now += 1
         self._streak.count = 0
 
@@ -169,6 +172,14 @@ class Tried(Generic[R]):
     error: Exception | None = None
 
 
+def retry_line(label: str, attempt: int, error: BaseException | None, delay_s: float) -> str:
+    """The log line of a retry: what is streamed (unless the error names it already), the
+    attempt, why it failed, when it is tried again. Pure."""
+    text = str(error)
+    where = f"{label}: " if label and label not in text else ""
+    return f"{where}attempt {attempt} failed ({text}); retrying in {delay_s:.1f} s"
+
+
 def _no_count(attempt: int) -> None:
     """The default `on_attempt`: nothing to count."""
 
@@ -182,13 +193,16 @@ async def with_retries(
     rng: random.Random,
     on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
+    label: str = "",
+    on_retry: Callable[[BaseException], None] | None = None,
     log_fields: Mapping[str, object] | None = None,
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
     Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
-    (before its slot: a run cancelled meanwhile still counts it). ``log_fields``: what the
-    retry's log line says of the work (item_id, source, ...) as structured fields."""
+    (before its slot: a run cancelled meanwhile still counts it). ``label`` names what is
+    streamed (the file) in the retry log lines, ``log_fields`` says it as structured fields
+    (item_id, source, ...); ``on_retry`` hears the error each retry follows."""
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -202,10 +216,13 @@ async def with_retries(
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        delay_s = state.next_action.sleep if state.next_action else 0.0
         fields = {**(log_fields or {}), "attempt": state.attempt_number, "event": "session_retry"}
         if error is not None:
             fields["error_kind"] = error_kind(error)
-        logger.info("attempt %d failed (%s); retrying", state.attempt_number, error, extra=fields)
+        logger.info("%s", retry_line(label, state.attempt_number, error, delay_s), extra=fields)
+        if on_retry is not None and error is not None:
+            on_retry(error)
 
     retrying = AsyncRetrying(
         stop=_AttemptBudget(max_attempts, max_overloads),
@@ -254,6 +271,13 @@ class Pool(Generic[T]):
         if not self.stopping:
             self._queue.extendleft(reversed(list(items)))
             self._notify()
+
+    def take_next(self, wanted: Callable[[T], bool]) -> T | None:
+        """The next queued item if ``wanted`` takes it (a worker going on with it), else
+        None: only the head, so work keeps its order."""
+        if self.stopping or not self._queue or not wanted(self._queue[0]):
+            return None
+        return self._queue.popleft()
 
     def stop_starting(self) -> list[T]:
         """Start no new items; returns those that will not run."""

@@ -47,11 +47,13 @@ class RunStats:
     items_total: int = 0
     skipped_done: int = 0
     skipped_failed: int = 0  # failed before, not retried (--no-retry-failed)
+    skipped_forgotten: int = 0  # forgotten (`pulse-batch forget`): not transcribed again
     ok: int = 0
     failed: int = 0
     not_run: int = 0
     attempts: int = 0
     retries: int = 0
+    retries_by_kind: dict[str, int] = field(default_factory=dict)  # the failure retried
     refused_handshakes: int = 0  # attempts the service refused before opening a session
     audio_s: float = 0.0  # audio of items that ended ok
     streamed_s: float = 0.0  # what was streamed for the items that ended ok
@@ -124,12 +126,14 @@ def build_report(
             "total": stats.items_total,
             "skipped_already_ok": stats.skipped_done,
             "skipped_failed_before": stats.skipped_failed,
+            "skipped_forgotten": stats.skipped_forgotten,
             "ok": stats.ok,
             "failed": stats.failed,
             "not_run": stats.not_run,
         },
         "attempts": stats.attempts,
         "retries": stats.retries,
+        "retries_by_kind": dict(sorted(stats.retries_by_kind.items(), key=lambda kv: -kv[1])),
         "refused_handshakes": stats.refused_handshakes,
         "audio_s": round(stats.audio_s, 3),
         "wall_s": round(wall, 3),
@@ -192,6 +196,7 @@ def summary_line(report: dict[str, Any]) -> str:
         "failed": items["failed"],
         "skipped": items["skipped_already_ok"],
         "skipped_failed": items["skipped_failed_before"],
+        **({"forgotten": items["skipped_forgotten"]} if items.get("skipped_forgotten") else {}),
         "not_run": items["not_run"],
         # What the exit code counts: failed + not_run + skipped_failed.
         "failing": failing_items(report),
@@ -201,6 +206,12 @@ def summary_line(report: dict[str, Any]) -> str:
         "x_realtime": report["throughput_x_realtime"],
     }
     return "pulse-batch: " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _reasons(report: dict[str, Any]) -> str:
+    """`` (timeout 2, connection_lost 1)``: what the retries retried, by error kind."""
+    kinds = report.get("retries_by_kind") or {}
+    return f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else ""
 
 
 def _share(report: dict[str, Any]) -> str:
@@ -228,7 +239,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Audio transcribed: {report['audio_s']} s in {report['wall_s']} s wall "
         f"= **{report['throughput_x_realtime']}x real time**",
         f"- Sessions: {report['attempts']} attempted ({report['refused_handshakes']} refused at"
-        f" the handshake), {report['retries']} retries; pool "
+        f" the handshake), {report['retries']} retries{_reasons(report)}; pool "
         f"{pool['concurrency']} configured{_share(report)}, "
         f"{pool['max_open_sessions']} reached at most, "
         f"lowest size {pool['lowest_pool_size']}, utilisation {pool['utilisation']:.0%}",
@@ -247,7 +258,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"Job so far ({so_far['runs_with_rows']} run(s) with rows): {so_far['items']} items,"
             f" {so_far['ok']} ok, "
-            f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio.",
+            f"{so_far['failed']} failed (latest result of each), {so_far['audio_s']} s of audio"
+            + (f"; {so_far['forgotten']} forgotten." if so_far.get("forgotten") else "."),
         ]
     if report.get("warnings"):
         lines += ["", "## Warnings", "", *(f"- {warning}" for warning in report["warnings"])]

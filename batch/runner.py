@@ -6,6 +6,8 @@ and hands it to the part that does that:
 - whole items stream here, from their file or, with silence skipped, their speech from the
   cache (no speech: no session at all);
 - long items go to `pieces.Pieces`, which cuts them and settles their pieces into one row;
+- short whole items with the same options share sessions (`reuse.Reuse`), where the
+  endpoint has ``finalize`` and ``run.reuse_sessions`` is on;
 - `attempts.Sessions` streams any unit, with retries; `cache.AudioCache` decodes whole
   items into the run's scratch folder; `assemble.Assembler` writes each item's rows.
 """
@@ -29,7 +31,9 @@ from batch.model import Item
 from batch.output import RunWriter
 from batch.pieces import Pieces
 from batch.pool import AdaptiveLimit, Pool, Tried
+from batch.pulse.reuse import reusable
 from batch.report import RunStats
+from batch.reuse import Reuse
 from batch.session import Endpoint
 from batch.split import CachedSlice
 from batch.timemap import TimeMap
@@ -65,6 +69,13 @@ class ItemRunner:
         self.pieces = Pieces(
             self.run, self.wire, self.cache, self.sessions, self.assembler, progress, pool
         )
+        self.generation = endpoint.generation
+        self.reuse = Reuse(
+            self.sessions,
+            self.assembler,
+            lambda unit: item_audio(unit.item, self.wire, self.run),
+            self._reusable,
+        )
 
     @property
     def limit(self) -> AdaptiveLimit:
@@ -90,11 +101,25 @@ class ItemRunner:
             await self._skip_silence(unit, started)
         elif self._is_long(item):
             await self.pieces.split(item, started)
+        elif self._reusable(unit):
+            await self.reuse.stream(unit)
         else:
             tried = await self.sessions.stream(
                 unit, lambda: item_audio(item, self.wire, self.run), item.duration_s
             )
             await self._finish_whole(unit, started, tried)
+
+    def _reusable(self, unit: Unit) -> bool:
+        """A whole item streamed from its file, which may share a session (batch.reuse)."""
+        item = unit.item
+        return (
+            self.run.reuse_sessions
+            and unit.piece is None
+            and item.error is None
+            and not self.run.skip_silence
+            and not self._is_long(item)
+            and reusable(item.options, self.generation)
+        )
 
     def _is_long(self, item: Item) -> bool:
         duration = item.duration_s or 0.0

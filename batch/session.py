@@ -414,22 +414,23 @@ async def run_session(
     on_open: Callable[[], None] | None = None,
     label: str | None = None,
     bounds: ReplyBounds = DEFAULT_BOUNDS,
+    result: SessionResult | None = None,
 ) -> SessionResult:
     """Stream ``audio`` through one session, paced by its ``position_s``; return the finals.
     ``on_open`` is called once the service has accepted the session (the upgrade passed).
 
     ``label`` names what is streamed (the source, its channel, its piece) in the session's
     log lines. ``bounds`` limits what the service may send (`batch.pulse.bounds`).
-    ``user_agent`` replaces websockets' User-Agent (the runner names itself and its
-    shard, for anyone reading the service's logs). Complete only at ``is_last``. Raises
-    `SessionError` subclasses (see `batch.errors`) and `InputError` if the audio source
-    fails while streaming.
+    ``user_agent`` replaces websockets' User-Agent (the runner names itself and its shard,
+    for anyone reading the service's logs). ``result``, filled in place, keeps a failed
+    session's finals. Complete only at ``is_last``. Raises `SessionError` subclasses (see
+    `batch.errors`) and `InputError` if the audio source fails while streaming.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     scrubber = Scrubber(api_key)
     if api_key:
         _wire_filter.remember(api_key)
-    result = SessionResult()
+    result = result if result is not None else SessionResult()
     stream: _Stream | None = None
     began = time.monotonic()
     begun = anyio.current_time()

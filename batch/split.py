@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -20,6 +21,7 @@ import numpy as np
 from batch.chunker import Chunker
 from batch.collect import Collected, collect_finals, first_seen, join_segments
 from batch.decode import DecodedAudio, WireFormat
+from batch.errors import OutputError
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, Transcription
 from batch.timemap import TimeMap
 
@@ -225,27 +227,39 @@ def cache_and_cut(
     on_piece: Callable[[int, int], None] = lambda start, end: None,
 ) -> CachedAudio:
     """Decode once into ``cache_path`` while measuring energy; calls ``on_piece(start, end)``
-    as soon as each piece is settled and on disk. Raises `InputError`."""
+    as soon as each piece is settled and on disk. Raises `InputError`, and `OutputError`
+    when the cache cannot be written."""
     wire = audio.wire
     meter = EnergyMeter(frame_samples(wire), full_scale(wire))
     cutter = Cutter(meter.frame, target_s, window_s, pieces)
     cuts = [0]
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with cache_path.open("wb") as cache:
+    with cache_io(cache_path, "write the audio cache"):
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache = cache_path.open("wb", buffering=0)  # an error at its write, not at close
+    with cache:
         for block in audio.wire_blocks(observe=meter.feed):
-            cache.write(block)
+            with cache_io(cache_path, "write the audio cache"):
+                cache.write(block)
             settled = cutter.feed(meter.take())
-            if settled:
-                cache.flush()  # a piece's bytes are on disk before it may stream
-                for cut in settled:
-                    on_piece(cuts[-1], cut)
-                    cuts.append(cut)
+            for cut in settled:  # unbuffered: a piece's bytes are in the file as it streams
+                on_piece(cuts[-1], cut)
+                cuts.append(cut)
     cutter.feed(meter.take(final=True))
     for cut in [*cutter.finish(), audio.samples]:
         if cut > cuts[-1]:
             on_piece(cuts[-1], cut)
             cuts.append(cut)
     return CachedAudio(cache_path, cuts)
+
+
+@contextmanager
+def cache_io(path: Path, operation: str) -> Iterator[None]:
+    """An OS error on the run's audio cache (in the output's scratch folder: disk full, the
+    folder removed) as what it is, an `OutputError` (exit 5), never a lost connection."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(path, operation, exc.strerror or exc.__class__.__name__) from exc
 
 
 # One sample of silence in each PCM wire encoding (G.711 codes zero as these bytes).
@@ -276,7 +290,7 @@ class CachedSlice:
         chunker = Chunker(self.wire.chunk_bytes)
         sent = 0
         self.position_s = 0.0  # a retry streams the slice again from its start
-        with self.path.open("rb") as source:
+        with cache_io(self.path, "read the audio cache"), self.path.open("rb") as source:
             for part in self._parts(source, width):
                 for chunk in chunker.feed(part):
                     sent += len(chunk)

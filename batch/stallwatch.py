@@ -19,7 +19,7 @@ from batch.errors import SessionStalled
 from batch.pulse.liveness import DEFAULT_POLICY as DEFAULT_POLICY
 from batch.pulse.liveness import Liveness, Verdict, probe_message
 from batch.pulse.liveness import LivenessPolicy as LivenessPolicy
-from batch.pulse.protocol import Generation, PulseOptions, Transcription
+from batch.pulse.protocol import Generation, PulseOptions, Transcription, finalize_message
 from batch.readahead import AudioSource
 from batch.speech_gauge import SpeechGauge
 
@@ -65,7 +65,11 @@ class StallWatch:
         self, send: Callable[[str | bytes], Awaitable[None]], chunk: bytes, position_s: float
     ) -> None:
         """Send ``chunk`` (``position_s``: the audio sent with it) once it may be sent;
-        raises `SessionStalled` when the service is silent and it may not."""
+        raises `SessionStalled` when the service is silent and it may not. An empty chunk
+        ends a unit in a reused session (`batch.reuse`): ``finalize``, the session kept."""
+        if not chunk:
+            await send(finalize_message())
+            return
         if self.liveness.verdict is Verdict.HOLD:  # checked here: no coroutine per chunk
             await self._hold(send)
         await send(chunk)

@@ -27,10 +27,11 @@ class Tally:
     ok: int = 0
     failed: int = 0
     not_run: int = 0
+    forgotten: int = 0  # forgotten on request (`pulse-batch forget`): done, without rows
 
     @property
     def complete(self) -> bool:
-        return self.planned == self.ok
+        return self.planned == self.ok + self.forgotten
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -38,6 +39,7 @@ class Tally:
             "ok": self.ok,
             "failed": self.failed,
             "not_run": self.not_run,
+            **({"forgotten": self.forgotten} if self.forgotten else {}),
         }
 
 
@@ -50,10 +52,11 @@ class JobStatus:
     by_shard: dict[int, Tally] = field(default_factory=dict)
     duplicates: int = 0  # items with more than one row: runs overlapped; never complete
     unfinished: int = 0  # items a killed run committed some tables of (counted not run)
+    half_forgotten: int = 0  # forgotten items a stopped `forget` left rows of
 
     @property
     def complete(self) -> bool:
-        return self.total.complete and not self.duplicates
+        return self.total.complete and not self.duplicates and not self.half_forgotten
 
     def problems(self) -> list[str]:
         """What keeps an output from being trusted as it is, and what to do."""
@@ -68,6 +71,11 @@ class JobStatus:
                 f"{self.unfinished} item(s) have some of their tables only (a run was "
                 "killed mid-commit); the next `pulse-batch run` redoes them"
             )
+        if self.half_forgotten:
+            found.append(
+                f"{self.half_forgotten} forgotten item(s) still have rows (a `pulse-batch "
+                "forget` was stopped); run it again to remove them"
+            )
         return found
 
     def as_dict(self) -> dict[str, Any]:
@@ -78,19 +86,27 @@ class JobStatus:
             **self.total.as_dict(),
             "duplicates": self.duplicates,
             "unfinished": self.unfinished,
+            "half_forgotten": self.half_forgotten,
             "shards": self.shards,
             "by_shard": {f"{i}/{self.shards}": t.as_dict() for i, t in self.by_shard.items()},
         }
 
 
-def tally(planned: Iterable[str], latest: Mapping[str, str], shards: int | None = None) -> Tally:
-    """Count ``planned`` item ids by ``latest`` (item id -> status); with ``shards``, the
-    caller passes one shard's ids."""
+def tally(
+    planned: Iterable[str],
+    latest: Mapping[str, str],
+    shards: int | None = None,
+    forgotten: frozenset[str] = frozenset(),
+) -> Tally:
+    """Count ``planned`` item ids by ``latest`` (item id -> status) and ``forgotten``; with
+    ``shards``, the caller passes one shard's ids."""
     result = Tally()
     for item_id in planned:
         result.planned += 1
         status = latest.get(item_id)
-        if status == ItemStatus.OK:
+        if item_id in forgotten:
+            result.forgotten += 1
+        elif status == ItemStatus.OK:
             result.ok += 1
         elif status is None:
             result.not_run += 1
@@ -136,17 +152,20 @@ def job_status(out_dir: str | Path, job: str, manifest: Path | None = None) -> J
     from batch.job import plan_items  # the job module imports much; only needed here
 
     loaded = _manifest_of(out_dir, job, manifest)
-    history = OutputReader(out_dir, loaded.manifest.output.storage_options).history(job)
+    reader = OutputReader(out_dir, loaded.manifest.output.storage_options)
+    history = reader.history(job)
+    forgotten = frozenset(reader.forgotten(job))
     latest = {i: ItemStatus.OK for i in history.ok} | {i: ItemStatus.FAILED for i in history.failed}
     done = frozenset(i for i, status in latest.items() if status == ItemStatus.OK)
-    planned = sorted({item.item_id for item in plan_items(loaded, done)})
-    result = JobStatus(job, str(loaded.path), tally(planned, latest))
+    planned = sorted({item.item_id for item in plan_items(loaded, done | forgotten)})
+    result = JobStatus(job, str(loaded.path), tally(planned, latest, forgotten=forgotten))
     result.duplicates = len(history.duplicates)
-    result.unfinished = len(history.unfinished)
+    result.unfinished = len(history.unfinished - forgotten)
+    result.half_forgotten = len((history.ok | history.failed | history.unfinished) & forgotten)
     count = _last_shard_count(out_dir, job)
     if count is not None:
         result.shards = count
         for index in range(count):
             mine = [i for i in planned if shard_of(i, count) == index]
-            result.by_shard[index] = tally(mine, latest)
+            result.by_shard[index] = tally(mine, latest, forgotten=forgotten)
     return result

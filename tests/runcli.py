@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import fsspec
 from typer.testing import CliRunner
 
-from batch import cli
+from batch import cli, cli_exits
 from batch.logjson import use_log_format
 from batch.observe import StderrConsole
 
@@ -66,15 +66,17 @@ def _process_state_kept() -> Iterator[None]:
     main_thread = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     environ, cwd = dict(os.environ), os.getcwd()
-    console = cli.err
+    console = cli_exits.err
     # As a child's piped stderr is: no colour, no terminal, no wrapping.
-    cli.err = StderrConsole(stderr=True, soft_wrap=True, color_system=None, force_terminal=False)
+    cli_exits.err = StderrConsole(
+        stderr=True, soft_wrap=True, color_system=None, force_terminal=False
+    )
     _fresh_filesystems()
     try:
         yield
     finally:
         _fresh_filesystems()
-        cli.err = console
+        cli_exits.err = console
         use_log_format("text")  # and Python's warnings no longer captured by logging
         os.chdir(cwd)
         os.environ.clear()

@@ -212,7 +212,7 @@ def test_tls_to_a_plain_server_stops_with_exit_6(tmp_path: Path) -> None:
 
 
 class _FailedAttempts(logging.Handler):
-    """Counts the pool's "attempt N failed" log lines (how many connections failed) and
+    """Counts the pool's retry log lines (how many connections failed) and
     sets ``enough`` at ``wanted``; the pool logs on the event loop's thread."""
 
     def __init__(self, wanted: int) -> None:
@@ -222,7 +222,7 @@ class _FailedAttempts(logging.Handler):
         self.enough: anyio.Event | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("attempt "):
+        if getattr(record, "event", None) == "session_retry":
             self.count += 1
             if self.count >= self.wanted and self.enough is not None:
                 self.enough.set()

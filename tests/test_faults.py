@@ -22,14 +22,16 @@ def _media(folder: Path, count: int = ITEMS, duration_s: float = 2.0) -> None:
 
 
 def _run_against(
-    tmp_path: Path, faults: FaultConfig, **sections: Any
+    tmp_path: Path, faults: FaultConfig, reuse: bool = False, **sections: Any
 ) -> tuple[int, dict[str, Any], Any]:
+    """A run against a server with ``faults``; ``reuse``: on its ``current`` path, where
+    the files share sessions through finalize (`batch.reuse`)."""
     _media(tmp_path / "media")
     run = {"concurrency": 4, "pace": 0, "max_attempts": 6, "backoff_initial_s": 0.05,
            "backoff_max_s": 0.5, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
     manifest = write_manifest(tmp_path, run=run)
     with server_in_thread(faults=faults) as server:
-        point_at(manifest, server.url)
+        point_at(manifest, server.current_url if reuse else server.url)
         done = run_cli("run", str(manifest))
         stats = server.stats
     report_path = (
@@ -58,19 +60,21 @@ MATRIX = {
 }
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
 @pytest.mark.parametrize("kind", sorted(MATRIX))
-def test_fault_is_survived(kind: str, tmp_path: Path) -> None:
-    _, report, stats = _run_against(tmp_path, MATRIX[kind])
+def test_fault_is_survived(kind: str, reuse: bool, tmp_path: Path) -> None:
+    _, report, stats = _run_against(tmp_path, MATRIX[kind], reuse)
     assert stats.faults[kind] >= 2, "the fault must actually have been injected"
     assert report["items"]["ok"] == ITEMS and report["items"]["failed"] == 0
     assert report["retries"] >= stats.faults[kind]  # every fault cost one visible retry
     _assert_complete_and_unique(tmp_path / "out")
 
 
-def test_is_last_before_all_audio_was_sent_is_not_trusted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
+def test_is_last_before_all_audio_was_sent_is_not_trusted(reuse: bool, tmp_path: Path) -> None:
     # Paced, so the server's early is_last arrives while audio is still being sent.
     faults = FaultConfig(seed=9, early_last_rate=0.5, fault_limit=8, fault_at_max_s=1.2)
-    _, report, stats = _run_against(tmp_path, faults, run={"pace": 4.0})
+    _, report, stats = _run_against(tmp_path, faults, reuse, run={"pace": 4.0})
     assert stats.faults["early_last"] >= 2
     assert report["retries"] >= stats.faults["early_last"]
     _assert_complete_and_unique(tmp_path / "out")

@@ -80,7 +80,8 @@ def _committed_items(out: Path) -> int:
     return len(files)
 
 
-def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
+def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path, reuse: bool) -> None:
     count = 12
     tone_calls(tmp_path / "media", count)
     manifest = write_manifest(
@@ -90,7 +91,7 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
     )
     out = tmp_path / "out"
     with server_in_thread() as server:
-        point_at(manifest, server.url)
+        point_at(manifest, server.current_url if reuse else server.url)  # finalize: reuse
         process = start_cli("run", str(manifest))
         kill_when(process, lambda: _committed_items(out) >= 3, 60)
         # A batch killed past its commit point is rolled forward by the next opener, as the
@@ -115,8 +116,11 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path) -> Non
     assert (finished["status"], finished["ok"]) == ("completed", count - killed_at)
 
 
-def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
-    count = 8
+@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
+def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path, reuse: bool) -> None:
+    # A reused session finishes the calls it has taken on (read ahead: up to ~2 s of
+    # audio past the one being sent), so more calls, for some to be left.
+    count = 16 if reuse else 8
     tone_calls(tmp_path / "media", count, duration_s=1.2)
     manifest = write_manifest(
         tmp_path,
@@ -125,9 +129,11 @@ def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     with server_in_thread() as server:
-        point_at(manifest, server.url)
+        point_at(manifest, server.current_url if reuse else server.url)  # finalize: reuse
         process = start_cli("run", str(manifest), "--grace-s", "10", capture=True)
-        wait_for(lambda: server.stats.sessions_completed >= 2, 30)
+        # Two calls' words heard (in a reused session, a session ends with its last call).
+        heard = lambda: sum(len(r.final_words) for r in server.stats.sessions)  # noqa: E731
+        wait_for(lambda: heard() >= 2 * len(CALL_BURSTS), 30)
         process.send_signal(signal.SIGTERM)
         stdout, _ = process.communicate(timeout=30 * TIME_UNIT_S)
         assert process.returncode == 143

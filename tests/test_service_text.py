@@ -75,7 +75,8 @@ def _run(tmp_path: Path, script: Script, items: int, **pulse: Any) -> dict[str, 
             manifest = write_manifest(
                 tmp_path,
                 pulse={"endpoint": url, **pulse},
-                run={"concurrency": 2, "pace": 0, "max_attempts": 1},
+                # One script per connection: each recording has a session of its own.
+                run={"concurrency": 2, "pace": 0, "max_attempts": 1, "reuse_sessions": False},
             )
             result = await run_job(load_manifest(manifest), RunOptions())
         return dict(result.report["items"])  # type: ignore[arg-type]

@@ -91,18 +91,23 @@ def _schedule(fmt: str, form: str) -> list[tuple[bool, str]]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("fmt", "form"),
+    ("fmt", "form", "reuse"),
     [
-        ("parquet", "chosen"),
-        ("delta", "chosen"),
-        pytest.param("parquet", "random", marks=pytest.mark.slow),
-        pytest.param("delta", "random", marks=pytest.mark.slow),
+        ("parquet", "chosen", False),
+        ("delta", "chosen", False),
+        pytest.param("parquet", "chosen", True, id="parquet-chosen-reused-sessions"),
+        pytest.param("parquet", "random", False, marks=pytest.mark.slow),
+        pytest.param("delta", "random", False, marks=pytest.mark.slow),
+        pytest.param("parquet", "random", True, marks=pytest.mark.slow),
     ],
 )
-def test_sigkills_leave_exactly_one_row_per_item(tmp_path: Path, fmt: str, form: str) -> None:
+def test_sigkills_leave_exactly_one_row_per_item(
+    tmp_path: Path, fmt: str, form: str, reuse: bool
+) -> None:
     """Parquet: kills in commits (one redo-log batch each) and at random moments. Delta (one
     commit per table, so a kill can fall between a batch's words and its transcripts): at
-    random moments."""
+    random moments. ``reuse``: on an endpoint with finalize, so short files share sessions
+    and a fault fails every unit of its session not yet known complete."""
     rng = random.Random(11)
     tone_files(tmp_path / "media", ITEMS, [Burst(0.05, 0.1, 440)], 0.4, "call-{:04d}.wav")
     (tmp_path / "media" / "broken.wav").write_text("not audio")  # fails in every run
@@ -117,7 +122,7 @@ def test_sigkills_leave_exactly_one_row_per_item(tmp_path: Path, fmt: str, form:
     landed = committing = 0
     whole_run_s: dict[bool, float] = {}
     with server_in_thread(faults=faults) as server:
-        point_at(manifest, server.url)
+        point_at(manifest, server.current_url if reuse else server.url)  # finalize: reuse
         for force, moment in schedule:
             for _ in range(4):  # bounded: a run, or its commit, may end before the kill
                 killed, in_commit = _kill_one(manifest, out, rng, force, moment, whole_run_s)

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
@@ -90,6 +91,11 @@ def delta_options(location: Location, given: dict[str, str]) -> dict[str, str]:
         if region:
             options.setdefault("AWS_REGION", region)
         options.setdefault("conditional_put", "etag")
+        if endpoint and not store_errors.aws_credentials_named(os.environ, Path.home()):
+            # A store named by its endpoint (MinIO, R2, Ceph, moto) never takes an EC2
+            # instance's role: with no credentials set, requests go unsigned rather than
+            # reach for the metadata address (169.254.169.254), slow to fail off EC2.
+            options.setdefault("aws_skip_signature", "true")
     return options
 
 
@@ -239,17 +245,23 @@ class DeltaBackend:
                 self._delete(table, predicate)
         return len(keep)
 
-    def _delete(self, table: str, predicate: str) -> None:
+    def forget(self, job: str, items: set[str]) -> None:
+        """Delete every row of ``items``: a transaction per table, transcripts last."""
+        from batch.output import erasure
+
+        erasure.delta_rows(lambda table, where: self._delete(table, where, "forget"), job, items)
+
+    def _delete(self, table: str, predicate: str, operation: str = "repair") -> None:
         uri = self._uri(table)
         for attempt in range(_COMMIT_ATTEMPTS):
             try:
-                with _store_errors("repair", uri):
+                with _store_errors(operation, uri):
                     self._open(table).delete(predicate)
                 return
             except CommitFailedError as exc:  # another writer committed first: redo ours
                 logger.info("%s: concurrent commit (%s); retrying", uri, exc)
                 _pause(attempt)
-        raise OutputError(uri, "repair", "too many concurrent commits; try again")
+        raise OutputError(uri, operation, "too many concurrent commits; try again")
 
     def committer(self, job: str, run_id: str, index: Scan) -> DeltaCommitter:
         return DeltaCommitter(self, job, run_id, index)
@@ -394,3 +406,15 @@ def compact(location: Location, storage_options: dict[str, str]) -> list[str]:
     backend = DeltaBackend(location, [], delta_options(location, storage_options))
     _require()
     return backend.compact()
+
+
+def partition_columns(location: Location, storage_options: dict[str, str]) -> list[str]:
+    """The partition columns of an output's transcripts table ([] when it has none)."""
+    _require()
+    uri = location.child(MAIN_TABLE)
+    with _store_errors("read", uri):
+        try:
+            found = DeltaTable(uri, storage_options=delta_options(location, storage_options))
+        except TableNotFoundError:
+            return []
+        return list(found.metadata().partition_columns)

@@ -25,13 +25,18 @@ _PREFIX = "empty-"  # staged name: not "rewrite-", so the plan applies it with t
 
 
 def steps(
-    root: Path, ops: list[dict[str, str]], partition_by: Sequence[str], batch_dir: Path
+    root: Path,
+    ops: list[dict[str, str]],
+    partition_by: Sequence[str],
+    batch_dir: Path,
+    at: str | None = None,
 ) -> list[dict[str, str]]:
     """Stage (in ``batch_dir``) an empty file for each table a batch's ``ops`` would leave
     with no file at all; returns the plan steps that move them in. The moves come before
     the deletes of a plan (`parquet._apply_order`), so the table is never without a file.
-    Nothing when the batch writes no transcripts rows. Call under the job's commit lock."""
-    relative = _main_relative(ops)
+    Nothing when the batch writes no transcripts rows, unless ``at`` says where the empty
+    files go (a forget removes rows only). Call under the job's commit lock."""
+    relative = _main_relative(ops) or at
     if relative is None:
         return []
     added = []

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from batch.errors import ManifestError
 from batch.model import ItemRows
-from batch.output import layout, lease, locks, parquet, reports
+from batch.output import erasure, layout, lease, locks, parquet, reports, tombstones
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
 from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
@@ -62,6 +62,8 @@ class Backend(Protocol):
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table: ...
 
+    def forget(self, job: str, items: set[str]) -> None: ...
+
 
 @dataclass
 class ParquetBackend:
@@ -87,6 +89,9 @@ class ParquetBackend:
 
     def read(self, table: str, job: str | None, columns: list[str] | None) -> pa.Table:
         return parquet.read(self.root, table, job, columns)
+
+    def forget(self, job: str, items: set[str]) -> None:
+        erasure.parquet_rows(self.root, job, items, self.partition_by)
 
 
 def _backend(
@@ -258,6 +263,26 @@ class JobOutput:
     def latest_report_path(self) -> str | None:
         """Where the job's latest report is, if it has one."""
         return reports.latest_path(self.location, self.job)
+
+    def forgotten(self) -> set[str]:
+        """The ids of the job's forgotten items (their tombstones)."""
+        return set(tombstones.read(self.location, self.job))
+
+    def bury(self, stones: list[tombstones.Tombstone]) -> None:
+        """Write tombstones: no run of the job transcribes their items again."""
+        self.check_lock()
+        tombstones.write(self.location, self.job, stones)
+
+    def forget(self, items: set[str]) -> None:
+        """Remove every row of ``items`` from every table (`batch.output.erasure`); write
+        their tombstones first (`bury`), so a kill mid-way never lets a run redo them."""
+        self.check_lock()
+        with translated("forget items in", self.location.url):
+            self._backend.forget(self.job, items)
+
+    def unforget(self, items: set[str]) -> None:
+        """Remove the tombstones of ``items``: a run may transcribe them again."""
+        tombstones.remove(self.location, self.job, items)
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         with translated("read", self.location.child(table)):

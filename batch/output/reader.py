@@ -111,6 +111,12 @@ class OutputReader:
         with translated("read", where.child("transcripts")):
             return parquet.scan(where.local, job).history()
 
+    def forgotten(self, job: str) -> set[str]:
+        """The ids of the job's forgotten items (`pulse-batch forget`'s tombstones)."""
+        from batch.output import tombstones
+
+        return set(tombstones.read(self.where, job))
+
     def job_names(self) -> list[str]:
         """The jobs that have rows (or, in a local output, reports) in the output, sorted."""
         if self.format() is None:
@@ -129,7 +135,8 @@ class OutputReader:
         Parquet output's are finished first): they would read as empty documents."""
         if self.format() is None:
             raise ExportError(self.location, _NO_OUTPUT)
-        unfinished = sorted(self.history(job).unfinished)
+        forgotten = self.forgotten(job)  # a forget that was stopped may have left rows
+        unfinished = sorted(self.history(job).unfinished - forgotten)
         if unfinished:
             raise OutputError(
                 self.location,
@@ -142,7 +149,7 @@ class OutputReader:
             known = self.job_names()
             hint = f"jobs here: {', '.join(known)}" if known else "it holds no job's rows yet"
             raise ExportError(self.location, f"no rows for job {job!r}; {hint}")
-        items = latest_ok(transcripts)
+        items = [r for r in latest_ok(transcripts) if r["item_id"] not in forgotten]
         tables = JobTables(items)
         if not with_details:
             return tables
@@ -175,7 +182,10 @@ class OutputReader:
         FileNotFoundError when there is none."""
         data = self.latest_report(job)
         name = str(data["job"])
-        data["job_so_far"] = self.history(name).summary
+        forgotten = len(self.forgotten(name))
+        data["job_so_far"] = self.history(name).summary | (
+            {"forgotten": forgotten} if forgotten else {}
+        )
         data["runs"] = job_runs(
             self.run_reports(name),
             lambda run: self.run_alive(name, str(run["run_id"]), run.get("shard")),

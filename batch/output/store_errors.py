@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Final
 
 from batch.credentials import Scrubber, redact_credentials
@@ -36,6 +38,8 @@ _REFUSED: Final = (
     "InvalidClientTokenId",
     "AuthorizationHeaderMalformed",
 )
+# An unsigned request refused (deltalake's words), sent because none were set (see delta).
+_UNSIGNED_REFUSED: Final = ("lacked the necessary privileges",)
 _DENIED: Final = ("AccessDenied", "AuthorizationFailure", "AuthorizationPermissionMismatch")
 _NO_BUCKET: Final = ("NoSuchBucket", "ContainerNotFound", "BucketNotFound")
 
@@ -50,6 +54,26 @@ _SET_CREDENTIALS: Final = {
 }
 _FAMILY: Final = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}
 _NAMES: Final = {"s3": "S3", "gs": "Google Cloud Storage", "az": "Azure"}
+
+
+# Where an AWS SDK finds credentials besides the instance metadata service.
+_AWS_CREDENTIAL_SOURCES: Final = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",  # EKS (IRSA)
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",  # ECS, AWS Batch
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def aws_credentials_named(env: Mapping[str, str], home: Path) -> bool:
+    """Whether the environment (or a shared credentials file: AWS_SHARED_CREDENTIALS_FILE,
+    else ``home``'s ``.aws/credentials``) names AWS credentials other than an EC2
+    instance's role. Pure but for one file check."""
+    if any(env.get(name) for name in _AWS_CREDENTIAL_SOURCES):
+        return True
+    shared = env.get("AWS_SHARED_CREDENTIALS_FILE")
+    return (Path(shared) if shared else home / ".aws" / "credentials").is_file()
 
 
 def one_line(text: str) -> str:
@@ -67,7 +91,8 @@ def reason(error: BaseException | str, url: str) -> str:
     family = _FAMILY.get(scheme(url) or "", scheme(url) or "")
     hint = _SET_CREDENTIALS.get(family)
     if hint is not None:
-        if _found(text, _MISSING):
+        unsigned = _found(text, _UNSIGNED_REFUSED) and not credentials_in_env(os.environ)
+        if _found(text, _MISSING) or unsigned:
             return f"no {_NAMES[family]} credentials were found; {hint}"
         marker = _found(text, _REFUSED)
         if marker:

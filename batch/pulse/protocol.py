@@ -43,6 +43,11 @@ class Generation(StrEnum):
         return "end" if self is Generation.LEGACY else "close_stream"
 
     @property
+    def has_finalize(self) -> bool:
+        """``{"type": "finalize"}`` flushes the buffer into a final, session kept open."""
+        return self is not Generation.LEGACY
+
+    @property
     def needs_model(self) -> bool:
         return self is Generation.UNIFIED
 
@@ -319,6 +324,11 @@ def end_message(generation: Generation) -> str:
     return json.dumps({"type": generation.end_type})
 
 
+def finalize_message() -> str:
+    """The control message that flushes the current buffer and keeps the session open."""
+    return json.dumps({"type": "finalize"})
+
+
 # --- responses: checked field by field in `batch.pulse.responses` -----------------
 
 from batch.pulse.responses import (  # noqa: E402  (one import path for both sides)
@@ -351,6 +361,7 @@ __all__ = [
     "Word",
     "build_query",
     "end_message",
+    "finalize_message",
     "parse_message",
     "parse_query",
 ]

@@ -129,6 +129,14 @@ class LocalServer:
 
     # --- handshake ---------------------------------------------------------------
 
+    async def answer_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """`process_request`, after the configured reply latency."""
+        if self.faults.reply_latency_s > 0:
+            await anyio.sleep(self.faults.reply_latency_s)
+        return self.process_request(connection, request)
+
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' hook: an HTTP refusal, or None to go on with the upgrade."""
         authorization = request.headers.get("Authorization")
@@ -216,6 +224,7 @@ class LocalServer:
             partial_interval_s=self._partial_interval_s,
             fault=fault,
             echo=self._echoes.pop(connection, None),
+            reply_latency_s=self.faults.reply_latency_s,
         )
         self._live.add(connection)
         self.stats.session_opened(record, self._concurrent())
@@ -260,7 +269,7 @@ async def local_server(
         server.handle,
         host,
         port,
-        process_request=server.process_request,
+        process_request=server.answer_request,
         compression=None,
         max_size=MAX_MESSAGE_BYTES,
         logger=_wire_logger(),

@@ -155,6 +155,14 @@ def serve(
             rich_help_panel=FAULTS,
         ),
     ] = None,
+    reply_latency_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Wait this long before the upgrade and before every message sent, as a "
+            "distant service would (not a fault: every session).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     allow_open: Annotated[
         bool,
         typer.Option(
@@ -201,6 +209,7 @@ def serve(
         "retry_after_header": retry_after_header,
         "echo_authorization": echo_authorization,
         "stall_after_s": stall_after_s,
+        "reply_latency_s": reply_latency_s,
     }
     faults = _fault_config(fault_config, flags)
     try:

@@ -35,6 +35,9 @@ shorter, so every faulted session is observably faulted. ``fault_limit`` caps th
 number of faulted sessions in total so that retries eventually succeed.
 ``max_sessions`` is not a fault but a real concurrency limit (429 beyond it).
 
+``reply_latency_s`` is not a fault either: the upgrade and every message the server sends
+wait that long first (in order), as a distant service's would.
+
 Two settings change how refusals and errors look rather than how often they happen, to
 test a client's bounds: ``retry_after_header`` sends its text as the 429s' ``Retry-After``
 verbatim (``inf``, ``1e8``, ``soon``, an HTTP date ...), and ``echo_authorization`` makes
@@ -104,6 +107,7 @@ class FaultConfig:
     retry_after_header: str | None = None
     echo_authorization: bool = False
     stall_after_s: float | None = None
+    reply_latency_s: float = 0.0  # not a fault: every reply (and the upgrade) waits this
 
     def __post_init__(self) -> None:
         rates = self.rates()
@@ -126,6 +130,9 @@ class FaultConfig:
                 raise FaultConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if not isinstance(self.fault_at_max_s, int | float) or self.fault_at_max_s < 0:
             raise FaultConfigError(f"fault_at_max_s must be >= 0, got {self.fault_at_max_s!r}")
+        latency = self.reply_latency_s
+        if not isinstance(latency, int | float) or not 0 <= latency <= 60:
+            raise FaultConfigError(f"reply_latency_s must be 0-60 seconds, got {latency!r}")
         after = self.stall_after_s
         if after is not None and (not isinstance(after, int | float) or after < 0):
             raise FaultConfigError(f"stall_after_s must be >= 0 seconds, got {after!r}")

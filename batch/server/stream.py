@@ -97,6 +97,7 @@ class SessionSettings:
     partial_interval_s: float
     fault: FaultDraw | None = None
     echo: str | None = None  # the request's Authorization header, to repeat in errors
+    reply_latency_s: float = 0.0  # each message waits this before it is sent
 
 
 class StreamSession:
@@ -362,6 +363,8 @@ class StreamSession:
         return json.dumps(message)
 
     async def _send(self, text: str) -> None:
+        if self._settings.reply_latency_s > 0:
+            await anyio.sleep(self._settings.reply_latency_s)
         if not self._silent:
             await self._ws.send(text)
 

@@ -96,7 +96,10 @@ class Segmenter:
         return closed
 
     def flush(self) -> list[Segment]:
-        """Close the open segment, if any, including a trailing partial frame."""
+        """Close the open segment, if any, including a trailing partial frame. The
+        pre-roll goes too: audio after a flush (``finalize``) starts afresh, as a new
+        session's would."""
+        self._pre_roll.clear()
         if not self._frames:
             self._framed += len(self._carry)
             self._carry = np.zeros(0, dtype=np.float32)
