@@ -3,8 +3,13 @@ rows in the run's writer, counted in the run's stats and shown as progress."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
 
 from batch import score
 from batch.attempts import Progress, Unit
@@ -19,6 +24,11 @@ from batch.session import SessionResult
 from batch.timemap import TimeMap
 
 logger = logging.getLogger(__name__)
+
+# Scoring reads the reference (a slow store can hold a read for seconds) and runs jiwer: in
+# worker threads, so the event loop keeps pacing every open session meanwhile; a few at a
+# time, so a burst of finished items cannot take the threads that sessions read audio with.
+SCORING_THREADS: Final = 4
 
 
 def collect_session(result: SessionResult, timemap: TimeMap | None = None) -> Collected:
@@ -52,6 +62,7 @@ class Assembler:
         self.scrubber = Scrubber(api_key)
         self.run_info = RunInfo(stats.job, stats.run_id, stats.started_at.strftime("%Y-%m-%d"))
         self.finished: set[str] = set()
+        self.scoring = anyio.CapacityLimiter(SCORING_THREADS)
 
     def not_started(self, error: NotStarted) -> None:
         """The spend cap (or a signal) stops the run: nothing new starts; the item gets no
@@ -103,8 +114,7 @@ class Assembler:
         # what is stored.
         rows = item_rows(item, self.run_info, outcome)
         if collected is not None:
-            scores = score.columns(item.reference, collected.transcript, item.options.language)
-            rows.transcript.update(scores)
+            rows.transcript.update(await self._scores(item, collected))
         stored = (await self.writer.add(rows)).transcript
         said: str | None = None  # "<error_kind>: <message>" for the progress display
         if stored["status"] == ItemStatus.OK:
@@ -117,3 +127,12 @@ class Assembler:
             self.stats.failures.append(failure)
             said = f"{failure.kind}: {failure.message}"
         self.progress.item_done(item, stored["status"] == ItemStatus.OK, duration_s, said)
+
+    async def _scores(self, item: Item, collected: Collected) -> dict[str, Any]:
+        """The item's ``reference``/``wer``/``cer`` columns, worked out off the event loop."""
+        columns = functools.partial(
+            score.columns, item.reference, collected.transcript, item.options.language
+        )
+        if item.reference is None:
+            return columns()  # nulls: nothing to read
+        return await anyio.to_thread.run_sync(columns, limiter=self.scoring)

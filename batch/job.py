@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pyarrow as pa
 
 from batch.attempts import Unit
@@ -258,9 +259,10 @@ async def run_job(
         history = output.history()
         done = set(history.ok)
         forgotten = output.forgotten()  # tombstoned by `forget`: not transcribed again
-        items = plan_items(
-            loaded, frozenset() if opts.force else frozenset(done | forgotten), shard
-        )
+        # Planning lists and probes files (maybe in object storage): off the event loop,
+        # which may serve other work (a library caller's, the in-process local server).
+        skip = frozenset() if opts.force else frozenset(done | forgotten)
+        items = await anyio.to_thread.run_sync(plan_items, loaded, skip, shard)
         if opts.force and forgotten:
             output.unforget(forgotten & {i.item_id for i in items})
             forgotten = output.forgotten()

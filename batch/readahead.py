@@ -23,12 +23,16 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
-# A batch is this much audio (or this many chunks): few thread hops, little held.
-BATCH_AUDIO_S: Final = 0.5
+# A batch is this much audio (or this many chunks): one thread hop per second of audio
+# (each wakes the event loop and a worker; at 0.5 s they were a fifth of a paced
+# session's CPU), little held.
+BATCH_AUDIO_S: Final = 1.0
 BATCH_MAX_CHUNKS: Final = 64
 # Batches decoded ahead of the sender: enough that a paced sender never waits on a healthy
-# store, few enough that a session holds about two seconds of audio.
-BATCHES_AHEAD: Final = 4
+# store (a second of audio), few enough that a session holds at most three seconds (with
+# the batch being read and the one being sent). Audio read ahead is marked for liveness
+# when it is read (`batch.speech_gauge`): more ahead would count more unmeasured audio.
+BATCHES_AHEAD: Final = 1
 
 # One chunk of wire audio and the audio position (seconds) once it is sent.
 Batch = list[tuple[bytes, float]]

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 from websockets.http11 import USER_AGENT
 
-from batch import hangup
+from batch import hangup, pacing
 from batch.credentials import Scrubber
 from batch.errors import (
     ConnectionLost,
@@ -259,7 +259,7 @@ class _Stream:
         self.timeouts = timeouts
         self.end_sent = anyio.Event()
         self.started_at: float | None = None
-        self.end_sent_at = 0.0
+        self.end_sent_at = self._paced_from = 0.0  # pacing's origin: the loop's clock
         self._waiting: anyio.CancelScope | None = None
         self.meter = ReplyMeter(bounds)
         self._full_chars = 0  # the latest full_transcript's length
@@ -276,10 +276,7 @@ class _Stream:
         return streaming_s > REFUSAL_WINDOW_S
 
     async def _send(self, data: str | bytes) -> None:
-        with anyio.move_on_after(self.timeouts.write_timeout_s) as scope:
-            await self.ws.send(data)
-        if scope.cancelled_caught:
-            raise SessionTimeout("write_timeout_s", self.timeouts.write_timeout_s)
+        await pacing.send(self.ws, data, self.timeouts.write_timeout_s)
 
     async def send(self, audio: AudioSource, pace: float) -> None:
         # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
@@ -305,19 +302,20 @@ class _Stream:
         """Send one chunk, then wait until ``position_s`` (the audio sent with it) is due."""
         if self.started_at is None:
             self.started_at = time.monotonic()
+            self._paced_from = anyio.current_time()
         await self.watch.send(self._send, chunk, position_s)  # none once the service is silent
         self.audio_sent_s = position_s
         self._grow_deadline(position_s)
-        if pace > 0:
-            due = self.started_at + position_s / pace
-            await anyio.sleep(max(0.0, due - time.monotonic()))
+        if pace > 0:  # on a grid shared by all sessions: one wake serves many (`pacing`)
+            await anyio.sleep_until(pacing.wake_at(self._paced_from, position_s, pace))
         else:
             await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
 
     def _grow_deadline(self, audio_sent_s: float) -> None:
         if self.deadline is not None:
             grown = self.began + self.timeouts.grown_deadline_s(audio_sent_s)
-            self.deadline.deadline = max(self.deadline.deadline, grown)
+            if grown > self.deadline.deadline:  # a move reschedules its timer: only if later
+                self.deadline.deadline = grown
 
     async def receive(self) -> None:
         while True:
@@ -443,6 +441,7 @@ async def run_session(
                 additional_headers=headers,
                 user_agent_header=user_agent or USER_AGENT,
                 compression=None,  # deflate costs 6-35x throughput on PCM
+                write_limit=pacing.WRITE_LIMIT_BYTES,
                 open_timeout=timeouts.connect_timeout_s,
                 max_size=_MAX_MESSAGE_BYTES,
                 max_queue=_MAX_QUEUED_MESSAGES,

@@ -29,6 +29,7 @@ class SessionRecord:
     audio_s: float = 0.0
     first_audio_at: float | None = None
     last_audio_at: float | None = None
+    max_audio_gap_s: float = 0.0  # the longest wait between two audio frames
     completed: bool = False
     outcome: str | None = None
     user_agent: str | None = None  # the client's User-Agent header

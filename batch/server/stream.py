@@ -175,6 +175,8 @@ class StreamSession:
         record = self._record
         if record.first_audio_at is None:
             record.first_audio_at = now
+        elif record.last_audio_at is not None:
+            record.max_audio_gap_s = max(record.max_audio_gap_s, now - record.last_audio_at)
         record.last_audio_at = now
         record.audio_s = self._segmenter.samples_received / self._options.sample_rate
 

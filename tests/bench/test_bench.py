@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pytest
 
+from tests.bench import client_cpu
 from tests.bench.results import publish
 from tests.conftest import run_cli_process, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio, write_format
@@ -231,51 +232,58 @@ def test_peak_memory(tmp_path: Path) -> None:
 
 # --- client CPU --------------------------------------------------------------------
 
+CPU_TARGET_S_PER_AUDIO_H = 3.0  # issue 22: at 64 sessions paced at real time
+CPU_REPEATS = 2  # the machine is shared: each figure is the best of these, spread shown
 
-def test_client_cpu_per_audio_hour_at_64_sessions(tmp_path: Path) -> None:
-    media = tmp_path / "media"
-    media.mkdir()
-    seconds = 20
-    clip = _long_audio(media / "0.flac", seconds)
-    for i in range(1, 64):
-        shutil.copyfile(clip, media / f"{i}.flac")
-    manifest = write_manifest(tmp_path, run={"concurrency": 64, "pace": 1.0})
-    server = subprocess.Popen(
-        [sys.executable, "-m", "batch", "serve", "--engine", "synthetic", "--port", "0",
-         "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert server.stdout is not None
-        url = next(line for line in server.stdout if "ws://" in line).split()[-1].strip()
-        if not url.endswith("get_text"):
-            url = url.rstrip("/") + "/api/v1/pulse/get_text"
-        manifest.write_text(manifest.read_text().replace("endpoint: local", f"endpoint: {url}"))
-        client = subprocess.Popen([sys.executable, "-m", "batch", "run", str(manifest)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
-        _, status, usage = __import__("os").wait4(client.pid, 0)
-        stdout = client.stdout.read() if client.stdout else ""
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    assert status == 0, stdout
-    report = json.loads(Path(stdout.split("report: ")[1].split()[0]).read_text())
-    cpu_s = usage.ru_utime + usage.ru_stime
-    audio_h = report["audio_s"] / 3600
-    decode_only = _best_of(1, lambda: [_pyav_decode(clip) for _ in range(64)])
-    RESULTS["client CPU, 64 concurrent sessions at real time"] = {
-        "audio_s": report["audio_s"],
-        "wall_s": report["wall_s"],
-        "max sessions open": report["pool"]["max_open_sessions"],
-        "client CPU s": round(cpu_s, 2),
-        "CPU s per audio hour": round(cpu_s / audio_h, 1),
-        "share of one core": round(cpu_s / report["wall_s"], 3),
-        "decode-only CPU s per audio hour": round(decode_only / audio_h, 1),
-        "ratio to decode-only": round(cpu_s / max(decode_only, 1e-6), 1),
+
+def _decode_cpu_s_per_audio_h(clip: Path, seconds: float) -> float:
+    """Decoding alone, in this process's CPU time (the floor of a session's cost)."""
+    start = time.thread_time()
+    for _ in range(8):
+        _pyav_decode(clip)
+    return (time.thread_time() - start) / (8 * seconds / 3600)
+
+
+def _vs(ours: float, bare: float, form: str = "{:.3f}") -> str:
+    """A figure beside the bare client's, and their ratio."""
+    return f"{form.format(ours)} (bare client {form.format(bare)}: {ours / bare:.2f}x)"
+
+
+@pytest.mark.timeout(1800)  # eight runs of 64 sessions, four of 256, each at real time
+def test_client_cpu_per_audio_hour(tmp_path: Path) -> None:
+    """Marginal client CPU (two runs, 20 s and 60 s recordings, the difference: start-up,
+    planning and per-item costs cancel out) at 64 sessions paced at real time, in the
+    client's own process (the server runs in another), against a bare websockets client
+    sending the same audio to the same server in the same run; then 256 sessions."""
+    ours, bare = [], []
+    for _ in range(CPU_REPEATS):  # interleaved: both see the machine's load alike
+        ours.append(client_cpu.marginal(64, 20, 60))
+        bare.append(client_cpu.bare_marginal(64, 20, 60))
+    best, floor = (min(runs, key=lambda r: r["cpu_s_per_audio_h"]) for runs in (ours, bare))
+    per_h, bare_h = best["cpu_s_per_audio_h"], floor["cpu_s_per_audio_h"]
+    decode = _decode_cpu_s_per_audio_h(client_cpu.long_audio(tmp_path / "d.flac", 60), 60)
+    many = client_cpu.marginal(256, 10, 30)
+    many_bare = client_cpu.bare_marginal(256, 10, 30)
+    RESULTS["client CPU, sessions paced at real time (marginal, client process only)"] = {
+        "64 sessions: CPU s per audio hour, runs": [round(r["cpu_s_per_audio_h"], 2) for r in ours],
+        "bare websockets client, same audio, runs": [
+            round(r["cpu_s_per_audio_h"], 2) for r in bare
+        ],
+        "decode alone, CPU s per audio hour": round(decode, 2),
+        "64: best / bare best": round(per_h / bare_h, 2),
+        "64: best / decode alone": round(per_h / decode, 2),
+        "64: best / the 3 CPU-s target": round(per_h / CPU_TARGET_S_PER_AUDIO_H, 3),
+        "64: system share of its CPU": round(best["system_share"], 2),
+        "64: share of one core": _vs(best["share_of_core"], floor["share_of_core"]),
+        "sessions one core keeps at pace": _vs(3600 / per_h, 3600 / bare_h, "{:.0f}"),
+        "256: CPU s per audio hour": _vs(many["cpu_s_per_audio_h"], many_bare["cpu_s_per_audio_h"]),
+        "256 / 64 per audio hour": round(many["cpu_s_per_audio_h"] / per_h, 3),
+        "256: share of one core": round(many["share_of_core"], 3),
+        "256: wall s of the 30 s run": many["long_wall_s"],
     }
-    assert report["pool"]["max_open_sessions"] == 64
-    assert report["wall_s"] <= seconds * 1.5  # all 64 kept pace
+    assert all(r["max_open"] == 64 for r in ours) and many["max_open"] == 256
+    assert best["long_wall_s"] <= 60 * 1.1 and many["long_wall_s"] <= 30 * 1.2  # kept pace
+    assert per_h <= CPU_TARGET_S_PER_AUDIO_H
 
 
 def test_force_with_small_commits_costs_at_most_twice_a_normal_run(tmp_path: Path) -> None:
