@@ -121,6 +121,8 @@ class ConsoleObserver(Observer):
 
     def audio_sent(self, item: Item, seconds: float) -> None:
         with self.lock:
+            if seconds < 0 and item.item_id not in self.sending:
+                return  # taken back from an item already done (it shared a failed session)
             self.sending[item.item_id] = self.sending.get(item.item_id, 0.0) + seconds
             self._refresh()
 

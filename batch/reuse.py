@@ -41,6 +41,7 @@ from batch.limits import reply_bounds, session_timeouts
 from batch.pool import with_retries
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, PulseOptions, Transcription
 from batch.pulse.reuse import Span, settled, split_finals
+from batch.sent import CountedAudio
 from batch.session import SessionResult, run_session
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,12 @@ class Reuse:
         self._ended = anyio.Event()  # set (and replaced) as each chain ends
 
     def _link(self, unit: Unit) -> Link:
-        return Link(unit, datetime.now(UTC), lambda: self.make_audio(unit))
+        return Link(unit, datetime.now(UTC), lambda: self._counted(unit))
+
+    def _counted(self, unit: Unit) -> CountedAudio:
+        """The unit's audio, counted on the progress display as the session reads it."""
+        progress = self.sessions.progress
+        return CountedAudio(self.make_audio(unit), lambda s: progress.audio_sent(unit.item, s))
 
     def _take(self, chain: Chain, options: PulseOptions) -> Link | None:
         """The next queued unit with the same options, if the spend cap admits it (then
@@ -305,6 +311,9 @@ class Reuse:
             )
         except Exception as error:
             chain.closed = True
+            for link in chain.started:  # those retried are sent again (done ones: ignored)
+                if isinstance(link.audio, CountedAudio):
+                    link.audio.settle(kept=False)
             pending[:] = settler.settle(complete=False)
             span.end(outcome(error), error_kind(error))
             sessions.judge(error, watch)

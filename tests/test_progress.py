@@ -25,7 +25,7 @@ from batch.manifest import load_manifest
 from batch.model import Item
 from batch.pulse.protocol import PulseOptions
 from batch.report import RunStats
-from tests.conftest import run_cli, write_manifest
+from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_track, write_audio
 
 RATE = 16000
@@ -45,16 +45,20 @@ class _Sent(Observer):
             self.events.append(("done", time.monotonic(), audio_s))
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
 def test_audio_is_counted_while_a_long_file_streams_a_few_times_a_second(
-    tmp_path: Path,
+    tmp_path: Path, reuse: bool
 ) -> None:
     (tmp_path / "media").mkdir()
     track = tone_track([Burst(0.5, 3.0, 440)], 12.0, RATE)
     write_audio(tmp_path / "media" / "long.wav", [track], RATE)
     # Paced at 6x: 2 s of streaming, reported about every half second.
-    manifest = write_manifest(tmp_path, run={"pace": 6.0, "reuse_sessions": False})
+    manifest = write_manifest(tmp_path, run={"pace": 6.0})
     recorder = _Sent()
-    result = anyio.run(run_job, load_manifest(manifest), RunOptions(), recorder)
+    with server_in_thread() as server:
+        # The server's current path has finalize: files share sessions there (batch.reuse).
+        point_at(manifest, server.current_url if reuse else server.url)
+        result = anyio.run(run_job, load_manifest(manifest), RunOptions(), recorder)
     assert result.report["items"]["ok"] == 1
     sent = [(when, s) for what, when, s in recorder.events if what == "sent"]
     ((_, done_at, _),) = [e for e in recorder.events if e[0] == "done"]
@@ -64,7 +68,11 @@ def test_audio_is_counted_while_a_long_file_streams_a_few_times_a_second(
     reported_at = [when for when, _ in sent[:-1]]  # the last: when the session ended
     gaps = [later - earlier for earlier, later in itertools.pairwise(reported_at)]
     assert all(gap >= 0.45 for gap in gaps), gaps  # throttled: not a call per chunk
-    assert sum(s for _, s in sent) == pytest.approx(12.0, abs=0.05)  # all of it, once
+    total_s = sum(s for _, s in sent)
+    if reuse:  # a shared session's file is counted as read; item_done brings the rest
+        assert 0 < total_s <= 12.05
+    else:  # the session's end counts the rest: all of it, once
+        assert total_s == pytest.approx(12.0, abs=0.05)
 
 
 def test_the_bar_counts_audio_in_flight_and_a_failed_attempt_is_taken_back() -> None:
@@ -80,6 +88,8 @@ def test_the_bar_counts_audio_in_flight_and_a_failed_attempt_is_taken_back() -> 
         observer.audio_sent(item, 30.0)
         assert observer.progress.tasks[0].completed == 30.0
         observer.item_done(item, True, 600.0)
+        assert observer.progress.tasks[0].completed == 600.0
+        observer.audio_sent(item, -30.0)  # it had shared a session that failed later
         assert observer.progress.tasks[0].completed == 600.0
     finally:
         observer.close()
