@@ -211,6 +211,8 @@ def run(
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
         raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
+    if as_json and not dry_run:
+        raise typer.BadParameter("--json goes with --dry-run (a run's report: `report --json`)")
     with exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
