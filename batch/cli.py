@@ -27,7 +27,6 @@ from batch import score as scoring
 from batch.cli_exits import exit_codes, fail
 from batch.decode import WireFormat, probe
 from batch.errors import (
-    EXIT_MEANINGS,
     ExitCode,
     InputError,
     ManifestError,
@@ -118,11 +117,8 @@ app = typer.Typer(
     # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
     rich_markup_mode=None,
     help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
-    epilog="Exit codes: "
-    + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
+    epilog=cli_exits.EPILOG,
 )
-app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
-app.command("forget", cls=_PlainCommand)(forget_command)
 logger = logging.getLogger("batch")
 
 
@@ -155,7 +151,7 @@ _JobOutput = Annotated[
 ]
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=_PlainCommand, epilog=cli_exits.EPILOG)
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
     force: Annotated[bool, typer.Option("--force", help="Redo items already ok.")] = False,
@@ -492,6 +488,11 @@ def compact(
         lines = OutputReader(output).compact()
     for line in lines:
         print(line)
+
+
+# Registered last, so `--help` lists the everyday commands first.
+app.command("forget", cls=_PlainCommand)(forget_command)
+app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
 
 
 def main() -> None:
