@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.markup import escape
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from batch import api, cli_exits, console, observe, storage
@@ -28,14 +28,13 @@ from batch.cli_exits import exit_codes, fail
 from batch.decode import WireFormat, probe
 from batch.dryrun import render_dry_run
 from batch.errors import (
-    EXIT_MEANINGS,
     ExitCode,
     InputError,
     ManifestError,
 )
 from batch.forget_command import forget_command
 from batch.html_report import render_html
-from batch.logjson import LogFormat, json_mode
+from batch.logjson import LogFormat, json_mode, requested, use_log_format
 from batch.manifest import LoadedManifest, load_manifest
 from batch.metrics import MetricsPublisher
 from batch.output import OutputReader
@@ -47,8 +46,10 @@ from batch.version import __version__
 
 
 @contextmanager
-def _usage_errors_logged() -> Iterator[None]:
+def _usage_errors_logged(args: Sequence[str] = ()) -> Iterator[None]:
     """With --log-format json, a usage error is a JSON log line too (not click's text)."""
+    if not json_mode() and requested(args):
+        use_log_format("json")  # an unknown option ends the parse before the option's own
     try:
         yield
     except TyperException as exc:  # typer's click errors: usage, bad values
@@ -71,7 +72,7 @@ class _PlainCommand(TyperCommand):
         return pieces
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        with _usage_errors_logged():
+        with _usage_errors_logged(args):
             parsed: list[str] = super().parse_args(ctx, args)
         return parsed
 
@@ -97,17 +98,28 @@ class _PlainCommand(TyperCommand):
                     formatter.write_dl(rows)
 
 
+class _Group(TyperGroup):
+    """An unknown command (``PULSE_BATCH_LOG_FORMAT=json``) is a JSON line too."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _usage_errors_logged(args):
+            parsed: list[str] = super().parse_args(ctx, args)
+        return parsed
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        with _usage_errors_logged(args):
+            return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
     rich_markup_mode=None,
     help="Batch transcription jobs for the Pulse streaming speech-to-text service.",
-    epilog="Exit codes: "
-    + "; ".join(f"{code.value} {text}" for code, text in EXIT_MEANINGS.items()),
+    epilog=cli_exits.EPILOG,
 )
-app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
-app.command("forget", cls=_PlainCommand)(forget_command)
 logger = logging.getLogger("batch")
 
 
@@ -140,7 +152,7 @@ _JobOutput = Annotated[
 ]
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=_PlainCommand, epilog=cli_exits.EPILOG)
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
     force: Annotated[bool, typer.Option("--force", help="Redo items already ok.")] = False,
@@ -481,6 +493,11 @@ def compact(
         lines = OutputReader(output).compact()
     for line in lines:
         print(line)
+
+
+# Registered last, so `--help` lists the everyday commands first.
+app.command("forget", cls=_PlainCommand)(forget_command)
+app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
 
 
 def main() -> None:

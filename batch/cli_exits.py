@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from batch import observe
-from batch.errors import LockedError, ManifestError, OutputError, exit_code_for
+from batch.errors import EXIT_MEANINGS, LockedError, ManifestError, OutputError, exit_code_for
+
+# The help's last paragraph, under `pulse-batch --help` and `run --help`.
+EPILOG = "Exit codes: " + "; ".join(f"{c.value} {text}" for c, text in EXIT_MEANINGS.items())
 
 # A path in a message is never cut; with --log-format json, messages are log records.
 err: Console = observe.StderrConsole(stderr=True, soft_wrap=True)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -155,6 +156,18 @@ def use_log_format(value: str) -> str:
         logging.getLogger().handlers[:] = [handler]
         logging.getLogger("batch").setLevel(logging.INFO)  # what text mode prints, as records
     return value
+
+
+def requested(args: Sequence[str]) -> bool:
+    """Whether ``args`` (``--log-format json``) or the environment ask for JSON logs. Read
+    before click parses them: an unknown option or command stops the parse before the
+    option's callback runs, and its error must be a JSON line too."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2] == "json"
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[i + 1] == "json"
+    return os.environ.get(ENV) == "json"
 
 
 LogFormat = Annotated[

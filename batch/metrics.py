@@ -26,7 +26,14 @@ from batch.timeline import OUTCOMES
 logger = logging.getLogger(__name__)
 
 PREFIX = "pulse_batch_"
-_ITEM_STATUSES = ("ok", "failed", "not_run", "skipped_already_ok", "skipped_failed_before")
+_ITEM_STATUSES = (
+    "ok",
+    "failed",
+    "not_run",
+    "skipped_already_ok",
+    "skipped_failed_before",
+    "skipped_forgotten",
+)
 
 
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[GaugeMetricFamily]:
@@ -56,7 +63,7 @@ def families(report: dict[str, Any], exit_code: int | None = None) -> list[Any]:
         PREFIX + "items", "Items of this run by status.", labels=["status"]
     )
     for status in _ITEM_STATUSES:
-        by_status.add_metric([status], float(items[status]))
+        by_status.add_metric([status], float(items.get(status, 0)))  # older reports lack some
     retries = GaugeMetricFamily(
         PREFIX + "retries", "Attempts retried, by the failed attempt's error kind.",
         labels=["error_kind"],

@@ -118,8 +118,11 @@ def test_the_docs_and_the_help_show_every_exit_code_and_no_other() -> None:
     text = (ROOT / "docs" / "resilience.md").read_text(encoding="utf-8")
     assert _codes_in_table(text, "| exit code | meaning |") == codes
     assert _codes_in_table(text, "| exit | what happened | what to do |") == codes
-    shown = CliRunner().invoke(app, ["--help"], terminal_width=1000).output
-    assert all(f"{code} {EXIT_MEANINGS[code]}" in shown for code in ExitCode), shown
+    for args in (["--help"], ["run", "--help"]):  # run's own help too: what cron acts on
+        shown = CliRunner().invoke(app, args, terminal_width=1000).output
+        assert all(f"{code} {EXIT_MEANINGS[code]}" in shown for code in ExitCode), shown
+    listed = CliRunner().invoke(app, ["--help"], terminal_width=1000).output.split("Commands:")
+    assert listed[1].split()[0] == "run", listed  # the everyday command first, serve last
 
 
 def test_the_error_drawing_and_exit_code_for_agree() -> None:

@@ -22,6 +22,7 @@ from tests.media import tone_calls
 from tests.rows import rows, write
 from tests.s3server import S3Bucket
 from tests.tables import TABLES, sql
+from tests.test_metrics import one, samples
 
 JOB = "test-job"
 
@@ -132,6 +133,21 @@ def test_a_changed_source_is_a_new_item_and_is_transcribed(tmp_path: Path) -> No
     (media / "call-0000.wav").write_bytes((media / "call-0000.wav").read_bytes() + b"\0\0")
     rerun = anyio.run(run_job, load_manifest(manifest), RunOptions())
     assert rerun.report["items"]["ok"] == 1 and rerun.report["items"]["skipped_forgotten"] == 0
+
+
+def test_a_rerun_after_forget_counts_the_item_in_its_metrics(tmp_path: Path) -> None:
+    # pulse_batch_items by status adds up to the items planned, the forgotten one included.
+    manifest = _job(tmp_path, 2)
+    out = tmp_path / "out"
+    forget(out, JOB, items=[_id_of(out, "call-0000.wav")])
+    prom = tmp_path / "m.prom"
+    done = run_cli("run", str(manifest), "--metrics-file", str(prom))
+    assert done.returncode == 0, done.output
+    found = samples(prom.read_text())
+    assert one(found, "pulse_batch_items", status="skipped_forgotten") == 1
+    assert one(found, "pulse_batch_items", status="skipped_already_ok") == 1
+    by_status = [v for (name, _), v in found.items() if name == "pulse_batch_items"]
+    assert sum(by_status) == one(found, "pulse_batch_items_planned") == 2
 
 
 def test_forget_names_a_bad_selection_and_a_missing_output(tmp_path: Path) -> None:

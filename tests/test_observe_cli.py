@@ -86,6 +86,21 @@ def test_a_usage_error_is_a_json_line_too(tmp_path: Path) -> None:
     assert line["event"] == "usage_error" and "--max-failures" in line["message"]
 
 
+def test_an_unknown_option_or_command_is_a_json_line_too(tmp_path: Path) -> None:
+    # Found while parsing, before --log-format's own callback could choose JSON.
+    manifest = faulty_manifest(tmp_path)
+    option = run_cli("run", str(manifest), "--log-format", "json", "--concurrency", "3")
+    command = run_cli("runn", str(manifest), env={"PULSE_BATCH_LOG_FORMAT": "json"})
+    text = run_cli("run", str(manifest), "--log-format", "text", "--concurrency", "3",
+                   env={"PULSE_BATCH_LOG_FORMAT": "json"})  # fmt: skip
+    assert option.returncode == command.returncode == text.returncode == 2
+    [line] = _json_lines(option.stderr)
+    assert line["event"] == "usage_error" and "--concurrency" in line["message"]
+    [line] = _json_lines(command.stderr)
+    assert line["event"] == "usage_error" and "'runn'" in line["message"]
+    assert "Error: No such option: --concurrency" in text.stderr  # the flag beats the env
+
+
 def test_report_writes_the_html_of_a_past_run(tmp_path: Path) -> None:
     manifest = faulty_manifest(tmp_path)
     with server_in_thread() as server:
