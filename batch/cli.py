@@ -26,7 +26,6 @@ from batch import job as jobs
 from batch import score as scoring
 from batch.cli_exits import exit_codes, fail
 from batch.decode import WireFormat, probe
-from batch.dryrun import render_dry_run
 from batch.errors import (
     ExitCode,
     InputError,
@@ -223,8 +222,6 @@ def run(
     """Run a job: transcribe every input of MANIFEST into Parquet tables and a report."""
     if max_failures is not None and max_failure_ratio is not None:
         raise typer.BadParameter("give --max-failures or --max-failure-ratio, not both")
-    if as_json and not dry_run:
-        raise typer.BadParameter("--json goes with --dry-run (a run's report: `report --json`)")
     with exit_codes():  # a ShardError is a usage error
         this_shard = shards_from_environment(os.environ, shard, shards)
     loaded = _load(manifest)
@@ -256,8 +253,7 @@ def run(
         display.close()
         observer.close()
     if dry_run:
-        report = result.report
-        print(json.dumps(report, indent=2) if as_json else render_dry_run(report, loaded.manifest))
+        console.show_dry_run(result.report, loaded.manifest, as_json)
         return
     console.show_run(result, cli_exits.err)
     observer.finish(result.report, result.exit_code)

@@ -20,9 +20,10 @@ from batch import logjson, observe, storage
 from batch.api import RunResult
 from batch.credentials import RedactingFilter, Scrubber, scrubber_for_env
 from batch.decode import WireFormat
+from batch.dryrun import render_dry_run
 from batch.forget import ForgetResult
 from batch.job import Observer
-from batch.manifest import LoadedManifest
+from batch.manifest import LoadedManifest, Manifest
 from batch.model import Item, RunStatus
 from batch.output import COLUMNS, PARTITION_CHOICES, SCHEMA_VERSION, TABLES
 from batch.plan import expand_sources
@@ -238,6 +239,11 @@ def show_run(result: RunResult, err: Console) -> None:
         print(f"report: {result.report_path}")
         print(f"        {result.report_path.removesuffix('.json')}.md")
     print(summary_line(report))
+
+
+def show_dry_run(report: dict[str, Any], manifest: Manifest, as_json: bool) -> None:
+    """``run --dry-run``: a summary for people, or the whole plan as JSON."""
+    print(json.dumps(report, indent=2) if as_json else render_dry_run(report, manifest))
 
 
 def show_report(data: dict[str, Any]) -> None:
