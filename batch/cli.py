@@ -9,22 +9,19 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import typer
 from rich.markup import escape
-from typer.core import TyperArgument, TyperCommand, TyperGroup
-from typer.exceptions import TyperException
 
 from batch import api, cli_exits, console, observe, storage
 from batch import export as exports
 from batch import job as jobs
 from batch import score as scoring
 from batch.cli_exits import exit_codes, fail
+from batch.cli_shape import Group, PlainCommand
 from batch.decode import WireFormat, probe
 from batch.errors import (
     ExitCode,
@@ -33,7 +30,7 @@ from batch.errors import (
 )
 from batch.forget_command import forget_command
 from batch.html_report import render_html
-from batch.logjson import LogFormat, json_mode, requested, use_log_format
+from batch.logjson import LogFormat
 from batch.manifest import LoadedManifest, load_manifest
 from batch.metrics import MetricsPublisher
 from batch.output import OutputReader
@@ -43,75 +40,8 @@ from batch.shard import from_environment as shards_from_environment
 from batch.status import job_status
 from batch.version import __version__
 
-
-@contextmanager
-def _usage_errors_logged(args: Sequence[str] = ()) -> Iterator[None]:
-    """With --log-format json, a usage error is a JSON log line too (not click's text)."""
-    if not json_mode() and requested(args):
-        use_log_format("json")  # an unknown option ends the parse before the option's own
-    try:
-        yield
-    except TyperException as exc:  # typer's click errors: usage, bad values
-        if not json_mode():
-            raise
-        logger.error("%s", exc.format_message(), extra={"event": "usage_error"})
-        raise typer.Exit(exc.exit_code) from None
-
-
-class _PlainCommand(TyperCommand):
-    """Usage lines as people write them (``run [OPTIONS] MANIFEST``), not ``{manifest}``."""
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if isinstance(param, TyperArgument):
-                name = (param.metavar or param.name or "arg").upper()
-                name += "..." if param.nargs != 1 else ""
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        with _usage_errors_logged(args):
-            parsed: list[str] = super().parse_args(ctx, args)
-        return parsed
-
-    def invoke(self, ctx: Any) -> Any:
-        with _usage_errors_logged():
-            return super().invoke(ctx)
-
-    def format_options(self, ctx: Any, formatter: Any) -> None:
-        # Arguments by name and help only: no "<list[Path]>" type tags.
-        arguments = [
-            ((p.metavar or p.name or "").upper(), p.help or "")
-            for p in self.get_params(ctx)
-            if isinstance(p, TyperArgument)
-        ]
-        options = [
-            record
-            for p in self.get_params(ctx)
-            if not isinstance(p, TyperArgument) and (record := p.get_help_record(ctx))
-        ]
-        for title, rows in (("Arguments", arguments), ("Options", options)):
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
-
-
-class _Group(TyperGroup):
-    """An unknown command (``PULSE_BATCH_LOG_FORMAT=json``) is a JSON line too."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        with _usage_errors_logged(args):
-            parsed: list[str] = super().parse_args(ctx, args)
-        return parsed
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        with _usage_errors_logged(args):
-            return super().resolve_command(ctx, args)
-
-
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     # Plain help: no "<bool>" after every flag, no "{manifest}" in the usage line.
@@ -151,7 +81,7 @@ _JobOutput = Annotated[
 ]
 
 
-@app.command(cls=_PlainCommand, epilog=cli_exits.EPILOG)
+@app.command(cls=PlainCommand, epilog=cli_exits.EPILOG)
 def run(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
     force: Annotated[bool, typer.Option("--force", help="Redo items already ok.")] = False,
@@ -260,7 +190,7 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=PlainCommand)
 def validate(
     manifest: Annotated[Path, typer.Argument(help="Job manifest (YAML).", metavar="MANIFEST")],
     log_format: LogFormat = "text",
@@ -273,7 +203,7 @@ def validate(
     console.show_plan(manifest, loaded, items, warnings)
 
 
-@app.command("probe", cls=_PlainCommand)
+@app.command("probe", cls=PlainCommand)
 def probe_command(
     files: Annotated[
         list[str],
@@ -307,7 +237,7 @@ def probe_command(
         raise typer.Exit(ExitCode.ITEMS_FAILED)
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=PlainCommand)
 def schema(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="As Markdown tables.")] = False,
@@ -317,7 +247,7 @@ def schema(
     console.show_schema(as_json, markdown)
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=PlainCommand)
 def report(
     output: _JobOutput,
     job: Annotated[
@@ -366,7 +296,7 @@ def report(
         console.show_report(data)
 
 
-@app.command("export", cls=_PlainCommand)
+@app.command("export", cls=PlainCommand)
 def export_command(
     output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job whose items to export.")],
@@ -425,7 +355,7 @@ def export_command(
         raise typer.Exit(ExitCode.ITEMS_FAILED)  # the others were written
 
 
-@app.command("score", cls=_PlainCommand)
+@app.command("score", cls=PlainCommand)
 def score_command(
     output: _JobOutput,
     job: Annotated[str, typer.Option(help="The job to score.")],
@@ -457,7 +387,7 @@ def score_command(
         console.show_scores(scored)
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=PlainCommand)
 def status(
     output: _JobOutput,
     job: Annotated[str, typer.Option(help="Job name.")],
@@ -478,7 +408,7 @@ def status(
     raise typer.Exit(ExitCode.OK if result.complete else ExitCode.ITEMS_FAILED)
 
 
-@app.command(cls=_PlainCommand)
+@app.command(cls=PlainCommand)
 def compact(
     output: Annotated[str, typer.Argument(help="An output (output.path: folder or URL).")],
     log_format: LogFormat = "text",
@@ -492,8 +422,8 @@ def compact(
 
 
 # Registered last, so `--help` lists the everyday commands first.
-app.command("forget", cls=_PlainCommand)(forget_command)
-app.command("serve", help="Run the local Pulse-compatible server.", cls=_PlainCommand)(serve)
+app.command("forget", cls=PlainCommand)(forget_command)
+app.command("serve", help="Run the local Pulse-compatible server.", cls=PlainCommand)(serve)
 
 
 def main() -> None:
