@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("whisper"):
             item.add_marker(pytest.mark.xdist_group("whisper"))
+
+
+@pytest.fixture(autouse=True)
+def _logging_levels_kept() -> Iterator[None]:
+    """Every test starts from the logging levels the session started with: code run in this
+    process (a CLI call, a log-format switch, a server's set-up) sets levels on our loggers
+    and the libraries', and a later test must not hear less (or more) because of it."""
+    manager = logging.getLogger().manager
+    before = {
+        name: (made.level, made.disabled)
+        for name, made in manager.loggerDict.items()
+        if isinstance(made, logging.Logger)
+    }
+    root_level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(root_level)
+    for name, made in list(manager.loggerDict.items()):
+        if isinstance(made, logging.Logger):
+            level, disabled = before.get(name, (logging.NOTSET, False))
+            made.setLevel(level)
+            made.disabled = disabled
 
 
 @pytest.fixture

@@ -420,7 +420,10 @@ async def test_api_key_is_required_when_configured() -> None:
 
 @pytest.mark.anyio
 async def test_the_key_never_reaches_the_server_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
+    # Levels set here, not inherited: a CLI run in this process (text or JSON mode) may have
+    # left `batch` at INFO and `batch.server` at WARNING, and the header lines are DEBUG.
+    for name in ("", "batch", "batch.server"):
+        caplog.set_level(logging.DEBUG, logger=name)
     async with local_server(api_key=KEY) as server:
         await run_session(server.url, b"")
         await refused(server.url, key="wrong-key-456")
