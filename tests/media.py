@@ -212,3 +212,28 @@ def write_mp3_probed_short(path: Path, head_s: float, body: np.ndarray, rate: in
     silence = np.zeros(int(head_s * rate), dtype=np.float32)
     path.write_bytes(segment(silence, 320_000) + segment(body, 32_000))
     return path
+
+
+def long_audio(path: Path, seconds: float, rate: int = 16000, codec: str = "flac") -> Path:
+    """A long file written a second at a time (never all in memory): a burst every 2 s."""
+    second = tone_track([Burst(0.2, 0.5, 440)], 1.0, rate)
+    quiet = np.zeros(rate, dtype=np.float32)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        fmt = "s16" if codec == "flac" else "fltp"
+        stream.codec_context.format = fmt
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        for i in range(int(seconds)):
+            frame = av.AudioFrame.from_ndarray(
+                (second if i % 2 == 0 else quiet).reshape(1, -1), format="flt", layout="mono"
+            )
+            frame.sample_rate, frame.pts, frame.time_base = rate, i * rate, Fraction(1, rate)
+            for chunk in resampler.resample(frame):
+                for packet in stream.encode(chunk):
+                    out.mux(packet)
+        for chunk in resampler.resample(None):
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path

@@ -21,15 +21,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
-import numpy as np
-
 from tests.conftest import write_manifest
-from tests.media import Burst, tone_track
+from tests.media import long_audio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,31 +43,6 @@ class Usage:
     @property
     def cpu_s(self) -> float:
         return self.user_s + self.system_s
-
-
-def long_audio(path: Path, seconds: float, rate: int = 16000, codec: str = "flac") -> Path:
-    """A long file written a second at a time (never all in memory): a burst every 2 s."""
-    second = tone_track([Burst(0.2, 0.5, 440)], 1.0, rate)
-    quiet = np.zeros(rate, dtype=np.float32)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        fmt = "s16" if codec == "flac" else "fltp"
-        stream.codec_context.format = fmt
-        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
-        for i in range(int(seconds)):
-            frame = av.AudioFrame.from_ndarray(
-                (second if i % 2 == 0 else quiet).reshape(1, -1), format="flt", layout="mono"
-            )
-            frame.sample_rate, frame.pts, frame.time_base = rate, i * rate, Fraction(1, rate)
-            for chunk in resampler.resample(frame):
-                for packet in stream.encode(chunk):
-                    out.mux(packet)
-        for chunk in resampler.resample(None):
-            for packet in stream.encode(chunk):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
 
 
 @contextmanager

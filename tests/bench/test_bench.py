@@ -12,18 +12,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 
 from tests.bench import client_cpu
 from tests.bench.results import publish
 from tests.conftest import run_cli_process, server_in_thread, write_manifest
-from tests.media import Burst, tone_track, write_audio, write_format
+from tests.media import Burst, long_audio, tone_track, write_audio, write_format
 
 pytestmark = pytest.mark.bench
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,31 +32,6 @@ RESULTS: dict[str, Any] = {}
 def _report() -> Iterator[None]:
     yield
     publish(RESULTS, "latest", "pulse-batch bench")
-
-
-def _long_audio(path: Path, seconds: float, rate: int = 16000, codec: str = "flac") -> Path:
-    """A long file written a second at a time (never all in memory): a burst every 2 s."""
-    second = tone_track([Burst(0.2, 0.5, 440)], 1.0, rate)
-    quiet = np.zeros(rate, dtype=np.float32)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        fmt = "s16" if codec == "flac" else "fltp"
-        stream.codec_context.format = fmt
-        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
-        for i in range(int(seconds)):
-            frame = av.AudioFrame.from_ndarray(
-                (second if i % 2 == 0 else quiet).reshape(1, -1), format="flt", layout="mono"
-            )
-            frame.sample_rate, frame.pts, frame.time_base = rate, i * rate, Fraction(1, rate)
-            for chunk in resampler.resample(frame):
-                for packet in stream.encode(chunk):
-                    out.mux(packet)
-        for chunk in resampler.resample(None):
-            for packet in stream.encode(chunk):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
 
 
 # --- makespan ----------------------------------------------------------------------
@@ -87,7 +60,7 @@ def test_skewed_workload_makespan(tmp_path: Path) -> None:
     media.mkdir()
     # Listing order puts the longest recording last: the worst case for a naive pool.
     for i, seconds in enumerate(DURATIONS_S):
-        _long_audio(media / f"rec-{i:02d}.flac", seconds)
+        long_audio(media / f"rec-{i:02d}.flac", seconds)
     total = sum(DURATIONS_S)
     bound = max(total / (CONCURRENCY * PACE), max(DURATIONS_S) / PACE)
     ours = _makespan(tmp_path, media, "longest_first", concurrency=CONCURRENCY)
@@ -110,7 +83,7 @@ def test_one_long_file_makespan(tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
     seconds = 1200
-    _long_audio(media / "board-meeting.flac", seconds)
+    long_audio(media / "board-meeting.flac", seconds)
     bound = seconds / (CONCURRENCY * PACE)
     split = _makespan(tmp_path, media, "split", concurrency=CONCURRENCY, split_long_files=True,
                       split_threshold_s=120, piece_target_s=60)  # fmt: skip
@@ -194,8 +167,8 @@ def _peak_rss_mb(code: str) -> float:
 
 
 def test_peak_memory(tmp_path: Path) -> None:
-    ten_min = _long_audio(tmp_path / "10min.flac", 600)
-    two_hours = _long_audio(tmp_path / "2h.flac", 7200)
+    ten_min = long_audio(tmp_path / "10min.flac", 600)
+    two_hours = long_audio(tmp_path / "2h.flac", 7200)
     decode = (
         "from batch.decode import DecodedAudio, WireFormat\n"
         "for _ in DecodedAudio({!r}, WireFormat('linear16', 16000)): pass"
@@ -261,7 +234,7 @@ def test_client_cpu_per_audio_hour(tmp_path: Path) -> None:
         bare.append(client_cpu.bare_marginal(64, 20, 60))
     best, floor = (min(runs, key=lambda r: r["cpu_s_per_audio_h"]) for runs in (ours, bare))
     per_h, bare_h = best["cpu_s_per_audio_h"], floor["cpu_s_per_audio_h"]
-    decode = _decode_cpu_s_per_audio_h(client_cpu.long_audio(tmp_path / "d.flac", 60), 60)
+    decode = _decode_cpu_s_per_audio_h(long_audio(tmp_path / "d.flac", 60), 60)
     many = client_cpu.marginal(256, 10, 30)
     many_bare = client_cpu.bare_marginal(256, 10, 30)
     RESULTS["client CPU, sessions paced at real time (marginal, client process only)"] = {
