@@ -260,6 +260,7 @@ class _Stream:
         self.end_sent = anyio.Event()
         self.started_at: float | None = None
         self.end_sent_at = self._paced_from = 0.0  # pacing's origin: the loop's clock
+        self._grid = pacing.grid()  # the loop's, made in it
         self._waiting: anyio.CancelScope | None = None
         self.meter = ReplyMeter(bounds)
         self._full_chars = 0  # the latest full_transcript's length
@@ -307,7 +308,7 @@ class _Stream:
         self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:  # on a grid shared by all sessions: one wake serves many (`pacing`)
-            await anyio.sleep_until(pacing.wake_at(self._paced_from, position_s, pace))
+            await self._grid.wait_until(self._paced_from + position_s / pace)
         else:
             await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
 
@@ -354,7 +355,8 @@ class _Stream:
         # A service that echoes the key into a transcript or message must not get it stored.
         raw = self.scrubber.scrub_whole(raw)
         try:
-            message = protocol.parse_message(raw, self.scrubber.scrub if self.scrubber else None)
+            scrub = self.scrubber.scrub if self.scrubber.may_hide_in(raw) else None
+            message = protocol.parse_message(raw, scrub)
         except protocol.MalformedMessage as exc:
             detail = self.scrubber.scrub(str(exc))
             raise ProtocolViolation(f"unreadable message from the service: {detail}") from None

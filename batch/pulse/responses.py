@@ -94,6 +94,11 @@ class Transcription:
 
     def without_speakers(self) -> Transcription:
         """Speakers removed: a session without ``diarize`` has no speaker to report."""
+        words, utterances = self.words, self.utterances
+        if all(w.speaker is None and w.speaker_confidence is None for w in words) and all(
+            u.speaker is None for u in utterances
+        ):
+            return self  # nothing to remove (most messages): no copies
         return replace(
             self,
             words=tuple(replace(w, speaker=None, speaker_confidence=None) for w in self.words),
@@ -115,6 +120,8 @@ class InvalidField(MalformedMessage):
 
 def _clean(text: str) -> str:
     # json.loads accepts lone surrogates ("\ud800"); Parquet's UTF-8 does not.
+    if text.isascii():  # no surrogate in it: nothing to replace
+        return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
@@ -162,6 +169,10 @@ class _Coercions:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return tuple(self.names)
 
     def note(self, name: str) -> None:
         if name not in self.names:
@@ -363,7 +374,7 @@ def parse_message(
     session_id = data.get("session_id")
     if isinstance(session_id, int) and not isinstance(session_id, bool):
         session_id = str(session_id)
-    message = Transcription(
+    return Transcription(
         session_id=fix.text(session_id, "session_id"),
         transcript=_transcript_text(data),
         is_final=_flag(data, "is_final"),
@@ -381,5 +392,5 @@ def parse_message(
             if fix.language(lang, "languages")
         ),
         redacted_entities=fix.entities(data.get("redacted_entities"), "redacted_entities"),
+        dropped=fix.dropped,  # read last: every field above was coerced by then
     )
-    return replace(message, dropped=tuple(fix.names))
