@@ -40,8 +40,8 @@ from batch.errors import (
 from batch.hangup import ResettingConnection
 from batch.pulse import protocol
 from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds, ReplyMeter
-from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
+from batch.readahead import ReadAhead
 from batch.stallwatch import DEFAULT_POLICY, LivenessPolicy, StallWatch
 
 logger = logging.getLogger(__name__)
@@ -283,14 +283,12 @@ class _Stream:
         # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
         # must not stall the event loop, which paces and keeps alive every other session.
         reader = ReadAhead(audio)
-        sink, batches = anyio.create_memory_object_stream[Batch](BATCHES_AHEAD)
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(reader.pump, sink)
-                async with batches:
-                    async for batch in batches:
-                        for chunk, position_s in batch:
-                            await self._send_chunk(chunk, position_s, pace)
+                tasks.start_soon(reader.pump)
+                while batch := await reader.next():
+                    for chunk, position_s in batch:
+                        await self._send_chunk(chunk, position_s, pace)
         finally:
             reader.close()
         await self._send(protocol.end_message(self.generation))
