@@ -3,34 +3,35 @@
 A decoder pulls bytes from a local disk, a cache file or object storage; any of them can
 block (a slow S3 range read, a stalled NFS mount). Done on the event loop, that one read
 would stall the pacing, keepalives and timeouts of every other session of the job. Here the
-`AudioSource` is iterated in a worker thread, a batch of chunks at a time, into a bounded
+`AudioSource` is read in a worker thread, a batch of chunks at a time, into a bounded
 queue the sender drains: at most ``BATCHES_AHEAD`` batches (a few seconds of audio) are
 held, so memory stays flat whatever the file's length, and each chunk carries the audio
 position reached with it, so pacing is as exact as when the sender read the source itself.
 
-One worker thread reads the whole source (`pump`), and the event loop is woken only when
-the sender waits for a batch: a sender that keeps ahead (the usual case, paced) takes each
-batch from the queue without a thread hop (one per batch cost a wake of the loop each).
+The worker threads are shared (`_Readers`): a batch asked for goes to the reader that went
+idle last, and a new reader starts only when none is idle, so a read stalled on a slow
+store holds its own thread and no other session's reads. Sessions paced at real time ask
+for a batch a second each and a read takes about a millisecond, so a few threads serve
+every session: a thread per session cost far more in context switches (each release of
+the GIL in the decoder handed it to one of 64 threads) than the decoding itself. The
+event loop is woken only when the sender waits for a batch; a paced sender keeps ahead.
 
 Errors the source raises (`batch.errors.InputError` and its subclasses) reach the sender
-unchanged. When the session ends early (cancelled), a read in progress is abandoned, not
-waited for: the worker closes the source when that read returns.
+unchanged, raised by `ReadAhead.next`. When the session ends early (cancelled), a read in
+progress is abandoned, not waited for: its reader closes the source when the read returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Final, Protocol
 
-import anyio
-import anyio.to_thread
-
-# A batch is this much audio (or this many chunks): one thread hop per second of audio
-# (each wakes the event loop and a worker; at 0.5 s they were a fifth of a paced
-# session's CPU), little held.
+# A batch is this much audio (or this many chunks): one read per second of audio, little
+# held.
 BATCH_AUDIO_S: Final = 1.0
 BATCH_MAX_CHUNKS: Final = 64
 # Batches decoded ahead of the sender: enough that a paced sender never waits on a healthy
@@ -38,6 +39,8 @@ BATCH_MAX_CHUNKS: Final = 64
 # the batch being read and the one being sent). Audio read ahead is marked for liveness
 # when it is read (`batch.speech_gauge`): more ahead would count more unmeasured audio.
 BATCHES_AHEAD: Final = 1
+# A reader idle this long ends (a later batch starts a new one).
+READER_IDLE_S: Final = 10.0
 
 # One chunk of wire audio and the audio position (seconds) once it is sent.
 Batch = list[tuple[bytes, float]]
@@ -53,9 +56,48 @@ class AudioSource(Protocol):
     def position_s(self) -> float: ...
 
 
+class _Readers:
+    """Shared reader threads: `ask` queues a session's next read for the reader that went
+    idle last, or a new reader when none is idle."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked: deque[ReadAhead] = deque()
+        self._idle: list[threading.Lock] = []  # each idle reader waits on its own lock
+
+    def ask(self, reader: ReadAhead) -> None:
+        with self._lock:
+            self._asked.append(reader)
+            parked = self._idle.pop() if self._idle else None
+        if parked is None:
+            threading.Thread(target=self._serve, name="pulse-batch-reader", daemon=True).start()
+        else:
+            parked.release()
+
+    def _serve(self) -> None:
+        parked = threading.Lock()
+        parked.acquire()
+        while True:
+            with self._lock:
+                reader = self._asked.popleft() if self._asked else None
+                if reader is None:
+                    self._idle.append(parked)
+            if reader is not None:
+                reader.fill()
+            elif not parked.acquire(timeout=READER_IDLE_S):
+                with self._lock:
+                    if parked in self._idle:  # not handed work while timing out: end
+                        self._idle.remove(parked)
+                        return
+                parked.acquire()  # handed work as it timed out: the release is coming
+
+
+_READERS = _Readers()
+
+
 class ReadAhead:
-    """One pass over an `AudioSource` in a worker thread: `pump` (a task) fills a bounded
-    queue, the sender takes batches with `next`; `close` when the session is over, however
+    """One pass over an `AudioSource` by the shared readers: the sender takes batches with
+    `next` (each taken lets the next be read); `close` when the session is over, however
     it ended."""
 
     def __init__(self, source: AudioSource) -> None:
@@ -64,12 +106,11 @@ class ReadAhead:
         self._lock = threading.Lock()
         self._reading = False
         self._closed = False
-        # Each session reads in its own thread: a stalled store holds that thread only,
-        # never a slot of anyio's shared pool that other sessions' reads need.
-        self._limiter = anyio.CapacityLimiter(1)
-        # The queue between the reader and the sender, and the sender's wait when it is empty.
-        self._queue_lock = threading.Condition()
+        # The queue between the readers and the sender; the sender's wait when it is empty.
+        self._queue_lock = threading.Lock()
         self._ready: deque[Batch] = deque()
+        self._error: BaseException | None = None  # what the source raised, after the batches
+        self._asked = False  # a read is queued or under way
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -101,54 +142,60 @@ class ReadAhead:
         if close is not None:
             close()
 
-    async def pump(self) -> None:
-        """Read the source in a worker thread until it ends (or `close`), never holding
-        more than ``BATCHES_AHEAD`` batches the sender has not taken. Raises what the
-        source raised; cancelled, the read in progress is abandoned (see `close`)."""
-        self._loop = asyncio.get_running_loop()
-        await anyio.to_thread.run_sync(
-            self._read_all, limiter=self._limiter, abandon_on_cancel=True
-        )
-
-    def _read_all(self) -> None:  # the worker thread
-        queue = self._queue_lock
-        while True:
-            with queue:
-                while len(self._ready) >= BATCHES_AHEAD and not self._closed:
-                    queue.wait()
-                if self._closed:
-                    return
+    def fill(self) -> None:
+        """Read one batch (a reader thread; blocks on reads) and hand it to the sender."""
+        error: BaseException | None = None
+        try:
             batch = self.next_batch()
-            with queue:
-                self._ready.append(batch)
-                waiter, self._waiter = self._waiter, None
-            if waiter is not None and self._loop is not None:  # the sender waits: wake it
+        except BaseException as exc:  # raised to the sender, after the batches before it
+            batch, error = [], exc
+        with self._queue_lock:
+            self._ready.append(batch)
+            self._error = error
+            self._asked = False
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and self._loop is not None:  # the sender waits: wake it
+            with contextlib.suppress(RuntimeError):  # its loop closed: no one to wake
                 self._loop.call_soon_threadsafe(_wake, waiter)
-            if not batch:
-                return
 
     async def next(self) -> Batch:
-        """The next batch the worker read (empty at the end), waiting if there is none yet.
-        Taking one lets the worker read another."""
+        """The next batch read (empty at the end), waiting if there is none yet; raises
+        what the source raised. Taking one lets the next be read."""
         queue = self._queue_lock
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         while True:
             with queue:
                 if self._ready:
                     batch = self._ready.popleft()
-                    queue.notify()
-                    return batch
-                self._waiter = waiter = asyncio.get_running_loop().create_future()
+                    if not batch and self._error is not None:
+                        raise self._error
+                    ask = bool(batch) and self._ask()
+                    break
+                waiter = self._waiter = self._loop.create_future()
+                ask = self._ask()
+            if ask:
+                _READERS.ask(self)
             await waiter
+        if ask:
+            _READERS.ask(self)
+        return batch
+
+    def _ask(self) -> bool:
+        """Whether to ask for a read now (the queue lock held): none under way, room."""
+        if self._asked or self._closed or len(self._ready) >= BATCHES_AHEAD:
+            return False
+        self._asked = True
+        return True
 
     def close(self) -> None:
         """Release the source (its file or connection): now, or when a read in progress
-        returns; the worker stops. Safe to call more than once, from any thread."""
+        returns. Safe to call more than once, from any thread."""
         with self._lock:
             self._closed = True
             reading = self._reading
         with self._queue_lock:
             self._waiter = None  # no wake for a sender that is gone (its loop may be too)
-            self._queue_lock.notify_all()
         if not reading:
             self._close_source()
 

@@ -284,11 +284,9 @@ class _Stream:
         # must not stall the event loop, which paces and keeps alive every other session.
         reader = ReadAhead(audio)
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(reader.pump)
-                while batch := await reader.next():
-                    for chunk, position_s in batch:
-                        await self._send_chunk(chunk, position_s, pace)
+            while batch := await reader.next():
+                for chunk, position_s in batch:
+                    await self._send_chunk(chunk, position_s, pace)
         finally:
             reader.close()
         await self._send(protocol.end_message(self.generation))
