@@ -300,7 +300,12 @@ class _Stream:
         if self.started_at is None:
             self.started_at = time.monotonic()
             self._paced_from = anyio.current_time()
-        await self.watch.send(self._send, chunk, position_s)  # none once the service is silent
+        watch = self.watch
+        if chunk and not watch.holding:  # the usual chunk: straight to the socket
+            await pacing.send(self.ws, chunk, self.timeouts.write_timeout_s)
+            watch.fed(position_s)
+        else:  # a unit's end (finalize), or a silent service (none until it answers)
+            await watch.send(self._send, chunk, position_s)
         self.audio_sent_s = position_s
         self._grow_deadline(position_s)
         if pace > 0:  # on a grid shared by all sessions: one wake serves many (`pacing`)
@@ -315,19 +320,17 @@ class _Stream:
                 self.deadline.deadline = grown
 
     async def receive(self) -> None:
-        while True:
-            with anyio.CancelScope() as scope:
-                self._waiting = scope
+        with anyio.CancelScope() as scope:  # one for the session, not one per message
+            self._waiting = scope
+            while True:
                 if self.end_sent.is_set():
                     scope.deadline = anyio.current_time() + self.timeouts.final_timeout_s
                 raw = await self.ws.recv()
-            self._waiting = None
-            if scope.cancelled_caught:
-                raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)
-            if isinstance(raw, bytes):
-                raise ProtocolViolation("service sent a binary frame; only JSON text is expected")
-            if self._handle(raw):
-                return
+                if isinstance(raw, bytes):
+                    raise ProtocolViolation("service sent a binary frame; only JSON is expected")
+                if self._handle(raw):
+                    return
+        raise SessionTimeout("final_timeout_s", self.timeouts.final_timeout_s)  # cancelled
 
     def _note_coerced(self, fields: tuple[str, ...]) -> None:
         for name in fields:

@@ -58,6 +58,11 @@ class StallWatch:
         self._gauge = gauge
         return gauge
 
+    @property
+    def holding(self) -> bool:
+        """Send no more audio until the service answers (`send` holds, then probes)."""
+        return self.liveness.verdict is Verdict.HOLD
+
     def _watching(self) -> bool:  # read from the reader thread: a plain attribute read
         return self.liveness.watching
 
