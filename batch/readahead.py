@@ -8,13 +8,13 @@ queue the sender drains: at most ``BATCHES_AHEAD`` batches (a few seconds of aud
 held, so memory stays flat whatever the file's length, and each chunk carries the audio
 position reached with it, so pacing is as exact as when the sender read the source itself.
 
-The worker threads are shared (`_Readers`): a batch asked for goes to the reader that went
-idle last, and a new reader starts only when none is idle, so a read stalled on a slow
-store holds its own thread and no other session's reads. Sessions paced at real time ask
-for a batch a second each and a read takes about a millisecond, so a few threads serve
-every session: a thread per session cost far more in context switches (each release of
-the GIL in the decoder handed it to one of 64 threads) than the decoding itself. The
-event loop is woken only when the sender waits for a batch; a paced sender keeps ahead.
+The worker threads are shared (`_Readers`): sessions paced at real time ask for a batch a
+second each and a read takes about a millisecond, so one reader serves many sessions in
+turn. A thread per session cost more in context switches than decoding itself (each
+release of the GIL in the decoder handed it to another of 64 threads). A sender kept
+waiting `READER_STALL_S` has one more reader started, so a read stalled on a slow store
+holds up other sessions' reads no longer than that. The event loop is woken only when
+the sender waits for a batch; a paced sender keeps a batch ahead.
 
 Errors the source raises (`batch.errors.InputError` and its subclasses) reach the sender
 unchanged, raised by `ReadAhead.next`. When the session ends early (cancelled), a read in
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Final, Protocol
@@ -41,6 +43,8 @@ BATCH_MAX_CHUNKS: Final = 64
 BATCHES_AHEAD: Final = 1
 # A reader idle this long ends (a later batch starts a new one).
 READER_IDLE_S: Final = 10.0
+# A sender waiting this long for its batch has one more reader started (reads may be stuck).
+READER_STALL_S: Final = 0.1
 
 # One chunk of wire audio and the audio position (seconds) once it is sent.
 Batch = list[tuple[bytes, float]]
@@ -57,22 +61,44 @@ class AudioSource(Protocol):
 
 
 class _Readers:
-    """Shared reader threads: `ask` queues a session's next read for the reader that went
-    idle last, or a new reader when none is idle."""
+    """Shared reader threads. `ask` queues a session's next read for the reader that went
+    idle last; with none idle, the read waits for a busy reader (sessions that started
+    together ask together: one reader takes them in turn, in milliseconds, rather than
+    dozens contending for the GIL). A sender that has waited `READER_STALL_S` for its
+    batch calls `spare`: one more reader starts, so a read stalled on a slow store holds
+    up no other session's reads for longer than that."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._asked: deque[ReadAhead] = deque()
         self._idle: list[threading.Lock] = []  # each idle reader waits on its own lock
+        self._readers = 0
+        self._started_at = -math.inf
 
     def ask(self, reader: ReadAhead) -> None:
         with self._lock:
             self._asked.append(reader)
             parked = self._idle.pop() if self._idle else None
-        if parked is None:
-            threading.Thread(target=self._serve, name="pulse-batch-reader", daemon=True).start()
-        else:
+            start = parked is None and self._readers == 0
+        if parked is not None:
             parked.release()
+        elif start:
+            self._start()
+
+    def spare(self) -> None:
+        """Start one more reader if reads wait and none is idle (at most one a
+        `READER_STALL_S`, however many senders wait)."""
+        with self._lock:
+            stalled = bool(self._asked) and not self._idle
+            if not stalled or time.monotonic() - self._started_at < READER_STALL_S:
+                return
+        self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            self._readers += 1
+            self._started_at = time.monotonic()
+        threading.Thread(target=self._serve, name="pulse-batch-reader", daemon=True).start()
 
     def _serve(self) -> None:
         parked = threading.Lock()
@@ -88,6 +114,7 @@ class _Readers:
                 with self._lock:
                     if parked in self._idle:  # not handed work while timing out: end
                         self._idle.remove(parked)
+                        self._readers -= 1
                         return
                 parked.acquire()  # handed work as it timed out: the release is coming
 
@@ -176,7 +203,11 @@ class ReadAhead:
                 ask = self._ask()
             if ask:
                 _READERS.ask(self)
-            await waiter
+            spare = self._loop.call_later(READER_STALL_S, _READERS.spare)
+            try:
+                await waiter
+            finally:
+                spare.cancel()
         if ask:
             _READERS.ask(self)
         return batch
