@@ -5,7 +5,8 @@ The default suite kills a few times at moments chosen to cover each case: in a c
 first run, of a --force run (rows superseded) and of a rerun (failed rows replaced), and
 mid-stream. A commit is seen as it starts: Parquet's redo-log batch appearing in
 ``_staging``, or Delta's first table of a batch (its transcripts are committed last, so the
-kill falls between a batch's tables). The long forms (30 and 8 kills at random moments) are
+kill falls between a batch's tables). The long forms (30 and 8 kills, half in a commit and
+half at random moments) are
 marked ``slow`` (`make test-all`)."""
 
 from __future__ import annotations
