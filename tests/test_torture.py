@@ -6,8 +6,7 @@ first run, of a --force run (rows superseded) and of a rerun (failed rows replac
 mid-stream. A commit is seen as it starts: Parquet's redo-log batch appearing in
 ``_staging``, or Delta's first table of a batch (its transcripts are committed last, so the
 kill falls between a batch's tables). The long forms (30 and 8 kills, half in a commit and
-half at random moments) are
-marked ``slow`` (`make test-all`)."""
+half at random moments) are marked ``slow`` (`make test-all`)."""
 
 from __future__ import annotations
 
