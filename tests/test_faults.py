@@ -28,7 +28,7 @@ def _run_against(
     the files share sessions through finalize (`batch.reuse`)."""
     _media(tmp_path / "media")
     run = {"concurrency": 4, "pace": 0, "max_attempts": 6, "backoff_initial_s": 0.05,
-           "backoff_max_s": 0.5, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
+           "backoff_max_s": 0.2, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
     manifest = write_manifest(tmp_path, run=run)
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.current_url if reuse else server.url)
@@ -63,7 +63,9 @@ MATRIX = {
 @pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
 @pytest.mark.parametrize("kind", sorted(MATRIX))
 def test_fault_is_survived(kind: str, reuse: bool, tmp_path: Path) -> None:
-    _, report, stats = _run_against(tmp_path, MATRIX[kind], reuse)
+    # A stalled session is given up after final_timeout_s: short, as no answer ever comes.
+    run = {"final_timeout_s": 0.5 * TIME_UNIT_S} if kind == "stall" else {}
+    _, report, stats = _run_against(tmp_path, MATRIX[kind], reuse, run=run)
     assert stats.faults[kind] >= 2, "the fault must actually have been injected"
     assert report["items"]["ok"] == ITEMS and report["items"]["failed"] == 0
     assert report["retries"] >= stats.faults[kind]  # every fault cost one visible retry
