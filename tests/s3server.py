@@ -183,6 +183,7 @@ class S3Server:
     def __init__(self) -> None:
         self._moto = _RecordingMotoServer()
         self.endpoint_url = ""
+        self._client: Any = None
 
     def __enter__(self) -> S3Server:
         self._moto.start()
@@ -214,14 +215,17 @@ class S3Server:
         }
 
     def client(self) -> Any:
-        """A boto3 S3 client for this server (for arranging and inspecting test state)."""
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=FAKE_KEY_ID,
-            aws_secret_access_key=FAKE_SECRET,
-            region_name=FAKE_REGION,
-        )
+        """A boto3 S3 client for this server (for arranging and inspecting test state): one
+        for the session, as a client takes ~0.1 s to make and is safe to share."""
+        if self._client is None:
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=FAKE_KEY_ID,
+                aws_secret_access_key=FAKE_SECRET,
+                region_name=FAKE_REGION,
+            )
+        return self._client
 
     def requests(self) -> list[Request]:
         """Every request answered so far, oldest first."""
