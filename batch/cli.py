@@ -95,7 +95,12 @@ def run(
         bool,
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the run's JSON report (with --dry-run: the plan) on stdout."
+        ),
+    ] = False,
     max_failures: Annotated[
         int | None,
         typer.Option(min=0, help="Failed items allowed before the exit code is 1."),
@@ -185,7 +190,7 @@ def run(
     if dry_run:
         console.show_dry_run(result.report, loaded.manifest, as_json)
         return
-    console.show_run(result, cli_exits.err)
+    console.show_run(result, cli_exits.err, as_json)
     observer.finish(result.report, result.exit_code)
     raise typer.Exit(result.exit_code)
 

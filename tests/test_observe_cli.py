@@ -71,11 +71,30 @@ def test_a_json_mode_run_logs_only_json_lines_with_its_fields(tmp_path: Path) ->
 
 
 def test_the_environment_chooses_json_for_any_command(tmp_path: Path) -> None:
-    done = run_cli("report", str(tmp_path / "nowhere"), env={"PULSE_BATCH_LOG_FORMAT": "json"})
-    assert done.returncode == 2
-    [line] = _json_lines(done.stderr)
-    assert line["event"] == "cli_error" and line["level"] == "error"
-    assert "nowhere" in line["message"]
+    for spelling in ("json", "JSON"):  # an upper-case value means the same
+        done = run_cli(
+            "report", str(tmp_path / "nowhere"), env={"PULSE_BATCH_LOG_FORMAT": spelling}
+        )
+        assert done.returncode == 2
+        [line] = _json_lines(done.stderr)
+        assert line["event"] == "cli_error" and line["level"] == "error"
+        assert "nowhere" in line["message"]
+
+
+def test_run_json_prints_the_report_on_stdout_and_the_lines_for_people_on_stderr(
+    tmp_path: Path,
+) -> None:
+    manifest = faulty_manifest(tmp_path)
+    with server_in_thread() as server:
+        point_at(manifest, server.url)
+        done = run_cli("run", str(manifest), "--json")
+    assert done.returncode == 1, done.output  # the empty file failed
+    report = json.loads(done.stdout)  # stdout is the JSON report and nothing else
+    assert report["status"] == "completed" and report["items"]["failed"] == 1
+    assert report["items"]["ok"] == report["items"]["total"] - 1 >= 1
+    assert "report: " in done.stderr and "failed" in done.stderr  # where it is, the summary
+    written = Path(done.stderr.split("report: ")[1].split()[0])
+    assert json.loads(written.read_text()) == report
 
 
 def test_a_usage_error_is_a_json_line_too(tmp_path: Path) -> None:
