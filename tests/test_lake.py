@@ -98,7 +98,8 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
 @pytest.mark.parametrize(
     "where",
     # Processes creating and committing to one Delta output in a bucket at once: in the
-    # default suite, test_shards' three shards on Delta in a bucket.
+    # default suite, test_shards' three shards on Delta in a bucket; two jobs' leases side
+    # by side in one bucket output, test_lease's exclusion test.
     ["local", pytest.param("bucket", marks=pytest.mark.slow)],
 )
 def test_two_jobs_write_one_delta_output_at_once(
