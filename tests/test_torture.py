@@ -108,6 +108,7 @@ def _schedule(fmt: str, form: str, reuse: bool) -> list[tuple[bool, str]]:
         ("parquet", "chosen", False),
         ("delta", "chosen", False),
         pytest.param("parquet", "chosen", True, id="parquet-chosen-reused-sessions"),
+        # The long forms; in the default suite, the chosen forms above hold each guarantee.
         pytest.param("parquet", "random", False, marks=pytest.mark.slow),
         pytest.param("delta", "random", False, marks=pytest.mark.slow),
         pytest.param("parquet", "random", True, marks=pytest.mark.slow),
