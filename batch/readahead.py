@@ -61,12 +61,12 @@ class AudioSource(Protocol):
 
 
 class _Readers:
-    """Shared reader threads. `ask` queues a session's next read for the reader that went
-    idle last; with none idle, the read waits for a busy reader (sessions that started
-    together ask together: one reader takes them in turn, in milliseconds, rather than
-    dozens contending for the GIL). A sender that has waited `READER_STALL_S` for its
-    batch calls `spare`: one more reader starts, so a read stalled on a slow store holds
-    up no other session's reads for longer than that."""
+    """Shared reader threads. `ask` queues a session's next read; while a reader is busy
+    the read waits its turn (sessions that started together ask together: one reader takes
+    them in turn, in milliseconds, rather than several contending for the GIL), else the
+    reader that went idle last takes it. A sender that has waited `READER_STALL_S` for its
+    batch calls `spare`: one more reader works, so a read stalled on a slow store (or more
+    reads than one reader keeps up with, unpaced) holds up other sessions no longer."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -78,21 +78,28 @@ class _Readers:
     def ask(self, reader: ReadAhead) -> None:
         with self._lock:
             self._asked.append(reader)
-            parked = self._idle.pop() if self._idle else None
-            start = parked is None and self._readers == 0
+            busy = self._readers - len(self._idle)
+            parked = self._idle.pop() if self._idle and not busy else None
+            start = self._readers == 0
         if parked is not None:
             parked.release()
         elif start:
             self._start()
 
     def spare(self) -> None:
-        """Start one more reader if reads wait and none is idle (at most one a
-        `READER_STALL_S`, however many senders wait)."""
+        """Reads wait (one may be stalled, or there are more than one reader keeps up
+        with): wake an idle reader, or start one more (at most one a `READER_STALL_S`,
+        however many senders wait)."""
         with self._lock:
-            stalled = bool(self._asked) and not self._idle
-            if not stalled or time.monotonic() - self._started_at < READER_STALL_S:
+            if not self._asked:
                 return
-        self._start()
+            parked = self._idle.pop() if self._idle else None
+            if parked is None and time.monotonic() - self._started_at < READER_STALL_S:
+                return
+        if parked is not None:
+            parked.release()
+        else:
+            self._start()
 
     def _start(self) -> None:
         with self._lock:
