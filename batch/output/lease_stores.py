@@ -222,6 +222,8 @@ class GcsStore:
                 if blob is None:
                     return None
                 # The bytes of the generation just read, or 412 if it changed meanwhile.
+                # (Kept aside: the download resets `blob.generation` from its headers.)
+                generation = str(blob.generation)
                 body = blob.download_as_bytes(
                     if_generation_match=blob.generation, timeout=REQUEST_TIMEOUT_S
                 )
@@ -231,7 +233,7 @@ class GcsStore:
                 if self._status(error) == 412:
                     continue
                 raise _failed(url, "read the lock", error) from error
-            return bytes(body), str(blob.generation)
+            return bytes(body), generation
         raise OutputError(url, "read the lock", "it changed at every read; try again")
 
     def create_if_absent(self, url: str, body: bytes) -> str | None:
