@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from batch.output import OutputReader
+from batch.output.lease import Holder, Lease
+from batch.output.lease_stores import AzureStore, azure_client
 from tests.conftest import run_cli, write_manifest
-from tests.emulators import AZURITE, BUCKET, CONTAINER, DEV_KEY, Azurite, GcsEmulator
+from tests.emulators import (
+    AZURITE,
+    BUCKET,
+    CONTAINER,
+    DEV_KEY,
+    AzContainer,
+    Azurite,
+    GcsEmulator,
+)
 from tests.media import Burst, tone_track, write_audio
 from tests.needs import missing
 from tests.runcli import CliResult
@@ -72,3 +87,50 @@ def azurite(tmp_path: Path) -> Iterator[Azurite]:
 def test_an_az_glob_and_path_through_azurite(azurite: Azurite, tmp_path: Path) -> None:
     done = _glob_and_missing_path(tmp_path, azurite.upload, f"az://{CONTAINER}", azurite.env)
     assert DEV_KEY not in done.stdout + done.stderr
+
+
+# --- A Delta output in Azurite: the job's lease --------------------------------------------
+
+
+def _delta_job(tmp_path: Path, container: AzContainer) -> Path:
+    (tmp_path / "media").mkdir()
+    _clip(tmp_path / "media" / "a.wav")
+    return write_manifest(tmp_path, output={"path": container.url("lake"), "format": "delta"})
+
+
+def test_a_second_run_into_an_az_delta_output_is_refused_while_the_first_holds_its_lease(
+    tmp_path: Path, az_container: AzContainer
+) -> None:
+    manifest = _delta_job(tmp_path, az_container)
+    store = AzureStore(azure_client(az_container.url()))
+    first = Lease(store, az_container.url("lake/_locks/test-job/job.lease"), "job 'test-job'")
+    first.acquire()  # held by this (live) process, as a first run's would be
+    refused = run_cli("run", str(manifest))
+    assert refused.returncode == 4, refused.output
+    assert f"job 'test-job' is already running into {az_container.url('lake')}" in refused.stderr
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in refused.stderr
+    assert first.still_mine()
+    first.release()
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.output
+    assert DEV_KEY not in done.output
+
+
+def test_a_killed_runs_lease_on_az_is_taken_over_and_released(
+    tmp_path: Path, az_container: AzContainer
+) -> None:
+    manifest = _delta_job(tmp_path, az_container)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    gone = Holder(socket.gethostname(), int(killed.stdout), "job 'test-job'", expires_at=4e9)
+    sdk = az_container.client()
+    sdk.upload_blob("lake/_locks/test-job/job.lease", gone.to_bytes())
+    done = run_cli("run", str(manifest))
+    assert done.returncode == 0, done.output
+    rows = OutputReader(az_container.url("lake")).table("transcripts", "test-job", ["transcript"])
+    assert rows["transcript"].to_pylist() == ["tone440 tone880"]
+    assert [blob.name for blob in sdk.list_blobs(name_starts_with="lake/_locks/")] == []
