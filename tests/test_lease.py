@@ -26,6 +26,7 @@ from batch.output.lease_stores import (
     azure_client,
     gcs_client,
     s3_client,
+    store_for,
 )
 from batch.shard import Shard
 from tests.conftest import wait_for
@@ -289,3 +290,19 @@ def test_gcs_shards_of_another_count_and_a_whole_run_are_refused(gcs_bucket: Gcs
     ):
         pass
     assert store.list_prefix(f"{out}/_locks/") == []  # every lease released
+
+
+def test_no_credentials_for_a_lease_say_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store is reached: google-auth finds no credentials on this machine (no metadata
+    server is asked), and no ``AZURE_STORAGE_*`` variable names an account."""
+    for name in [n for n in os.environ if n.startswith(("AZURE_", "GOOGLE_", "STORAGE_EMU"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", "/nonexistent/pulse-batch-tests/gcloud")
+    with pytest.raises(OutputError, match="no Google Cloud Storage credentials were found; set"):
+        store_for("gs://b/lake")
+    with pytest.raises(OutputError, match="no Azure credentials were found; set AZURE_STORAGE"):
+        store_for("az://c/lake")
+    assert store_for("file:///tmp/lake") is None

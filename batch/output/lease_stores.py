@@ -71,7 +71,7 @@ def store_for(url: str) -> LeaseStore | None:
     if scheme in ("s3", "s3a"):
         return S3Store(s3_client())
     if scheme in ("gs", "gcs"):
-        return GcsStore(gcs_client())
+        return GcsStore(gcs_client(url))
     if scheme in ("az", "abfs", "abfss"):
         return AzureStore(azure_client(url))
     return None
@@ -168,7 +168,7 @@ class S3Store:
 # --- Google Cloud Storage -----------------------------------------------------------------
 
 
-def gcs_client() -> Any:
+def gcs_client(url: str = "gs://") -> Any:
     """A google-cloud-storage client (gcsfs, the ``gcs`` extra, brings the library) with
     Google's application default credentials, or none against ``STORAGE_EMULATOR_HOST``."""
     try:
@@ -180,7 +180,7 @@ def gcs_client() -> Any:
     try:
         return storage.Client()
     except Exception as error:  # no credentials, or no project they name
-        raise _failed("gs://", "reach", error) from error
+        raise _failed(url, "reach", error) from error
 
 
 class GcsStore:
@@ -302,7 +302,7 @@ def azure_client(url: str) -> Any:
             ) from None
     account = _azure_account(url) or env.get("AZURE_STORAGE_ACCOUNT_NAME")
     if not account:
-        raise OutputError(url, "reach", store_errors.reason("no account named", "az://"))
+        raise _failed(url, "reach", "NoAzureCredentials")
     credential: Any = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_KEY")
     credential = credential or env.get("AZURE_STORAGE_SAS_TOKEN")
     if not credential:

@@ -29,6 +29,8 @@ _MISSING: Final = (
     "NoCredentialsError",
     "PartialCredentialsError",
     "Unable to locate credentials",
+    "DefaultCredentialsError",  # google-auth found no application default credentials
+    "NoAzureCredentials",  # said by the lease store when no AZURE_STORAGE_* variable is set
 )
 _REFUSED: Final = (
     "InvalidAccessKeyId",
