@@ -110,7 +110,10 @@ def test_a_second_run_into_an_az_delta_output_is_refused_while_the_first_holds_i
     assert f"job 'test-job' is already running into {az_container.url('lake')}" in refused.stderr
     assert f"pid {os.getpid()} on {socket.gethostname()}" in refused.stderr
     assert first.still_mine()
+    reader = OutputReader(az_container.url("lake"))
+    assert reader.run_alive("test-job", "any-run")  # `status` sees the run going
     first.release()
+    assert not reader.run_alive("test-job", "any-run")
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.output
     assert DEV_KEY not in done.output
