@@ -175,7 +175,7 @@ def gcs_client(url: str = "gs://") -> Any:
         from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]
     except ImportError:
         raise OutputError(
-            "gs://", "lock", "GCS outputs need the gcs extra: pip install 'pulse-batch[gcs]'"
+            url, "lock", "GCS outputs need the gcs extra: pip install 'pulse-batch[gcs]'"
         ) from None
     try:
         return storage.Client()
@@ -285,7 +285,7 @@ def azure_client(url: str) -> Any:
         from azure.storage.blob import BlobServiceClient
     except ImportError:
         raise OutputError(
-            "az://", "lock", "Azure outputs need the azure extra: pip install 'pulse-batch[azure]'"
+            url, "lock", "Azure outputs need the azure extra: pip install 'pulse-batch[azure]'"
         ) from None
     timeouts: dict[str, Any] = {
         "connection_timeout": REQUEST_TIMEOUT_S,
@@ -306,8 +306,10 @@ def azure_client(url: str) -> Any:
     credential: Any = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_KEY")
     credential = credential or env.get("AZURE_STORAGE_SAS_TOKEN")
     if not credential:
-        from azure.identity import DefaultAzureCredential
-
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError:  # adlfs brings it; without it, only the variables above serve
+            raise _failed(url, "reach", "NoAzureCredentials") from None
         credential = DefaultAzureCredential()
     return BlobServiceClient(
         f"https://{account}.blob.core.windows.net", credential=credential, **timeouts
