@@ -306,3 +306,16 @@ def test_no_credentials_for_a_lease_say_what_to_set(monkeypatch: pytest.MonkeyPa
     with pytest.raises(OutputError, match="no Azure credentials were found; set AZURE_STORAGE"):
         store_for("az://c/lake")
     assert store_for("file:///tmp/lake") is None
+
+
+def test_a_write_whose_answer_was_lost_is_known_as_ours(s3_bucket: S3Bucket) -> None:
+    """The store applied the write, its answer was lost, and the SDK's retry was refused
+    (the object exists, or is no longer at the version the retry names): the lease must see
+    its own holder note there, not refuse itself or give itself up."""
+    key = "out/_locks/j/job.lease"
+    lease = Lease(S3Store(s3_client()), s3_bucket.url(key), "job 'j'")
+    lost = s3_bucket.fault(key, method="PUT", status=500, code="InternalError", served=True)
+    lease.acquire()  # not "is held (job 'j': pid <ours>...)"
+    assert lost.applied == 1 and lease.still_mine()
+    s3_bucket.fault(key, method="PUT", status=500, code="InternalError", served=True)
+    assert lease.renew() and lease.still_mine()  # not "lost the lock"

@@ -109,16 +109,24 @@ class Lease:
         return Holder(self.host, os.getpid(), self.note, self.clock() + self.ttl_s).to_bytes()
 
     def _create(self) -> bool:
-        version = self.store.create_if_absent(self.url, self._mine())
+        body = self._mine()
+        return self._wrote(body, self.store.create_if_absent(self.url, body))
+
+    def _replace(self, version: str) -> bool:
+        body = self._mine()
+        return self._wrote(body, self.store.replace_if_version(self.url, body, version))
+
+    def _wrote(self, body: bytes, version: str | None) -> bool:
+        """Whether our write of ``body`` is the object now. A refused write may have been
+        ours all the same: the store applied it, its answer was lost, and the SDK's retry
+        was refused (the object existed, or had left the version named): our note is
+        there. (A note names its host, pid and expiry: no other run's is equal.)"""
+        if version is None:
+            found = self.store.read(self.url)
+            version = found[1] if found is not None and found[0] == body else None
         if version is not None:
             self.version = version
         return version is not None
-
-    def _replace(self, version: str) -> bool:
-        written = self.store.replace_if_version(self.url, self._mine(), version)
-        if written is not None:
-            self.version = written
-        return written is not None
 
     def _read(self) -> tuple[Holder | None, str] | None:
         found = self.store.read(self.url)
