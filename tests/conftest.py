@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from batch.server import FaultConfig, LocalServer, local_server
+from tests.emulators import AZURITE, AzContainer, Azurite, GcsBucket, GcsEmulator
+from tests.needs import missing
 from tests.runcli import TIME_UNIT_S, run_cli, run_cli_process, start_cli
 from tests.s3server import S3Bucket, S3Server
 
@@ -114,6 +116,44 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return s3_server.bucket()
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """One Azurite on loopback for the whole session; containers keep tests apart."""
+    if not (AZURITE / "azurite-blob").exists():
+        missing("azurite is not installed here: `make test` installs it with npm")
+    with Azurite(tmp_path_factory.mktemp("azurite")) as server:
+        yield server
+
+
+@pytest.fixture
+def az_container(azurite_server: Azurite, monkeypatch: pytest.MonkeyPatch) -> AzContainer:
+    """A fresh container, with the ``AZURE_*`` environment set in ``os.environ`` for this
+    test (for in-process code and `run_cli`)."""
+    for name in [name for name in os.environ if name.startswith("AZURE_")]:
+        monkeypatch.delenv(name)
+    container = AzContainer.make(azurite_server)
+    for name, value in container.env.items():
+        monkeypatch.setenv(name, value)
+    return container
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsEmulator]:
+    """One GCS emulator on loopback for the whole session; buckets keep tests apart."""
+    with GcsEmulator() as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> GcsBucket:
+    """A fresh bucket, with the emulator's environment set in ``os.environ`` for this test."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    for name, value in gcs_server.env.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    return GcsBucket.make(gcs_server)
 
 
 def write_manifest(folder: Path, **sections: Any) -> Path:
