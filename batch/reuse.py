@@ -38,7 +38,7 @@ from batch.errors import (
     error_kind,
 )
 from batch.limits import reply_bounds, session_timeouts
-from batch.pool import with_retries
+from batch.pool import SessionWatch, with_retries
 from batch.pulse.machine import UnitFinalised
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, PulseOptions, Transcription
 from batch.sent import CountedAudio
@@ -245,11 +245,11 @@ class Reuse:
             async with sink:
                 while True:  # until every unit is settled, or retrying cannot help
                     tried = await with_retries(
-                        lambda: self._attempt(pending, sink, key),
+                        lambda watch: self._attempt(pending, sink, key, watch),
                         limit=sessions.limit,
-                        max_attempts=sessions.run.max_attempts,
-                        backoff=sessions.backoff,
+                        policy=sessions.retry,
                         rng=sessions.rng,
+                        streak=sessions.refusals,
                         on_attempt=counted,
                         log_fields=log_fields(unit.item),
                         label=session_label(unit.item),
@@ -270,7 +270,11 @@ class Reuse:
                 await self._finish(each)
 
     async def _attempt(
-        self, pending: list[Link], sink: MemoryObjectSendStream[Settled], key: int
+        self,
+        pending: list[Link],
+        sink: MemoryObjectSendStream[Settled],
+        key: int,
+        watch: SessionWatch,
     ) -> None:
         sessions = self.sessions
         if sessions.pool.stopping:
@@ -286,7 +290,6 @@ class Reuse:
         sessions.progress.sessions_open(sessions.limit.open_now)
         result = SessionResult()
         settler = _Settler(chain, sink, result)
-        watch = sessions.refusals.watch()
         label = f"{session_label(first)} (reused session)"
         span = sessions.stats.timeline.begin(key, label)
 
@@ -316,14 +319,13 @@ class Reuse:
                     link.audio.settle(kept=False)
             pending[:] = settler.settle()
             span.end(outcome(error), error_kind(error))
-            sessions.judge(error, watch)
+            sessions.count_failure(error)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             span.end("failed", "cancelled")
             raise
         finally:
             chain.closed = True
-            watch.ended()
             sessions.stats.billed_audio_s += chain.position_s
             sessions.stats.billed_unskipped_s += chain.position_s
             sessions.cap.settle(chain.reserved_s, chain.position_s)
