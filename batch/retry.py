@@ -131,7 +131,10 @@ class RetryPolicy:
             sleep=anyio.sleep,
             before_sleep=before_sleep,
         )
-        return await retrying(work)
+        async for attempt in retrying:
+            with attempt:
+                return await work()
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 def _error(state: RetryCallState) -> BaseException | None:
