@@ -79,6 +79,21 @@ def _load(manifest: Path) -> LoadedManifest:
 _JobOutput = Annotated[
     str, typer.Argument(help="A job's output (output.path: folder or URL).", metavar="OUTPUT")
 ]
+_JobName = Annotated[
+    str | None, typer.Option(help="The job (default: the only one the output holds).")
+]
+
+
+def _the_job(output: str, job: str | None) -> str:
+    """``job``, or the only job ``output`` holds; a usage error naming them otherwise."""
+    if job is not None:
+        return job
+    with exit_codes():  # an unreadable store is exit 5
+        names = OutputReader(output).job_names()
+    if len(names) == 1:
+        return names[0]
+    held = f"{len(names)} jobs: {', '.join(names)}" if names else "no job"
+    fail(f"{output} holds {held}; name one with --job", ExitCode.USAGE)
 
 
 @app.command(cls=PlainCommand, epilog=cli_exits.EPILOG)
@@ -95,7 +110,12 @@ def run(
         bool,
         typer.Option("--dry-run", help="List what would be done and the audio it would bill."),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the run's JSON report (with --dry-run: the plan) on stdout."
+        ),
+    ] = False,
     max_failures: Annotated[
         int | None,
         typer.Option(min=0, help="Failed items allowed before the exit code is 1."),
@@ -185,7 +205,7 @@ def run(
     if dry_run:
         console.show_dry_run(result.report, loaded.manifest, as_json)
         return
-    console.show_run(result, cli_exits.err)
+    console.show_run(result, cli_exits.err, as_json)
     observer.finish(result.report, result.exit_code)
     raise typer.Exit(result.exit_code)
 
@@ -299,7 +319,7 @@ def report(
 @app.command("export", cls=PlainCommand)
 def export_command(
     output: _JobOutput,
-    job: Annotated[str, typer.Option(help="The job whose items to export.")],
+    job: _JobName = None,
     fmt: Annotated[
         str, typer.Option("--format", help="srt, vtt (subtitles), json (all rows) or txt.")
     ] = "srt",
@@ -328,6 +348,7 @@ def export_command(
     """Write one subtitle, JSON or text file per ok item of a job."""
     if where is not None and item is not None:
         raise typer.BadParameter("give --where or --item, not both")
+    job = _the_job(output, job)
     base = Path("." if "://" in output else output)
     folder = to or base / "_exports" / job / fmt
     with exit_codes():
@@ -358,17 +379,18 @@ def export_command(
 @app.command("score", cls=PlainCommand)
 def score_command(
     output: _JobOutput,
-    job: Annotated[str, typer.Option(help="The job to score.")],
     references: Annotated[
         Path,
         typer.Option(
             help="CSV or JSONL list: path (as the job listed it) and reference or reference_path."
         ),
     ],
+    job: _JobName = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     log_format: LogFormat = "text",
 ) -> None:
     """WER and CER of a job's ok items against references given after the run."""
+    job = _the_job(output, job)
     with exit_codes():
         scored = scoring.score_job(output, job, references)
     for problem in scored.problems:
@@ -390,7 +412,7 @@ def score_command(
 @app.command(cls=PlainCommand)
 def status(
     output: _JobOutput,
-    job: Annotated[str, typer.Option(help="Job name.")],
+    job: _JobName = None,
     manifest: Annotated[
         Path | None,
         typer.Option(help="The job's manifest; default: the one its latest run recorded."),
@@ -399,6 +421,7 @@ def status(
     log_format: LogFormat = "text",
 ) -> None:
     """Exit 0 only when every planned item of the job's manifest is ok (all shards)."""
+    job = _the_job(output, job)
     with exit_codes():
         result = job_status(output, job, manifest)
     if as_json:

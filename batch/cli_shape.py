@@ -4,15 +4,23 @@ plain help, and usage errors as JSON log lines under ``--log-format json``."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
+import click
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
-from batch.logjson import json_mode, requested, use_log_format
+from batch import storage
+from batch.credentials import Scrubber, scrubber_for_env
+from batch.errors import ExitCode
+from batch.logjson import CONTEXT, JsonFormatter, json_mode, requested, use_log_format
+from batch.manifest import PulseConfig
 
 logger = logging.getLogger("batch")
 
@@ -81,3 +89,42 @@ class Group(TyperGroup):
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         with _usage_errors_logged(args):
             return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (
+            typer.Exit,
+            typer.Abort,
+            TyperException,
+            click.exceptions.Exit,
+            click.ClickException,
+            click.Abort,
+        ):
+            raise  # how commands end on purpose
+        except Exception as exc:
+            _crashed(exc)
+
+
+def _crashed(exc: Exception) -> NoReturn:
+    """An error no command expected: a bug. Its traceback goes to stderr, scrubbed of the
+    default API key and the storage credentials (one JSON record, ``event: crash``, with
+    ``--log-format json``), and the exit code is its own: a crash must not read as "some
+    items failed" (1). Written here, not through logging: no handler may be set up yet."""
+    scrubber = Scrubber(
+        *scrubber_for_env(PulseConfig.model_fields["api_key_env"].default).secrets,
+        *storage.credentials_in_env(os.environ),
+    )
+    message = scrubber.scrub(
+        f"internal error (a bug; please report it with this traceback): {type(exc).__name__}: {exc}"
+    )
+    trace = scrubber.scrub("".join(traceback.format_exception(exc)).rstrip())
+    if json_mode():
+        record = logger.makeRecord(logger.name, logging.CRITICAL, __file__, 0, message, (), None)
+        record.event = "crash"
+        record.exc_text = trace
+        CONTEXT.filter(record)  # the run's job, run_id and shard, when it had them
+        sys.stderr.write(JsonFormatter().format(record) + "\n")
+    else:
+        sys.stderr.write(f"{message}\n{trace}\n")
+    raise SystemExit(ExitCode.INTERNAL) from None

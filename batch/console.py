@@ -4,6 +4,7 @@ status. Formatting only: every figure comes from a library call the CLI made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -211,10 +212,15 @@ def _show_input(loaded: LoadedManifest, number: int, entry: Any) -> None:
         print(f"    ... and {len(sources) - _SHOWN_PER_INPUT} more")
 
 
-def show_run(result: RunResult, err: Console) -> None:
+def show_run(result: RunResult, err: Console, as_json: bool = False) -> None:
     """A run's outcome: why it stopped (on ``err``), where its report is, and the summary
-    line."""
+    line; with ``as_json`` the report as JSON on stdout, the lines for people on ``err``."""
     report = result.report
+    if as_json:
+        print(json.dumps(report, indent=2))
+        with contextlib.redirect_stdout(sys.stderr):
+            show_run(result, err)
+        return
     if result.nothing_to_do:
         items = report["items"]
         print(

@@ -323,6 +323,7 @@ class ExitCode(IntEnum):
     SERVICE_REFUSING = 6
     SPEND_CAP = 7
     SHARD_COUNT = 8
+    INTERNAL = 70  # EX_SOFTWARE: a crash must not read as "some items failed" (1)
     SIGINT = 130
     SIGTERM = 143
 
@@ -337,6 +338,7 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.SERVICE_REFUSING: "the service refused everything or could not be reached",
     ExitCode.SPEND_CAP: "the spend cap was reached",
     ExitCode.SHARD_COUNT: "shards of the job with another shard count are running",
+    ExitCode.INTERNAL: "an internal error (a bug): the traceback is on stderr; please report it",
     ExitCode.SIGINT: "stopped by SIGINT",
     ExitCode.SIGTERM: "stopped by SIGTERM",
 }

@@ -143,6 +143,7 @@ def use_log_format(value: str) -> str:
     """Choose the log format for this process (an eager option's callback). In JSON mode a
     JSON handler goes on the root logger at once, so a command that sets up no logging of
     its own, and Python's warnings (captured), still write only JSON lines to stderr."""
+    value = value.lower()  # PULSE_BATCH_LOG_FORMAT=JSON is meant as json
     if value not in FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(FORMATS)}")
     _chosen["format"] = value
@@ -164,10 +165,10 @@ def requested(args: Sequence[str]) -> bool:
     option's callback runs, and its error must be a JSON line too."""
     for i, arg in enumerate(args):
         if arg.startswith("--log-format="):
-            return arg.partition("=")[2] == "json"
+            return arg.partition("=")[2].lower() == "json"
         if arg == "--log-format" and i + 1 < len(args):
-            return args[i + 1] == "json"
-    return os.environ.get(ENV) == "json"
+            return args[i + 1].lower() == "json"
+    return os.environ.get(ENV, "").lower() == "json"
 
 
 LogFormat = Annotated[

@@ -9,8 +9,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batch import console
 from batch.server import FaultConfig
 from tests.conftest import point_at, run_cli, server_in_thread
 from tests.observed import faulty_manifest
@@ -71,11 +73,30 @@ def test_a_json_mode_run_logs_only_json_lines_with_its_fields(tmp_path: Path) ->
 
 
 def test_the_environment_chooses_json_for_any_command(tmp_path: Path) -> None:
-    done = run_cli("report", str(tmp_path / "nowhere"), env={"PULSE_BATCH_LOG_FORMAT": "json"})
-    assert done.returncode == 2
-    [line] = _json_lines(done.stderr)
-    assert line["event"] == "cli_error" and line["level"] == "error"
-    assert "nowhere" in line["message"]
+    for spelling in ("json", "JSON"):  # an upper-case value means the same
+        done = run_cli(
+            "report", str(tmp_path / "nowhere"), env={"PULSE_BATCH_LOG_FORMAT": spelling}
+        )
+        assert done.returncode == 2
+        [line] = _json_lines(done.stderr)
+        assert line["event"] == "cli_error" and line["level"] == "error"
+        assert "nowhere" in line["message"]
+
+
+def test_run_json_prints_the_report_on_stdout_and_the_lines_for_people_on_stderr(
+    tmp_path: Path,
+) -> None:
+    manifest = faulty_manifest(tmp_path)
+    with server_in_thread() as server:
+        point_at(manifest, server.url)
+        done = run_cli("run", str(manifest), "--json")
+    assert done.returncode == 1, done.output  # the empty file failed
+    report = json.loads(done.stdout)  # stdout is the JSON report and nothing else
+    assert report["status"] == "completed" and report["items"]["failed"] == 1
+    assert report["items"]["ok"] == report["items"]["total"] - 1 >= 1
+    assert "report: " in done.stderr and "failed" in done.stderr  # where it is, the summary
+    written = Path(done.stderr.split("report: ")[1].split()[0])
+    assert json.loads(written.read_text()) == report
 
 
 def test_a_usage_error_is_a_json_line_too(tmp_path: Path) -> None:
@@ -146,3 +167,23 @@ def test_the_metrics_file_is_there_while_the_run_goes(tmp_path: Path) -> None:
     assert done.returncode == 1, done.output
     assert "running" in seen  # published before the end
     assert one(samples(metrics_file.read_text()), "pulse_batch_run_info", status="completed")
+
+
+def test_a_crash_exits_70_with_its_traceback_a_json_record_in_json_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> None:  # stands for a bug anywhere under a command
+        raise RuntimeError(f"a bug near {KEY}")
+
+    monkeypatch.setattr(console, "show_schema", broken)
+    env = {"SMALLEST_API_KEY": KEY}
+    text = run_cli("schema", env=env)
+    assert text.returncode == 70, text.output
+    assert "internal error (a bug; please report it" in text.stderr
+    assert "Traceback (most recent call last)" in text.stderr and "in broken" in text.stderr
+    as_json = run_cli("schema", "--log-format", "json", env=env)
+    assert as_json.returncode == 70
+    [line] = _json_lines(as_json.stderr)
+    assert (line["event"], line["level"]) == ("crash", "critical")
+    assert "RuntimeError: a bug near" in line["message"] and "in broken" in line["exception"]
+    assert KEY not in as_json.stderr  # scrubbed, as every record is

@@ -83,8 +83,10 @@ def test_full_disk_then_read_only_end_with_exit_5_and_the_next_run_recovers(
 
         # Room for a few commits only: the disk fills up in the middle of the run.
         os.truncate(filler, filler.stat().st_size - 40 * 1024)
-        midway = run_cli("run", str(manifest))
+        metrics = tmp_path / "metrics.prom"  # elsewhere: this disk is full
+        midway = run_cli("run", str(manifest), "--metrics-file", str(metrics))
         assert midway.returncode == 5, midway.stderr
+        assert "pulse_batch_exit_code 5.0" in metrics.read_text()  # what an alert reads
         assert "No space left on device" in midway.stderr and "Traceback" not in midway.stderr
         report = _latest_report(out)
         assert report["status"] == "failed_output"

@@ -235,3 +235,27 @@ def test_delta_on_an_s3_endpoint_without_credentials_never_asks_the_metadata_add
     message, cause = str(raised.value), str(raised.value.__cause__)
     assert "no S3 credentials were found" in message, message
     assert "169.254" not in cause and "lacked the necessary privileges" in cause, cause
+
+
+def test_status_export_and_score_take_the_only_job_without_job(tmp_path: Path) -> None:
+    tone_calls(tmp_path / "media", 1)
+    manifest = write_manifest(tmp_path)
+    batch.run_job(manifest)
+    out = str(tmp_path / "out")
+    status = run_cli("status", out, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["complete"] is True
+    exported = run_cli("export", out, "--format", "txt")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "out" / "_exports" / "test-job" / "txt").is_dir()
+    refs = tmp_path / "refs.csv"
+    refs.write_text("path,reference\nnowhere.wav,hello\n")
+    scored = run_cli("score", out, "--references", str(refs))
+    assert scored.returncode == 1 and "job 'test-job'" in scored.stderr  # it chose the job
+    # Two jobs: which one is meant cannot be guessed.
+    batch.run_job(write_manifest(tmp_path, job="second-job"))
+    both = run_cli("status", out)
+    assert both.returncode == 2
+    assert "holds 2 jobs: second-job, test-job; name one with --job" in both.stderr
+    empty = run_cli("export", str(tmp_path / "nothing-here"))
+    assert empty.returncode == 2 and "holds no job" in empty.stderr
