@@ -120,7 +120,7 @@ class Endpoint:
 def _retry_after_s(headers: Any) -> float | None:
     """Seconds the service asks us to wait: delta-seconds or an HTTP date. Anything else
     (``inf``, ``nan``, negative, garbage) is ignored and our own backoff applies; the
-    caller caps what is left (`batch.pool.Backoff`)."""
+    caller caps what is left (`batch.retry.Backoff`)."""
     value = headers.get("Retry-After") if headers is not None else None
     if value is None:
         return None
