@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from batch.pulse.machine import (
     UnitFinalised,
 )
 from batch.pulse.protocol import Generation, PulseOptions
+from batch.pulse.reuse import Span, split_finals
 
 CURRENT, LEGACY = Generation.CURRENT, Generation.LEGACY
 REUSABLE = PulseOptions(word_timestamps=True, full_transcript=False)
@@ -361,3 +364,52 @@ def test_a_session_of_one_unit_attributes_nothing() -> None:
         COMPLETED
     ]
     assert machine.result.finals[0].words[0].start_s == 4.0 and REDACTED not in repr(machine)
+
+
+def test_units_get_the_finals_split_finals_gives_them_arriving_one_by_one() -> None:
+    """The machine attributes finals as they come; `split_finals` over the whole session
+    (what a unit's own session is compared against in test_reuse) gives the same."""
+    rng = random.Random(7)
+    for _ in range(50):
+        starts = [0.0]
+        for _ in range(rng.randint(0, 4)):
+            starts.append(starts[-1] + rng.uniform(0.5, 5.0))
+        end = starts[-1] + rng.uniform(0.5, 5.0)
+        machine = _reused()
+        for start in starts[1:]:
+            machine.sent(start, None)
+            machine.finalize()
+        machine.sent(end, None)
+        machine.ended(200.0)
+        finalised: list[UnitFinalised] = []
+        times = sorted(rng.uniform(0.0, end) for _ in range(rng.randint(0, 12)))
+        for index, at in enumerate(times):
+            words = [] if rng.random() < 0.2 else [(f"w{index}", at, at + 0.2)]
+            for event in machine.receive(_text(f"w{index}", words=words), 201.0):
+                assert isinstance(event, UnitFinalised)
+                finalised.append(event)
+        for event in machine.receive(_text("", last=True), 202.0):
+            if isinstance(event, UnitFinalised):
+                finalised.append(event)
+        spans = [Span(start, math.inf) for start in starts]
+        assert [e.index for e in finalised] == list(range(len(starts)))
+        assert [e.finals for e in finalised] == split_finals(machine.result.finals, spans)
+
+
+def test_feeding_a_chunk_holds_nothing_more_in_memory() -> None:
+    """The per-chunk calls (`must_hold`, `sent`, `session_deadline`) keep no state that
+    grows: an hour of 128 ms chunks leaves the machine's memory where it was."""
+    machine = _machine(timeouts=Timeouts(liveness=POLICY, deadline_per_audio_s=1.5))
+    position = 0.0
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(28_125):
+            if not machine.must_hold:
+                position += 0.128
+                machine.sent(position, 0.0)
+                assert machine.session_deadline > 0
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert position > 3_599.0 and after - before < 1_000
