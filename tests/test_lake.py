@@ -71,6 +71,7 @@ def test_delta_output_in_a_bucket_keeps_one_row_per_item(
         assert FAKE_SECRET.encode() not in body, key["Key"]
 
 
+@pytest.mark.slow  # in the default suite: test_shards' kill on Delta in a bucket
 def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
     tmp_path: Path, s3_bucket: S3Bucket
 ) -> None:
@@ -94,7 +95,13 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_item_in_a_bucket(
     assert _counts(url) == (count, count, count, count * len(CALL_BURSTS), count * len(CALL_BURSTS))
 
 
-@pytest.mark.parametrize("where", ["local", "bucket"])
+@pytest.mark.parametrize(
+    "where",
+    # Processes creating and committing to one Delta output in a bucket at once: in the
+    # default suite, test_shards' three shards on Delta in a bucket; two jobs' leases side
+    # by side in one bucket output, test_lease's exclusion test.
+    ["local", pytest.param("bucket", marks=pytest.mark.slow)],
+)
 def test_two_jobs_write_one_delta_output_at_once(
     tmp_path: Path, where: str, s3_bucket: S3Bucket
 ) -> None:

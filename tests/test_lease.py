@@ -128,6 +128,8 @@ def test_job_and_shard_leases_exclude_as_the_local_locks_do(s3_bucket: S3Bucket)
         pass
     with job_lease(out, "j", Shard(1, 2), client):  # released on leaving
         pass
+    with job_lease(out, "j", None, client), job_lease(out, "other", None, client):
+        pass  # another job runs beside it into the same output
 
 
 def _exists(client: Any, bucket: str, key: str) -> bool:

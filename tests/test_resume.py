@@ -80,7 +80,12 @@ def _committed_items(out: Path) -> int:
     return len(files)
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
+@pytest.mark.parametrize(
+    "reuse",
+    # A kill with reused sessions, in the default suite: test_torture's reused-sessions form.
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["one-session-each", "reused-sessions"],
+)
 def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path, reuse: bool) -> None:
     count = 12
     tone_calls(tmp_path / "media", count)
@@ -116,7 +121,14 @@ def test_sigkill_then_rerun_gives_every_item_exactly_once(tmp_path: Path, reuse:
     assert (finished["status"], finished["ok"]) == ("completed", count - killed_at)
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
+@pytest.mark.parametrize(
+    "reuse",
+    # The reused sessions' form has every case (a session carrying several calls finishes
+    # them in its grace); a SIGTERM mid-stream with one session each, in the default suite:
+    # test_session_bounds' test_no_session_starts_after_sigterm.
+    [pytest.param(False, marks=pytest.mark.slow), True],
+    ids=["one-session-each", "reused-sessions"],
+)
 def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path, reuse: bool) -> None:
     # A reused session finishes the calls it has taken on (read ahead: up to ~2 s of
     # audio past the one being sent), so more calls, for some to be left.
@@ -150,17 +162,28 @@ def test_sigterm_stops_cleanly_and_rerun_finishes(tmp_path: Path, reuse: bool) -
 
 
 @pytest.mark.timeout(240)
-def test_thousand_tiny_items_leave_few_files(tmp_path: Path) -> None:
-    tone_calls(tmp_path / "media", 1000, duration_s=0.3, bursts=[Burst(0.05, 0.1, 440)])
-    manifest = write_manifest(tmp_path, run={"concurrency": 16, "pace": 0})
+@pytest.mark.parametrize(
+    ("count", "output"),
+    [
+        # A quarter of the items, committed every 50: as many commits, so as many files.
+        (250, {"commit_every_items": 50}),
+        pytest.param(1000, {}, marks=pytest.mark.slow),  # the default commit_every_items
+    ],
+    ids=["250", "1000"],
+)
+def test_tiny_items_leave_few_files(tmp_path: Path, count: int, output: dict[str, int]) -> None:
+    tone_calls(tmp_path / "media", count, duration_s=0.3, bursts=[Burst(0.05, 0.1, 440)])
+    manifest = write_manifest(
+        tmp_path, run={"concurrency": 16, "pace": 0}, output={"path": "out", **output}
+    )
     done = run_cli("run", str(manifest))
     assert done.returncode == 0, done.stderr
     for table in ("transcripts", "words"):
         partitions = {p.parent for p in (tmp_path / "out" / table).rglob("*.parquet")}
         assert len(partitions) == 1
         files = list((tmp_path / "out" / table).rglob("*.parquet"))
-        assert len(files) <= 6, f"{table}: {len(files)} files for 1000 items"
-    assert _counts(tmp_path / "out")[:2] == (1000, 1000)
+        assert len(files) <= 6, f"{table}: {len(files)} files for {count} items"
+    assert _counts(tmp_path / "out")[:2] == (count, count)
 
 
 def test_report_agrees_with_tables_and_server_counters(tmp_path: Path) -> None:

@@ -187,6 +187,13 @@ def _run_ids(place: dict[str, str], table: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "place",
+    # The repair is the same Delta code on disk and in a bucket (Delta deletes in a bucket:
+    # test_forget's bucket form): the bucket form is `slow`.
+    ["parquet-on-disk", "delta-on-disk", pytest.param("delta-on-s3", marks=pytest.mark.slow)],
+    indirect=True,
+)
 async def test_duplicate_rows_fail_status_and_the_next_run_keeps_the_latest(
     tmp_path: Path, place: dict[str, str]
 ) -> None:

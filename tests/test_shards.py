@@ -83,7 +83,7 @@ def _sessions_by_item(server: LocalServer, hz_to_item: dict[int, str]) -> dict[s
     return seen
 
 
-@pytest.fixture(params=["parquet-on-disk", "delta-on-s3"])
+@pytest.fixture
 def output_place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """Where the shards write: Parquet in a local folder, or Delta in a bucket of the
     loopback S3 server (its AWS_* environment set for the shard processes)."""
@@ -94,15 +94,22 @@ def output_place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, st
 
 
 @pytest.mark.parametrize(
-    ("count", "duration_s"),
-    [(9, 1.5), pytest.param(15, 3.0, marks=pytest.mark.slow)],
-    ids=["short", "long"],
+    ("output_place", "count", "duration_s"),
+    [
+        pytest.param("delta-on-s3", 9, 1.5, id="delta-on-s3-short"),
+        pytest.param("parquet-on-disk", 9, 1.5, id="parquet-on-disk-short", marks=pytest.mark.slow),
+        pytest.param("delta-on-s3", 15, 3.0, id="delta-on-s3-long", marks=pytest.mark.slow),
+        pytest.param("parquet-on-disk", 15, 3.0, id="parquet-on-disk-long", marks=pytest.mark.slow),
+    ],
+    indirect=["output_place"],
 )
 def test_shards_started_at_once_one_killed_and_rerun(
     tmp_path: Path, output_place: dict[str, str], count: int, duration_s: float
 ) -> None:
     """The short form has every case the long one has (a kill after the victim's first
-    commit with items left, survivors sharing the concurrency); the long one, more items."""
+    commit with items left, survivors sharing the concurrency); the long one, more items.
+    The default suite runs it on Delta in a bucket (concurrent commits and leases across
+    processes); on Parquet, a kill and rerun is `test_resume`'s sigkill test."""
     shards, concurrency = 3, 5
     pitches = _distinct_tones(tmp_path / "media", count, duration_s=duration_s)
     manifest = write_manifest(
@@ -199,6 +206,13 @@ def _held(place: dict[str, str], shard: Shard | None) -> JobOutput:
     return JobOutput.open(place["path"], "test-job", ["job", "date"], place["format"], shard=shard)
 
 
+@pytest.mark.parametrize(
+    "output_place",
+    # The leases' exclusions are test_lease's (in-process, on the S3 server), and a CLI run
+    # refused by a lease, test_shard_overlap's exit-8 test: the bucket form is `slow`.
+    ["parquet-on-disk", pytest.param("delta-on-s3", marks=pytest.mark.slow)],
+    indirect=True,
+)
 def test_shard_locks_one_run_per_shard_and_none_beside_a_whole_job_run(
     tmp_path: Path, output_place: dict[str, str]
 ) -> None:
