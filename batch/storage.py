@@ -72,6 +72,7 @@ _SECRET_WORDS: Final = ("key", "secret", "token", "password", "credential", "aut
 CREDENTIAL_ENV: Final = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",  # what adlfs and deltalake read
     "AZURE_STORAGE_KEY",
     "AZURE_STORAGE_CONNECTION_STRING",
     "AZURE_STORAGE_SAS_TOKEN",

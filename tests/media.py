@@ -7,6 +7,7 @@ suite needs nothing outside the repository.
 from __future__ import annotations
 
 import io
+import re
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,23 @@ SPEECH = {
     "support.mp3": "thank you for calling customer support",
     "cancel.wav": "i would like to cancel my subscription",
 }
+
+
+def spoken_words(text: str) -> list[str]:
+    """The words of ``text``, lower case, without punctuation."""
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference's length: how far a transcript of a
+    demo clip is from what the clip says."""
+    ref, hyp = spoken_words(reference), spoken_words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        previous, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
+    return row[-1] / max(1, len(ref))
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ of every request it answered (method, path, Range header, status, bytes sent), s
 check that a reader used range requests instead of downloading whole objects.
 
 A `Fault` makes the server misbehave for chosen requests, as a flaky store does: answer an
-S3 error (``503 SlowDown``, ``500 InternalError``) instead of serving, or hold a request
-until the test releases it (a stalled read). Faults sit in front of moto, on the wire: the
-client's SDK sees exactly what a real store would send.
+S3 error (``503 SlowDown``, ``500 InternalError``) instead of serving (or after serving: a
+lost answer), or hold a request until the test releases it (a stalled read). Faults sit in
+front of moto, on the wire: the client's SDK sees exactly what a real store would send.
 
 ``S3Bucket`` is one fresh bucket on that server with the standard ``AWS_*`` environment that
 points at it. The fixtures in ``conftest.py`` (``s3_server``, ``s3_bucket``) put that
@@ -66,7 +66,9 @@ class Request:
 class Fault:
     """The next ``times`` requests for ``key`` of ``bucket`` with ``method``: held until
     ``release`` is set (for at most ``hold_s``) then served, or, with ``status``, answered
-    with that status and the S3 error ``code`` instead of being served."""
+    with that status and the S3 error ``code`` instead of being served (with ``served``:
+    served first, so the store applied the request, and its answer replaced by the error,
+    as when an answer is lost on the way back)."""
 
     bucket: str
     key: str
@@ -76,6 +78,7 @@ class Fault:
     code: str = "SlowDown"
     release: threading.Event | None = None
     hold_s: float = 0.0
+    served: bool = False
     applied: int = 0  # requests it applied to so far
     released: list[bool] = field(default_factory=list)  # per hold: released (not timed out)
 
@@ -114,6 +117,9 @@ class _Recorder:
         if fault is not None and fault.status is None and fault.release is not None:
             fault.released.append(fault.release.wait(fault.hold_s))
         if fault is not None and fault.status is not None:
+            if fault.served:
+                for _ in self.app(environ, lambda *args: None):
+                    pass  # applied by moto; its answer is dropped
             body = fault.error_body()
             start_response(
                 f"{fault.status} {fault.code}",

@@ -125,7 +125,9 @@ def test_partition_by_language(tmp_path: Path) -> None:
 
 def test_job_deadline_stops_starting_work(tmp_path: Path) -> None:
     _media(tmp_path / "media", count=6, seconds=3.0)
-    manifest = write_manifest(tmp_path, run={"concurrency": 1, "pace": 1.0, "job_deadline_s": 2})
+    # The first file alone takes 3 s at pace 1: the deadline falls inside it.
+    run = {"concurrency": 1, "pace": 1.0, "job_deadline_s": 0.5}
+    manifest = write_manifest(tmp_path, run=run)
     done = run_cli("run", str(manifest))
     assert done.returncode == 1
     fields = _summary(done.stdout)

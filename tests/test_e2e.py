@@ -1,33 +1,19 @@
-"""The CLI end to end against a real local server: speech in, Parquet out, exit codes."""
+"""The CLI end to end against a real local server: speech in, Parquet out, exit codes.
+(The demo job, `make run`, is run and checked by tests/test_readme.py.)"""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import point_at, run_cli, server_in_thread, write_manifest
-from tests.media import DEMO_CLIPS, SPEECH
+from tests.media import DEMO_CLIPS, SPEECH, word_error_rate
 from tests.tables import sql
 
 pytestmark = pytest.mark.whisper
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def _word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        previous, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
@@ -56,7 +42,7 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
     for name, reference in SPEECH.items():
         _, status, kind, transcript, _ = by_name[name]
         assert status == "ok" and kind is None
-        assert _word_error_rate(reference, str(transcript)) <= 0.1, transcript
+        assert word_error_rate(reference, str(transcript)) <= 0.1, transcript
     assert by_name["corrupt.mp3"][1:3] == ("failed", "not_media")
     assert by_name["call-17.wav"][1:3] == ("failed", "not_found")
 
@@ -87,46 +73,3 @@ def test_mixed_job_good_speech_corrupt_and_missing(tmp_path: Path) -> None:
     written = [p for p in out.rglob("*") if p.is_file()]
     assert all(b"test-key-e2e" not in p.read_bytes() for p in written)
     assert "test-key-e2e" not in done.stdout + done.stderr
-
-
-def test_demo_manifest_runs_offline(tmp_path: Path) -> None:
-    """What `make run` does, into a temporary output: run, export subtitles, score."""
-    demo = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
-    clips_list = DEMO_CLIPS.parent / "clips.csv"
-    manifest = tmp_path / "demo.yaml"
-    text = demo.read_text().replace('list: "demo/clips.csv"', f'list: "{clips_list}"')
-    manifest.write_text(text.replace("pace: 1.0", "pace: 4.0"))
-    done = run_cli("run", str(manifest))
-    assert done.returncode == 0, done.stderr
-    rows = sql(
-        tmp_path / "out",
-        "select source, status, transcript, reference, wer, redacted_entities from {transcripts}",
-    )
-    assert len(rows) == len(SPEECH) + 1
-    for source, status, transcript, reference, wer, entities in rows:
-        assert status == "ok"
-        name = Path(str(source)).name
-        if name == "payment.ogg":  # redaction and numerals at work, as the README shows
-            assert entities == ["[CREDITCARDNUMBER_1]", "[CVV_1]"], transcript
-            assert "4929" not in transcript and "25,000 dollars" in transcript
-            # Its reference is the redacted text: nothing else may be stored.
-            assert wer is not None and float(str(wer)) <= 0.1, (transcript, reference)
-            continue
-        assert entities == []
-        assert _word_error_rate(SPEECH[name], str(transcript)) <= 0.1
-        # The hand-written references say what the clips were made to say.
-        assert _words(str(reference)) == _words(SPEECH[name])
-        assert wer is not None and float(str(wer)) <= 0.1
-    report = json.loads((tmp_path / "out" / "_reports" / "demo" / "latest.json").read_text())
-    assert report["accuracy"]["items"] == 4 and report["accuracy"]["wer"] <= 0.1
-    exported = run_cli("export", str(tmp_path / "out"), "--job", "demo", "--format", "srt")
-    assert exported.returncode == 0, exported.stderr
-    srt_dir = tmp_path / "out" / "_exports" / "demo" / "srt"
-    assert sorted(p.name for p in srt_dir.iterdir()) == sorted(
-        [f"{Path(name).stem}.srt" for name in SPEECH] + ["payment.srt"]
-    )
-    scored = run_cli(
-        "score", str(tmp_path / "out"), "--job", "demo", "--references", str(clips_list)
-    )
-    assert scored.returncode == 0, scored.stderr
-    assert "Job: WER" in scored.stdout

@@ -28,7 +28,7 @@ def _run_against(
     the files share sessions through finalize (`batch.reuse`)."""
     _media(tmp_path / "media")
     run = {"concurrency": 4, "pace": 0, "max_attempts": 6, "backoff_initial_s": 0.05,
-           "backoff_max_s": 0.5, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
+           "backoff_max_s": 0.2, "final_timeout_s": 1.0, **sections.get("run", {})}  # fmt: skip
     manifest = write_manifest(tmp_path, run=run)
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.current_url if reuse else server.url)
@@ -63,7 +63,9 @@ MATRIX = {
 @pytest.mark.parametrize("reuse", [False, True], ids=["one-session-each", "reused-sessions"])
 @pytest.mark.parametrize("kind", sorted(MATRIX))
 def test_fault_is_survived(kind: str, reuse: bool, tmp_path: Path) -> None:
-    _, report, stats = _run_against(tmp_path, MATRIX[kind], reuse)
+    # A stalled session is given up after final_timeout_s: short, as no answer ever comes.
+    run = {"final_timeout_s": 0.5 * TIME_UNIT_S} if kind == "stall" else {}
+    _, report, stats = _run_against(tmp_path, MATRIX[kind], reuse, run=run)
     assert stats.faults[kind] >= 2, "the fault must actually have been injected"
     assert report["items"]["ok"] == ITEMS and report["items"]["failed"] == 0
     assert report["retries"] >= stats.faults[kind]  # every fault cost one visible retry
@@ -94,7 +96,7 @@ def test_first_attempts_dropped_at_least_30_percent(tmp_path: Path) -> None:
 def test_server_concurrency_limit_below_pool_size(tmp_path: Path) -> None:
     faults = FaultConfig(max_sessions=2, retry_after_s=0.1)
     _, report, stats = _run_against(
-        tmp_path, faults, run={"concurrency": 4, "pace": 2.0, "max_attempts": 2}
+        tmp_path, faults, run={"concurrency": 4, "pace": 4.0, "max_attempts": 2}
     )
     assert stats.max_open <= 2
     assert report["items"]["ok"] == ITEMS  # refusals did not use up the 2 attempts
@@ -159,11 +161,11 @@ def test_audio_is_paced_as_configured(encoding: str, tmp_path: Path) -> None:
     same sessions took unpaced, measured here: the cost of making the audio on this
     machine now. Pacing at 1x or 4x, or not at all, still fails."""
     pace, last_chunk_s, jitter_s = 2.0, 0.13, 0.15 * TIME_UNIT_S  # PCM: 128 ms chunks
-    _media(tmp_path / "media", count=4, duration_s=3.0)
+    _media(tmp_path / "media", count=4, duration_s=2.0)
     unpaced_s = max(wall_s for _, wall_s in _audio_spans(tmp_path, encoding, 0))
     paced = _audio_spans(tmp_path, encoding, pace)
     assert len(paced) == 4
     for audio_s, wall_s in paced:
-        assert audio_s == pytest.approx(3.0, abs=0.05)
+        assert audio_s == pytest.approx(2.0, abs=0.05)
         assert wall_s >= (audio_s - last_chunk_s) / pace - jitter_s, (paced, unpaced_s)
         assert wall_s <= audio_s / pace + unpaced_s + jitter_s, (paced, unpaced_s)

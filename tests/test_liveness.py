@@ -153,9 +153,15 @@ def _rows(out: Path) -> list[tuple[Any, ...]]:
     return duckdb.sql(query).fetchall()
 
 
+# How long a held session waits for an answer (``final_timeout_s``): where every session
+# stalls, none ever comes, so the wait is kept short; a live service answers well within it.
+STALLED_WAIT_S = 0.5 * TIME_UNIT_S
+LIVE_WAIT_S = 2.0 * TIME_UNIT_S
+
+
 def _manifest(tmp_path: Path, url: str, **run: Any) -> Path:
     settings = {"concurrency": 1, "pace": 0, "max_attempts": 3, "backoff_initial_s": 0.05,
-                "final_timeout_s": 2.0 * TIME_UNIT_S, **run}  # fmt: skip
+                "final_timeout_s": LIVE_WAIT_S, **run}  # fmt: skip
     manifest = write_manifest(tmp_path, run=settings)
     point_at(manifest, url)
     return manifest
@@ -169,7 +175,9 @@ async def test_a_mid_stream_stall_is_noticed_within_the_bound_and_retried(
     track = _speech_file(tmp_path / "media", "talk.wav", 60.0)
     faults = FaultConfig(stall_after_s=4.0, fault_limit=1)
     async with local_server(engine="synthetic", faults=faults) as server:
-        manifest = _manifest(tmp_path, server.url_for(generation))
+        manifest = _manifest(
+            tmp_path, server.url_for(generation), final_timeout_s=1.0 * TIME_UNIT_S
+        )
         result = await run_job(load_manifest(manifest), RunOptions())
         await server.wait_idle()
     [(_, status, kind, attempts, transcript)] = _rows(tmp_path / "out")
@@ -231,7 +239,9 @@ async def test_every_session_stalling_stops_the_job_with_exit_6(tmp_path: Path) 
     for index in range(3):
         _speech_file(tmp_path / "media", f"talk{index}.wav", 25.0)
     async with local_server(engine="synthetic", faults=FaultConfig(stall_after_s=1.0)) as server:
-        manifest = _manifest(tmp_path, server.url, max_refusals_in_a_row=3)
+        manifest = _manifest(
+            tmp_path, server.url, max_refusals_in_a_row=3, final_timeout_s=STALLED_WAIT_S
+        )
         result = await run_job(load_manifest(manifest), RunOptions())
         await server.wait_idle()
     report = result.report
@@ -245,7 +255,7 @@ async def test_every_session_stalling_stops_the_job_with_exit_6(tmp_path: Path) 
 async def test_an_item_whose_sessions_all_stall_fails_as_stalled(tmp_path: Path) -> None:
     _speech_file(tmp_path / "media", "talk.wav", 25.0)
     async with local_server(engine="synthetic", faults=FaultConfig(stall_after_s=1.0)) as server:
-        manifest = _manifest(tmp_path, server.url, max_attempts=2)
+        manifest = _manifest(tmp_path, server.url, max_attempts=2, final_timeout_s=STALLED_WAIT_S)
         result = await run_job(load_manifest(manifest), RunOptions())
         await server.wait_idle()
     [(_, status, kind, attempts, _)] = _rows(tmp_path / "out")
@@ -279,7 +289,7 @@ async def test_empty_finals_to_speech_are_no_answer_where_there_is_no_probe(
     _speech_file(tmp_path / "media", "talk.wav", 40.0)
     # Alive, but it transcribes nothing: an empty final per utterance, on the legacy path.
     async with local_server(engine=_Mute(), partial_interval_s=1e9) as server:
-        manifest = _manifest(tmp_path, server.url, max_attempts=1)
+        manifest = _manifest(tmp_path, server.url, max_attempts=1, final_timeout_s=STALLED_WAIT_S)
         await run_job(load_manifest(manifest), RunOptions())
         await server.wait_idle()
     [(_, status, kind, attempts, _)] = _rows(tmp_path / "out")

@@ -172,18 +172,21 @@ def test_the_metrics_file_is_there_while_the_run_goes(tmp_path: Path) -> None:
 def test_a_crash_exits_70_with_its_traceback_a_json_record_in_json_mode(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    azure_key = "QXp1cmUtYWNjb3VudC1rZXktdmFsdWU="  # what adlfs and deltalake read
+
     def broken(*_: object) -> None:  # stands for a bug anywhere under a command
-        raise RuntimeError(f"a bug near {KEY}")
+        raise RuntimeError(f"a bug near {KEY} and {azure_key}")
 
     monkeypatch.setattr(console, "show_schema", broken)
-    env = {"SMALLEST_API_KEY": KEY}
+    env = {"SMALLEST_API_KEY": KEY, "AZURE_STORAGE_ACCOUNT_KEY": azure_key}
     text = run_cli("schema", env=env)
     assert text.returncode == 70, text.output
     assert "internal error (a bug; please report it" in text.stderr
     assert "Traceback (most recent call last)" in text.stderr and "in broken" in text.stderr
+    assert KEY not in text.stderr and azure_key not in text.stderr
     as_json = run_cli("schema", "--log-format", "json", env=env)
     assert as_json.returncode == 70
     [line] = _json_lines(as_json.stderr)
     assert (line["event"], line["level"]) == ("crash", "critical")
     assert "RuntimeError: a bug near" in line["message"] and "in broken" in line["exception"]
-    assert KEY not in as_json.stderr  # scrubbed, as every record is
+    assert KEY not in as_json.stderr and azure_key not in as_json.stderr  # scrubbed

@@ -129,7 +129,7 @@ def test_store_errors_become_one_clause_saying_what_to_set(
     gcs = store_errors.reason("NoCredentialsError", "gs://b/lake")
     assert "GOOGLE_APPLICATION_CREDENTIALS" in gcs
     azure = store_errors.reason("AuthorizationFailure", "az://c/lake")
-    assert "access denied" in azure and "AZURE_STORAGE_KEY" in azure
+    assert "access denied" in azure and "AZURE_STORAGE_ACCOUNT_KEY" in azure
     # Anything else: the chain on one line, without colour codes or a secret it echoed.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-never-shown")
     odd = store_errors.reason(

@@ -1,16 +1,19 @@
 """The README's quick start, run as written, so the front page cannot rot: its `make`
 commands exist, `make install` stays free of test tools, the demo `make run` runs (its
-`pulse-batch` lines, read from `make -n run`, in-process against the embedded server), and
-the README's DuckDB and Python snippets return rows from what the demo wrote."""
+`pulse-batch` lines, read from `make -n run`, in-process against the embedded server) and
+writes what the README shows (transcripts, redaction, numerals, subtitles, scores), and the
+README's DuckDB and Python snippets return rows from what the demo wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,10 @@ import duckdb
 import pytest
 
 from tests.conftest import run_cli
+from tests.media import SPEECH, spoken_words, word_error_rate
 from tests.needs import need_module
+from tests.runcli import CliResult
+from tests.tables import sql
 
 pytestmark = pytest.mark.whisper
 
@@ -62,11 +68,23 @@ def test_make_install_installs_no_test_tools() -> None:
         assert tool not in commands, f"make install runs {tool}: a test tool"
 
 
+@dataclass(frozen=True)
+class Demo:
+    """Where `make run`'s lines ran, and what each one said."""
+
+    folder: Path
+    said: dict[str, CliResult]  # by command: run, export, score (the last export kept)
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "jobs" / "out"
+
+
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     """A copy of `jobs/` where `make run`'s own `pulse-batch` lines have run (unpaced, so
-    the demo's 27 s of audio take a few seconds); yields the folder they ran in. Made once
-    per session: the tests only read it (and xdist may interleave other modules)."""
+    the demo's 27 s of audio take a few seconds). Made once per session: the tests only
+    read it (and xdist may interleave other modules)."""
     folder = tmp_path_factory.mktemp("readme")
     shutil.copytree(ROOT / "jobs" / "demo", folder / "jobs" / "demo")
     manifest = (ROOT / "jobs" / "demo.yaml").read_text(encoding="utf-8")
@@ -74,26 +92,55 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (folder / "jobs" / "demo.yaml").write_text(manifest.replace("pace: 1.0", "pace: 0"))
     lines = [line for line in _make_dry_run("run") if line.startswith(".venv/bin/pulse-batch ")]
     assert [shlex.split(line)[1] for line in lines] == ["run", "export", "export", "score"]
+    said = {}
     before = Path.cwd()
     os.chdir(folder)
     try:
         for line in lines:
-            done = run_cli(*shlex.split(line)[1:])
+            args = shlex.split(line)[1:]
+            said[args[0]] = done = run_cli(*args)
             assert done.returncode == 0, (line, done.output)
     finally:
         os.chdir(before)
-    yield folder
+    yield Demo(folder, said)
 
 
-def test_the_demo_writes_what_make_run_says(demo: Path) -> None:
-    out = demo / "jobs" / "out"
-    assert len(list((out / "_exports" / "demo" / "srt").glob("*.srt"))) == 4
-    assert len(list((out / "_exports" / "demo" / "vtt").glob("*.vtt"))) == 4
-    assert "Accuracy" in (out / "_reports" / "demo" / "latest.md").read_text(encoding="utf-8")
+def test_the_demo_writes_what_make_run_says(demo: Demo) -> None:
+    exports = demo.out / "_exports" / "demo"
+    names = sorted([f"{Path(name).stem}" for name in SPEECH] + ["payment"])
+    assert sorted(p.stem for p in (exports / "srt").glob("*.srt")) == names
+    assert sorted(p.stem for p in (exports / "vtt").glob("*.vtt")) == names
+    assert "Accuracy" in (demo.out / "_reports" / "demo" / "latest.md").read_text(encoding="utf-8")
+    assert "Job: WER" in demo.said["score"].stdout
 
 
-def test_the_readme_queries_return_rows(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(demo)
+def test_the_demo_transcribes_redacts_and_scores_its_clips(demo: Demo) -> None:
+    """The recognizer, redaction and numerals at work, as the README shows them."""
+    rows = sql(
+        demo.out,
+        "select source, status, transcript, reference, wer, redacted_entities from {transcripts}",
+    )
+    assert len(rows) == len(SPEECH) + 1
+    for source, status, transcript, reference, wer, entities in rows:
+        assert status == "ok"
+        name = Path(str(source)).name
+        if name == "payment.ogg":
+            assert entities == ["[CREDITCARDNUMBER_1]", "[CVV_1]"], transcript
+            assert "4929" not in transcript and "25,000 dollars" in transcript
+            # Its reference is the redacted text: nothing else may be stored.
+            assert wer is not None and float(str(wer)) <= 0.1, (transcript, reference)
+            continue
+        assert entities == []
+        assert word_error_rate(SPEECH[name], str(transcript)) <= 0.1
+        # The hand-written references say what the clips were made to say.
+        assert spoken_words(str(reference)) == spoken_words(SPEECH[name])
+        assert wer is not None and float(str(wer)) <= 0.1
+    report = json.loads((demo.out / "_reports" / "demo" / "latest.json").read_text())
+    assert report["accuracy"]["items"] == 4 and report["accuracy"]["wer"] <= 0.1
+
+
+def test_the_readme_queries_return_rows(demo: Demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(demo.folder)
     (sql,) = _blocks("Reading the tables", "sql")
     statements = [s for s in sql.split(";") if s.strip()]
     assert len(statements) == 2

@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -46,7 +45,8 @@ from batch.server.audio import ALAW_TABLE, MULAW_TABLE
 from batch.server.cli import is_loopback
 from batch.server.handshake import bearer_matches
 from batch.server.vad import Segmenter
-from tests.conftest import TIME_UNIT_S
+from tests.conftest import TIME_UNIT_S, run_cli
+from tests.media import word_error_rate
 
 UNIT_S = TIME_UNIT_S  # the suite's one time unit (PULSE_BATCH_TEST_TIME_UNIT)
 CLIPS = Path(__file__).resolve().parents[1] / "jobs" / "demo" / "clips"
@@ -111,17 +111,6 @@ def bursts(plan: Sequence[tuple[int | None, float]], rate: int) -> tuple[Audio, 
             expected.append((f"tone{hz}", t, t + seconds))
         t += seconds
     return np.concatenate(pieces), expected
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref = re.findall(r"[a-z']+", reference.lower())
-    hyp = re.findall(r"[a-z']+", hypothesis.lower())
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        previous, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
-    return row[-1] / max(len(ref), 1)
 
 
 # --- client helpers ------------------------------------------------------------------
@@ -525,7 +514,9 @@ async def test_mid_stream_faults_are_observable_then_success(kind: str) -> None:
     payload = encode(audio, "linear16", rate)
     config = FaultConfig(seed=1, fault_limit=1, fault_at_max_s=1.0, **{f"{kind}_rate": 1.0})
     async with local_server(faults=config) as server:
-        faulted = await run_session(server.url, payload, timeout_s=1.0 * UNIT_S)
+        # A stalled session never answers: any wait shows it; the others end by themselves.
+        wait_s = (0.5 if kind == "stall" else 10.0) * UNIT_S
+        faulted = await run_session(server.url, payload, timeout_s=wait_s)
         clean = await run_session(server.url, payload)
         await server.wait_idle()
     assert_well_formed(clean)
@@ -553,15 +544,19 @@ async def test_mid_stream_faults_are_observable_then_success(kind: str) -> None:
 # --- real speech through whisper -----------------------------------------------------
 
 
+# Each clip once, on the path named: both session shapes, with whisper's cost paid once.
+CLIP_PATHS = {"callback.flac": "legacy", "support.mp3": "unified", "cancel.wav": "legacy"}
+
+
 @pytest.mark.whisper
 @pytest.mark.anyio
-@pytest.mark.parametrize("unified", [False, True], ids=["legacy", "unified"])
-async def test_whisper_transcribes_the_demo_clips(unified: bool) -> None:
+async def test_whisper_transcribes_the_demo_clips_on_both_paths() -> None:
     rate = 16000
     results: dict[str, Session] = {}
     async with local_server(engine="whisper") as server:
 
         async def one(name: str) -> None:
+            unified = CLIP_PATHS[name] == "unified"
             audio = np.concatenate([load_clip(name, rate), silence(0.5, rate)])
             url = url_for(server, unified=unified, word_timestamps=True)
             results[name] = await run_session(
@@ -571,6 +566,7 @@ async def test_whisper_transcribes_the_demo_clips(unified: bool) -> None:
         async with anyio.create_task_group() as tg:
             for name in SPEECH:
                 tg.start_soon(one, name)
+    assert sorted(CLIP_PATHS.values()) == ["legacy", "legacy", "unified"]
     for name, reference in SPEECH.items():
         session = results[name]
         assert_well_formed(session)
@@ -579,6 +575,8 @@ async def test_whisper_transcribes_the_demo_clips(unified: bool) -> None:
         duration_s = len(load_clip(name, rate)) / rate + 0.5
         assert starts == sorted(starts)
         assert all(0 <= w["start"] <= w["end"] <= duration_s for w in session.words)
+        for m in session.messages:  # the unified path's own fields, and only there
+            assert ("type" in m) is (CLIP_PATHS[name] == "unified"), m
 
 
 @pytest.mark.whisper
@@ -630,8 +628,7 @@ def test_cli_serves_until_sigterm() -> None:
 
 
 def test_cli_refuses_a_port_out_of_range() -> None:
-    command = [sys.executable, "-c", CLI_SCRIPT, "serve", "--port", "99999"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60 * UNIT_S, check=False)
+    done = run_cli("serve", "--port", "99999")
     assert done.returncode == 2, done.stderr  # a usage error, not a traceback
     assert "--port" in done.stderr and "Traceback" not in done.stderr
 

@@ -22,6 +22,7 @@ from batch.output.delta import delta_options
 from batch.output.layout import Location
 from batch.shard import Shard
 from tests.conftest import TIME_UNIT_S, run_cli, write_manifest
+from tests.emulators import AzContainer
 from tests.media import Burst, tone_track, write_audio
 from tests.s3server import S3Bucket
 
@@ -66,12 +67,15 @@ async def test_two_shard_counts_at_once_never_duplicate(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids.to_pylist())) > 0
 
 
-@pytest.fixture(params=["parquet-on-disk", "delta-on-disk", "delta-on-s3"])
+@pytest.fixture(params=["parquet-on-disk", "delta-on-disk", "delta-on-s3", "delta-on-azurite"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """Where the runs write: Parquet or Delta in a local folder, or Delta in a bucket of
-    the loopback S3 server."""
+    the loopback S3 server or a container of Azurite (leases on both)."""
     if request.param.endswith("on-disk"):
         return {"path": str(tmp_path / "out"), "format": request.param.split("-")[0]}
+    if request.param == "delta-on-azurite":
+        container: AzContainer = request.getfixturevalue("az_container")
+        return {"path": container.url("lake"), "format": "delta"}
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
     return {"path": bucket.url("lake").rstrip("/"), "format": "delta"}
 

@@ -2,8 +2,11 @@
 runs and failing sessions; afterwards every item has exactly one row.
 
 The default suite kills a few times at moments chosen to cover each case: in a commit of a
-first run and of a --force run (rows superseded), and mid-run at random. The long forms
-(30 and 8 kills at random moments) are marked ``slow`` (`make test-all`)."""
+first run, of a --force run (rows superseded) and of a rerun (failed rows replaced), and
+mid-stream. A commit is seen as it starts: Parquet's redo-log batch appearing in
+``_staging``, or Delta's first table of a batch (its transcripts are committed last, so the
+kill falls between a batch's tables). The long forms (30 and 8 kills, half in a commit of a
+--force run, half at random moments) are marked ``slow`` (`make test-all`)."""
 
 from __future__ import annotations
 
@@ -17,47 +20,60 @@ from pathlib import Path
 import pytest
 
 from batch.output import OutputReader
-from batch.server import FaultConfig
+from batch.server import FaultConfig, LocalServer
 from tests.conftest import TIME_UNIT_S, point_at, run_cli, server_in_thread, write_manifest
 from tests.media import Burst, tone_files
 
 ITEMS = 16
 COMMIT = "commit"  # a kill as soon as a batch is being committed
+STREAMING = "streaming"  # a kill at a random moment once the run's sessions are open
 RANDOM = "random"  # a kill at a random moment of the run
 
 
-def _staged_batches(out: Path) -> list[Path]:
+def _commit_marks(out: Path, fmt: str) -> set[Path]:
+    """What a batch being committed leaves, as it starts: Parquet's staged redo-log batches;
+    Delta's versions of its first table (``segments``; ``transcripts`` come last)."""
+    if fmt == "delta":
+        versions = (out / "segments" / "_delta_log").glob("*.json")
+        return {p for p in versions if int(p.stem) > 0}  # version 0: the table's creation
     staging = out / "_staging" / "test-job"
     if not staging.exists():
-        return []
-    return [p for p in staging.iterdir() if p.is_dir() and not p.name.startswith("cache-")]
+        return set()
+    return {p for p in staging.iterdir() if p.is_dir() and not p.name.startswith("cache-")}
 
 
 def _kill_one(
-    manifest: Path, out: Path, rng: random.Random, force: bool, moment: str,
-    whole_run_s: dict[bool, float],
+    manifest: Path, out: Path, fmt: str, server: LocalServer, rng: random.Random,
+    force: bool, moment: str, whole_run_s: dict[bool, float],
 ) -> tuple[bool, bool]:  # fmt: skip
-    """Start a run and SIGKILL it: at a random moment, or as soon as a batch is being
-    committed. Returns whether it was killed (not finished first), and whether a commit
-    was in progress at the kill. ``whole_run_s`` remembers how long an unkilled run of each
-    kind took, so random moments fall inside a run on a fast machine and a slow one alike."""
+    """Start a run and SIGKILL it: as soon as a batch of its own is being committed, at a
+    random moment once its first session opened, or at a random moment. Returns whether it
+    was killed (not finished first), and whether one of its commits had begun at the kill.
+    ``whole_run_s`` remembers how long an unkilled run of each kind took, so random moments
+    fall inside a run on a fast machine and a slow one alike."""
     args = [sys.executable, "-m", "batch", "run", str(manifest), *(["--force"] if force else [])]
+    before = _commit_marks(out, fmt)  # a killed run's leftovers are no commit of this one
+    opened = server.stats.sessions_opened
     started = time.monotonic()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    in_commit = moment == COMMIT
     # A run starts committing a second or two in (interpreter start, planning).
-    if in_commit:
-        wait_s = 6.0 * TIME_UNIT_S
-    elif force in whole_run_s:
-        wait_s = rng.uniform(0.3, 0.9) * whole_run_s[force]
+    if moment == RANDOM:
+        wait_s = (
+            rng.uniform(0.3, 0.9) * whole_run_s[force]
+            if force in whole_run_s
+            else rng.uniform(0.8, 3.5) * TIME_UNIT_S
+        )
     else:
-        wait_s = rng.uniform(0.8, 3.5) * TIME_UNIT_S
+        wait_s = 10.0 * TIME_UNIT_S
     deadline = started + wait_s
     while time.monotonic() < deadline and process.poll() is None:
-        if in_commit and _staged_batches(out):
+        if moment == COMMIT and _commit_marks(out, fmt) - before:
             break
+        if moment == STREAMING and server.stats.sessions_opened > opened:
+            deadline = min(deadline, time.monotonic() + rng.uniform(0.0, 0.4))
+            moment = RANDOM  # from now on, only the clock
         time.sleep(0.002)
-    committing = bool(_staged_batches(out))
+    committing = bool(_commit_marks(out, fmt) - before)
     if process.poll() is not None:
         whole_run_s[force] = time.monotonic() - started
     process.send_signal(signal.SIGKILL)  # nothing, if it already finished
@@ -65,28 +81,24 @@ def _kill_one(
     return process.returncode == -signal.SIGKILL, committing
 
 
-# (--force, moment) per run, in order: commits of a first run, of --force runs (which
-# rewrite files to drop superseded rows) and of a rerun replacing failed rows; random
-# moments of --force runs (planning, streaming, between batches: a --force run redoes every
-# item, so it is long enough to be caught). Delta commits each table on its own, so a random
-# kill may fall between a batch's words and its transcripts.
+# (--force, moment) per run, in order: commits of a first run, of a --force run (which
+# rewrites files to drop superseded rows) and of a rerun replacing failed rows; then a
+# --force run (it redoes every item, so it is long enough to be caught) mid-stream.
 CHOSEN = {
-    "parquet": [(False, COMMIT), (True, COMMIT), (True, RANDOM), (False, COMMIT), (True, RANDOM)],
-    "delta": [(False, RANDOM), (True, RANDOM), (True, RANDOM)],
+    "parquet": [(False, COMMIT), (True, COMMIT), (False, COMMIT), (True, STREAMING)],
+    "delta": [(False, COMMIT), (True, STREAMING)],
+    "reuse": [(False, COMMIT), (True, STREAMING)],  # Parquet: commits as above
 }
 
 
-def _schedule(fmt: str, form: str) -> list[tuple[bool, str]]:
-    """The chosen kills, or the long form: 30 (Parquet, half in a commit) or 8 (Delta) at
-    random, every third run --force."""
+def _schedule(fmt: str, form: str, reuse: bool) -> list[tuple[bool, str]]:
+    """The chosen kills, or the long form: 30 (Parquet) or 8 (Delta), every other run
+    --force and killed in a commit (it redoes every item, so it always commits; a plain
+    rerun may have nothing left to commit), the others at random moments."""
     if form == "chosen":
-        return CHOSEN[fmt]
-    rng = random.Random(7)
+        return CHOSEN["reuse" if reuse else fmt]
     kills = 30 if fmt == "parquet" else 8
-    return [
-        (n % 3 == 0, COMMIT if fmt == "parquet" and rng.random() < 0.5 else RANDOM)
-        for n in range(kills)
-    ]
+    return [(True, COMMIT) if n % 2 == 0 else (False, RANDOM) for n in range(kills)]
 
 
 @pytest.mark.timeout(300)
@@ -96,6 +108,7 @@ def _schedule(fmt: str, form: str) -> list[tuple[bool, str]]:
         ("parquet", "chosen", False),
         ("delta", "chosen", False),
         pytest.param("parquet", "chosen", True, id="parquet-chosen-reused-sessions"),
+        # The long forms; in the default suite, the chosen forms above hold each guarantee.
         pytest.param("parquet", "random", False, marks=pytest.mark.slow),
         pytest.param("delta", "random", False, marks=pytest.mark.slow),
         pytest.param("parquet", "random", True, marks=pytest.mark.slow),
@@ -104,10 +117,10 @@ def _schedule(fmt: str, form: str) -> list[tuple[bool, str]]:
 def test_sigkills_leave_exactly_one_row_per_item(
     tmp_path: Path, fmt: str, form: str, reuse: bool
 ) -> None:
-    """Parquet: kills in commits (one redo-log batch each) and at random moments. Delta (one
-    commit per table, so a kill can fall between a batch's words and its transcripts): at
-    random moments. ``reuse``: on an endpoint with finalize, so short files share sessions
-    and a fault fails every unit of its session not yet known complete."""
+    """Parquet: kills in commits (one redo-log batch each) and mid-run. Delta (one commit
+    per table): kills between a batch's tables and mid-run. ``reuse``: on an endpoint with
+    finalize, so short files share sessions and a fault fails every unit of its session
+    not yet known complete."""
     rng = random.Random(11)
     tone_files(tmp_path / "media", ITEMS, [Burst(0.05, 0.1, 440)], 0.4, "call-{:04d}.wav")
     (tmp_path / "media" / "broken.wav").write_text("not audio")  # fails in every run
@@ -118,15 +131,17 @@ def test_sigkills_leave_exactly_one_row_per_item(
     )
     out = tmp_path / "out"
     faults = FaultConfig(seed=5, error_rate=0.2, fault_at_max_s=0.2)  # some items fail
-    schedule = _schedule(fmt, form)
+    schedule = _schedule(fmt, form, reuse)
     landed = committing = 0
     whole_run_s: dict[bool, float] = {}
     with server_in_thread(faults=faults) as server:
         point_at(manifest, server.current_url if reuse else server.url)  # finalize: reuse
         for force, moment in schedule:
             for _ in range(4):  # bounded: a run, or its commit, may end before the kill
-                killed, in_commit = _kill_one(manifest, out, rng, force, moment, whole_run_s)
-                if killed and (in_commit or moment == RANDOM):
+                killed, in_commit = _kill_one(
+                    manifest, out, fmt, server, rng, force, moment, whole_run_s
+                )
+                if killed and (in_commit or moment != COMMIT):
                     break
             landed += killed
             committing += killed and in_commit

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from batch.errors import ManifestError
 from batch.model import ItemRows
-from batch.output import erasure, layout, lease, locks, parquet, reports, tombstones
+from batch.output import erasure, layout, lease, lease_stores, locks, parquet, reports, tombstones
 from batch.output.history import History, Scan
 from batch.output.layout import Location, translated
 from batch.output.schema import SCHEMA_VERSION, as_failed, misfit
@@ -293,10 +293,11 @@ def _remote_lock(
     where: Location, job: str, shard: Shard | None
 ) -> contextlib.AbstractContextManager[Callable[[], None]]:
     """The job (or shard) lock of an output on object storage, as the check to make before
-    each commit: a lease on S3; other stores have no conditional writes we use, so nothing
-    stops an overlapping run there."""
-    if where.url.startswith(("s3://", "s3a://")):
-        return lease.job_lease(where.url.replace("s3a://", "s3://", 1), job, shard)
+    each commit: a lease on S3, GCS and Azure Blob; other stores have no conditional writes
+    we use, so nothing stops an overlapping run there."""
+    store = lease_stores.store_for(where.url)
+    if store is not None:
+        return lease.job_lease(where.url, job, shard, store)
     logger.warning(
         "%s: no job lock on this store; do not start the same job (or shard) twice at once",
         where.url,

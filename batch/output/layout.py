@@ -7,7 +7,7 @@ Layout under ``output.path``::
     _locks/                            job and shard locks of local outputs (`batch.output.locks`;
                                        they stay, with a README-DO-NOT-DELETE.txt beside them)
     _locks/<job>.commit.lock           held while a batch commits or recovery runs (Parquet)
-    _locks/<job>/*.lease               job and shard locks on S3 (`batch.output.lease`)
+    _locks/<job>/*.lease               job and shard locks on object storage (`batch.output.lease`)
     _staging/<job>/...                 batches being committed (local Parquet)
     _reports/<job>/<run_id>.json|.md   run reports, and latest.json|.md
 

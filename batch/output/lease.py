@@ -1,13 +1,14 @@
-"""Leases on S3 objects: the job and shard locks of an output on object storage.
+"""Leases: the job and shard locks of an output on object storage (S3, GCS, Azure Blob).
 
 An object store has no OS lock that dies with its process, so a lock is a small object
-holding who took it and until when, written with S3 conditional writes:
+holding who took it and until when, written with the store's conditional writes
+(`batch.output.lease_stores`; a version is an ETag or a GCS generation):
 
-- take: create only if absent (``If-None-Match: *``); one of any number of racing takers
-  wins, the others get 412;
-- renew: rewrite only if it is still ours (``If-Match`` our ETag), every ``ttl_s / 4``;
+- take: create only if absent; one of any number of racing takers wins, the others are
+  refused;
+- renew: rewrite only if it is still at the version we wrote, every ``ttl_s / 4``;
 - take over: a lease that ran out (or whose holder on this host is gone) is replaced only
-  if unchanged since it was read (``If-Match`` its ETag): two takers never both win;
+  if unchanged since it was read: two takers never both win;
 - release: delete only if still ours.
 
 A killed holder's lease runs out after ``ttl_s`` (immediately for a rerun on the same
@@ -18,7 +19,6 @@ object says, may we take it?
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -28,10 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from batch.errors import LockedError, OutputError, ShardCountConflict
-from batch.output import store_errors
+from batch.output.lease_stores import LeaseStore
 from batch.shard import Shard
 
 logger = logging.getLogger(__name__)
@@ -85,98 +85,52 @@ def decide(holder: Holder | None, now: float, host: str, pid_alive: Callable[[in
     return holder.host == host and not pid_alive(holder.pid)
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/key`` -> (bucket, key)."""
-    rest = url.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    return bucket, key
-
-
-def s3_client() -> Any:
-    """A botocore S3 client from the standard AWS environment (endpoint, region,
-    credentials chain); botocore comes with the ``s3`` extra. Each is made from a new
-    session (the environment is read again) sharing one loader of botocore's service
-    descriptions: parsing those is most of a client's cost (0.1-0.3 s)."""
-    try:
-        import botocore.session  # type: ignore[import-untyped]
-    except ImportError:
-        raise OutputError(
-            "s3://", "lock", "S3 outputs need the s3 extra: pip install 'pulse-batch[s3]'"
-        ) from None
-    session = botocore.session.get_session()
-    loader = _botocore_loader(session.get_config_variable("data_path"))
-    session.register_component("data_loader", loader)
-    return session.create_client("s3")
-
-
-@functools.cache
-def _botocore_loader(data_path: str | None) -> Any:
-    """botocore's loader of its JSON service descriptions (from ``AWS_DATA_PATH`` too), made
-    once per search path: it keeps what it parsed."""
-    import botocore.loaders  # type: ignore[import-untyped]
-
-    return botocore.loaders.create_loader(data_path)
-
-
-class S3Lease:
-    """One lease object; see the module docstring. Not reentrant."""
+class Lease:
+    """One lease object in ``store``; see the module docstring. Not reentrant."""
 
     def __init__(
         self,
-        client: Any,
+        store: LeaseStore,
         url: str,
         note: str,
         ttl_s: float = DEFAULT_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.client = client
+        self.store = store
         self.url = url
-        self.bucket, self.key = split_url(url)
         self.note = note
         self.ttl_s = ttl_s
         self.clock = clock
         self.host = socket.gethostname()
-        self.etag: str | None = None
-        self._guard = threading.Lock()  # the renewer thread and `still_mine` share etag
+        self.version: str | None = None  # of the object we last wrote
+        self._guard = threading.Lock()  # the renewer thread and `still_mine` share version
 
     def _mine(self) -> bytes:
         return Holder(self.host, os.getpid(), self.note, self.clock() + self.ttl_s).to_bytes()
 
-    def _code(self, error: Exception) -> str:
-        response = getattr(error, "response", None) or {}
-        return str(response.get("Error", {}).get("Code", ""))
+    def _create(self) -> bool:
+        body = self._mine()
+        return self._wrote(body, self.store.create_if_absent(self.url, body))
 
-    def _put(self, **condition: str) -> bool:
-        """A conditional put of our holder note; False when the condition did not hold."""
-        try:
-            answer = self.client.put_object(
-                Bucket=self.bucket, Key=self.key, Body=self._mine(), **condition
-            )
-        except Exception as error:
-            refused = (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-                "412",
-                "NoSuchKey",
-                "404",
-            )
-            if self._code(error) in refused:  # (If-Match on a deleted object: 404)
-                return False
-            raise OutputError(self.url, "take the lock", self._reason(error)) from error
-        self.etag = str(answer["ETag"])
-        return True
+    def _replace(self, version: str) -> bool:
+        body = self._mine()
+        return self._wrote(body, self.store.replace_if_version(self.url, body, version))
 
-    def _reason(self, error: Exception) -> str:
-        return store_errors.reason(self._code(error) or type(error).__name__, self.url)
+    def _wrote(self, body: bytes, version: str | None) -> bool:
+        """Whether our write of ``body`` is the object now. A refused write may have been
+        ours all the same: the store applied it, its answer was lost, and the SDK's retry
+        was refused (the object existed, or had left the version named): our note is
+        there. (A note names its host, pid and expiry: no other run's is equal.)"""
+        if version is None:
+            found = self.store.read(self.url)
+            version = found[1] if found is not None and found[0] == body else None
+        if version is not None:
+            self.version = version
+        return version is not None
 
     def _read(self) -> tuple[Holder | None, str] | None:
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except Exception as error:
-            if self._code(error) in ("NoSuchKey", "404"):
-                return None
-            raise OutputError(self.url, "read the lock", self._reason(error)) from error
-        return Holder.from_bytes(answer["Body"].read()), str(answer["ETag"])
+        found = self.store.read(self.url)
+        return None if found is None else (Holder.from_bytes(found[0]), found[1])
 
     def held_by(self) -> Holder | None:
         """The live holder of this lease, if any (None when free or run out)."""
@@ -189,16 +143,16 @@ class S3Lease:
     def acquire(self) -> None:
         """Take the lease, or raise `LockedError` naming its holder."""
         for _ in range(3):  # bounded: each round either wins, loses to a live holder, or races
-            if self._put(IfNoneMatch="*"):
+            if self._create():
                 return
             found = self._read()
             if found is None:
-                continue  # released between our put and our read: try again
-            holder, etag = found
+                continue  # released between our write and our read: try again
+            holder, version = found
             if not decide(holder, self.clock(), self.host, _pid_alive):
                 assert holder is not None
                 raise LockedError(f"{self.url} is held ({holder.describe()})")
-            if self._put(IfMatch=etag):
+            if self._replace(version):
                 logger.info("took over a lapsed lock %s", self.url)
                 return
         raise LockedError(f"{self.url}: other processes are taking this lock at this moment")
@@ -206,11 +160,11 @@ class S3Lease:
     def renew(self) -> bool:
         """Extend the lease; False if it is no longer ours (someone took over a lapsed one)."""
         with self._guard:
-            if self.etag is None:
+            if self.version is None:
                 return False
-            if self._put(IfMatch=self.etag):
+            if self._replace(self.version):
                 return True
-            if self._read() is None and self._put(IfNoneMatch="*"):
+            if self._read() is None and self._create():
                 # Deleted (by a clean-up job?) and taken by nobody since: ours again, so a
                 # second run cannot start beside this one.
                 logger.warning("%s was deleted while held; wrote it again", self.url)
@@ -220,21 +174,21 @@ class S3Lease:
     def still_mine(self) -> bool:
         """Whether the lease object is still the one we wrote (not deleted, not taken over)."""
         with self._guard:
-            if self.etag is None:
+            if self.version is None:
                 return False
-            found = self._read()
-            return found is not None and found[1] == self.etag
+            found = self.store.read(self.url)
+            return found is not None and found[1] == self.version
 
     def release(self) -> None:
-        if self.etag is None:
+        if self.version is None:
             return
         with contextlib.suppress(Exception):  # a lapsed lease may already be someone else's
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-        self.etag = None
+            self.store.delete_if_version(self.url, self.version)
+        self.version = None
 
 
 @contextlib.contextmanager
-def held(lease: S3Lease) -> Iterator[S3Lease]:
+def held(lease: Lease) -> Iterator[Lease]:
     """Hold ``lease`` for the block, renewing it in a daemon thread every ``ttl_s / 4``."""
     lease.acquire()
     stop = threading.Event()
@@ -261,19 +215,14 @@ def held(lease: S3Lease) -> Iterator[S3Lease]:
 _SHARD_KEY: Final = re.compile(r"shard-(\d+)-of-(\d+)\.lease")
 
 
-def _live_shards(client: Any, url: str, job: str) -> list[tuple[Shard, Holder]]:
+def _live_shards(store: LeaseStore, url: str, job: str) -> list[tuple[Shard, Holder]]:
     """The job's shards whose leases are held by live processes."""
-    bucket, key = split_url(f"{url}/_locks/{job}/shard-")
-    try:
-        listed = client.list_objects_v2(Bucket=bucket, Prefix=key)
-    except Exception as error:
-        raise OutputError(url, "list the locks", store_errors.reason(error, url)) from error
     live = []
-    for entry in listed.get("Contents", []):
-        match = _SHARD_KEY.fullmatch(str(entry["Key"]).rsplit("/", 1)[-1])
+    for found in store.list_prefix(f"{url}/_locks/{job}/shard-"):
+        match = _SHARD_KEY.fullmatch(found.rsplit("/", 1)[-1])
         if match is None:
             continue
-        holder = S3Lease(client, f"s3://{bucket}/{entry['Key']}", "").held_by()
+        holder = Lease(store, found, "").held_by()
         if holder is not None:
             live.append((Shard(int(match[1]), int(match[2])), holder))
     return live
@@ -284,37 +233,37 @@ def _lease_url(url: str, job: str, shard: Shard | None) -> str:
     return f"{url}/_locks/{job}/{name}"
 
 
-def lease_live(url: str, job: str, shard: Shard | None, client: Any = None) -> bool:
+def lease_live(url: str, job: str, shard: Shard | None, store: LeaseStore) -> bool:
     """Whether the job's (or the shard's) lease is held by a live process."""
-    lock = S3Lease(client or s3_client(), _lease_url(url, job, shard), "")
+    lock = Lease(store, _lease_url(url, job, shard), "")
     return lock.held_by() is not None
 
 
 @contextlib.contextmanager
 def job_lease(
-    url: str, job: str, shard: Shard | None, client: Any = None, ttl_s: float = DEFAULT_TTL_S
+    url: str, job: str, shard: Shard | None, store: LeaseStore, ttl_s: float = DEFAULT_TTL_S
 ) -> Iterator[Callable[[], None]]:
-    """The job lock of an output at ``url`` (``s3://bucket/prefix``): a whole-job run holds
+    """The job lock of an output at ``url`` (``s3://bucket/prefix``, ``gs://``, ``az://``)
+    in ``store``: a whole-job run holds
     ``_locks/<job>/job.lease``; shard I of N holds ``_locks/<job>/shard-I-of-N.lease``, and
     refuses to start beside a whole-job run, beside shards of another count
     (`ShardCountConflict`), and a whole-job run beside live shards. Each looks for the
     others after taking its own lease, so of two starting at once neither misses the other.
     Yields the check to make before each commit: it raises `OutputError` once the lease is
     no longer ours. Raises `LockedError`."""
-    client = client or s3_client()
-    job_lock = S3Lease(client, _lease_url(url, job, None), f"job {job!r}", ttl_s)
+    job_lock = Lease(store, _lease_url(url, job, None), f"job {job!r}", ttl_s)
     if shard is None:
-        _refuse_shards(client, url, job)
+        _refuse_shards(store, url, job)
         with _named(job_lock, f"job {job!r} is already running into {url}") as mine:
-            _refuse_shards(client, url, job)
+            _refuse_shards(store, url, job)
             yield _checker(mine)
         return
     _refuse_whole(job_lock, url, job)
     what = f"shard {shard.label} of job {job!r}"
-    lease = S3Lease(client, _lease_url(url, job, shard), what, ttl_s)
+    lease = Lease(store, _lease_url(url, job, shard), what, ttl_s)
     with _named(lease, f"{what} is already running into {url}") as mine:
         _refuse_whole(job_lock, url, job)
-        for other, holder in _live_shards(client, url, job):
+        for other, holder in _live_shards(store, url, job):
             if other.count != shard.count:
                 raise ShardCountConflict(
                     f"job {job!r} is running into {url} as shard {other.label} "
@@ -325,8 +274,8 @@ def job_lease(
         yield _checker(mine)
 
 
-def _refuse_shards(client: Any, url: str, job: str) -> None:
-    live = _live_shards(client, url, job)
+def _refuse_shards(store: LeaseStore, url: str, job: str) -> None:
+    live = _live_shards(store, url, job)
     if live:
         raise LockedError(
             f"shards of job {job!r} are running into {url} ({live[0][1].describe()}); "
@@ -334,7 +283,7 @@ def _refuse_shards(client: Any, url: str, job: str) -> None:
         )
 
 
-def _refuse_whole(job_lock: S3Lease, url: str, job: str) -> None:
+def _refuse_whole(job_lock: Lease, url: str, job: str) -> None:
     whole = job_lock.held_by()
     if whole is not None:
         raise LockedError(
@@ -343,7 +292,7 @@ def _refuse_whole(job_lock: S3Lease, url: str, job: str) -> None:
         )
 
 
-def _checker(lease: S3Lease) -> Callable[[], None]:
+def _checker(lease: Lease) -> Callable[[], None]:
     def check() -> None:
         if not lease.still_mine():
             raise OutputError(
@@ -357,7 +306,7 @@ def _checker(lease: S3Lease) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def _named(lease: S3Lease, what: str) -> Iterator[S3Lease]:
+def _named(lease: Lease, what: str) -> Iterator[Lease]:
     try:
         context = held(lease)
         context.__enter__()

@@ -201,16 +201,17 @@ class OutputReader:
     def run_alive(self, job: str, run_id: str, shard: str | None = None) -> bool:
         """Whether run ``run_id`` of ``job`` (shard ``"I/N"``, if it was one) is still
         going: its process holds its run lock (a folder), or its shard's or the job's lease
-        (S3). On other object stores, where runs hold no lock, it cannot be told: True."""
+        (S3, GCS, Azure Blob). On other object stores, where runs hold no lock, it cannot be
+        told: True."""
         where = self.where
         if where.local is not None:
             return parquet.run_alive(where.local, job, run_id)
-        if not where.url.startswith(("s3://", "s3a://")):
-            return True
-        from batch.output import lease
+        from batch.output import lease, lease_stores
 
-        url = where.url.replace("s3a://", "s3://", 1)
-        return lease.lease_live(url, job, parse_flag(shard) if shard else None)
+        store = lease_stores.store_for(where.url)
+        if store is None:
+            return True
+        return lease.lease_live(where.url, job, parse_flag(shard) if shard else None, store)
 
     def compact(self) -> list[str]:
         """Compact a Delta output's tables (optimize, then vacuum files no version needs);

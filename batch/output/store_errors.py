@@ -29,6 +29,8 @@ _MISSING: Final = (
     "NoCredentialsError",
     "PartialCredentialsError",
     "Unable to locate credentials",
+    "DefaultCredentialsError",  # google-auth found no application default credentials
+    "NoAzureCredentials",  # said by the lease store when no AZURE_STORAGE_* variable is set
 )
 _REFUSED: Final = (
     "InvalidAccessKeyId",
@@ -49,7 +51,7 @@ _SET_CREDENTIALS: Final = {
     "(or output.storage_options) to say where the store is",
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file in the "
     "environment (or log in with gcloud auth application-default login)",
-    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_KEY or "
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or "
     "AZURE_STORAGE_CONNECTION_STRING in the environment (or log in with Azure AD)",
 }
 _FAMILY: Final = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}

@@ -14,6 +14,7 @@ Word times are seconds relative to the start of the segment passed in.
 
 from __future__ import annotations
 
+import os
 import threading
 from importlib.util import find_spec
 from pathlib import Path
@@ -154,6 +155,11 @@ def _load_model(path: str, cpu_threads: int) -> Any:
     with _MODEL_LOCK:
         model = _MODELS.get((path, cpu_threads))
         if model is None:
+            # OpenMP's idle threads spin by default, taking the cores the embedded server
+            # shares with the client's paced sessions (each decode ran several times slower
+            # beside another busy process); read once, when the runtime loads. A user's own
+            # setting wins.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             from faster_whisper import WhisperModel  # heavy import, only when needed
 
             model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
