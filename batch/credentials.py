@@ -97,6 +97,17 @@ class Scrubber:
                 text = text.replace(secret, REDACTED)
         return text
 
+    def may_hide_in(self, frame: str) -> bool:
+        """Whether strings decoded from the JSON text ``frame`` could hold a secret or a
+        piece of one. Without a backslash, every decoded string (key or value) is a run of
+        ``frame`` itself, so a frame with no piece in it needs no string scrubbed; with
+        one (``\\u0073k...``, ``\\/``), an escape could spell a piece: assume so."""
+        if not self.secrets:
+            return False
+        if "\\" in frame:
+            return True
+        return any(_piece_starts(secret).search(frame) for secret in self.secrets)
+
     def __bool__(self) -> bool:
         return bool(self.secrets)
 

@@ -380,7 +380,8 @@ class DecodedAudio:
                 frame_size=max(1, int(self.wire.sample_rate * _RESAMPLE_BLOCK_S)),
             )
             playback_zero = (container.start_time or 0) / av.time_base
-            first = True
+            first = direct = True
+            rate = self.wire.sample_rate
             drop = 0  # priming samples before playback zero, at the wire rate
             decoded_s = 0.0
             try:
@@ -396,7 +397,10 @@ class DecodedAudio:
                             )
                         drop = max(0, -offset)
                     decoded_s += frame.samples / (frame.sample_rate or 1)
-                    for out in resampler.resample(frame):
+                    # Frames already as the wire wants them skip the resampler (a fifth of
+                    # decoding's CPU), until one is not: from then on all go through it.
+                    direct = direct and layout == "mono" and _as_wire(frame, fmt, rate)
+                    for out in (frame,) if direct else resampler.resample(frame):
                         samples = _channel(out, pick)
                         if drop:
                             cut = min(drop, samples.size)
@@ -466,6 +470,13 @@ def _check_complete(path: str, media: Media, container: Any, stream: Any, decode
 
 
 _MEAN: Final = -1  # a pick that means: the mean of every channel
+
+
+def _as_wire(frame: Any, fmt: str, rate: int) -> bool:
+    """Whether ``frame`` is mono samples in ``fmt`` at ``rate``: what the resampler makes."""
+    return bool(
+        frame.format.name == fmt and frame.sample_rate == rate and frame.layout.nb_channels == 1
+    )
 
 
 def _channel(frame: Any, pick: int | None) -> np.ndarray:

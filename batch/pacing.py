@@ -9,6 +9,9 @@ client's CPU. Here:
   within one tick wake together: at most 1/`TICK_S` wakes a second, whatever the number
   of sessions. A chunk goes out at most `TICK_S` late and never early (the pace is an upper
   bound); lateness never accumulates, as each due time counts from the session's start.
+- Sessions due in the same tick wait on one timer (`Grid`): one timer a tick for every
+  session, not one per chunk each (a timer is a heap push and pop among every session's
+  deadlines, and anyio's sleep looks up its backend per call).
 - A send that cannot wait (the connection's write buffer has room for the whole frame, so
   websockets will not pause for a drain) runs without a timeout; only one that may wait on
   a peer that stopped reading gets ``write_timeout_s``.
@@ -16,7 +19,9 @@ client's CPU. Here:
 
 from __future__ import annotations
 
+import asyncio
 import math
+import weakref
 from typing import Final
 
 import anyio
@@ -36,6 +41,47 @@ def wake_at(started: float, position_s: float, pace: float, tick_s: float = TICK
     time (``started`` + ``position_s`` / ``pace``) rounded up to the grid of ``tick_s``."""
     due = started + position_s / pace
     return math.ceil(due / tick_s) * tick_s if tick_s > 0 else due
+
+
+class Grid:
+    """Waits until a due time rounded up to the grid of ``tick_s``, on one event loop: the
+    first waiter of a tick schedules its one timer, which wakes every waiter of the tick.
+
+    Each waiter has a future of its own, so cancelling one (a cancel scope, a failed
+    session) cancels no other."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = TICK_S) -> None:
+        self._loop = loop
+        self._tick_s = tick_s
+        self._due: dict[int, list[asyncio.Future[None]]] = {}
+
+    def wait_until(self, due: float) -> asyncio.Future[None]:
+        """A future done at the first tick at or after ``due`` (the loop's clock)."""
+        tick = math.ceil(due / self._tick_s)
+        waiter = self._loop.create_future()
+        waiters = self._due.get(tick)
+        if waiters is None:
+            waiters = self._due[tick] = []
+            self._loop.call_at(tick * self._tick_s, self._wake, tick)
+        waiters.append(waiter)
+        return waiter
+
+    def _wake(self, tick: int) -> None:
+        for waiter in self._due.pop(tick):
+            if not waiter.done():  # a cancelled waiter is done
+                waiter.set_result(None)
+
+
+_grids: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Grid] = weakref.WeakKeyDictionary()
+
+
+def grid() -> Grid:
+    """The running event loop's grid (made on first use)."""
+    loop = asyncio.get_running_loop()
+    found = _grids.get(loop)
+    if found is None:
+        found = _grids[loop] = Grid(loop)
+    return found
 
 
 def may_wait(ws: ClientConnection, size: int) -> bool:

@@ -23,6 +23,7 @@ from typing import Final
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batch.assemble import Assembler
@@ -86,6 +87,8 @@ class Chain:
     closed: bool = False
     sent_bytes: int = 0
     reserved_s: float = 0.0  # what the spend cap holds for its units
+    # The event loop `take` runs on (the reader is a plain thread): made on that loop.
+    token: anyio.lowlevel.EventLoopToken = field(default_factory=anyio.lowlevel.current_token)
 
     @property
     def position_s(self) -> float:
@@ -103,7 +106,7 @@ class Chain:
             return self.queued.pop(0)
         if self.position_s >= MAX_SESSION_AUDIO_S:
             return None
-        return anyio.from_thread.run_sync(self.take)
+        return anyio.from_thread.run_sync(self.take, token=self.token)
 
     def __iter__(self) -> Iterator[bytes]:
         link = self._next()

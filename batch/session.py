@@ -45,8 +45,8 @@ from batch.pulse.bounds import DEFAULT_BOUNDS, ReplyBounds
 from batch.pulse.machine import ANSWERED, COMPLETED, DEFAULT_TIMEOUTS, SessionMachine, UnitFinalised
 from batch.pulse.machine import SessionResult as SessionResult
 from batch.pulse.machine import Timeouts as Timeouts
-from batch.readahead import BATCHES_AHEAD, Batch, ReadAhead
 from batch.readahead import AudioSource as AudioSource  # what sessions stream
+from batch.readahead import ReadAhead
 from batch.speech_gauge import SpeechGauge
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class _Stream:
         self.on_unit = on_unit
         self.gauge: SpeechGauge | None = None
         self._paced_from = 0.0  # pacing's origin: the loop's clock
+        self._grid = pacing.grid()  # the loop's, made in it
         self._waiting: anyio.CancelScope | None = None
         self._answer = anyio.Event()
 
@@ -204,14 +205,10 @@ class _Stream:
         # The audio is read (decoded, fetched from storage) in a worker thread: a slow read
         # must not stall the event loop, which paces and keeps alive every other session.
         reader = ReadAhead(audio)
-        sink, batches = anyio.create_memory_object_stream[Batch](BATCHES_AHEAD)
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(reader.pump, sink)
-                async with batches:
-                    async for batch in batches:
-                        for chunk, position_s in batch:
-                            await self._send_chunk(chunk, position_s, pace)
+            while batch := await reader.next():
+                for chunk, position_s in batch:
+                    await self._send_chunk(chunk, position_s, pace)
         finally:
             reader.close()
         machine = self.machine
@@ -233,7 +230,7 @@ class _Stream:
         if machine.must_hold:  # the service is silent: none until it answers
             self._answer = anyio.Event()
             await stallwatch.hold(machine, self._send, self._answer, anyio.current_time())
-        await self._send(chunk)
+        await pacing.send(self.ws, chunk, self.write_timeout_s)
         gauge = self.gauge
         machine.sent(position_s, gauge.take() if gauge is not None else None)
         deadline = self.deadline
@@ -242,26 +239,26 @@ class _Stream:
             if grown > deadline.deadline:  # a move reschedules its timer: only if later
                 deadline.deadline = grown
         if pace > 0:  # on a grid shared by all sessions: one wake serves many (`pacing`)
-            await anyio.sleep_until(pacing.wake_at(self._paced_from, position_s, pace))
+            await self._grid.wait_until(self._paced_from + position_s / pace)
         else:
             await anyio.lowlevel.checkpoint()  # unpaced: still let other sessions run
 
     async def receive(self) -> None:
         machine, ws = self.machine, self.ws
-        while True:
-            with anyio.CancelScope(deadline=machine.receive_deadline) as scope:
-                self._waiting = scope
+        with anyio.CancelScope() as scope:  # one for the session, not one per message
+            self._waiting = scope
+            while True:
+                if machine.end_sent:  # the final wait: from the signal or the last message
+                    scope.deadline = machine.receive_deadline
                 raw = await ws.recv()
-            self._waiting = None
-            if scope.cancelled_caught:
-                raise machine.final_timeout()
-            for event in machine.receive(raw, anyio.current_time()):
-                if event is COMPLETED:
-                    return
-                if event is ANSWERED:
-                    self._answer.set()
-                elif isinstance(event, UnitFinalised) and self.on_unit is not None:
-                    self.on_unit(event)
+                for event in machine.receive(raw, anyio.current_time()):
+                    if event is COMPLETED:
+                        return
+                    if event is ANSWERED:
+                        self._answer.set()
+                    elif isinstance(event, UnitFinalised) and self.on_unit is not None:
+                        self.on_unit(event)
+        raise machine.final_timeout()  # the scope ran out: cancelled
 
 
 async def _stream_both(stream: _Stream, audio: AudioSource, pace: float) -> None:

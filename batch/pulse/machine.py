@@ -323,7 +323,8 @@ class SessionMachine:
         # A service that echoes the key into a transcript or message must not get it stored.
         raw = scrubber.scrub_whole(raw)
         try:
-            message = protocol.parse_message(raw, scrubber.scrub if scrubber else None)
+            scrub = scrubber.scrub if scrubber.may_hide_in(raw) else None
+            message = protocol.parse_message(raw, scrub)
         except protocol.MalformedMessage as exc:
             detail = scrubber.scrub(str(exc))
             raise ProtocolViolation(f"unreadable message from the service: {detail}") from None

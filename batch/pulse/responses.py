@@ -94,6 +94,11 @@ class Transcription:
 
     def without_speakers(self) -> Transcription:
         """Speakers removed: a session without ``diarize`` has no speaker to report."""
+        words, utterances = self.words, self.utterances
+        if all(w.speaker is None and w.speaker_confidence is None for w in words) and all(
+            u.speaker is None for u in utterances
+        ):
+            return self  # nothing to remove (most messages): no copies
         return replace(
             self,
             words=tuple(replace(w, speaker=None, speaker_confidence=None) for w in self.words),
@@ -115,6 +120,8 @@ class InvalidField(MalformedMessage):
 
 def _clean(text: str) -> str:
     # json.loads accepts lone surrogates ("\ud800"); Parquet's UTF-8 does not.
+    if text.isascii():  # no surrogate in it: nothing to replace
+        return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
@@ -162,6 +169,10 @@ class _Coercions:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return tuple(self.names)
 
     def note(self, name: str) -> None:
         if name not in self.names:
@@ -240,21 +251,25 @@ def _objects(data: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
     return value
 
 
-def _word(item: Mapping[str, Any], where: str, fix: _Coercions) -> Word:
+def _word(item: Mapping[str, Any], index: int, fix: _Coercions) -> Word:
     text = item.get("word")
     if not isinstance(text, str):
-        raise InvalidField(f"{where}.word", f"must be a string, got {text!r}")
-    start, end = _span(item, where)
-    return Word(
-        word=_clean(text),
-        start_s=start,
-        end_s=end,
-        confidence=fix.probability(item.get("confidence"), "words.confidence"),
-        speaker=fix.speaker(item.get("speaker"), "words.speaker"),
-        speaker_confidence=fix.probability(
-            item.get("speaker_confidence"), "words.speaker_confidence"
-        ),
-    )
+        raise InvalidField(f"words[{index}].word", f"must be a string, got {text!r}")
+    # The usual word (float times in order, a confidence in 0..1, no speaker) passes
+    # straight through; anything else takes the checks that name the field.
+    start, end = item.get("start"), item.get("end")
+    if not (type(start) is float and type(end) is float and 0.0 <= start <= end <= MAX_TIME_S):
+        start, end = _span(item, f"words[{index}]")
+    confidence = item.get("confidence")
+    if confidence is not None and not (type(confidence) is float and 0.0 <= confidence <= 1.0):
+        confidence = fix.probability(confidence, "words.confidence")
+    speaker = item.get("speaker")
+    if speaker is not None:
+        speaker = fix.speaker(speaker, "words.speaker")
+    speaker_confidence = item.get("speaker_confidence")
+    if speaker_confidence is not None:
+        speaker_confidence = fix.probability(speaker_confidence, "words.speaker_confidence")
+    return Word(_clean(text), start, end, confidence, speaker, speaker_confidence)
 
 
 def _utterance(item: Mapping[str, Any], where: str, fix: _Coercions) -> Utterance:
@@ -363,13 +378,13 @@ def parse_message(
     session_id = data.get("session_id")
     if isinstance(session_id, int) and not isinstance(session_id, bool):
         session_id = str(session_id)
-    message = Transcription(
+    return Transcription(
         session_id=fix.text(session_id, "session_id"),
         transcript=_transcript_text(data),
         is_final=_flag(data, "is_final"),
         is_last=_flag(data, "is_last"),
         language=fix.language(data.get("language")),
-        words=tuple(_word(w, f"words[{i}]", fix) for i, w in enumerate(_objects(data, "words"))),
+        words=tuple(_word(w, i, fix) for i, w in enumerate(_objects(data, "words"))),
         utterances=tuple(
             _utterance(u, f"utterances[{i}]", fix)
             for i, u in enumerate(_objects(data, "utterances"))
@@ -381,5 +396,5 @@ def parse_message(
             if fix.language(lang, "languages")
         ),
         redacted_entities=fix.entities(data.get("redacted_entities"), "redacted_entities"),
+        dropped=fix.dropped,  # read last: every field above was coerced by then
     )
-    return replace(message, dropped=tuple(fix.names))
