@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -76,10 +76,10 @@ class RetryPolicy:
         retry_after_s = classify(error).retry_after_s if error is not None else None
         return self.backoff.delay_s(attempt, retry_after_s, rng)
 
-    def _hooks(
-        self, rng: random.Random, on_retry: OnRetry | None
-    ) -> tuple[Callable[[RetryCallState], float], Callable[[RetryCallState], None]]:
-        """tenacity's ``wait`` and ``before_sleep`` for this policy."""
+    def _settings(
+        self, rng: random.Random, on_retry: OnRetry | None, sleep: Callable[[float], Any]
+    ) -> dict[str, Any]:
+        """tenacity's settings for this policy, waiting with ``sleep``."""
 
         def wait(state: RetryCallState) -> float:
             return self.wait_s(state.attempt_number, _error(state), rng)
@@ -90,7 +90,14 @@ class RetryPolicy:
                 delay_s = state.next_action.sleep if state.next_action else 0.0
                 on_retry(error, state.attempt_number, delay_s)
 
-        return wait, before_sleep
+        return {
+            "stop": stop_after_attempt(self.max_attempts),
+            "wait": wait,
+            "retry": retry_if_exception(self.retry_on),
+            "reraise": True,
+            "sleep": sleep,
+            "before_sleep": before_sleep,
+        }
 
     def call(
         self,
@@ -103,16 +110,7 @@ class RetryPolicy:
         """``work()`` until it returns, fails with an error not worth retrying, or the
         attempts run out; then its last error is raised. Blocks while it waits: for a
         worker thread, or a command's own short loop."""
-        wait, before_sleep = self._hooks(rng, on_retry)
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait,
-            retry=retry_if_exception(self.retry_on),
-            reraise=True,
-            sleep=sleep,
-            before_sleep=before_sleep,
-        )
-        return retrying(work)
+        return Retrying(**self._settings(rng, on_retry, sleep))(work)
 
     async def acall(
         self,
@@ -122,15 +120,7 @@ class RetryPolicy:
         rng: random.Random = _RNG,
     ) -> T:
         """`call` on the event loop: the waits are ``anyio.sleep``."""
-        wait, before_sleep = self._hooks(rng, on_retry)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait,
-            retry=retry_if_exception(self.retry_on),
-            reraise=True,
-            sleep=anyio.sleep,
-            before_sleep=before_sleep,
-        )
+        retrying = AsyncRetrying(**self._settings(rng, on_retry, anyio.sleep))
         async for attempt in retrying:
             with attempt:
                 return await work()
