@@ -1,9 +1,10 @@
 """One attempt path: any unit of work streamed through Pulse sessions, retried.
 
 A *unit* is one session's worth of work: a whole item, or one piece of a long one. `Sessions`
-streams a unit's audio with retries (`pool.with_retries`) inside the pool's adaptive limit,
-the spend cap and the refusal streak, and says what came of it (a `Tried[Streamed]`). The
-one thing it raises is `JobAborted`, for an answer no item can get past (from that answer).
+streams a unit's audio with retries (`pool.with_retries`, by the run's `RetryPolicy`) inside
+the pool's adaptive limit and refusal streak and the spend cap, and says what came of it
+(a `Tried[Streamed]`). The one thing it raises is `JobAborted`, for an answer no item can
+get past (from that answer).
 """
 
 from __future__ import annotations
@@ -21,28 +22,18 @@ from batch.errors import (
     NotStarted,
     OutputError,
     Scope,
-    ServiceRefusing,
-    ServiceStalling,
     ServiceUnreachable,
     SessionStalled,
     classify,
     error_kind,
     is_refusal,
-    is_unreachable,
 )
 from batch.limits import reply_bounds, session_timeouts
 from batch.manifest import RunConfig
 from batch.model import Item
-from batch.pool import (
-    AdaptiveLimit,
-    Backoff,
-    Pool,
-    RefusalStreak,
-    SessionWatch,
-    Tried,
-    with_retries,
-)
+from batch.pool import AdaptiveLimit, Pool, RefusalStreak, SessionWatch, Tried, with_retries
 from batch.report import RunStats
+from batch.retry import Backoff, RetryPolicy
 from batch.sent import CountedAudio
 from batch.session import AudioSource, Endpoint, SessionResult, run_session
 from batch.timemap import TimeMap
@@ -112,8 +103,11 @@ class Sessions:
         self.cap = cap
         # A shard opens only its share of run.concurrency (stats.concurrency).
         self.limit = AdaptiveLimit(stats.concurrency)
-        self.refusals = RefusalStreak(run.max_refusals_in_a_row)
-        self.backoff = Backoff(run.backoff_initial_s, run.backoff_max_s)
+        self.refusals = RefusalStreak(run.max_refusals_in_a_row, endpoint.host)
+        # One policy for every retry of the run: sessions, and reads of a failing store.
+        self.retry = RetryPolicy(
+            run.max_attempts, Backoff(run.backoff_initial_s, run.backoff_max_s)
+        )
         self.rng = random.Random()
         shard = f" shard/{stats.shard}" if stats.shard else ""
         self.user_agent = f"pulse-batch/{__version__}{shard}"
@@ -142,11 +136,13 @@ class Sessions:
 
         try:
             tried = await with_retries(
-                lambda: self._attempt(unit.item, make_audio(), duration_s, recorded_s, label, key),
+                lambda watch: self._attempt(
+                    unit.item, make_audio(), duration_s, recorded_s, label, key, watch
+                ),
                 limit=self.limit,
-                max_attempts=self.run.max_attempts,
-                backoff=self.backoff,
+                policy=self.retry,
                 rng=self.rng,
+                streak=self.refusals,
                 on_attempt=counted,
                 log_fields=log_fields(unit.item),
                 label=label,
@@ -164,10 +160,7 @@ class Sessions:
         """`ServiceUnreachable` when no session of the run opened and its last failed
         attempt could not connect: a job too small to reach ``max_refusals_in_a_row`` ends
         as a big one does (exit 6, naming the host), not as items that lost a connection."""
-        streak = self.refusals
-        if streak.ever_opened or streak.last_unreachable is None:
-            return None
-        return ServiceUnreachable(streak.count, streak.last_unreachable, self.endpoint.host)
+        return self.refusals.unreachable()
 
     def count_retry(self, error: BaseException) -> None:
         """A retry follows ``error``: the report counts retries by its kind."""
@@ -189,6 +182,7 @@ class Sessions:
         recorded_s: float | None,
         label: str,
         unit_key: int,
+        watch: SessionWatch,
     ) -> Streamed:
         if self.pool.stopping:  # a signal or the cap came while this waited for a slot
             raise NotStarted("the run is stopping: the session was not started")
@@ -196,7 +190,6 @@ class Sessions:
         self.cap.admit(reserved_s)
         sent = CountedAudio(audio, lambda seconds: self.progress.audio_sent(item, seconds))
         self.progress.sessions_open(self.limit.open_now)
-        watch = self.refusals.watch()
         span = self.stats.timeline.begin(unit_key, label)
 
         def opened() -> None:
@@ -219,14 +212,13 @@ class Sessions:
         except Exception as error:
             sent.settle(kept=False)
             span.end(outcome(error), error_kind(error))
-            self.judge(error, watch)
+            self.count_failure(error)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             sent.settle(kept=False)
             span.end("failed", "cancelled")
             raise
         finally:
-            watch.ended()
             self.cap.settle(reserved_s, audio.duration_s)
             self.stats.billed_audio_s += audio.duration_s
             unskipped = recorded_s if recorded_s is not None else audio.duration_s
@@ -238,18 +230,10 @@ class Sessions:
         span.end("ok", skipped_share=skipped)  # after settle: the slot was held until here
         return Streamed(result, audio.duration_s)
 
-    def judge(self, error: Exception, watch: SessionWatch) -> None:
-        """Count a failed attempt; raises what ends the job when refusals (or stalls) in
-        a row reached the limit."""
-        self.refusals.last_unreachable = error if is_unreachable(error) else None
+    def count_failure(self, error: Exception) -> None:
+        """A failed attempt, in the run's stats (the pool's streak judges it)."""
         if isinstance(error, HandshakeRejected):
             self.stats.refused_handshakes += 1
-        if is_unreachable(error) and self.refusals.refused():
-            raise ServiceUnreachable(self.refusals.count, error, self.endpoint.host) from error
-        if is_refusal(error) and self.refusals.refused():
-            raise ServiceRefusing(self.refusals.count, error) from error
-        if isinstance(error, SessionStalled) and watch.stalled():
-            raise ServiceStalling(self.refusals.stalls, error) from error
 
     def counted_session(self, result: SessionResult) -> None:
         """A session that worked: its timings into the run's stats."""

@@ -8,22 +8,19 @@ and is read again, after a backoff, while its store fails for now.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
 
 from batch.decode import DecodedAudio, WireFormat
-from batch.errors import InputUnavailable
 from batch.manifest import LoadedManifest, RunConfig
 from batch.model import Item
-from batch.pool import Backoff
+from batch.retry import RetryPolicy, retryable
 from batch.speech import FoundSpeech, find_speech
 from batch.split import CachedAudio, cache_and_cut
 
@@ -57,8 +54,7 @@ class AudioCache:
     folder: Path
     run: RunConfig
     wire: WireFormat
-    backoff: Backoff  # between reads of a store that fails for now
-    rng: random.Random
+    retry: RetryPolicy  # reads of a store that fails for now: the run's, as sessions'
     # The detector is CPU work: one item per core at a time, first come first served,
     # so the items next in line get their speech found first.
     _detectors: anyio.CapacityLimiter = field(
@@ -114,13 +110,11 @@ class AudioCache:
         """Run ``work`` (a decode of a whole item: its speech search or its cut) in a worker
         thread; while the store behind it fails for now (`InputUnavailable`) and ``again``
         allows, run it again after a backoff, up to ``run.max_attempts`` times in all."""
-        for attempt in itertools.count(1):
-            try:
-                return await anyio.to_thread.run_sync(work, limiter=limiter)
-            except InputUnavailable as error:
-                if attempt >= self.run.max_attempts or not again():
-                    raise
-                delay_s = self.backoff.delay_s(attempt, None, self.rng)
-                logger.info("%s; reading it again in %.1f s", error, delay_s)
-                await anyio.sleep(delay_s)
-        raise AssertionError("unreachable: the loop returns or raises")
+        policy = replace(self.retry, retry_on=lambda error: retryable(error) and again())
+
+        def reading_again(error: BaseException, attempt: int, delay_s: float) -> None:
+            logger.info("%s; reading it again in %.1f s", error, delay_s)
+
+        return await policy.acall(
+            lambda: anyio.to_thread.run_sync(work, limiter=limiter), on_retry=reading_again
+        )

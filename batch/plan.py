@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +23,12 @@ from urllib.parse import urlsplit
 
 from batch import identity, reach, storage
 from batch.decode import ProbeInfo, probe
-from batch.errors import InputError, InputUnavailable, ManifestError, quoted
+from batch.errors import InputError, ManifestError, quoted
 from batch.lists import read_local, read_rows
 from batch.manifest import ChannelNames, GlobInput, ListInput, LoadedManifest, PathInput
 from batch.model import ChannelSpec, Item, Reference, Source, item_id
 from batch.pulse.protocol import LANGUAGES
+from batch.retry import Backoff, RetryPolicy
 from batch.walk import walk_glob
 
 logger = logging.getLogger(__name__)
@@ -404,23 +404,22 @@ def make_items(
     return kept if wanted is None else [i for i in kept if wanted(i.item_id)]
 
 
-# A probe that the store behind a URL failed for now is tried this many times, a growing
-# pause apart, before the item is planned as failed (`read_error`; a rerun tries again).
-_PROBE_TRIES = 3
-_PROBE_PAUSE_S = 0.5
+# A probe that the store behind a URL failed for now (`InputUnavailable`, retryable in the
+# error tree) is tried this many times, a growing pause apart, before the item is planned as
+# failed (`read_error`; a rerun tries again).
+_PROBES = RetryPolicy(3, Backoff(0.5, 2.0))
+
+
+def _probing_again(error: BaseException, attempt: int, delay_s: float) -> None:
+    logger.info("%s; probing it again", error)
 
 
 def _probe(prober: Prober, source: Source, stream_index: int | None) -> ProbeInfo:
     """``prober`` on ``source``, again while the store fails for now. Raises `InputError`."""
-    for attempt in range(1, _PROBE_TRIES + 1):
-        try:
-            return prober(source.path, stream_index, source.storage_options)
-        except InputUnavailable as error:
-            if attempt == _PROBE_TRIES:
-                raise
-            logger.info("%s; probing it again", error)
-            time.sleep(_PROBE_PAUSE_S * attempt)
-    raise AssertionError("unreachable: the loop returns or raises")
+    return _PROBES.call(
+        lambda: prober(source.path, stream_index, source.storage_options),
+        on_retry=_probing_again,
+    )
 
 
 def _channel_list(spec: ChannelSpec, info: ProbeInfo | None) -> list[int | None]:

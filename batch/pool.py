@@ -4,12 +4,15 @@ Structured concurrency only: a fixed set of worker tasks in one task group pulls
 order; each session holds a slot of an `AdaptiveLimit` while it is open. When the service
 refuses sessions for concurrency, the limit shrinks (multiplicatively) and grows back by one
 after a run of successes, so a job configured above the account's limit still finishes.
+`with_retries` tries a session again by the run's `batch.retry.RetryPolicy`, and counts
+each failed attempt in the `RefusalStreak` that stops a job the service accepts nothing of.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +22,18 @@ import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 
-from batch.errors import Scope, classify, error_kind
+from batch.errors import (
+    ServiceRefusing,
+    ServiceStalling,
+    ServiceUnreachable,
+    SessionStalled,
+    classify,
+    error_kind,
+    is_refusal,
+    is_unreachable,
+)
+from batch.retry import Backoff as Backoff
+from batch.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +84,6 @@ class AdaptiveLimit:
             self._successes = 0
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter, capped at ``max_s``; Retry-After wins when it
-    is longer, up to the same cap (a service asking for days gets ``max_s``)."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    seed: int | None = None
-
-    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
-        delay = rng.uniform(ceiling / 2, ceiling)  # jitter keeps retries from firing together
-        return max(delay, min(retry_after_s or 0.0, self.max_s))
-
-
 class RefusalStreak:
     """Refusals in a row while none of our sessions is open: the service accepts nothing.
 
@@ -97,8 +96,9 @@ class RefusalStreak:
     that stalls every session refuses everything as surely as one that says no.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, host: str = "?") -> None:
         self.limit = limit
+        self.host = host  # the service's host:port, for the error that stops the job
         self.count = 0
         self.open_now = 0
         self.stalls = 0
@@ -112,6 +112,26 @@ class RefusalStreak:
 
     def watch(self) -> SessionWatch:
         return SessionWatch(self)
+
+    def judge(self, error: Exception, watch: SessionWatch) -> None:
+        """Count an attempt that failed with ``error`` (before ``watch`` ends); raises what
+        ends the job (`ServiceUnreachable`, `ServiceRefusing`, `ServiceStalling`, from
+        ``error``) when such failures in a row reached the limit."""
+        self.last_unreachable = error if is_unreachable(error) else None
+        if is_unreachable(error) and self.refused():
+            raise ServiceUnreachable(self.count, error, self.host) from error
+        if is_refusal(error) and self.refused():
+            raise ServiceRefusing(self.count, error) from error
+        if isinstance(error, SessionStalled) and watch.stalled():
+            raise ServiceStalling(self.stalls, error) from error
+
+    def unreachable(self) -> ServiceUnreachable | None:
+        """`ServiceUnreachable` when no session of the run opened and its last failed
+        attempt could not connect: a job too small to reach the limit ends as a big one
+        does (exit 6, naming the host), not as items that lost a connection."""
+        if self.ever_opened or self.last_unreachable is None:
+            return None
+        return ServiceUnreachable(self.count, self.last_unreachable, self.host)
 
 
 class SessionWatch:
@@ -185,12 +205,12 @@ def _no_count(attempt: int) -> None:
 
 
 async def with_retries(
-    attempt: Callable[[], Awaitable[R]],
+    attempt: Callable[[SessionWatch], Awaitable[R]],
     *,
     limit: AdaptiveLimit,
-    max_attempts: int,
-    backoff: Backoff,
+    policy: RetryPolicy,
     rng: random.Random,
+    streak: RefusalStreak | None = None,
     on_attempt: Callable[[int], None] = _no_count,
     max_overloads: int = 50,
     label: str = "",
@@ -199,23 +219,21 @@ async def with_retries(
 ) -> Tried[R]:
     """Run ``attempt`` (one session) until it succeeds, a failure is not worth retrying, or
     the budget runs out; the last error is returned, not raised (cancellation is raised).
-    Each attempt holds a pool slot; ``on_attempt`` hears each one's number as it starts
-    (before its slot: a run cancelled meanwhile still counts it). ``label`` names what is
-    streamed (the file) in the retry log lines, ``log_fields`` says it as structured fields
-    (item_id, source, ...); ``on_retry`` hears the error each retry follows."""
+    Each attempt holds a pool slot and a `SessionWatch` of ``streak`` (it calls `opened`
+    once its session opened); a failure is judged there, and a streak at its limit ends
+    the retries with the error that stops the job. ``policy`` says which errors are
+    retried and how long to wait; concurrency refusals count apart (``max_overloads``).
+    ``on_attempt`` hears each attempt's number as it starts (before its slot: a run
+    cancelled meanwhile still counts it). ``label`` names what is streamed (the file) in
+    the retry log lines, ``log_fields`` says it as structured fields (item_id, source,
+    ...); ``on_retry`` hears the error each retry follows."""
+    streak = streak if streak is not None else RefusalStreak(sys.maxsize)
 
     def wait(state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        verdict = classify(error) if error is not None else None
-        retry_after = verdict.retry_after_s if verdict else None
-        return backoff.delay_s(state.attempt_number, retry_after, rng)
-
-    def retryable(error: BaseException) -> bool:
-        verdict = classify(error)
-        return verdict.retry and verdict.scope is Scope.ITEM
+        return policy.wait_s(state.attempt_number, _error(state), rng)
 
     def before_sleep(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
+        error = _error(state)
         delay_s = state.next_action.sleep if state.next_action else 0.0
         fields = {**(log_fields or {}), "attempt": state.attempt_number, "event": "session_retry"}
         if error is not None:
@@ -225,9 +243,9 @@ async def with_retries(
             on_retry(error)
 
     retrying = AsyncRetrying(
-        stop=_AttemptBudget(max_attempts, max_overloads),
+        stop=_AttemptBudget(policy.max_attempts, max_overloads),
         wait=wait,
-        retry=retry_if_exception(retryable),
+        retry=retry_if_exception(policy.retry_on),
         reraise=True,
         sleep=anyio.sleep,
         before_sleep=before_sleep,
@@ -239,17 +257,25 @@ async def with_retries(
                 attempts += 1
                 on_attempt(attempts)
                 async with limit:
+                    watch = streak.watch()
                     try:
-                        result = await attempt()
+                        result = await attempt(watch)
                     except Exception as error:
                         if classify(error).overloaded:
                             limit.refused()
+                        streak.judge(error, watch)
                         raise
+                    finally:
+                        watch.ended()
                 limit.succeeded()
                 return Tried(attempts, value=result)
     except Exception as error:  # tenacity re-raised the last attempt's error
         return Tried(attempts, error=error)
     raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _error(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
 
 
 class Pool(Generic[T]):

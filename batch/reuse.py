@@ -4,12 +4,12 @@ A short file pays a handshake and a final wait of its own; both cost more than t
 when it is a few seconds long. On endpoints with ``finalize`` (`batch.pulse.reuse`), a
 worker streams its item, then the next queued item with the same options, and so on, in
 one session: a `Chain` of units with an empty chunk between them (the sender sends
-``finalize`` for it; `batch.stallwatch`). Units are taken from the pool as the audio goes,
-so the cap on open sessions holds. Each unit's finals are split off by their times
-(`batch.pulse.reuse.split_finals`) and become its rows, times relative to its own audio, as
-soon as a later unit's final (or ``is_last``) shows it complete. A session that fails keeps
-the units known complete; the rest are retried in a new session, and a unit whose file
-cannot be read fails alone.
+``finalize`` for it). Units are taken from the pool as the audio goes, so the cap on open
+sessions holds. The session's machine (`batch.pulse.machine`) tells each unit's finals
+apart by their times and hands them on, times relative to the unit's own audio, as soon as
+a later unit's final (or ``is_last``) shows it complete (`UnitFinalised`); they become its
+rows. A session that fails keeps the units known complete; the rest are retried in a new
+session, and a unit whose file cannot be read fails alone.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from batch.errors import (
     error_kind,
 )
 from batch.limits import reply_bounds, session_timeouts
-from batch.pool import with_retries
+from batch.pool import SessionWatch, with_retries
+from batch.pulse.machine import UnitFinalised
 from batch.pulse.protocol import PCM_SAMPLE_BYTES, PulseOptions, Transcription
-from batch.pulse.reuse import Span, settled, split_finals
 from batch.sent import CountedAudio
 from batch.session import SessionResult, run_session
 
@@ -248,11 +248,11 @@ class Reuse:
             async with sink:
                 while True:  # until every unit is settled, or retrying cannot help
                     tried = await with_retries(
-                        lambda: self._attempt(pending, sink, key),
+                        lambda watch: self._attempt(pending, sink, key, watch),
                         limit=sessions.limit,
-                        max_attempts=sessions.run.max_attempts,
-                        backoff=sessions.backoff,
+                        policy=sessions.retry,
                         rng=sessions.rng,
+                        streak=sessions.refusals,
                         on_attempt=counted,
                         log_fields=log_fields(unit.item),
                         label=session_label(unit.item),
@@ -273,7 +273,11 @@ class Reuse:
                 await self._finish(each)
 
     async def _attempt(
-        self, pending: list[Link], sink: MemoryObjectSendStream[Settled], key: int
+        self,
+        pending: list[Link],
+        sink: MemoryObjectSendStream[Settled],
+        key: int,
+        watch: SessionWatch,
     ) -> None:
         sessions = self.sessions
         if sessions.pool.stopping:
@@ -287,10 +291,8 @@ class Reuse:
         chain.reserved_s = sum(link.unit.item.duration_s or 0.0 for link in pending)
         sessions.cap.admit(chain.reserved_s)
         sessions.progress.sessions_open(sessions.limit.open_now)
-        settler = _Settler(chain, sink)
-        result = SessionResult(finals=_Finals(settler.heard))
-        settler.result = result
-        watch = sessions.refusals.watch()
+        result = SessionResult()
+        settler = _Settler(chain, sink, result)
         label = f"{session_label(first)} (reused session)"
         span = sessions.stats.timeline.begin(key, label)
 
@@ -311,26 +313,26 @@ class Reuse:
                 label=label,
                 bounds=reply_bounds(sessions.run),
                 result=result,
+                on_unit=settler.finalised,
             )
         except Exception as error:
             chain.closed = True
             for link in chain.started:  # those retried are sent again (done ones: ignored)
                 if isinstance(link.audio, CountedAudio):
                     link.audio.settle(kept=False)
-            pending[:] = settler.settle(complete=False)
+            pending[:] = settler.settle()
             span.end(outcome(error), error_kind(error))
-            sessions.judge(error, watch)
+            sessions.count_failure(error)
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             span.end("failed", "cancelled")
             raise
         finally:
             chain.closed = True
-            watch.ended()
             sessions.stats.billed_audio_s += chain.position_s
             sessions.stats.billed_unskipped_s += chain.position_s
             sessions.cap.settle(chain.reserved_s, chain.position_s)
-        pending[:] = settler.settle(complete=True)
+        pending[:] = settler.settle()
         sessions.counted_session(result)
         span.end("ok")
         logger.debug("%s: %d files in one session", session_label(first), len(chain.started))
@@ -361,36 +363,25 @@ class Reuse:
         )
 
 
-class _Finals(list[Transcription]):
-    """A session's finals that say when one comes (after it is in the list)."""
-
-    def __init__(self, heard: Callable[[], None]) -> None:
-        super().__init__()
-        self._heard = heard
-
-    def append(self, final: Transcription) -> None:
-        super().append(final)
-        self._heard()
-
-
 @dataclass(eq=False)
 class _Settler:
-    """Hands each unit of one attempt's chain to the row writer once it is known complete
-    (or its file failed), in order, as finals come."""
+    """Hands each unit of one attempt's chain to the row writer as the session's machine
+    finalises it (`UnitFinalised`, in order), or once its file failed."""
 
     chain: Chain
     sink: MemoryObjectSendStream[Settled]
-    result: SessionResult | None = None
+    result: SessionResult
     handed: int = 0  # units of chain.started handed on
 
-    def heard(self) -> None:
-        """A final came: hand on the units it shows complete."""
-        self._hand(complete=False)
+    def finalised(self, unit: UnitFinalised) -> None:
+        """The session knows unit ``unit.index`` complete: its row can be written."""
+        link = self.chain.started[unit.index]
+        self.sink.send_nowait(Settled(link, unit.finals, self.result, link.error))
+        self.handed = unit.index + 1
 
-    def settle(self, *, complete: bool) -> list[Link]:
-        """The session is over: hand on what is complete, and the units whose file
-        failed; returns the rest, to stream again."""
-        self._hand(complete)
+    def settle(self) -> list[Link]:
+        """The session is over: hand on the units whose file failed; returns the rest of
+        those not finalised, to stream again."""
         again: list[Link] = []
         for link in self.chain.links[self.handed :]:  # none once complete
             if link.error is not None:  # its file failed: retrying cannot help
@@ -398,15 +389,3 @@ class _Settler:
             else:
                 again.append(link)
         return again
-
-    def _hand(self, complete: bool) -> None:
-        links, result = self.chain.started, self.result
-        if not links or result is None:
-            return
-        spans = [Span(link.start_s, link.end_s or math.inf) for link in links]
-        count = settled(result.finals, spans, complete)
-        parts = split_finals(result.finals, spans) if count > self.handed else []
-        for index in range(self.handed, count):
-            link = links[index]
-            self.sink.send_nowait(Settled(link, parts[index], result, link.error))
-        self.handed = max(self.handed, count)

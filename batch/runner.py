@@ -63,9 +63,7 @@ class ItemRunner:
             self.run, stats, endpoint, api_key, progress, pool, cap or SpendCap()
         )
         self.assembler = Assembler(stats, writer, progress, pool, self.sessions.limit, api_key)
-        self.cache = AudioCache(
-            cache_dir, self.run, self.wire, self.sessions.backoff, self.sessions.rng
-        )
+        self.cache = AudioCache(cache_dir, self.run, self.wire, self.sessions.retry)
         self.pieces = Pieces(
             self.run, self.wire, self.cache, self.sessions, self.assembler, progress, pool
         )

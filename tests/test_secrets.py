@@ -133,26 +133,19 @@ def test_scrubber_removes_whole_keys_and_cut_off_pieces() -> None:
     assert Scrubber(None).scrub(KEY) == KEY
 
 
-@pytest.mark.anyio
-async def test_key_echoed_inside_a_transcript_is_not_stored() -> None:
-    from batch.pulse import protocol
-    from batch.session import SessionResult, Timeouts, _Stream
+def test_key_echoed_inside_a_transcript_is_not_stored() -> None:
+    import json
 
-    result = SessionResult()
-    stream = _Stream(
-        None,  # type: ignore[arg-type]  # _handle never touches the socket
-        result,
-        Timeouts(),
-        protocol.Generation.LEGACY,
-        protocol.PulseOptions(),
-        Scrubber(KEY),
+    from batch.pulse import protocol
+    from batch.pulse.machine import SessionMachine
+
+    machine = SessionMachine(
+        protocol.Generation.LEGACY, protocol.PulseOptions(), 0.0, scrubber=Scrubber(KEY)
     )
     frame = {"session_id": "s", "transcript": f"your key is {KEY}", "is_final": True,
              "words": [{"word": KEY, "start": 0.1, "end": 0.2, "confidence": 0.9}]}  # fmt: skip
-    import json
-
-    assert stream._handle(json.dumps(frame)) is False
-    stored = json.dumps([repr(f) for f in result.finals])
+    assert list(machine.receive(json.dumps(frame), 1.0)) == []
+    stored = json.dumps([repr(f) for f in machine.result.finals])
     assert KEY not in stored and REDACTED in stored
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from batch.output import parquet, store_errors
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.layout import Location
 from batch.output.schema import MAIN_TABLE, TABLES, logical_schema, to_arrow
+from batch.retry import Backoff, OnRetry, RetryPolicy
 
 try:
     from deltalake import DeltaTable, write_deltalake
@@ -49,6 +48,23 @@ except ImportError:  # pragma: no cover - the [delta] extra is not installed
 logger = logging.getLogger(__name__)
 
 _COMMIT_ATTEMPTS: Final = 8
+
+
+def _raced(error: BaseException) -> bool:
+    """Another writer committed first, or created the table at the same moment: redo ours."""
+    return isinstance(error, CommitFailedError)
+
+
+_COMMITS: Final = RetryPolicy(_COMMIT_ATTEMPTS, Backoff(0.05, 2.0), retry_on=_raced)
+
+
+def _concurrent(uri: str) -> OnRetry:
+    def log(error: BaseException, attempt: int, delay_s: float) -> None:
+        logger.info("%s: concurrent commit (%s); retrying", uri, error)
+
+    return log
+
+
 _CHILD_TABLES: Final = tuple(t for t in TABLES if t != MAIN_TABLE)
 _REPAIR_CHUNK: Final = 500  # items per delete predicate
 
@@ -151,31 +167,31 @@ class DeltaBackend:
             self._ensure_table(table)
 
     def _ensure_table(self, table: str) -> None:
-        for attempt in range(_COMMIT_ATTEMPTS):
+        def opened() -> Any:
             try:
-                found = self._open(table)
+                return self._open(table)
             except TableNotFoundError:
-                try:
-                    DeltaTable.create(
-                        self._uri(table),
-                        created_schema(table),
-                        mode="ignore",
-                        partition_by=self.partition_by or None,
-                        storage_options=self.options,
-                    )
-                except CommitFailedError:
-                    _pause(attempt)  # another job created it at the same moment
-                continue
-            columns = list(found.metadata().partition_columns)
-            if columns != self.partition_by:
-                raise ManifestError(
+                DeltaTable.create(
                     self._uri(table),
-                    f"Delta table is partitioned by {columns}; this manifest asks "
-                    f"{self.partition_by}. Use a new output.path.",
+                    created_schema(table),
+                    mode="ignore",
+                    partition_by=self.partition_by or None,
+                    storage_options=self.options,
                 )
-            self.date_types[table] = pa.schema(found.schema().to_arrow()).field("date").type
-            return
-        raise OutputError(self._uri(table), "create", "the table could not be created")
+                return self._open(table)
+
+        try:
+            found = _COMMITS.call(opened)
+        except CommitFailedError as exc:
+            raise OutputError(self._uri(table), "create", "the table could not be created") from exc
+        columns = list(found.metadata().partition_columns)
+        if columns != self.partition_by:
+            raise ManifestError(
+                self._uri(table),
+                f"Delta table is partitioned by {columns}; this manifest asks "
+                f"{self.partition_by}. Use a new output.path.",
+            )
+        self.date_types[table] = pa.schema(found.schema().to_arrow()).field("date").type
 
     def recover(self, job: str) -> None:
         if self.location.local is not None:  # a killed run's scratch files
@@ -253,15 +269,15 @@ class DeltaBackend:
 
     def _delete(self, table: str, predicate: str, operation: str = "repair") -> None:
         uri = self._uri(table)
-        for attempt in range(_COMMIT_ATTEMPTS):
-            try:
-                with _store_errors(operation, uri):
-                    self._open(table).delete(predicate)
-                return
-            except CommitFailedError as exc:  # another writer committed first: redo ours
-                logger.info("%s: concurrent commit (%s); retrying", uri, exc)
-                _pause(attempt)
-        raise OutputError(uri, operation, "too many concurrent commits; try again")
+
+        def delete() -> None:
+            with _store_errors(operation, uri):
+                self._open(table).delete(predicate)
+
+        try:
+            _COMMITS.call(delete, on_retry=_concurrent(uri))
+        except CommitFailedError as exc:
+            raise OutputError(uri, operation, "too many concurrent commits; try again") from exc
 
     def committer(self, job: str, run_id: str, index: Scan) -> DeltaCommitter:
         return DeltaCommitter(self, job, run_id, index)
@@ -278,10 +294,6 @@ class DeltaBackend:
                 f"{metrics.get('numFilesAdded', 0)}; {len(removed)} unreferenced files deleted"
             )
         return lines
-
-
-def _pause(attempt: int) -> None:
-    time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
 
 
 def _quoted(value: str) -> str:
@@ -315,23 +327,24 @@ class DeltaCommitter:
 
     def _replace(self, table: str, data: pa.Table, predicate: str) -> None:
         uri = self.backend._uri(table)
-        for attempt in range(_COMMIT_ATTEMPTS):
-            try:
-                with _store_errors("commit a batch to", uri):
-                    write_deltalake(
-                        uri,
-                        data,
-                        mode="overwrite",
-                        predicate=predicate,
-                        partition_by=self.backend.partition_by or None,
-                        schema_mode="merge",
-                        storage_options=self.backend.options,
-                    )
-                return
-            except CommitFailedError as exc:  # another writer committed first: redo ours
-                logger.info("%s: concurrent commit (%s); retrying", uri, exc)
-                _pause(attempt)
-        raise OutputError(uri, "commit a batch to", "too many concurrent commits; try again")
+
+        def write() -> None:
+            with _store_errors("commit a batch to", uri):
+                write_deltalake(
+                    uri,
+                    data,
+                    mode="overwrite",
+                    predicate=predicate,
+                    partition_by=self.backend.partition_by or None,
+                    schema_mode="merge",
+                    storage_options=self.backend.options,
+                )
+
+        try:
+            _COMMITS.call(write, on_retry=_concurrent(uri))
+        except CommitFailedError as exc:
+            message = "too many concurrent commits; try again"
+            raise OutputError(uri, "commit a batch to", message) from exc
 
 
 def read(

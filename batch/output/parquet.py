@@ -33,26 +33,22 @@ from batch.model import ItemRows
 from batch.output import empty_tables, layout
 from batch.output.history import SCAN_COLUMNS, Scan
 from batch.output.schema import MAIN_TABLE, TABLES, file_schema, logical_schema, to_arrow
+from batch.retry import Backoff, RetryPolicy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ROW_GROUP_ROWS: Final = 128 * 1024
-_READ_ATTEMPTS: Final = 5
+_READS: Final = RetryPolicy(
+    5, Backoff(0.05, 0.4), retry_on=lambda error: isinstance(error, FileNotFoundError)
+)
 _UPGRADE: Final = ".upgrade"  # staging folder of a version upgrade (no job has a dot)
 
 
 def _reading(action: Callable[[], T]) -> T:
     """Another job sharing the output may replace a file between listing and reading:
     list again and retry."""
-    for attempt in range(_READ_ATTEMPTS):
-        try:
-            return action()
-        except FileNotFoundError:
-            if attempt == _READ_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return _READS.call(action)
 
 
 def _dataset(root: Path, table: str) -> ds.Dataset | None:

@@ -66,7 +66,7 @@ class Liveness:
 
     `fed` takes each chunk's audio seconds and the speech the detector heard in it (None:
     not measured, counted in full). `answered` takes an answer: words, partial or final
-    (`batch.stallwatch` says which messages are answers).
+    (`batch.pulse.machine` says which messages are answers).
     """
 
     def __init__(self, policy: LivenessPolicy = LivenessPolicy()) -> None:

@@ -63,7 +63,7 @@ def _moved(time_s: float, offset_s: float) -> float:
     return max(0.0, round(time_s - offset_s, 3))
 
 
-def _shifted(final: Transcription, offset_s: float) -> Transcription:
+def shifted(final: Transcription, offset_s: float) -> Transcription:
     """``final`` on its unit's time base."""
     words = tuple(
         replace(w, start_s=_moved(w.start_s, offset_s), end_s=_moved(w.end_s, offset_s))
@@ -84,7 +84,7 @@ def split_finals(
     unit = 0
     for final in finals:
         unit = owner(final, spans, unit)
-        split[unit].append(_shifted(final, spans[unit].start_s))
+        split[unit].append(shifted(final, spans[unit].start_s))
     return split
 
 
