@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from batch.budget import SpendCap
@@ -118,11 +118,13 @@ class Sessions:
         make_audio: Callable[[], StreamedAudio],
         duration_s: float | None,
         recorded_s: float | None = None,
+        used: int = 0,
     ) -> Tried[Streamed]:
         """Stream the audio ``make_audio`` makes (afresh for each attempt) until a session
         works or retrying cannot help. ``duration_s``: the audio each attempt streams (None:
         not known before); ``recorded_s``: the recording's audio it stands for (what
-        streaming it all would bill; by default the same).
+        streaming it all would bill; by default the same). ``used``: attempts the unit
+        already had (in a reused session that failed); it still gets one of its own.
 
         Raises `JobAborted` (from the answer) when no item could get past it."""
         label = session_label(unit.item, unit.piece)
@@ -130,17 +132,18 @@ class Sessions:
         key = timeline.new_unit()
 
         def counted(attempt: int) -> None:
-            self.count_attempt(attempt)
-            if attempt > 1:
+            self.count_attempt(attempt + used)
+            if attempt + used > 1:
                 timeline.retried(key)
 
+        budget = max(1, self.retry.max_attempts - used)
         try:
             tried = await with_retries(
                 lambda watch: self._attempt(
                     unit.item, make_audio(), duration_s, recorded_s, label, key, watch
                 ),
                 limit=self.limit,
-                policy=self.retry,
+                policy=replace(self.retry, max_attempts=budget),
                 rng=self.rng,
                 streak=self.refusals,
                 on_attempt=counted,
@@ -150,6 +153,7 @@ class Sessions:
             )
         finally:
             timeline.done(key)
+        tried = replace(tried, attempts=tried.attempts + used)
         if isinstance(tried.error, OutputError):  # the audio cache: the run stops, exit 5
             raise tried.error
         if tried.error is not None and classify(tried.error).scope is Scope.JOB:

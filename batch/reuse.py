@@ -33,6 +33,7 @@ from batch.errors import (
     InputError,
     JobAborted,
     NotStarted,
+    OutputError,
     Scope,
     SpendCapReached,
     classify,
@@ -178,6 +179,8 @@ class Reuse:
         self.make_audio = make_audio
         self.wanted = wanted
         self.active = 0  # chains streaming (or waiting for their slot)
+        # Items whose reused session failed (one session each from then on): attempts had.
+        self.alone: dict[str, int] = {}
         self._ended = anyio.Event()  # set (and replaced) as each chain ends
 
     def _link(self, unit: Unit) -> Link:
@@ -323,6 +326,8 @@ class Reuse:
             pending[:] = settler.settle()
             span.end(outcome(error), error_kind(error))
             sessions.count_failure(error)
+            if chain.position_s > 0 and self._stream_alone(pending, error, label):
+                return  # each unfinished file goes on in a session of its own
             raise
         except BaseException:  # cancelled: the slot is given back all the same
             span.end("failed", "cancelled")
@@ -336,6 +341,28 @@ class Reuse:
         sessions.counted_session(result)
         span.end("ok")
         logger.debug("%s: %d files in one session", session_label(first), len(chain.started))
+
+    def _stream_alone(self, pending: list[Link], error: Exception, label: str) -> bool:
+        """After a reused session failed with audio sent, its unfinished files are queued
+        again to stream each in a session of its own, with attempts of its own: a file
+        that always breaks its session must not take the files beside it down with it
+        (retried together, they would share its fate and one attempt budget). Not for an
+        error of the whole job or the output, which stop the run."""
+        if isinstance(error, OutputError) or classify(error).scope is Scope.JOB:
+            return False
+        units = [link.unit for link in pending]
+        self.alone.update((link.unit.item.item_id, link.attempts) for link in pending)
+        for _ in units:
+            self.sessions.count_retry(error)  # each goes on as a retry, as in a chain
+        self.sessions.pool.push_front(units)  # none while the run stops: a rerun does them
+        logger.info(
+            "%s failed (%s); its %d unfinished file(s) go on in sessions of their own",
+            label,
+            error,
+            len(units),
+        )
+        pending.clear()
+        return True
 
     async def _finish(self, settled_unit: Settled) -> None:
         link, item = settled_unit.link, settled_unit.link.unit.item

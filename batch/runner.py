@@ -103,7 +103,10 @@ class ItemRunner:
             await self.reuse.stream(unit)
         else:
             tried = await self.sessions.stream(
-                unit, lambda: item_audio(item, self.wire, self.run), item.duration_s
+                unit,
+                lambda: item_audio(item, self.wire, self.run),
+                item.duration_s,
+                used=self.reuse.alone.get(item.item_id, 0),
             )
             await self._finish_whole(unit, started, tried)
 
@@ -114,6 +117,7 @@ class ItemRunner:
             self.run.reuse_sessions
             and unit.piece is None
             and item.error is None
+            and item.item_id not in self.reuse.alone
             and not self.run.skip_silence
             and not self._is_long(item)
             and reusable(item.options, self.generation)

@@ -1,5 +1,6 @@
 """A file that always breaks its session must not take a neighbour in a reused session with
-it (found by the QA pass of issue 22: "one file's trouble never loses another item's result").
+it (found by the QA pass of issue 22: "one file's trouble never loses another item's result"):
+the unfinished files of a failed reused session go on each in a session of its own.
 
 A small server on loopback, on the `current` path (it has ``finalize``): a final with one
 word per unit at each ``finalize`` and at the end; a session that is fed the poison file
@@ -62,12 +63,6 @@ async def _server() -> AsyncIterator[str]:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="qa22: a reused session's unsettled units are retried as one chain with one "
-    "attempt budget (batch/reuse.py::_stream), so b (before the poison) and d (taken after "
-    "it) fail with c's error on every attempt",
-)
 async def test_a_file_that_always_breaks_its_session_fails_alone(tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
@@ -94,3 +89,7 @@ async def test_a_file_that_always_breaks_its_session_fails_alone(tmp_path: Path)
         ("c.wav", "failed", "connection_lost"),
         ("d.wav", "ok", None),
     ]
+    # b and d went on in sessions of their own after the one c broke; c used its budget.
+    attempts = dict(sql(tmp_path / "out", "select regexp_extract(source, '[^/]+$'), attempts "
+                                          "from {transcripts}"))  # fmt: skip
+    assert attempts == {"a.wav": 1, "b.wav": 2, "c.wav": 3, "d.wav": 2}
