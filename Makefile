@@ -8,9 +8,10 @@ TEST_DEPS := $(VENV)/.test-deps
 DOCS_DEPS := $(VENV)/.docs-deps
 AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 # Three workers (pytest-xdist) on two cores: many tests wait (pacing, a child process, a
-# store), so a third keeps both cores busy (idle 2-core machine, 723 tests: 122 s with two,
-# 100 s with three, 106 s with four). The whisper tests share one of them (tests/conftest.py).
-PYTEST := $(BIN)/pytest -q --durations=20 -n 3 --dist loadgroup
+# store), so a third keeps both cores busy; idle workers steal queued tests from busy ones.
+# Idle 2-core machine, 723 tests: 122 s with two workers (loadgroup, the whisper tests pinned
+# to one), 100 s with three, 106 s with four; 92 s with three stealing work.
+PYTEST := $(BIN)/pytest -q --durations=20 -n 3 --dist worksteal
 
 .PHONY: install test test-all lint format docs run screenshot bench clean
 
