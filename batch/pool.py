@@ -33,7 +33,7 @@ from batch.errors import (
     is_unreachable,
 )
 from batch.retry import Backoff as Backoff
-from batch.retry import RetryPolicy
+from batch.retry import RetryPolicy, error_of
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +230,10 @@ async def with_retries(
     streak = streak if streak is not None else RefusalStreak(sys.maxsize)
 
     def wait(state: RetryCallState) -> float:
-        return policy.wait_s(state.attempt_number, _error(state), rng)
+        return policy.wait_s(state.attempt_number, error_of(state), rng)
 
     def before_sleep(state: RetryCallState) -> None:
-        error = _error(state)
+        error = error_of(state)
         delay_s = state.next_action.sleep if state.next_action else 0.0
         fields = {**(log_fields or {}), "attempt": state.attempt_number, "event": "session_retry"}
         if error is not None:
@@ -272,10 +272,6 @@ async def with_retries(
     except Exception as error:  # tenacity re-raised the last attempt's error
         return Tried(attempts, error=error)
     raise AssertionError("unreachable: tenacity re-raises the last error")
-
-
-def _error(state: RetryCallState) -> BaseException | None:
-    return state.outcome.exception() if state.outcome else None
 
 
 class Pool(Generic[T]):

@@ -82,10 +82,10 @@ class RetryPolicy:
         """tenacity's settings for this policy, waiting with ``sleep``."""
 
         def wait(state: RetryCallState) -> float:
-            return self.wait_s(state.attempt_number, _error(state), rng)
+            return self.wait_s(state.attempt_number, error_of(state), rng)
 
         def before_sleep(state: RetryCallState) -> None:
-            error = _error(state)
+            error = error_of(state)
             if on_retry is not None and error is not None:
                 delay_s = state.next_action.sleep if state.next_action else 0.0
                 on_retry(error, state.attempt_number, delay_s)
@@ -127,5 +127,6 @@ class RetryPolicy:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
-def _error(state: RetryCallState) -> BaseException | None:
+def error_of(state: RetryCallState) -> BaseException | None:
+    """The error the attempt that just ended failed with (None when it returned)."""
     return state.outcome.exception() if state.outcome else None
