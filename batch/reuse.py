@@ -344,22 +344,22 @@ class Reuse:
 
     def _stream_alone(self, pending: list[Link], error: Exception, label: str) -> bool:
         """After a reused session failed with audio sent, its unfinished files are queued
-        again to stream each in a session of its own, with attempts of its own: a file
-        that always breaks its session must not take the files beside it down with it
-        (retried together, they would share its fate and one attempt budget). Not for an
-        error of the whole job or the output, which stop the run."""
+        again to stream each in a session of its own, with the rest of its own attempts
+        (at least one): a file that always breaks its session must not take the files
+        beside it down with it (retried together, they would share its fate and one
+        attempt budget). Each goes on as a retry. Not for an error of the whole job or
+        the output, which stop the run."""
         if isinstance(error, OutputError) or classify(error).scope is Scope.JOB:
             return False
-        units = [link.unit for link in pending]
-        self.alone.update((link.unit.item.item_id, link.attempts) for link in pending)
-        for _ in units:
-            self.sessions.count_retry(error)  # each goes on as a retry, as in a chain
-        self.sessions.pool.push_front(units)  # none while the run stops: a rerun does them
+        for link in pending:
+            self.alone[link.unit.item.item_id] = link.attempts
+            self.sessions.count_retry(error)
+        self.sessions.pool.push_front(link.unit for link in pending)  # none once stopping
         logger.info(
             "%s failed (%s); its %d unfinished file(s) go on in sessions of their own",
             label,
             error,
-            len(units),
+            len(pending),
         )
         pending.clear()
         return True
